@@ -1,0 +1,159 @@
+//! command-api's configuration, read from the environment (SPEC §6) once, at start. A bad value
+//! fails here, naming the variable, never at the first request.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use chrono::TimeDelta;
+use clap::Parser;
+use infra::telemetry::LogFormat;
+use secrecy::SecretString;
+
+use crate::saga::SagaSettings;
+
+#[derive(Debug, Clone, Parser)]
+#[command(
+    name = "command-api",
+    version,
+    about = "The ledger's write side: commands, event store and saga."
+)]
+pub struct Config {
+    /// PostgreSQL holding the event store (schema `command_api`).
+    #[arg(
+        long,
+        env = "DATABASE_URL",
+        default_value = "postgres://postgres@localhost:5432/ledger"
+    )]
+    pub database_url: String,
+
+    /// Where the HTTP API listens.
+    #[arg(long, env = "LISTEN_ADDR", default_value = "0.0.0.0:8081")]
+    pub listen_addr: SocketAddr,
+
+    /// HS256 secret shared with the gateway; at least 32 bytes.
+    #[arg(long, env = "JWT_SECRET", hide_env_values = true, value_parser = parse_secret)]
+    pub jwt_secret: SecretString,
+
+    /// Seconds without a fraud decision before a transaction is rejected (`fraud_check_timeout`).
+    #[arg(long, env = "FRAUD_DECISION_TIMEOUT_SECONDS", default_value_t = 300,
+          value_parser = clap::value_parser!(u64).range(1..=86_400))]
+    pub fraud_decision_timeout_seconds: u64,
+
+    /// `json` or `pretty`.
+    #[arg(long, env = "LOG_FORMAT", default_value = "json", value_parser = parse_log_format)]
+    pub log_format: LogFormat,
+
+    /// Size of the database connection pool.
+    #[arg(long, env = "DATABASE_MAX_CONNECTIONS", default_value_t = 16,
+          value_parser = clap::value_parser!(u32).range(2..=500))]
+    pub database_max_connections: u32,
+
+    /// Transactions the saga advances concurrently.
+    #[arg(long, env = "SAGA_CONCURRENCY", default_value_t = 32,
+          value_parser = clap::value_parser!(u64).range(1..=1024))]
+    pub saga_concurrency: u64,
+
+    /// Events the saga reads per batch.
+    #[arg(long, env = "SAGA_BATCH_SIZE", default_value_t = 256,
+          value_parser = clap::value_parser!(i64).range(1..=10_000))]
+    pub saga_batch_size: i64,
+
+    /// Milliseconds between polls of an idle log.
+    #[arg(long, env = "LOG_POLL_INTERVAL_MS", default_value_t = 20,
+          value_parser = clap::value_parser!(u64).range(1..=10_000))]
+    pub log_poll_interval_ms: u64,
+}
+
+impl Config {
+    pub fn saga_settings(&self) -> SagaSettings {
+        SagaSettings {
+            batch_size: self.saga_batch_size,
+            concurrency: usize::try_from(self.saga_concurrency).unwrap_or(1),
+            poll_interval: Duration::from_millis(self.log_poll_interval_ms),
+            decision_timeout: TimeDelta::seconds(
+                i64::try_from(self.fraud_decision_timeout_seconds).unwrap_or(i64::MAX),
+            ),
+        }
+    }
+
+    /// The configuration as it may be logged: the database password and the secret are hidden.
+    pub fn redacted(&self) -> String {
+        format!(
+            "database_url={} listen_addr={} fraud_decision_timeout_seconds={} \
+             database_max_connections={} saga_concurrency={} saga_batch_size={} log_poll_interval_ms={}",
+            redact_url(&self.database_url),
+            self.listen_addr,
+            self.fraud_decision_timeout_seconds,
+            self.database_max_connections,
+            self.saga_concurrency,
+            self.saga_batch_size,
+            self.log_poll_interval_ms,
+        )
+    }
+}
+
+fn parse_secret(text: &str) -> Result<SecretString, String> {
+    if text.len() < infra::auth::JWT_SECRET_BYTES_MIN {
+        return Err(format!(
+            "must be at least {} bytes long",
+            infra::auth::JWT_SECRET_BYTES_MIN
+        ));
+    }
+    Ok(SecretString::from(text.to_owned()))
+}
+
+fn parse_log_format(text: &str) -> Result<LogFormat, String> {
+    LogFormat::parse(text).map_err(|error| error.to_string())
+}
+
+/// Hides the password of a connection URL.
+pub fn redact_url(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme_end), Some(at)) if at > scheme_end => {
+            let credentials = &url[scheme_end + 3..at];
+            match credentials.split_once(':') {
+                Some((user, _password)) => {
+                    format!("{}{user}:***{}", &url[..scheme_end + 3], &url[at..])
+                }
+                None => url.to_owned(),
+            }
+        }
+        _ => url.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn passwords_are_hidden_in_logged_urls() {
+        assert_eq!(
+            redact_url("postgres://ledger:s3cret@db:5432/ledger"),
+            "postgres://ledger:***@db:5432/ledger"
+        );
+        assert_eq!(
+            redact_url("postgres://postgres@localhost/ledger"),
+            "postgres://postgres@localhost/ledger"
+        );
+    }
+
+    #[test]
+    fn bad_values_fail_naming_the_variable() {
+        let error = Config::try_parse_from(["command-api", "--jwt-secret", "short"])
+            .expect_err("a short secret is refused");
+        assert!(error.to_string().contains("32 bytes"), "{error}");
+        let error = Config::try_parse_from([
+            "command-api",
+            "--jwt-secret",
+            "a-secret-that-is-long-enough-for-hs256-signing",
+            "--fraud-decision-timeout-seconds",
+            "0",
+        ])
+        .expect_err("a zero timeout is refused");
+        assert!(
+            error.to_string().contains("fraud-decision-timeout-seconds"),
+            "{error}"
+        );
+    }
+}

@@ -1,0 +1,94 @@
+//! The HTTP surface of command-api: the two command endpoints of SPEC §5, `/health` and
+//! `/metrics`. Queries are the projector's.
+
+mod accounts;
+mod transactions;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::{DefaultBodyLimit, FromRef, State};
+use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
+use axum::response::IntoResponse;
+use axum::routing::{get, post};
+use infra::auth::JwtVerifier;
+use infra::http::{BODY_BYTES_MAX, HealthReport, metrics_endpoint, not_found, observe_requests};
+use infra::log::LogPosition;
+use infra::problem::Problem;
+use sqlx::PgPool;
+use tower_http::catch_panic::CatchPanicLayer;
+
+use crate::aggregates::{AccountAggregate, TransactionAggregate};
+use crate::store::AggregateStore;
+
+/// How long `/health` waits for the database before calling it down.
+const HEALTH_CHECK_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// The position header of read-your-writes (SPEC §5).
+pub const POSITION_HEADER: HeaderName = HeaderName::from_static("x-ledger-position");
+
+/// What every handler shares.
+#[derive(Clone)]
+pub struct AppState {
+    pub accounts: Arc<AggregateStore<AccountAggregate>>,
+    pub transactions: Arc<AggregateStore<TransactionAggregate>>,
+    pub pool: PgPool,
+    pub verifier: Arc<JwtVerifier>,
+}
+
+impl FromRef<AppState> for Arc<JwtVerifier> {
+    fn from_ref(state: &AppState) -> Self {
+        state.verifier.clone()
+    }
+}
+
+pub fn router(state: AppState) -> Router {
+    Router::new()
+        .route("/api/v1/accounts", post(accounts::open_account))
+        .route(
+            "/api/v1/transactions",
+            post(transactions::create_transaction),
+        )
+        .route("/health", get(health))
+        .route("/metrics", get(metrics_endpoint))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(axum::middleware::from_fn(observe_requests))
+        .layer(CatchPanicLayer::custom(|_panic| {
+            Problem::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal_error",
+                "the server failed to handle the request; it has been logged",
+            )
+            .into_response()
+        }))
+        .layer(DefaultBodyLimit::max(BODY_BYTES_MAX))
+        .with_state(state)
+}
+
+async fn health(State(state): State<AppState>) -> HealthReport {
+    let database = infra::db::ping(&state.pool, HEALTH_CHECK_TIMEOUT).await;
+    HealthReport::default().required("database", database)
+}
+
+async fn method_not_allowed() -> Problem {
+    Problem::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        "this route does not accept that method",
+    )
+}
+
+/// Headers of a command response: where the resource lives and how far the log has to be read
+/// to see it.
+fn command_headers(location: &str, position: LogPosition) -> HeaderMap {
+    let mut headers = HeaderMap::new();
+    if let Ok(value) = HeaderValue::from_str(location) {
+        headers.insert(axum::http::header::LOCATION, value);
+    }
+    if let Ok(value) = HeaderValue::from_str(&position.to_string()) {
+        headers.insert(POSITION_HEADER, value);
+    }
+    headers
+}

@@ -1,0 +1,317 @@
+//! `POST /api/v1/transactions`: accept a deposit, withdrawal or transfer (SPEC §5).
+//!
+//! The request only appends `TransactionCreated`; the saga does the rest from the log. The
+//! transaction id is derived from the caller and the `Idempotency-Key`, so the stream's first
+//! event is the idempotency lock: the same key and body again is a replay (200, no new event),
+//! another body under the same key is refused (422), and of concurrent identical requests one
+//! appends and the others replay.
+
+use axum::Extension;
+use axum::extract::State;
+use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use chrono::Utc;
+use domain::{
+    Account, AccountId, Amount, Currency, CustomerId, Transaction, TransactionCommand,
+    TransactionError, TransactionId, TransactionKind, TransactionRequest,
+};
+use infra::auth::{Caller, Role};
+use infra::http::{ApiJson, CorrelationId};
+use serde::Deserialize;
+use serde_json::value::RawValue;
+use uuid::Uuid;
+
+use super::{AppState, command_headers};
+use crate::error::{Error, Result};
+use crate::metadata::EventMetadata;
+use crate::views::TransactionView;
+
+/// Longest accepted idempotency key, in bytes (Stripe's bound).
+const IDEMPOTENCY_KEY_BYTES_MAX: usize = 255;
+
+const IDEMPOTENCY_KEY_HEADER: &str = "idempotency-key";
+const REPLAYED_HEADER: HeaderName = HeaderName::from_static("idempotent-replayed");
+
+/// The body, flat and strict: `amount` stays raw JSON text so that a JSON number is parsed from
+/// its digits, never through a float (NOTES).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateTransactionBody {
+    #[serde(rename = "type")]
+    kind: String,
+    amount: Box<RawValue>,
+    currency: String,
+    #[serde(default)]
+    source_account_id: Option<Uuid>,
+    #[serde(default)]
+    destination_account_id: Option<Uuid>,
+    #[serde(default)]
+    description: Option<String>,
+}
+
+pub async fn create_transaction(
+    State(state): State<AppState>,
+    caller: Caller,
+    Extension(correlation): Extension<CorrelationId>,
+    headers: HeaderMap,
+    ApiJson(body): ApiJson<CreateTransactionBody>,
+) -> Result<Response> {
+    caller
+        .require_any(&[Role::Customer, Role::Admin])
+        .map_err(|problem| Error::Forbidden(problem.detail))?;
+    let key = idempotency_key(&headers)?;
+    let request = parse_request(body)?;
+    let transaction_id = TransactionId::from_idempotency_key(CustomerId(caller.subject), key);
+    let stream = transaction_id.to_string();
+
+    // A key seen before is answered from the stream without looking at the accounts again: the
+    // first request was validated when it was accepted.
+    let (existing, version) = state.transactions.load(&stream).await?;
+    if let Some(transaction) = existing.0 {
+        return replay(&state, &transaction, version, &request).await;
+    }
+
+    check_accounts(&state, &caller, &request).await?;
+    let command = TransactionCommand::Create {
+        transaction_id,
+        request: request.clone(),
+        initiated_by: CustomerId(caller.subject),
+        at: Utc::now(),
+    };
+    let metadata = EventMetadata::for_request(&correlation.0, caller.subject);
+    let executed = state
+        .transactions
+        .execute(&stream, command, &metadata.to_map())
+        .await?
+        .map_err(refusal_to_error)?;
+    let transaction = executed
+        .aggregate
+        .0
+        .as_ref()
+        .expect("a created transaction has state");
+    if executed.committed.is_empty() {
+        // A concurrent request with the same key and body got there first.
+        return replay(&state, transaction, executed.version, &request).await;
+    }
+    let position = state
+        .transactions
+        .position_of(&stream, executed.version)
+        .await?;
+    tracing::info!(
+        transaction_id = %transaction_id,
+        kind = request.kind.as_str(),
+        "transaction accepted"
+    );
+    Ok((
+        StatusCode::ACCEPTED,
+        command_headers(&location(transaction_id), position),
+        axum::Json(TransactionView::new(transaction, executed.version)),
+    )
+        .into_response())
+}
+
+/// The answer to a repeated key: the transaction as it is now if the body is the same, 422
+/// otherwise.
+async fn replay(
+    state: &AppState,
+    transaction: &Transaction,
+    version: usize,
+    request: &TransactionRequest,
+) -> Result<Response> {
+    if transaction.request_fingerprint != request.fingerprint() {
+        return Err(refusal_to_error(TransactionError::IdempotencyKeyReused));
+    }
+    let stream = transaction.id.to_string();
+    let position = state.transactions.position_of(&stream, version).await?;
+    let mut headers = command_headers(&location(transaction.id), position);
+    headers.insert(REPLAYED_HEADER, HeaderValue::from_static("true"));
+    tracing::info!(transaction_id = %transaction.id, "idempotent replay");
+    Ok((
+        StatusCode::OK,
+        headers,
+        axum::Json(TransactionView::new(transaction, version)),
+    )
+        .into_response())
+}
+
+fn location(transaction_id: TransactionId) -> String {
+    format!("/api/v1/transactions/{transaction_id}")
+}
+
+fn idempotency_key(headers: &HeaderMap) -> Result<&str> {
+    let value = headers.get(IDEMPOTENCY_KEY_HEADER).ok_or_else(|| {
+        Error::bad_request(
+            "idempotency_key_required",
+            "the Idempotency-Key header is required",
+        )
+    })?;
+    value
+        .to_str()
+        .ok()
+        .filter(|key| {
+            (1..=IDEMPOTENCY_KEY_BYTES_MAX).contains(&key.len())
+                && key.bytes().all(|b| b.is_ascii_graphic())
+        })
+        .ok_or_else(|| {
+            Error::bad_request(
+                "idempotency_key_required",
+                format!(
+                    "the Idempotency-Key header must be 1 to {IDEMPOTENCY_KEY_BYTES_MAX} visible ASCII characters"
+                ),
+            )
+        })
+}
+
+/// Parses the body into a domain request: every 400 (and the 422 for the same account on both
+/// sides) is decided here, before any account is looked at.
+fn parse_request(body: CreateTransactionBody) -> Result<TransactionRequest> {
+    let kind = match body.kind.as_str() {
+        "deposit" => TransactionKind::Deposit,
+        "withdrawal" => TransactionKind::Withdrawal,
+        "transfer" => TransactionKind::Transfer,
+        _ => {
+            return Err(Error::bad_request(
+                "invalid_type",
+                "type must be deposit, withdrawal or transfer",
+            ));
+        }
+    };
+    let currency = Currency::from_code(&body.currency)
+        .map_err(|error| Error::bad_request("unknown_currency", error.to_string()))?;
+    let amount = parse_amount(&body.amount, currency)?;
+    TransactionRequest::new(
+        kind,
+        amount,
+        currency,
+        body.source_account_id.map(AccountId),
+        body.destination_account_id.map(AccountId),
+        body.description,
+    )
+    .map_err(refusal_to_error)
+}
+
+/// An amount is a JSON string of decimal digits, or a JSON number read from its own text.
+fn parse_amount(raw: &RawValue, currency: Currency) -> Result<Amount> {
+    let text = raw.get().trim();
+    let digits = if text.starts_with('"') {
+        serde_json::from_str::<String>(text).map_err(|_| {
+            Error::bad_request("invalid_amount", "amount is not a valid JSON string")
+        })?
+    } else if text.starts_with(|c: char| c.is_ascii_digit() || c == '-') {
+        text.to_owned()
+    } else {
+        return Err(Error::bad_request(
+            "invalid_amount",
+            "amount must be a decimal string such as \"125.50\"",
+        ));
+    };
+    Amount::parse(&digits, currency)
+        .map_err(|error| Error::bad_request("invalid_amount", error.to_string()))
+}
+
+/// The accounts must exist, be in the transaction's currency, and the caller must own the
+/// account money leaves from (or that a deposit tops up). Someone else's account is a 404, as
+/// if it did not exist. Admins act on any account.
+async fn check_accounts(
+    state: &AppState,
+    caller: &Caller,
+    request: &TransactionRequest,
+) -> Result<()> {
+    let admin = caller.has(Role::Admin);
+    let owner = CustomerId(caller.subject);
+    let sides = [
+        (request.source_account_id, true),
+        (
+            request.destination_account_id,
+            request.kind == TransactionKind::Deposit,
+        ),
+    ];
+    for (account_id, must_own) in sides {
+        let Some(account_id) = account_id else {
+            continue;
+        };
+        let account = load_account(state, account_id).await?;
+        let visible = account
+            .as_ref()
+            .filter(|account| admin || !must_own || account.owner_id == owner);
+        let Some(account) = visible else {
+            return Err(Error::not_found(
+                "account_not_found",
+                format!("account {account_id} does not exist or is not yours"),
+            ));
+        };
+        if account.currency != request.currency {
+            return Err(Error::unprocessable(
+                "currency_mismatch",
+                format!(
+                    "account {account_id} holds {}, the transaction is in {}",
+                    account.currency, request.currency
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
+async fn load_account(state: &AppState, account_id: AccountId) -> Result<Option<Account>> {
+    let (aggregate, _) = state.accounts.load(&account_id.to_string()).await?;
+    Ok(aggregate.0)
+}
+
+fn refusal_to_error(refusal: TransactionError) -> Error {
+    match refusal {
+        TransactionError::SameAccount => Error::unprocessable("same_account", refusal.to_string()),
+        TransactionError::IdempotencyKeyReused => {
+            Error::unprocessable("idempotency_key_reused", refusal.to_string())
+        }
+        TransactionError::MissingSource
+        | TransactionError::UnexpectedSource
+        | TransactionError::MissingDestination
+        | TransactionError::UnexpectedDestination
+        | TransactionError::DescriptionTooLong => {
+            Error::bad_request("invalid_request", refusal.to_string())
+        }
+        TransactionError::NotCreated | TransactionError::IllegalTransition { .. } => Error::Store {
+            context: "creating a transaction",
+            message: refusal.to_string(),
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn raw(text: &str) -> Box<RawValue> {
+        RawValue::from_string(text.to_owned()).expect("valid JSON in the test")
+    }
+
+    fn usd() -> Currency {
+        Currency::from_code("USD").expect("known")
+    }
+
+    #[test]
+    fn amounts_are_read_from_their_text() {
+        assert_eq!(
+            parse_amount(&raw("\"125.50\""), usd())
+                .map(Amount::minor)
+                .ok(),
+            Some(12550)
+        );
+        assert_eq!(
+            parse_amount(&raw("125.50"), usd()).map(Amount::minor).ok(),
+            Some(12550)
+        );
+        // A float would turn 0.1 + 0.2 style inputs into near values; the text is exact.
+        assert_eq!(
+            parse_amount(&raw("0.29"), usd()).map(Amount::minor).ok(),
+            Some(29)
+        );
+        for bad in ["-1", "1e2", "true", "null", "{}", "\"\"", "1.001", "0"] {
+            assert!(
+                parse_amount(&raw(bad), usd()).is_err(),
+                "{bad} must be refused"
+            );
+        }
+    }
+}

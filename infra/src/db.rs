@@ -1,0 +1,151 @@
+//! PostgreSQL pools and migrations, one schema per service (SPEC §2).
+//!
+//! Every pool of a service sets `search_path` to the service's schema, so its unqualified tables
+//! (including sqlx's `_sqlx_migrations`) live there and several services share one database
+//! without colliding. Every session also gets an `idle_in_transaction_session_timeout`: one
+//! forgotten open transaction anywhere would hold back every log follower (NOTES).
+
+use std::str::FromStr;
+use std::time::Duration;
+
+use sqlx::migrate::Migrator;
+use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
+
+use crate::error::{DatabaseContext, Error, Result};
+
+/// How long a connection may sit idle inside a transaction before the server ends it. Our own
+/// transactions are short (one command, one batch); anything idle this long is a bug or a hang.
+const IDLE_IN_TRANSACTION_TIMEOUT: &str = "30s";
+
+/// How long a request waits for a pooled connection before failing with a clear error instead
+/// of hanging.
+const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Checks that a schema name is a plain lower-case identifier, since it is spliced into SQL.
+pub fn validate_schema(schema: &str) -> Result<()> {
+    let mut chars = schema.chars();
+    let first_ok = chars
+        .next()
+        .is_some_and(|c| c.is_ascii_lowercase() || c == '_');
+    if first_ok
+        && schema.len() <= 63
+        && chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+    {
+        Ok(())
+    } else {
+        Err(Error::Config(format!(
+            "schema name {schema:?} must match [a-z_][a-z0-9_]{{0,62}}"
+        )))
+    }
+}
+
+/// Connection options for `url` whose sessions work in `schema`.
+pub fn connect_options(url: &str, schema: &str) -> Result<PgConnectOptions> {
+    validate_schema(schema)?;
+    let options = PgConnectOptions::from_str(url).map_err(|error| {
+        Error::Config(format!(
+            "DATABASE_URL is not a valid PostgreSQL URL: {error}"
+        ))
+    })?;
+    Ok(options.options([
+        ("search_path", schema),
+        (
+            "idle_in_transaction_session_timeout",
+            IDLE_IN_TRANSACTION_TIMEOUT,
+        ),
+    ]))
+}
+
+/// A pool whose sessions work in `schema`. Connects lazily: the service starts and reports an
+/// unhealthy database rather than refusing to start when the database is briefly away.
+pub async fn connect(url: &str, schema: &str, max_connections: u32) -> Result<PgPool> {
+    let options = connect_options(url, schema)?;
+    let pool = PgPoolOptions::new()
+        .max_connections(max_connections)
+        .acquire_timeout(ACQUIRE_TIMEOUT)
+        .connect_with(options)
+        .await
+        .context("connecting to PostgreSQL")?;
+    Ok(pool)
+}
+
+/// Creates the schema if needed and applies the service's migrations, safely when several
+/// instances start together: an advisory lock keyed by the schema serialises them.
+pub async fn migrate(pool: &PgPool, schema: &str, migrator: &Migrator) -> Result<()> {
+    validate_schema(schema)?;
+    let mut connection = pool
+        .acquire()
+        .await
+        .context("acquiring a connection to migrate")?;
+    let key = advisory_key(&format!("migrate/{schema}"));
+    sqlx::query("SELECT pg_advisory_lock($1)")
+        .bind(key)
+        .execute(&mut *connection)
+        .await
+        .context("taking the migration lock")?;
+    let result = async {
+        sqlx::query(&format!("CREATE SCHEMA IF NOT EXISTS {schema}"))
+            .execute(&mut *connection)
+            .await
+            .context("creating the schema")?;
+        migrator
+            .run(&mut *connection)
+            .await
+            .map_err(|source| Error::Migration {
+                schema: schema.to_owned(),
+                source,
+            })
+    }
+    .await;
+    // Unlock whatever happened; if the unlock fails the connection is closed below anyway.
+    let unlocked = sqlx::query("SELECT pg_advisory_unlock($1)")
+        .bind(key)
+        .execute(&mut *connection)
+        .await;
+    if unlocked.is_err() {
+        connection.detach();
+    }
+    result
+}
+
+/// A stable 64-bit key for an advisory lock name (FNV-1a). Stable across builds and processes,
+/// which `std`'s hasher is not.
+pub fn advisory_key(name: &str) -> i64 {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for byte in name.bytes() {
+        hash ^= u64::from(byte);
+        hash = hash.wrapping_mul(0x0100_0000_01b3);
+    }
+    i64::from_ne_bytes(hash.to_ne_bytes())
+}
+
+/// Runs `SELECT 1` with a deadline: the database check of `/health`.
+pub async fn ping(pool: &PgPool, timeout: Duration) -> bool {
+    matches!(
+        tokio::time::timeout(timeout, sqlx::query("SELECT 1").execute(pool)).await,
+        Ok(Ok(_))
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn schema_names_are_plain_identifiers() {
+        assert!(validate_schema("command_api").is_ok());
+        assert!(validate_schema("_x1").is_ok());
+        assert!(validate_schema("").is_err());
+        assert!(validate_schema("Command").is_err());
+        assert!(validate_schema("a; DROP TABLE x").is_err());
+        assert!(validate_schema("1abc").is_err());
+    }
+
+    #[test]
+    fn advisory_keys_are_stable_and_distinct() {
+        assert_eq!(advisory_key("saga"), advisory_key("saga"));
+        assert_ne!(advisory_key("saga"), advisory_key("relay"));
+        // FNV-1a of the empty string is its offset basis: proves the function is the documented one.
+        assert_eq!(advisory_key(""), 0xcbf2_9ce4_8422_2325_u64 as i64);
+    }
+}

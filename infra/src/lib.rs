@@ -1,0 +1,15 @@
+//! Shared plumbing of the ledger services. Nothing here knows about money: it is the database
+//! (pools per schema, migrations, the commit-order log reader, leader locks), the HTTP edge
+//! (problem+json, JSON bodies, correlation ids, request logs and metrics, JWT verification) and
+//! telemetry. Each service crate builds on it; the domain never does.
+
+pub mod auth;
+pub mod db;
+pub mod error;
+pub mod http;
+pub mod leader;
+pub mod log;
+pub mod problem;
+pub mod telemetry;
+
+pub use error::{Error, Result};

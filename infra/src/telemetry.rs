@@ -1,0 +1,93 @@
+//! Logging and metrics set-up: JSON (or pretty) logs through `tracing`, filtered by `RUST_LOG`,
+//! and one process-wide Prometheus recorder.
+
+use std::sync::OnceLock;
+
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use tracing_subscriber::EnvFilter;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+
+use crate::error::{Error, Result};
+
+/// `LOG_FORMAT`: `json` for machines (the default), `pretty` for people.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Json,
+    Pretty,
+}
+
+impl LogFormat {
+    pub fn parse(text: &str) -> Result<Self> {
+        match text {
+            "json" => Ok(LogFormat::Json),
+            "pretty" => Ok(LogFormat::Pretty),
+            other => Err(Error::Config(format!(
+                "LOG_FORMAT must be json or pretty, not {other:?}"
+            ))),
+        }
+    }
+}
+
+/// Installs the global subscriber. Safe to call more than once (tests): later calls do nothing.
+pub fn init_tracing(format: LogFormat) {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let registry = tracing_subscriber::registry().with(filter);
+    let _already_set = match format {
+        LogFormat::Json => registry
+            .with(
+                tracing_subscriber::fmt::layer()
+                    .json()
+                    .flatten_event(true)
+                    .with_current_span(true)
+                    .with_span_list(false),
+            )
+            .try_init(),
+        LogFormat::Pretty => registry.with(tracing_subscriber::fmt::layer()).try_init(),
+    };
+}
+
+static METRICS: OnceLock<PrometheusHandle> = OnceLock::new();
+
+/// Installs the process-wide Prometheus recorder once; later calls reuse it.
+pub fn init_metrics() -> &'static PrometheusHandle {
+    METRICS.get_or_init(|| {
+        PrometheusBuilder::new()
+            .install_recorder()
+            .unwrap_or_else(|_| {
+                // Another recorder is already installed in this process (possible only in tests
+                // that embed several services); keep a detached one so rendering still works.
+                PrometheusBuilder::new().build_recorder().handle()
+            })
+    })
+}
+
+/// The current metrics in the Prometheus text format.
+pub fn render_metrics() -> String {
+    init_metrics().render()
+}
+
+/// Resolves on Ctrl-C or SIGTERM: the start of a graceful shutdown.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        if tokio::signal::ctrl_c().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {}
+        () = terminate => {}
+    }
+    tracing::info!("shutdown requested");
+}
