@@ -11,9 +11,11 @@ pub mod decisions;
 pub mod error;
 pub mod http;
 pub mod metadata;
+pub mod replay;
 pub mod saga;
 pub mod startup;
 pub mod store;
+pub mod testing;
 pub mod views;
 
 pub use error::{Error, Result};

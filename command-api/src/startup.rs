@@ -37,6 +37,8 @@ pub struct App {
 impl App {
     /// Connects, migrates and binds. Fails with a clear error on a bad database or address.
     pub async fn build(config: Config) -> Result<App> {
+        // Idempotent: `/metrics` renders the process-wide recorder, installed once.
+        infra::telemetry::init_metrics();
         let pool = infra::db::connect(
             &config.database_url,
             SCHEMA,
@@ -100,11 +102,13 @@ impl App {
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> Result<()> {
         let cancel = CancellationToken::new();
-        let saga = tokio::spawn(
+        // Aborted if this future is dropped (a test's simulated kill), so the saga never
+        // outlives the server it belongs to.
+        let mut saga = AbortOnDrop(Some(tokio::spawn(
             self.saga
                 .clone()
                 .run(self.lock_options.clone(), cancel.clone()),
-        );
+        )));
         let pool = self.state.pool.clone();
         let stop = cancel.clone();
         let served = axum::serve(self.listener, router(self.state))
@@ -114,7 +118,9 @@ impl App {
             })
             .await;
         cancel.cancel();
-        if saga.await.is_err() {
+        if let Some(handle) = saga.0.take()
+            && handle.await.is_err()
+        {
             tracing::error!("the saga task panicked");
         }
         pool.close().await;
@@ -128,4 +134,15 @@ impl App {
 pub async fn migrate(pool: &PgPool) -> Result<()> {
     infra::db::migrate(pool, SCHEMA, &MIGRATOR).await?;
     Ok(())
+}
+
+/// Aborts a spawned task when dropped.
+struct AbortOnDrop(Option<tokio::task::JoinHandle<()>>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        if let Some(handle) = &self.0 {
+            handle.abort();
+        }
+    }
 }

@@ -6,6 +6,7 @@
 //! The write side wraps these types in thin cqrs-es adapters.
 
 pub mod account;
+pub mod audit;
 pub mod ids;
 pub mod money;
 pub mod saga;

@@ -119,7 +119,7 @@ enum Operation {
 }
 
 #[derive(Debug, Clone)]
-struct Case {
+pub(crate) struct Case {
     accounts: Vec<AccountSetup>,
     operations: Vec<Operation>,
 }
@@ -162,7 +162,7 @@ fn operation() -> impl Strategy<Value = Operation> {
     ]
 }
 
-fn case() -> impl Strategy<Value = Case> {
+pub(crate) fn case() -> impl Strategy<Value = Case> {
     (1..=CURRENCY_CODES.len())
         .prop_flat_map(|currencies| {
             let setup = (0..currencies, 1_000..=FUNDING_MINOR_MAX).prop_map(
@@ -229,6 +229,32 @@ enum Progress {
     Crashed,
 }
 
+/// One stored event, as an event store commits it: its stream and its sequence there (from 1).
+#[derive(Debug, Clone)]
+pub(crate) enum Committed {
+    Account {
+        account_id: AccountId,
+        sequence: u64,
+        event: AccountEvent,
+    },
+    Transaction {
+        transaction_id: TransactionId,
+        sequence: u64,
+        event: TransactionEvent,
+    },
+}
+
+/// What a case leaves behind for checks made outside this module (the audit's).
+pub(crate) struct Simulated {
+    /// Every event of every stream, in the order it was committed.
+    pub(crate) log: Vec<Committed>,
+    /// How much of `log` the random operations wrote, before every transaction was driven to
+    /// its end.
+    pub(crate) operations_end: usize,
+    /// The customer accounts at the end.
+    pub(crate) accounts: HashMap<AccountId, Account>,
+}
+
 /// The in-memory ledger: customer accounts and transactions with their event logs.
 struct Ledger {
     now: DateTime<Utc>,
@@ -239,6 +265,8 @@ struct Ledger {
     account_events: HashMap<AccountId, Vec<AccountEvent>>,
     transactions: HashMap<TransactionId, Transaction>,
     transaction_events: HashMap<TransactionId, Vec<TransactionEvent>>,
+    /// Every event above, in commit order.
+    log: Vec<Committed>,
     /// Transactions in creation order, to pick them by index.
     created: Vec<TransactionId>,
     /// Idempotency keys handed out so far; each creation uses a fresh one.
@@ -257,6 +285,7 @@ impl Ledger {
             account_events: HashMap::new(),
             transactions: HashMap::new(),
             transaction_events: HashMap::new(),
+            log: Vec::new(),
             created: Vec::new(),
             keys_used: 0,
             coverage: Coverage::default(),
@@ -304,10 +333,13 @@ impl Ledger {
                 .unwrap_or_else(|violation| panic!("decided {event:?} must apply: {violation}"));
             assert_carried_balances_match(&event, &after);
             self.accounts.insert(account_id, after);
-            self.account_events
-                .entry(account_id)
-                .or_default()
-                .push(event);
+            let stream = self.account_events.entry(account_id).or_default();
+            stream.push(event.clone());
+            self.log.push(Committed::Account {
+                account_id,
+                sequence: stream.len() as u64,
+                event,
+            });
         }
         Ok(())
     }
@@ -321,10 +353,13 @@ impl Ledger {
             let after = Transaction::apply(self.transactions.remove(&id), event)
                 .unwrap_or_else(|violation| panic!("decided {event:?} must apply: {violation}"));
             self.transactions.insert(id, after);
-            self.transaction_events
-                .entry(id)
-                .or_default()
-                .push(event.clone());
+            let stream = self.transaction_events.entry(id).or_default();
+            stream.push(event.clone());
+            self.log.push(Committed::Transaction {
+                transaction_id: id,
+                sequence: stream.len() as u64,
+                event: event.clone(),
+            });
         }
         events.len()
     }
@@ -905,16 +940,32 @@ impl Ledger {
 /// Runs one case: funding, every operation, then every transaction to its end, checking the
 /// invariants after each operation and at the end.
 fn simulate(case: &Case) -> Coverage {
+    run(case).0.coverage
+}
+
+/// Runs one case as [`simulate`] does and returns its log in commit order.
+pub(crate) fn simulate_logged(case: &Case) -> Simulated {
+    let (ledger, operations_end) = run(case);
+    Simulated {
+        log: ledger.log,
+        operations_end,
+        accounts: ledger.accounts,
+    }
+}
+
+/// The ledger after [`simulate`], and the length of its log when the operations ended.
+fn run(case: &Case) -> (Ledger, usize) {
     let mut ledger = Ledger::open(&case.accounts);
     ledger.check_invariants();
     for operation in &case.operations {
         ledger.perform(operation);
         ledger.check_invariants();
     }
+    let operations_end = ledger.log.len();
     ledger.finish();
     ledger.check_invariants();
     ledger.check_final();
-    ledger.coverage
+    (ledger, operations_end)
 }
 
 proptest! {

@@ -127,6 +127,65 @@ pub async fn ping(pool: &PgPool, timeout: Duration) -> bool {
     )
 }
 
+/// A throwaway database for tests and benchmarks: created with a unique name on the server of
+/// `admin_url`, dropped (with any session still connected) by [`ScratchDatabase::drop_database`].
+pub struct ScratchDatabase {
+    admin_url: String,
+    name: String,
+}
+
+impl ScratchDatabase {
+    /// Creates `ledger_test_<uuid>` through `admin_url` (a URL of any existing database).
+    pub async fn create(admin_url: &str) -> Result<ScratchDatabase> {
+        use sqlx::Connection;
+        let name = format!("ledger_test_{}", uuid::Uuid::new_v4().simple());
+        let mut admin = sqlx::PgConnection::connect(admin_url)
+            .await
+            .context("connecting to create a scratch database")?;
+        sqlx::query(&format!("CREATE DATABASE {name}"))
+            .execute(&mut admin)
+            .await
+            .context("creating a scratch database")?;
+        admin
+            .close()
+            .await
+            .context("closing the admin connection")?;
+        Ok(ScratchDatabase {
+            admin_url: admin_url.to_owned(),
+            name,
+        })
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The URL of the scratch database on the same server.
+    pub fn url(&self) -> String {
+        let base = match self.admin_url.rfind('/') {
+            Some(slash) if slash > "postgres://".len() => &self.admin_url[..slash],
+            _ => self.admin_url.as_str(),
+        };
+        format!("{base}/{}", self.name)
+    }
+
+    /// Drops the database, ending any session still connected to it.
+    pub async fn drop_database(self) -> Result<()> {
+        use sqlx::Connection;
+        let mut admin = sqlx::PgConnection::connect(&self.admin_url)
+            .await
+            .context("connecting to drop a scratch database")?;
+        sqlx::query(&format!(
+            "DROP DATABASE IF EXISTS {} WITH (FORCE)",
+            self.name
+        ))
+        .execute(&mut admin)
+        .await
+        .context("dropping a scratch database")?;
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -91,6 +91,7 @@ pub struct LogReader {
     select_after: String,
     select_after_of_type: String,
     select_head: String,
+    select_snapshot_after: String,
 }
 
 /// The columns every read returns, in the order `decode` expects.
@@ -111,6 +112,9 @@ impl LogReader {
             select_after_of_type: format!(
                 "SELECT {COLUMNS} FROM {events_table} WHERE {after} AND {visible} \
                  AND aggregate_type = $4 ORDER BY tx_id, position LIMIT $3"
+            ),
+            select_snapshot_after: format!(
+                "SELECT {COLUMNS} FROM {events_table} WHERE {after} ORDER BY tx_id, position LIMIT $3"
             ),
             select_head: format!(
                 "SELECT tx_id::text::bigint AS tx_id, position FROM {events_table} \
@@ -140,6 +144,26 @@ impl LogReader {
         };
         let rows = query
             .fetch_all(&self.pool)
+            .await
+            .context("reading the event log")?;
+        rows.iter().map(decode).collect()
+    }
+
+    /// Up to `limit` events after `after` as the snapshot of `connection`'s transaction sees
+    /// them, without the follower's visibility bound: for point-in-time reads (audits, replays)
+    /// that page through one REPEATABLE READ transaction, where every row seen is committed and
+    /// no row can appear later inside that snapshot.
+    pub async fn read_snapshot_after(
+        &self,
+        connection: &mut sqlx::PgConnection,
+        after: LogPosition,
+        limit: i64,
+    ) -> Result<Vec<LogEvent>> {
+        let rows = sqlx::query(&self.select_snapshot_after)
+            .bind(after.tx_id.to_string())
+            .bind(after.position)
+            .bind(limit)
+            .fetch_all(connection)
             .await
             .context("reading the event log")?;
         rows.iter().map(decode).collect()

@@ -1,0 +1,139 @@
+//! Starting command-api for integration tests and benchmarks: a scratch database per test, the
+//! real router and saga on `127.0.0.1:0`, a clean stop. Logs print only with `TEST_LOG=1`.
+
+use std::sync::Arc;
+
+use infra::auth::{JwtSigner, Role};
+use infra::db::ScratchDatabase;
+use secrecy::SecretString;
+use sqlx::PgPool;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use uuid::Uuid;
+
+use crate::config::Config;
+use crate::decisions::FraudDecisions;
+use crate::error::Result;
+use crate::saga::Saga;
+use crate::startup::App;
+
+/// The secret test apps verify tokens with.
+pub const TEST_JWT_SECRET: &str = "integration-test-secret-of-at-least-32-bytes";
+
+/// The server that holds the scratch databases: `TEST_DATABASE_URL`, or the local one.
+pub fn admin_url() -> String {
+    std::env::var("TEST_DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_owned())
+}
+
+/// What a test may change about the app it starts.
+#[derive(Debug, Clone)]
+pub struct TestOptions {
+    pub decision_timeout_seconds: u64,
+    pub saga_concurrency: u64,
+    pub database_max_connections: u32,
+}
+
+impl Default for TestOptions {
+    fn default() -> Self {
+        TestOptions {
+            decision_timeout_seconds: 300,
+            saga_concurrency: 32,
+            database_max_connections: 16,
+        }
+    }
+}
+
+/// A running command-api.
+pub struct TestApp {
+    pub address: String,
+    pub database_url: String,
+    pub pool: PgPool,
+    pub decisions: FraudDecisions,
+    pub saga: Arc<Saga>,
+    signer: JwtSigner,
+    shutdown: Option<oneshot::Sender<()>>,
+    handle: Option<JoinHandle<Result<()>>>,
+}
+
+pub fn init_test_logging() {
+    if std::env::var_os("TEST_LOG").is_some() {
+        infra::telemetry::init_tracing(infra::telemetry::LogFormat::Pretty);
+    }
+}
+
+/// A config for `database_url` listening on an ephemeral port.
+pub fn test_config(database_url: &str, options: &TestOptions) -> Config {
+    Config {
+        database_url: database_url.to_owned(),
+        listen_addr: "127.0.0.1:0".parse().expect("a literal socket address"),
+        jwt_secret: SecretString::from(TEST_JWT_SECRET),
+        fraud_decision_timeout_seconds: options.decision_timeout_seconds,
+        log_format: infra::telemetry::LogFormat::Pretty,
+        database_max_connections: options.database_max_connections,
+        saga_concurrency: options.saga_concurrency,
+        saga_batch_size: 256,
+        log_poll_interval_ms: 5,
+    }
+}
+
+/// Starts command-api against `database_url` (migrating it) and returns once it listens.
+pub async fn spawn_app(database_url: &str, options: &TestOptions) -> Result<TestApp> {
+    init_test_logging();
+    let app = App::build(test_config(database_url, options)).await?;
+    let address = format!("http://127.0.0.1:{}", app.port());
+    let pool = app.pool();
+    let decisions = app.decisions();
+    let saga = app.saga();
+    let (shutdown, stopped) = oneshot::channel::<()>();
+    let handle = tokio::spawn(app.run_until_stopped(async {
+        let _ = stopped.await;
+    }));
+    Ok(TestApp {
+        address,
+        database_url: database_url.to_owned(),
+        pool,
+        decisions,
+        saga,
+        signer: JwtSigner::new(&SecretString::from(TEST_JWT_SECRET))?,
+        shutdown: Some(shutdown),
+        handle: Some(handle),
+    })
+}
+
+/// A scratch database and an app on it.
+pub async fn spawn_app_on_scratch(options: &TestOptions) -> Result<(ScratchDatabase, TestApp)> {
+    let database = ScratchDatabase::create(&admin_url()).await?;
+    let app = spawn_app(&database.url(), options).await?;
+    Ok((database, app))
+}
+
+impl TestApp {
+    /// A token for `subject` with `roles`, valid for ten minutes.
+    pub fn token(&self, subject: Uuid, roles: &[Role]) -> String {
+        self.signer
+            .mint(subject, roles, chrono::Utc::now().timestamp(), 600)
+            .expect("the test secret signs")
+    }
+
+    /// Stops gracefully and waits for the saga and server to finish.
+    pub async fn stop(&mut self) {
+        if let Some(shutdown) = self.shutdown.take() {
+            let _ = shutdown.send(());
+        }
+        if let Some(handle) = self.handle.take() {
+            let _ = handle.await;
+        }
+    }
+
+    /// Stops abruptly, as a killed process would: the server and saga tasks are aborted
+    /// wherever they are.
+    pub async fn kill(&mut self) {
+        self.shutdown.take();
+        if let Some(handle) = self.handle.take() {
+            handle.abort();
+            let _ = handle.await;
+        }
+        self.pool.close().await;
+    }
+}

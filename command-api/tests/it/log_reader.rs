@@ -1,0 +1,149 @@
+//! The gap-safe log reader (NOTES, "Reading the log in commit order"): with eight writers whose
+//! transactions commit out of insert order, and one that inserts first and commits last, a
+//! follower sees every committed event exactly once, where a bare position checkpoint skips.
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use infra::log::{LogPosition, LogReader};
+use rand::Rng;
+
+use crate::support::Harness;
+
+const WRITERS: usize = 8;
+const EVENTS_PER_WRITER: usize = 60;
+
+#[tokio::test]
+async fn a_follower_sees_every_event_exactly_once_while_eight_writers_commit() {
+    // Proves the reader never skips a row that commits late and never returns one twice, while a
+    // reader checkpointing the bare insert position demonstrably skips the late commit.
+    let harness = Harness::start().await;
+    let pool = harness.app.pool.clone();
+    // A transaction that inserts first and commits last: the gap a bare position checkpoint
+    // skips. A naive follower that reads while it is open moves past its position for good.
+    let mut late = pool.begin().await.expect("begins");
+    let late_position: i64 = sqlx::query_scalar(
+        "INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, event_version, payload, metadata) \
+         VALUES ('log_test', 'late', 1, 'Written', '1', '{}', '{}') RETURNING position",
+    )
+    .fetch_one(&mut *late)
+    .await
+    .expect("inserts");
+    let writers: Vec<_> = (0..WRITERS)
+        .map(|writer| {
+            let pool = pool.clone();
+            tokio::spawn(async move {
+                for index in 0..EVENTS_PER_WRITER {
+                    let pause_ms: f64 = rand::rng().random_range(0.0..4.0);
+                    let mut transaction = pool.begin().await.expect("begins");
+                    sqlx::query(
+                        "INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, event_version, payload, metadata) \
+                         VALUES ('log_test', $1, $2, 'Written', '1', '{}', '{}')",
+                    )
+                    .bind(format!("writer-{writer}"))
+                    .bind(i64::try_from(index + 1).expect("small"))
+                    .execute(&mut *transaction)
+                    .await
+                    .expect("inserts");
+                    // Hold the transaction open a little so that later inserts commit first.
+                    sqlx::query("SELECT pg_sleep($1)")
+                        .bind(pause_ms / 1000.0)
+                        .execute(&mut *transaction)
+                        .await
+                        .expect("sleeps");
+                    transaction.commit().await.expect("commits");
+                }
+            })
+        })
+        .collect();
+
+    // Let some of the others commit, look with a naive position checkpoint, then commit.
+    let naive_deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let naive_checkpoint = loop {
+        let newer: Vec<i64> = sqlx::query_scalar(
+            "SELECT position FROM events WHERE aggregate_type = 'log_test' ORDER BY position",
+        )
+        .fetch_all(&pool)
+        .await
+        .expect("reads");
+        if newer.len() >= 20 {
+            break *newer.last().expect("not empty");
+        }
+        assert!(
+            std::time::Instant::now() < naive_deadline,
+            "the writers never committed"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    };
+    late.commit().await.expect("commits");
+    let naive_sees_late: bool = sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM events WHERE aggregate_type = 'log_test' AND position > $1 AND aggregate_id = 'late')",
+    )
+    .bind(naive_checkpoint)
+    .fetch_one(&pool)
+    .await
+    .expect("reads");
+    assert!(
+        late_position < naive_checkpoint && !naive_sees_late,
+        "a bare position checkpoint skips the late commit"
+    );
+
+    let reader = LogReader::new(pool.clone(), "events");
+    let mut checkpoint = LogPosition::START;
+    let mut seen: Vec<(String, i64, i64)> = Vec::new();
+    let expected = WRITERS * EVENTS_PER_WRITER + 1;
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while seen.len() < expected {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the follower fell behind: {} of {expected}",
+            seen.len()
+        );
+        let batch = reader
+            .read_after(checkpoint, 7, Some("log_test"))
+            .await
+            .expect("reads");
+        for event in &batch {
+            assert!(event.position > checkpoint, "positions only move forward");
+            checkpoint = event.position;
+            seen.push((
+                event.aggregate_id.clone(),
+                event.sequence,
+                event.position.position,
+            ));
+        }
+        if batch.is_empty() {
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    }
+    for writer in writers {
+        writer.await.expect("the writer finished");
+    }
+    assert!(
+        reader
+            .read_after(checkpoint, 100, Some("log_test"))
+            .await
+            .expect("reads")
+            .is_empty()
+    );
+    let distinct: HashSet<(String, i64)> = seen
+        .iter()
+        .map(|(id, sequence, _)| (id.clone(), *sequence))
+        .collect();
+    assert_eq!(distinct.len(), expected, "every event exactly once");
+    assert_eq!(seen.len(), expected);
+    assert!(
+        distinct.contains(&("late".to_owned(), 1)),
+        "the gap-safe reader saw the late commit"
+    );
+    // Within each writer, events arrive in their own order.
+    for writer in 0..WRITERS {
+        let sequences: Vec<i64> = seen
+            .iter()
+            .filter(|(id, _, _)| *id == format!("writer-{writer}"))
+            .map(|(_, sequence, _)| *sequence)
+            .collect();
+        assert!(sequences.windows(2).all(|pair| pair[0] < pair[1]));
+    }
+    harness.finish().await;
+}

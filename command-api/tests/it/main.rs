@@ -1,0 +1,9 @@
+//! command-api's integration tests: the real router, saga and event store against a real
+//! PostgreSQL, one scratch database per test.
+
+mod api;
+mod log_reader;
+mod process;
+mod saga;
+mod store;
+mod support;

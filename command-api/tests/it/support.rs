@@ -1,0 +1,236 @@
+//! Helpers shared by the integration tests: HTTP calls, polling with deadlines, the SPEC §8
+//! audit.
+
+use std::time::Duration;
+
+use command_api::replay;
+use command_api::testing::{TestApp, TestOptions, spawn_app_on_scratch};
+use domain::audit::AuditReport;
+use domain::{FraudDecision, FraudOutcome, TransactionId};
+use infra::auth::Role;
+use infra::db::ScratchDatabase;
+use reqwest::{Response, StatusCode};
+use serde_json::{Value, json};
+use uuid::Uuid;
+
+pub struct Harness {
+    pub app: TestApp,
+    pub database: Option<ScratchDatabase>,
+    pub client: reqwest::Client,
+}
+
+impl Harness {
+    pub async fn start() -> Harness {
+        Harness::start_with(TestOptions::default()).await
+    }
+
+    pub async fn start_with(options: TestOptions) -> Harness {
+        let (database, app) = spawn_app_on_scratch(&options)
+            .await
+            .expect("a scratch database and app start");
+        Harness {
+            app,
+            database: Some(database),
+            client: reqwest::Client::new(),
+        }
+    }
+
+    /// Stops the app and drops the scratch database.
+    pub async fn finish(mut self) {
+        self.app.stop().await;
+        if let Some(database) = self.database.take() {
+            database
+                .drop_database()
+                .await
+                .expect("the scratch database drops");
+        }
+    }
+
+    pub fn customer(&self) -> (Uuid, String) {
+        let subject = Uuid::new_v4();
+        (subject, self.app.token(subject, &[Role::Customer]))
+    }
+
+    pub fn admin(&self) -> String {
+        self.app.token(Uuid::new_v4(), &[Role::Admin])
+    }
+
+    pub async fn post(
+        &self,
+        path: &str,
+        token: Option<&str>,
+        key: Option<&str>,
+        body: &Value,
+    ) -> Response {
+        let mut request = self
+            .client
+            .post(format!("{}{path}", self.app.address))
+            .json(body);
+        if let Some(token) = token {
+            request = request.bearer_auth(token);
+        }
+        if let Some(key) = key {
+            request = request.header("Idempotency-Key", key);
+        }
+        request.send().await.expect("the app answers")
+    }
+
+    /// Opens an account and returns its id.
+    pub async fn open_account(&self, token: &str, currency: &str) -> Uuid {
+        let response = self
+            .post(
+                "/api/v1/accounts",
+                Some(token),
+                None,
+                &json!({ "currency": currency }),
+            )
+            .await;
+        assert_eq!(response.status(), StatusCode::CREATED);
+        let body: Value = response.json().await.expect("JSON body");
+        Uuid::parse_str(body["id"].as_str().expect("an id")).expect("a UUID")
+    }
+
+    /// Posts a transaction and returns its id (202 expected).
+    pub async fn transact(&self, token: &str, body: Value) -> Uuid {
+        let response = self
+            .post(
+                "/api/v1/transactions",
+                Some(token),
+                Some(&Uuid::new_v4().to_string()),
+                &body,
+            )
+            .await;
+        assert_eq!(
+            response.status(),
+            StatusCode::ACCEPTED,
+            "{:?}",
+            response.text().await
+        );
+        let body: Value = response.json().await.expect("JSON body");
+        Uuid::parse_str(body["id"].as_str().expect("an id")).expect("a UUID")
+    }
+
+    /// Deposits `amount` into `account` and approves it, waiting until it is settled.
+    pub async fn fund(&self, token: &str, account: Uuid, amount: &str, currency: &str) {
+        let id = self
+            .transact(
+                token,
+                json!({"type": "deposit", "amount": amount, "currency": currency, "destination_account_id": account}),
+            )
+            .await;
+        self.decide(id, FraudOutcome::Approved).await;
+        self.wait_settled(&[id]).await;
+    }
+
+    pub async fn decide(&self, id: Uuid, outcome: FraudOutcome) {
+        let decision = FraudDecision {
+            outcome,
+            rule: Some("test".to_owned()),
+            details: json!({}),
+        };
+        let metadata = command_api::metadata::EventMetadata::for_saga(&id.to_string(), "test");
+        self.app
+            .decisions
+            .record(TransactionId(id), decision, &metadata)
+            .await
+            .expect("the decision is recorded");
+    }
+
+    /// Waits until every transaction in `ids` is final and fully applied.
+    pub async fn wait_settled(&self, ids: &[Uuid]) {
+        let ids: Vec<Uuid> = ids.to_vec();
+        eventually(Duration::from_secs(30), || async {
+            let unfinished: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM unnest($1::uuid[]) AS wanted(id) WHERE NOT EXISTS ( \
+                   SELECT 1 FROM command_api.events e WHERE e.aggregate_type = 'transaction' \
+                   AND e.aggregate_id = wanted.id::text \
+                   AND e.event_type IN ('SettlementCompleted', 'ReleaseCompleted'))",
+            )
+            .bind(&ids)
+            .fetch_one(&self.app.pool)
+            .await
+            .expect("counting unfinished transactions");
+            unfinished == 0
+        })
+        .await;
+    }
+
+    pub async fn event_count(&self) -> i64 {
+        sqlx::query_scalar("SELECT count(*) FROM command_api.events")
+            .fetch_one(&self.app.pool)
+            .await
+            .expect("counting events")
+    }
+
+    /// The transaction's status and rejection reason, from its stream.
+    pub async fn outcome(&self, id: Uuid) -> (String, Option<String>) {
+        let events: Vec<(String, Value)> = sqlx::query_as(
+            "SELECT event_type, payload FROM command_api.events \
+             WHERE aggregate_type = 'transaction' AND aggregate_id = $1 ORDER BY sequence",
+        )
+        .bind(id.to_string())
+        .fetch_all(&self.app.pool)
+        .await
+        .expect("reading a transaction stream");
+        for (event_type, payload) in events {
+            match event_type.as_str() {
+                "TransactionConfirmed" => return ("CONFIRMED".to_owned(), None),
+                "TransactionRejected" => {
+                    let reason = payload["TransactionRejected"]["reason"]
+                        .as_str()
+                        .map(str::to_owned);
+                    return ("REJECTED".to_owned(), reason);
+                }
+                _ => {}
+            }
+        }
+        ("PENDING".to_owned(), None)
+    }
+
+    pub async fn audit(&self) -> AuditReport {
+        replay::audit(&self.app.pool, "command_api.events")
+            .await
+            .expect("the log can be audited")
+    }
+
+    /// Asserts SPEC §8 over the whole log: no violation, nothing in flight.
+    pub async fn assert_invariants(&self) -> AuditReport {
+        let report = self.audit().await;
+        assert!(
+            report.violations.is_empty(),
+            "invariants broken: {:#?}",
+            report.violations
+        );
+        assert!(
+            report.in_flight.is_empty(),
+            "transactions still in flight: {:?}",
+            report.in_flight
+        );
+        report
+    }
+}
+
+/// Polls `check` until it holds, failing the test after `deadline`.
+pub async fn eventually<F, Fut>(deadline: Duration, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let started = std::time::Instant::now();
+    loop {
+        if check().await {
+            return;
+        }
+        assert!(
+            started.elapsed() < deadline,
+            "condition not met within {deadline:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// The available balance of an account, from the audit of its stream.
+pub fn balance_of(report: &AuditReport, account: Uuid) -> (i64, i64) {
+    let state = &report.accounts[&domain::AccountId(account)];
+    (state.balance_minor, state.available_minor())
+}
