@@ -71,7 +71,7 @@ async fn every_bad_token_gets_401_with_a_challenge() {
         ("no exp", Some(no_exp)),
         ("missing", None),
     ];
-    let before = harness.event_count().await;
+    let before = harness.request_event_count().await;
     for (case, token) in bad_tokens {
         let response = harness
             .post(
@@ -101,7 +101,7 @@ async fn every_bad_token_gets_401_with_a_challenge() {
         )
         .await;
     assert_eq!(ok.status(), StatusCode::CREATED, "the valid token works");
-    assert_eq!(harness.event_count().await, before + 1);
+    assert_eq!(harness.request_event_count().await, before + 1);
     harness.finish().await;
 }
 
@@ -138,7 +138,7 @@ async fn accounts_open_with_the_spec_shape_and_roles_are_enforced() {
     assert_eq!(body["status"], "active");
     assert_eq!(body["version"], 1);
 
-    let before = harness.event_count().await;
+    let before = harness.request_event_count().await;
     let auditor = harness.app.token(Uuid::new_v4(), &[Role::Auditor]);
     let cases = [
         (
@@ -211,7 +211,7 @@ async fn accounts_open_with_the_spec_shape_and_roles_are_enforced() {
     let body: Value = response.json().await.expect("JSON");
     assert_eq!(body["owner_id"], owner.to_string());
     assert_eq!(
-        harness.event_count().await,
+        harness.request_event_count().await,
         before + 1,
         "only the admin's account was appended"
     );
@@ -353,7 +353,7 @@ async fn bad_transaction_requests_get_a_4xx_and_append_nothing() {
             "account_not_found",
         ),
     ];
-    let before = harness.event_count().await;
+    let before = harness.request_event_count().await;
     for (index, (body, status, code)) in cases.iter().enumerate() {
         let key = format!("bad-{index}");
         let response = harness
@@ -413,7 +413,7 @@ async fn bad_transaction_requests_get_a_4xx_and_append_nothing() {
         .await;
     assert_eq!(response.status(), StatusCode::FORBIDDEN);
     assert_eq!(
-        harness.event_count().await,
+        harness.request_event_count().await,
         before,
         "no refused request appended an event"
     );
@@ -478,7 +478,7 @@ async fn a_repeated_key_replays_and_a_different_body_is_refused() {
     let first_body: Value = first.json().await.expect("JSON");
     assert_eq!(first_body["status"], "PENDING");
     assert_eq!(first_body["amount"], "0.29");
-    let events = harness.event_count().await;
+    let events = harness.request_event_count().await;
 
     let as_number = json!({"type": "deposit", "amount": 0.29, "currency": "USD", "destination_account_id": account});
     let again = harness
@@ -503,7 +503,7 @@ async fn a_repeated_key_replays_and_a_different_body_is_refused() {
     let again_body: Value = again.json().await.expect("JSON");
     assert_eq!(again_body["id"], first_body["id"]);
     assert_eq!(
-        harness.event_count().await,
+        harness.request_event_count().await,
         events,
         "a replay appends nothing"
     );
@@ -520,7 +520,7 @@ async fn a_repeated_key_replays_and_a_different_body_is_refused() {
     assert_eq!(refused.status(), StatusCode::UNPROCESSABLE_ENTITY);
     let problem: Value = refused.json().await.expect("problem+json");
     assert_eq!(problem["code"], "idempotency_key_reused");
-    assert_eq!(harness.event_count().await, events);
+    assert_eq!(harness.request_event_count().await, events);
 
     // Bob's "k-1" is his own key: a new transaction.
     let bobs_body = json!({"type": "deposit", "amount": "0.29", "currency": "USD", "destination_account_id": bobs});

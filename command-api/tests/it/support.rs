@@ -155,6 +155,17 @@ impl Harness {
         .await;
     }
 
+    /// Events appended by requests (not by the saga working in the background): what a refused
+    /// or replayed request must leave unchanged.
+    pub async fn request_event_count(&self) -> i64 {
+        sqlx::query_scalar(
+            "SELECT count(*) FROM command_api.events WHERE metadata->>'actor' <> 'saga'",
+        )
+        .fetch_one(&self.app.pool)
+        .await
+        .expect("counting events")
+    }
+
     pub async fn event_count(&self) -> i64 {
         sqlx::query_scalar("SELECT count(*) FROM command_api.events")
             .fetch_one(&self.app.pool)
