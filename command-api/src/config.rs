@@ -26,6 +26,28 @@ pub struct Config {
     )]
     pub database_url: String,
 
+    /// RabbitMQ, for the relay and the decision consumer.
+    #[arg(
+        long,
+        env = "AMQP_URL",
+        default_value = "amqp://guest:guest@localhost:5672/%2f"
+    )]
+    pub amqp_url: String,
+
+    /// Prefix of every exchange and queue name (one topology per prefix).
+    #[arg(long, env = "AMQP_PREFIX", default_value = "ledger")]
+    pub amqp_prefix: String,
+
+    /// Events the relay publishes before waiting for their confirms.
+    #[arg(long, env = "RELAY_WINDOW", default_value_t = 256,
+          value_parser = clap::value_parser!(i64).range(1..=10_000))]
+    pub relay_window: i64,
+
+    /// Unacknowledged fraud decisions in flight per instance.
+    #[arg(long, env = "DECISION_PREFETCH", default_value_t = 64,
+          value_parser = clap::value_parser!(u16).range(1..=1_000))]
+    pub decision_prefetch: u16,
+
     /// Where the HTTP API listens.
     #[arg(long, env = "LISTEN_ADDR", default_value = "0.0.0.0:8081")]
     pub listen_addr: SocketAddr,
@@ -79,9 +101,11 @@ impl Config {
     /// The configuration as it may be logged: the database password and the secret are hidden.
     pub fn redacted(&self) -> String {
         format!(
-            "database_url={} listen_addr={} fraud_decision_timeout_seconds={} \
+            "database_url={} amqp_url={} amqp_prefix={} listen_addr={} fraud_decision_timeout_seconds={} \
              database_max_connections={} saga_concurrency={} saga_batch_size={} log_poll_interval_ms={}",
             redact_url(&self.database_url),
+            redact_url(&self.amqp_url),
+            self.amqp_prefix,
             self.listen_addr,
             self.fraud_decision_timeout_seconds,
             self.database_max_connections,

@@ -6,11 +6,14 @@
 //! [`startup::App`] up; tests and benchmarks reuse everything here.
 
 pub mod aggregates;
+pub mod checkpoints;
 pub mod config;
+pub mod decision_consumer;
 pub mod decisions;
 pub mod error;
 pub mod http;
 pub mod metadata;
+pub mod relay;
 pub mod replay;
 pub mod saga;
 pub mod startup;

@@ -20,7 +20,7 @@ use domain::{
 };
 use futures::StreamExt;
 use infra::leader::Leadership;
-use infra::log::{LogEvent, LogPosition, LogReader};
+use infra::log::{LogEvent, LogReader};
 use sqlx::PgPool;
 use sqlx::postgres::PgConnectOptions;
 use tokio::sync::Mutex;
@@ -28,6 +28,7 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use crate::aggregates::{AccountAggregate, TransactionAggregate};
+use crate::checkpoints;
 use crate::error::{DatabaseContext, Error, Result};
 use crate::metadata::EventMetadata;
 use crate::store::AggregateStore;
@@ -147,6 +148,9 @@ impl Saga {
                 if let Err(error) = self.process_due(self.settings.batch_size).await {
                     tracing::error!(error.message = %error, "saga due scan failed");
                 }
+                if let Ok(checkpoint) = checkpoints::load(&self.pool, CHECKPOINT).await {
+                    let _ = checkpoints::record_lag(&self.reader, "saga", checkpoint).await;
+                }
             }
             let pause = match self.try_process_batch(self.settings.batch_size).await {
                 Ok(BatchOutcome::Processed(_)) => continue,
@@ -166,7 +170,7 @@ impl Saga {
     /// One step of the log follower: advance the transactions of up to `max` new events, then
     /// move the checkpoint.
     pub async fn try_process_batch(&self, max: i64) -> Result<BatchOutcome> {
-        let checkpoint = self.checkpoint().await?;
+        let checkpoint = checkpoints::load(&self.pool, CHECKPOINT).await?;
         let events = self
             .reader
             .read_after(checkpoint, max, Some("transaction"))
@@ -177,17 +181,7 @@ impl Saga {
         let results = self.advance_all(distinct_work(&events)).await;
         let mut transaction = self.pool.begin().await.context("starting a saga batch")?;
         record_progress(&mut transaction, &results).await?;
-        sqlx::query(
-            "INSERT INTO saga_checkpoint (name, tx_id, position) VALUES ($1, $2, $3) \
-             ON CONFLICT (name) DO UPDATE SET tx_id = EXCLUDED.tx_id, \
-             position = EXCLUDED.position, updated_at = now()",
-        )
-        .bind(CHECKPOINT)
-        .bind(last.tx_id)
-        .bind(last.position)
-        .execute(&mut *transaction)
-        .await
-        .context("moving the saga checkpoint")?;
+        checkpoints::store(&mut transaction, CHECKPOINT, last).await?;
         transaction
             .commit()
             .await
@@ -415,21 +409,6 @@ impl Saga {
                 context: "recording a saga step",
                 message: format!("transaction {} refused: {refusal}", transaction.id),
             })
-    }
-
-    async fn checkpoint(&self) -> Result<LogPosition> {
-        let row: Option<(i64, i64)> =
-            sqlx::query_as("SELECT tx_id, position FROM saga_checkpoint WHERE name = $1")
-                .bind(CHECKPOINT)
-                .fetch_optional(&self.pool)
-                .await
-                .context("reading the saga checkpoint")?;
-        Ok(
-            row.map_or(LogPosition::START, |(tx_id, position)| LogPosition {
-                tx_id,
-                position,
-            }),
-        )
     }
 }
 

@@ -4,6 +4,7 @@
 use std::future::Future;
 use std::sync::Arc;
 
+use infra::amqp::Topology;
 use infra::auth::JwtVerifier;
 use sqlx::PgPool;
 use sqlx::migrate::Migrator;
@@ -13,9 +14,11 @@ use tokio_util::sync::CancellationToken;
 
 use crate::aggregates::{AccountAggregate, TransactionAggregate};
 use crate::config::Config;
+use crate::decision_consumer::{ConsumerSettings, DecisionConsumer};
 use crate::decisions::FraudDecisions;
 use crate::error::{Error, Result};
 use crate::http::{AppState, router};
+use crate::relay::{Relay, RelaySettings};
 use crate::saga::Saga;
 use crate::store::AggregateStore;
 
@@ -31,6 +34,8 @@ pub struct App {
     listener: TcpListener,
     state: AppState,
     saga: Arc<Saga>,
+    relay: Arc<Relay>,
+    consumer: Arc<DecisionConsumer>,
     lock_options: PgConnectOptions,
 }
 
@@ -55,11 +60,30 @@ impl App {
             pool.clone(),
             config.saga_settings(),
         ));
+        let topology = Topology::new(&config.amqp_prefix)?;
+        let relay = Arc::new(Relay::new(
+            pool.clone(),
+            RelaySettings {
+                amqp_url: config.amqp_url.clone(),
+                topology: topology.clone(),
+                window: config.relay_window,
+                poll_interval: config.saga_settings().poll_interval,
+            },
+        ));
+        let consumer = Arc::new(DecisionConsumer::new(
+            FraudDecisions::new(transactions.clone()),
+            ConsumerSettings {
+                amqp_url: config.amqp_url.clone(),
+                topology,
+                prefetch: config.decision_prefetch,
+            },
+        ));
         let state = AppState {
             accounts,
             transactions,
             pool,
             verifier: Arc::new(JwtVerifier::new(&config.jwt_secret)?),
+            broker_connected: consumer.connection_flag(),
         };
         let listener = TcpListener::bind(config.listen_addr)
             .await
@@ -70,6 +94,8 @@ impl App {
             listener,
             state,
             saga,
+            relay,
+            consumer,
             lock_options,
         })
     }
@@ -95,20 +121,29 @@ impl App {
         self.state.pool.clone()
     }
 
-    /// Serves HTTP and runs the saga until `shutdown` resolves, then stops taking requests,
-    /// lets in-flight ones finish, stops the saga after its current batch, and closes the pool.
+    /// Serves HTTP and runs the saga, the relay and the decision consumer until `shutdown`
+    /// resolves; then stops taking requests and messages, lets in-flight ones finish, stops the
+    /// saga and relay after their current batch, closes the broker channels and the pool.
     pub async fn run_until_stopped(
         self,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> Result<()> {
         let cancel = CancellationToken::new();
-        // Aborted if this future is dropped (a test's simulated kill), so the saga never
-        // outlives the server it belongs to.
-        let mut saga = AbortOnDrop(Some(tokio::spawn(
-            self.saga
-                .clone()
-                .run(self.lock_options.clone(), cancel.clone()),
-        )));
+        // Aborted if this future is dropped (a test's simulated kill), so the workers never
+        // outlive the server they belong to.
+        let mut workers = AbortOnDrop(vec![
+            tokio::spawn(
+                self.saga
+                    .clone()
+                    .run(self.lock_options.clone(), cancel.clone()),
+            ),
+            tokio::spawn(
+                self.relay
+                    .clone()
+                    .run(self.lock_options.clone(), cancel.clone()),
+            ),
+            tokio::spawn(self.consumer.clone().run(cancel.clone())),
+        ]);
         let pool = self.state.pool.clone();
         let stop = cancel.clone();
         let served = axum::serve(self.listener, router(self.state))
@@ -118,10 +153,10 @@ impl App {
             })
             .await;
         cancel.cancel();
-        if let Some(handle) = saga.0.take()
-            && handle.await.is_err()
-        {
-            tracing::error!("the saga task panicked");
+        for handle in std::mem::take(&mut workers.0) {
+            if handle.await.is_err() {
+                tracing::error!("a background worker panicked");
+            }
         }
         pool.close().await;
         served.map_err(|error| {
@@ -136,12 +171,12 @@ pub async fn migrate(pool: &PgPool) -> Result<()> {
     Ok(())
 }
 
-/// Aborts a spawned task when dropped.
-struct AbortOnDrop(Option<tokio::task::JoinHandle<()>>);
+/// Aborts spawned tasks when dropped.
+struct AbortOnDrop(Vec<tokio::task::JoinHandle<()>>);
 
 impl Drop for AbortOnDrop {
     fn drop(&mut self) {
-        if let Some(handle) = &self.0 {
+        for handle in &self.0 {
             handle.abort();
         }
     }

@@ -26,9 +26,27 @@ pub fn admin_url() -> String {
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_owned())
 }
 
+/// The broker tests use: `TEST_AMQP_URL`, or the local one.
+pub fn amqp_url() -> String {
+    std::env::var("TEST_AMQP_URL")
+        .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".to_owned())
+}
+
+/// Deletes a test's RabbitMQ topology.
+pub async fn delete_topology(prefix: &str) -> Result<()> {
+    let topology = infra::amqp::Topology::new(prefix)?;
+    let connection = infra::amqp::connect(&amqp_url()).await?;
+    let channel = infra::amqp::confirm_channel(&connection).await?;
+    topology.delete(&channel).await?;
+    let _ = connection.close(200, "test finished".into()).await;
+    Ok(())
+}
+
 /// What a test may change about the app it starts.
 #[derive(Debug, Clone)]
 pub struct TestOptions {
+    /// The RabbitMQ topology's prefix: each test its own.
+    pub amqp_prefix: String,
     pub decision_timeout_seconds: u64,
     pub saga_concurrency: u64,
     pub database_max_connections: u32,
@@ -37,6 +55,7 @@ pub struct TestOptions {
 impl Default for TestOptions {
     fn default() -> Self {
         TestOptions {
+            amqp_prefix: format!("test-{}", Uuid::new_v4().simple()),
             decision_timeout_seconds: 300,
             saga_concurrency: 32,
             database_max_connections: 16,
@@ -66,6 +85,10 @@ pub fn init_test_logging() {
 pub fn test_config(database_url: &str, options: &TestOptions) -> Config {
     Config {
         database_url: database_url.to_owned(),
+        amqp_url: amqp_url(),
+        amqp_prefix: options.amqp_prefix.clone(),
+        relay_window: 256,
+        decision_prefetch: 64,
         listen_addr: "127.0.0.1:0".parse().expect("a literal socket address"),
         jwt_secret: SecretString::from(TEST_JWT_SECRET),
         fraud_decision_timeout_seconds: options.decision_timeout_seconds,

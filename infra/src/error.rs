@@ -17,6 +17,11 @@ pub enum Error {
         #[source]
         source: sqlx::migrate::MigrateError,
     },
+    #[error("RabbitMQ error while {context}: {message}")]
+    Broker {
+        context: &'static str,
+        message: String,
+    },
     #[error("stored event at position {position} is malformed: {problem}")]
     MalformedLogRow { position: i64, problem: String },
 }

@@ -3,12 +3,14 @@
 //! (problem+json, JSON bodies, correlation ids, request logs and metrics, JWT verification) and
 //! telemetry. Each service crate builds on it; the domain never does.
 
+pub mod amqp;
 pub mod auth;
 pub mod db;
 pub mod error;
 pub mod http;
 pub mod leader;
 pub mod log;
+pub mod messages;
 pub mod problem;
 pub mod telemetry;
 

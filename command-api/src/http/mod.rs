@@ -5,6 +5,7 @@ mod accounts;
 mod transactions;
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use axum::Router;
@@ -35,6 +36,8 @@ pub struct AppState {
     pub transactions: Arc<AggregateStore<TransactionAggregate>>,
     pub pool: PgPool,
     pub verifier: Arc<JwtVerifier>,
+    /// Whether the decision consumer holds a live broker connection.
+    pub broker_connected: Arc<AtomicBool>,
 }
 
 impl FromRef<AppState> for Arc<JwtVerifier> {
@@ -69,7 +72,10 @@ pub fn router(state: AppState) -> Router {
 
 async fn health(State(state): State<AppState>) -> HealthReport {
     let database = infra::db::ping(&state.pool, HEALTH_CHECK_TIMEOUT).await;
-    HealthReport::default().required("database", database)
+    let broker = state.broker_connected.load(Ordering::Relaxed);
+    HealthReport::default()
+        .required("database", database)
+        .required("broker", broker)
 }
 
 async fn method_not_allowed() -> Problem {

@@ -31,7 +31,7 @@ fn free_port() -> u16 {
         .expect("an ephemeral port is available")
 }
 
-fn start(database_url: &str, port: u16) -> Child {
+fn start(database_url: &str, amqp_prefix: &str, port: u16) -> Child {
     let output = || {
         if std::env::var_os("TEST_LOG").is_some() {
             Stdio::inherit()
@@ -43,6 +43,8 @@ fn start(database_url: &str, port: u16) -> Child {
         .env("DATABASE_URL", database_url)
         .env("LISTEN_ADDR", format!("127.0.0.1:{port}"))
         .env("JWT_SECRET", TEST_JWT_SECRET)
+        .env("AMQP_URL", command_api::testing::amqp_url())
+        .env("AMQP_PREFIX", amqp_prefix)
         .env("RUST_LOG", "warn")
         .env("LOG_POLL_INTERVAL_MS", "5")
         .stdout(output())
@@ -90,7 +92,8 @@ async fn command_api_killed_three_times_mid_traffic_finishes_every_transaction()
     let url = database.url();
     let port = free_port();
     let base = format!("http://127.0.0.1:{port}");
-    let server = Arc::new(Mutex::new(start(&url, port)));
+    let prefix = format!("test-{}", Uuid::new_v4().simple());
+    let server = Arc::new(Mutex::new(start(&url, &prefix, port)));
     let client = reqwest::Client::new();
     let signer = JwtSigner::new(&SecretString::from(TEST_JWT_SECRET)).expect("signs");
     let now = chrono::Utc::now().timestamp();
@@ -177,6 +180,7 @@ async fn command_api_killed_three_times_mid_traffic_finishes_every_transaction()
     let killer = {
         let server = server.clone();
         let url = url.clone();
+        let prefix = prefix.clone();
         tokio::spawn(async move {
             for _ in 0..KILLS {
                 let pause = rand::rng().random_range(400..1200);
@@ -184,7 +188,7 @@ async fn command_api_killed_three_times_mid_traffic_finishes_every_transaction()
                 let mut child = server.lock().await;
                 child.kill().expect("SIGKILL is delivered");
                 child.wait().expect("the killed process is reaped");
-                *child = start(&url, port);
+                *child = start(&url, &prefix, port);
             }
         })
     };
@@ -247,4 +251,7 @@ async fn command_api_killed_three_times_mid_traffic_finishes_every_transaction()
     child.wait().expect("reaped");
     pool.close().await;
     database.drop_database().await.expect("drops");
+    command_api::testing::delete_topology(&prefix)
+        .await
+        .expect("deletes the topology");
 }

@@ -155,7 +155,7 @@ async fn every_saga_step_run_twice_changes_nothing() {
                 .expect("advancing a finished transaction works");
         }
     }
-    sqlx::query("UPDATE command_api.saga_checkpoint SET tx_id = 0, position = 0")
+    sqlx::query("UPDATE command_api.follower_checkpoints SET tx_id = 0, position = 0")
         .execute(&harness.app.pool)
         .await
         .expect("rewinding the saga");
@@ -399,7 +399,7 @@ async fn a_saga_killed_between_any_two_steps_finishes_every_transaction_on_resta
                 .await
                 .expect("connects");
             sqlx::query(
-                "INSERT INTO saga_checkpoint (name, tx_id, position) \
+                "INSERT INTO follower_checkpoints (name, tx_id, position) \
                  SELECT 'saga', tx_id::text::bigint, position FROM events ORDER BY tx_id DESC, position DESC LIMIT 1 \
                  ON CONFLICT (name) DO UPDATE SET tx_id = EXCLUDED.tx_id, position = EXCLUDED.position",
             )
@@ -415,9 +415,11 @@ async fn a_saga_killed_between_any_two_steps_finishes_every_transaction_on_resta
             pool.close().await;
         }
 
-        harness.app = spawn_app(&url, &TestOptions::default())
-            .await
-            .expect("restarts");
+        let options = TestOptions {
+            amqp_prefix: harness.amqp_prefix.clone(),
+            ..TestOptions::default()
+        };
+        harness.app = spawn_app(&url, &options).await.expect("restarts");
         let ids: Vec<Uuid> = interrupted.iter().map(|(id, _)| *id).collect();
         // Transactions interrupted before their decision was recorded get one now; the rest
         // ignore it as a duplicate.
@@ -458,7 +460,11 @@ async fn two_instances_share_one_saga() {
     // Proves one active runner: with two command-api instances on one database, transactions
     // still settle exactly once, and stopping the leader hands the saga to the other.
     let mut first = Harness::start().await;
-    let second_app = spawn_app(&first.app.database_url, &TestOptions::default())
+    let options = TestOptions {
+        amqp_prefix: first.amqp_prefix.clone(),
+        ..TestOptions::default()
+    };
+    let second_app = spawn_app(&first.app.database_url, &options)
         .await
         .expect("starts");
     let (_, alice) = first.customer();

@@ -15,6 +15,7 @@ use uuid::Uuid;
 
 pub struct Harness {
     pub app: TestApp,
+    pub amqp_prefix: String,
     pub database: Option<ScratchDatabase>,
     pub client: reqwest::Client,
 }
@@ -30,6 +31,7 @@ impl Harness {
             .expect("a scratch database and app start");
         Harness {
             app,
+            amqp_prefix: options.amqp_prefix.clone(),
             database: Some(database),
             client: reqwest::Client::new(),
         }
@@ -44,6 +46,9 @@ impl Harness {
                 .await
                 .expect("the scratch database drops");
         }
+        command_api::testing::delete_topology(&self.amqp_prefix)
+            .await
+            .expect("the test's RabbitMQ topology is deleted");
     }
 
     pub fn customer(&self) -> (Uuid, String) {
