@@ -3,6 +3,7 @@
 
 mod api;
 mod log_reader;
+mod messaging;
 mod process;
 mod saga;
 mod store;
