@@ -1,10 +1,20 @@
-//! The `fraud-worker` binary is a placeholder in the workspace shape of the design card:
-//! the fraud rules and their RabbitMQ consumer arrive with issue #3.
-//! It refuses to run rather than pretend to serve anything.
+//! The `fraud-worker` binary: tracing, configuration, build, consume and serve until SIGTERM or
+//! Ctrl-C.
 
-fn main() -> std::process::ExitCode {
-    eprintln!(
-        "fraud-worker: not built yet: the fraud rules and their RabbitMQ consumer arrive with issue #3"
-    );
-    std::process::ExitCode::from(2)
+use clap::Parser;
+use fraud_worker::config::Config;
+use fraud_worker::startup::App;
+use infra::telemetry::{init_metrics, init_tracing, shutdown_signal};
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let config = Config::parse();
+    init_tracing(config.log_format);
+    init_metrics();
+    tracing::info!(config = %config.redacted(), "fraud-worker starting");
+    let app = App::build(config).await?;
+    tracing::info!(port = app.port(), "fraud-worker listening");
+    app.run_until_stopped(shutdown_signal()).await?;
+    tracing::info!("fraud-worker stopped");
+    Ok(())
 }

@@ -2,6 +2,7 @@
 //! PostgreSQL, one scratch database per test.
 
 mod api;
+mod end_to_end;
 mod log_reader;
 mod messaging;
 mod process;

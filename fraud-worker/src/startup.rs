@@ -1,0 +1,137 @@
+//! Wiring: check Redis (when the velocity rule needs it), connect to the broker and declare the
+//! topology, bind the listener (port 0 allowed, for tests), then consume and serve until told to
+//! stop.
+
+use std::future::Future;
+use std::sync::Arc;
+
+use infra::auth::JwtVerifier;
+use lapin::Connection;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Config;
+use crate::consumer::{self, BrokerLink, Worker};
+use crate::error::{Error, Result};
+use crate::evaluator::Evaluator;
+use crate::http::{AppState, router};
+use crate::velocity::VelocityCounter;
+
+pub struct App {
+    listener: TcpListener,
+    state: AppState,
+    worker: Arc<Worker>,
+    connection: Connection,
+}
+
+impl App {
+    /// Connects and binds. Fails with a clear error on a bad address, an unreachable broker, or
+    /// an unreachable Redis while the velocity rule is on.
+    pub async fn build(config: Config) -> Result<App> {
+        // Idempotent: `/metrics` renders the process-wide recorder, installed once.
+        infra::telemetry::init_metrics();
+        let topology = config.topology();
+        let rules = Arc::new(config.rules());
+        for warning in rules.warnings() {
+            tracing::warn!(warning, "fraud rule configuration");
+        }
+        let counter = VelocityCounter::new(&config.redis_url, &config.redis_key_prefix)?;
+        if rules.velocity.enabled && !counter.ping().await {
+            return Err(config_error(format!(
+                "Redis at {} does not answer, and the velocity rule keeps its counters there \
+                 (switch it off with FRAUD_RULES_DISABLED=velocity)",
+                crate::config::redact_url(&config.redis_url)
+            )));
+        }
+        let connection = consumer::connect(&config.amqp_url, &config.amqp_prefix).await?;
+        consumer::declare(&connection, &topology).await?;
+        let broker = BrokerLink::default();
+        let evaluator = Evaluator::new(rules.clone(), counter.clone());
+        let worker = Arc::new(Worker::new(
+            topology.clone(),
+            &config.amqp_url,
+            &config.amqp_prefix,
+            config.fraud_prefetch,
+            evaluator,
+            broker.clone(),
+        ));
+        let state = AppState {
+            rules,
+            verifier: Arc::new(JwtVerifier::new(&config.jwt_secret)?),
+            broker,
+            queue: topology.fraud_queue(),
+            counter,
+        };
+        let listener = TcpListener::bind(config.listen_addr)
+            .await
+            .map_err(|error| {
+                config_error(format!("cannot listen on {}: {error}", config.listen_addr))
+            })?;
+        Ok(App {
+            listener,
+            state,
+            worker,
+            connection,
+        })
+    }
+
+    /// The bound port (useful with `LISTEN_ADDR=127.0.0.1:0`).
+    pub fn port(&self) -> u16 {
+        self.listener
+            .local_addr()
+            .map(|address| address.port())
+            .unwrap_or(0)
+    }
+
+    /// Consumes and serves until `shutdown` resolves, then stops taking requests and messages,
+    /// lets in-flight ones finish, and closes the channels and the connection.
+    pub async fn run_until_stopped(
+        self,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> Result<()> {
+        let cancel = CancellationToken::new();
+        // Aborted if this future is dropped (a test's simulated kill), so the consumer never
+        // outlives the server it belongs to.
+        let consuming = self.worker.clone().run(self.connection, cancel.clone());
+        let ended = cancel.clone().drop_guard();
+        let mut consumer = AbortOnDrop(Some(tokio::spawn(async move {
+            // Dropped when the consumer ends, even by a panic: the server then stops too.
+            let _ended = ended;
+            consuming.await;
+        })));
+        let stop = cancel.clone();
+        let served = axum::serve(self.listener, router(self.state))
+            .with_graceful_shutdown(async move {
+                tokio::select! {
+                    () = shutdown => {}
+                    // The consumer only ends by itself if it panicked: stop serving too, so the
+                    // process exits instead of looking healthy while evaluating nothing.
+                    () = stop.cancelled() => {}
+                }
+                stop.cancel();
+            })
+            .await;
+        cancel.cancel();
+        if let Some(handle) = consumer.0.take()
+            && handle.await.is_err()
+        {
+            tracing::error!("the consumer task panicked");
+        }
+        served.map_err(|error| config_error(format!("HTTP server failed: {error}")))
+    }
+}
+
+fn config_error(message: String) -> Error {
+    Error::Infra(infra::Error::Config(message))
+}
+
+/// Aborts a spawned task when dropped.
+struct AbortOnDrop(Option<tokio::task::JoinHandle<()>>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        if let Some(handle) = &self.0 {
+            handle.abort();
+        }
+    }
+}
