@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs what exists of the ledger on this machine, against PostgreSQL, RabbitMQ and Redis on their
-# default local ports: today the write side (command-api). Logs go to logs/. JWT_SECRET is taken
-# from the environment, or generated and printed. Ctrl-C stops everything gracefully.
+# default local ports: today the write side (command-api) and the fraud worker, as separate
+# processes. Logs go to logs/. JWT_SECRET is taken from the environment, or generated and
+# printed. Ctrl-C stops everything gracefully.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -21,19 +22,32 @@ if ! psql "$server/postgres" -Atc "SELECT 1 FROM pg_database WHERE datname = '$d
     psql "$server/postgres" -qc "CREATE DATABASE \"$database\""
 fi
 
-cargo build --release --bin command-api
+cargo build --release --bin command-api --bin fraud-worker
 mkdir -p logs
+pids=()
+stop() {
+    trap - INT TERM EXIT
+    kill -TERM "${pids[@]}" 2>/dev/null || true
+    wait "${pids[@]}" 2>/dev/null || true
+}
+trap stop INT TERM EXIT
 ./target/release/command-api >>logs/command-api.log 2>&1 &
-pid=$!
-trap 'kill -TERM $pid 2>/dev/null; wait $pid' INT TERM EXIT
+pids+=($!)
+./target/release/fraud-worker >>logs/fraud-worker.log 2>&1 &
+pids+=($!)
 
-for _ in $(seq 30); do
-    if curl -fsS http://127.0.0.1:8081/health >/dev/null 2>&1; then break; fi
-    if ! kill -0 $pid 2>/dev/null; then echo "command-api exited; see logs/command-api.log" >&2; exit 1; fi
-    sleep 1
-done
-echo "command-api is up on http://127.0.0.1:8081 (logs: logs/command-api.log)."
+wait_healthy() { # wait_healthy <name> <port>
+    for _ in $(seq 60); do
+        if curl -fsS "http://127.0.0.1:$2/health" >/dev/null 2>&1; then return 0; fi
+        sleep 1
+    done
+    echo "$1 did not become healthy; see logs/$1.log" >&2
+    exit 1
+}
+wait_healthy command-api 8081
+wait_healthy fraud-worker 8083
+echo "command-api is up on http://127.0.0.1:8081, the fraud worker on :8083 (logs under logs/)."
 echo "A customer token for trying it out (valid 1 hour):"
 python3 scripts/mint-token.py --sub "$(python3 -c 'import uuid; print(uuid.uuid4())')" --role customer
 echo "Press Ctrl-C to stop."
-wait $pid
+wait "${pids[@]}"

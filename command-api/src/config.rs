@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use chrono::TimeDelta;
 use clap::Parser;
-use infra::telemetry::LogFormat;
+use infra::telemetry::{LogFormat, redact_url};
 use secrecy::SecretString;
 
 use crate::saga::SagaSettings;
@@ -130,37 +130,9 @@ fn parse_log_format(text: &str) -> Result<LogFormat, String> {
     LogFormat::parse(text).map_err(|error| error.to_string())
 }
 
-/// Hides the password of a connection URL.
-pub fn redact_url(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(scheme_end), Some(at)) if at > scheme_end => {
-            let credentials = &url[scheme_end + 3..at];
-            match credentials.split_once(':') {
-                Some((user, _password)) => {
-                    format!("{}{user}:***{}", &url[..scheme_end + 3], &url[at..])
-                }
-                None => url.to_owned(),
-            }
-        }
-        _ => url.to_owned(),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn passwords_are_hidden_in_logged_urls() {
-        assert_eq!(
-            redact_url("postgres://ledger:s3cret@db:5432/ledger"),
-            "postgres://ledger:***@db:5432/ledger"
-        );
-        assert_eq!(
-            redact_url("postgres://postgres@localhost/ledger"),
-            "postgres://postgres@localhost/ledger"
-        );
-    }
 
     #[test]
     fn bad_values_fail_naming_the_variable() {

@@ -125,7 +125,7 @@ impl DecisionConsumer {
     /// Decides what to do with one decision message.
     async fn handle(&self, delivery: &Delivery) -> Disposition {
         let correlation_id =
-            amqp::header_str(&delivery.properties, "correlation_id").unwrap_or_default();
+            amqp::header_str(&delivery.properties, amqp::CORRELATION_ID_HEADER).unwrap_or_default();
         let span = tracing::info_span!("decision", correlation_id = %correlation_id);
         async {
             let message: DecisionMessage = match serde_json::from_slice(&delivery.data) {

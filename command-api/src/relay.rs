@@ -168,9 +168,12 @@ impl Relay {
         })?;
         let correlation_id = event.metadata_str("correlation_id").unwrap_or_default();
         let mut headers = FieldTable::default();
-        headers.insert("correlation_id".into(), amqp::string(correlation_id));
         headers.insert(
-            "causation_id".into(),
+            amqp::CORRELATION_ID_HEADER.into(),
+            amqp::string(correlation_id),
+        );
+        headers.insert(
+            amqp::CAUSATION_ID_HEADER.into(),
             amqp::string(event.metadata_str("causation_id").unwrap_or_default()),
         );
         headers.insert("event_type".into(), amqp::string(&event.event_type));

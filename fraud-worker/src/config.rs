@@ -8,7 +8,7 @@ use std::str::FromStr;
 use clap::Parser;
 use domain::Currency;
 use infra::amqp::Topology;
-use infra::telemetry::LogFormat;
+use infra::telemetry::{LogFormat, redact_url};
 use secrecy::SecretString;
 
 use crate::rules::{
@@ -281,22 +281,6 @@ fn parse_rule_names(text: &str) -> Result<DisabledRules, String> {
 
 fn parse_log_format(text: &str) -> Result<LogFormat, String> {
     LogFormat::parse(text).map_err(|error| error.to_string())
-}
-
-/// Hides the password of a connection URL.
-pub fn redact_url(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(scheme_end), Some(at)) if at > scheme_end => {
-            let credentials = &url[scheme_end + 3..at];
-            match credentials.split_once(':') {
-                Some((user, _password)) => {
-                    format!("{}{user}:***{}", &url[..scheme_end + 3], &url[at..])
-                }
-                None => url.to_owned(),
-            }
-        }
-        _ => url.to_owned(),
-    }
 }
 
 #[cfg(test)]

@@ -21,11 +21,9 @@ pub const TRANSACTION_CREATED: &str = "TransactionCreated";
 /// The aggregate whose events the worker reads.
 pub const TRANSACTION_AGGREGATE: &str = "transaction";
 
-/// AMQP header of a decision carrying the correlation id of the transaction's request.
-pub const CORRELATION_ID_HEADER: &str = "correlation_id";
-
-/// AMQP header of a decision naming what caused it: the id of the `TransactionCreated` event.
-pub const CAUSATION_ID_HEADER: &str = "causation_id";
+/// The headers a decision carries: the correlation id of the transaction's request, and what
+/// caused it (the id of the `TransactionCreated` event).
+pub use infra::amqp::{CAUSATION_ID_HEADER, CORRELATION_ID_HEADER};
 
 /// The AMQP `type` property of decisions.
 pub const DECISION_MESSAGE_TYPE: &str = "FraudDecision";

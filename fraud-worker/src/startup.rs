@@ -40,7 +40,7 @@ impl App {
             return Err(config_error(format!(
                 "Redis at {} does not answer, and the velocity rule keeps its counters there \
                  (switch it off with FRAUD_RULES_DISABLED=velocity)",
-                crate::config::redact_url(&config.redis_url)
+                infra::telemetry::redact_url(&config.redis_url)
             )));
         }
         let connection = consumer::connect(&config.amqp_url, &config.amqp_prefix).await?;

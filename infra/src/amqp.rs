@@ -30,6 +30,11 @@ use crate::error::{Error, Result};
 /// holding a poison message for long.
 pub const RETRY_DELAYS_MS: [u32; 3] = [1_000, 5_000, 30_000];
 
+/// Header carrying the correlation id that follows a request through every service (SPEC §6).
+pub const CORRELATION_ID_HEADER: &str = "correlation_id";
+/// Header naming what caused a message: the event or command it follows from.
+pub const CAUSATION_ID_HEADER: &str = "causation_id";
+
 /// Header counting a message's retries.
 pub const ATTEMPTS_HEADER: &str = "x-ledger-attempts";
 /// Header saying why a message was dead-lettered.

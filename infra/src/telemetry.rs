@@ -67,6 +67,22 @@ pub fn render_metrics() -> String {
     init_metrics().render()
 }
 
+/// Hides the password of a connection URL (database, broker, cache) before it is logged.
+pub fn redact_url(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme_end), Some(at)) if at > scheme_end => {
+            let credentials = &url[scheme_end + 3..at];
+            match credentials.split_once(':') {
+                Some((user, _password)) => {
+                    format!("{}{user}:***{}", &url[..scheme_end + 3], &url[at..])
+                }
+                None => url.to_owned(),
+            }
+        }
+        _ => url.to_owned(),
+    }
+}
+
 /// Resolves on Ctrl-C or SIGTERM: the start of a graceful shutdown.
 pub async fn shutdown_signal() {
     let ctrl_c = async {
@@ -90,4 +106,29 @@ pub async fn shutdown_signal() {
         () = terminate => {}
     }
     tracing::info!("shutdown requested");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn passwords_are_hidden_in_logged_urls() {
+        assert_eq!(
+            redact_url("postgres://ledger:s3cret@db:5432/ledger"),
+            "postgres://ledger:***@db:5432/ledger"
+        );
+        assert_eq!(
+            redact_url("amqp://guest:guest@localhost:5672/%2f"),
+            "amqp://guest:***@localhost:5672/%2f"
+        );
+        assert_eq!(
+            redact_url("postgres://postgres@localhost/ledger"),
+            "postgres://postgres@localhost/ledger"
+        );
+        assert_eq!(
+            redact_url("redis://127.0.0.1:6379"),
+            "redis://127.0.0.1:6379"
+        );
+    }
 }
