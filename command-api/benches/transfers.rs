@@ -1,7 +1,8 @@
 //! Benchmark of command-api's write side: `cargo bench -p command-api --bench transfers`.
 //!
-//! Starts the real app (router, saga, event store) on a scratch PostgreSQL database, as the
-//! integration tests do, and measures two things. First, transfers posted over HTTP by concurrent
+//! Starts the real app (router, saga, relay, decision consumer, event store) on a scratch
+//! PostgreSQL database and its own RabbitMQ topology, as the integration tests do, and measures
+//! two things. First, transfers posted over HTTP by concurrent
 //! clients (spread over many accounts, then all out of one hot account), and how long the saga
 //! then needs until every one of them is reserved or rejected: the request only appends
 //! `TransactionCreated`, so its latency is not the time to move money. Second, how long an
@@ -18,8 +19,8 @@ use anyhow::{Context, anyhow, ensure};
 use chrono::Utc;
 use command_api::aggregates::AccountAggregate;
 use command_api::metadata::EventMetadata;
-use command_api::store::AggregateStore;
-use command_api::testing::{TestApp, TestOptions, spawn_app_on_scratch};
+use command_api::store::{AggregateStore, SNAPSHOT_EVERY};
+use command_api::testing::{TestApp, TestOptions, delete_topology, spawn_app_on_scratch};
 use domain::{
     AccountCommand, AccountId, Amount, Currency, CustomerId, FraudDecision, FraudOutcome,
     TransactionId,
@@ -90,9 +91,14 @@ const SHORT_STREAM_EVENTS: usize = 10;
 /// at the end of the stream: the best case for a cold load.
 const LONG_STREAM_EVENTS: usize = 10_000;
 
-/// The long stream again with 99 more events after its last snapshot: the worst case for a cold
-/// load (`SNAPSHOT_EVERY` is 100).
-const LONG_STREAM_WITH_TAIL_EVENTS: usize = 10_099;
+const _: () = assert!(
+    LONG_STREAM_EVENTS.is_multiple_of(SNAPSHOT_EVERY),
+    "the long stream must end on a snapshot"
+);
+
+/// The long stream again with as many events after its last snapshot as a stream can have
+/// (10,099 while `SNAPSHOT_EVERY` is 100): the worst case for a cold load.
+const LONG_STREAM_WITH_TAIL_EVENTS: usize = LONG_STREAM_EVENTS + SNAPSHOT_EVERY - 1;
 
 /// Timed loads per stream and store.
 const LOADS_PER_STORE: usize = 200;
@@ -195,6 +201,7 @@ async fn run() -> anyhow::Result<()> {
     let measured = measure(&app, transfers).await;
     app.stop().await;
     let dropped = database.drop_database().await;
+    let deleted = delete_topology(&options.amqp_prefix).await;
     let (context, transfer_reports, load_reports) = measured?;
     print_report(
         &context,
@@ -204,6 +211,7 @@ async fn run() -> anyhow::Result<()> {
         &load_reports,
     );
     dropped.context("dropping the scratch database")?;
+    deleted.context("deleting the benchmark's RabbitMQ topology")?;
     Ok(())
 }
 
