@@ -21,15 +21,22 @@ use uuid::Uuid;
 
 /// Transfers measured by default; `BENCH_TRANSFERS` overrides.
 const TRANSFERS_DEFAULT: usize = 2_000;
-/// Client tasks posting at once.
+/// Client tasks posting at once in the open-loop (saturation) run.
 const CONCURRENCY: usize = 32;
+/// Clients in the closed-loop run: each waits for its transfer to be final before the next, so
+/// the latency is a transfer's own, not time spent queued behind a saturating load.
+const CLOSED_LOOP_CLIENTS: usize = 8;
+/// Transfers each closed-loop client sends.
+const CLOSED_LOOP_TRANSFERS_PER_CLIENT: usize = 50;
 /// Customer accounts the transfers move between (random pairs), each funded first.
 const ACCOUNTS: usize = 32;
 /// How often the poller looks for finished transactions.
 const POLL_INTERVAL: Duration = Duration::from_millis(2);
 
 fn main() -> anyhow::Result<()> {
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
     runtime.block_on(run())
 }
 
@@ -86,27 +93,57 @@ async fn run() -> anyhow::Result<()> {
             json!({"type": "transfer", "amount": "1.00", "currency": "USD", "source_account_id": accounts[from], "destination_account_id": accounts[to]})
         })
         .collect();
+    println!(
+        "end-to-end transfers (POST → CONFIRMED), command-api + fraud-worker in one process, release build"
+    );
+    println!(
+        "  cores: {}",
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(0)
+    );
+
     let started = Instant::now();
     let latencies = drive(&client, &base, &token, &plan, &finished).await?;
     let elapsed = started.elapsed();
-    poller.abort();
+    report(
+        &format!(
+            "open loop: {transfers} transfers, {CONCURRENCY} clients posting without waiting (saturation)"
+        ),
+        transfers,
+        elapsed,
+        &latencies,
+    )?;
 
-    let mut histogram = Histogram::<u64>::new(3)?;
-    for latency in &latencies {
-        histogram.record(u64::try_from(latency.as_micros()).unwrap_or(u64::MAX))?;
-    }
-    let ms = |quantile: f64| histogram.value_at_quantile(quantile) as f64 / 1000.0;
-    println!("end-to-end transfers (POST → CONFIRMED), command-api + fraud-worker in one process, release build");
-    println!("  cores: {}", std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0));
-    println!("  transfers: {transfers}, client concurrency: {CONCURRENCY}, accounts: {ACCOUNTS}");
-    println!("  throughput: {:.0} transfers/s ({:.2} s)", transfers as f64 / elapsed.as_secs_f64(), elapsed.as_secs_f64());
-    println!(
-        "  POST → CONFIRMED latency: p50 {:.1} ms, p90 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
-        ms(0.50),
-        ms(0.90),
-        ms(0.99),
-        histogram.max() as f64 / 1000.0
-    );
+    let started = Instant::now();
+    let latencies: Vec<Duration> =
+        futures::future::try_join_all((0..CLOSED_LOOP_CLIENTS).map(|client_index| {
+            let (client, base, token, plan, finished) = (&client, &base, &token, &plan, &finished);
+            async move {
+                let mut latencies = Vec::new();
+                for round in 0..CLOSED_LOOP_TRANSFERS_PER_CLIENT {
+                    let body = &plan
+                        [(client_index * CLOSED_LOOP_TRANSFERS_PER_CLIENT + round) % plan.len()];
+                    latencies.extend(
+                        drive(client, base, token, std::slice::from_ref(body), finished).await?,
+                    );
+                }
+                anyhow::Ok(latencies)
+            }
+        }))
+        .await?
+        .into_iter()
+        .flatten()
+        .collect();
+    report(
+        &format!(
+            "closed loop: {CLOSED_LOOP_CLIENTS} clients, each waiting for CONFIRMED before its next transfer"
+        ),
+        latencies.len(),
+        started.elapsed(),
+        &latencies,
+    )?;
+    poller.abort();
 
     let _ = stop_worker.send(());
     let _ = worker_task.await;
@@ -114,6 +151,33 @@ async fn run() -> anyhow::Result<()> {
     fraud_worker::testing::delete_redis_keys(&redis_key_prefix).await?;
     command_api::testing::delete_topology(&options.amqp_prefix).await?;
     database.drop_database().await?;
+    Ok(())
+}
+
+fn report(
+    title: &str,
+    transfers: usize,
+    elapsed: Duration,
+    latencies: &[Duration],
+) -> anyhow::Result<()> {
+    let mut histogram = Histogram::<u64>::new(3)?;
+    for latency in latencies {
+        histogram.record(u64::try_from(latency.as_micros()).unwrap_or(u64::MAX))?;
+    }
+    let ms = |quantile: f64| histogram.value_at_quantile(quantile) as f64 / 1000.0;
+    println!("  {title}");
+    println!(
+        "    throughput: {:.0} transfers/s ({transfers} in {:.2} s, accounts: {ACCOUNTS})",
+        transfers as f64 / elapsed.as_secs_f64(),
+        elapsed.as_secs_f64()
+    );
+    println!(
+        "    POST → CONFIRMED latency: p50 {:.1} ms, p90 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
+        ms(0.50),
+        ms(0.90),
+        ms(0.99),
+        histogram.max() as f64 / 1000.0
+    );
     Ok(())
 }
 
@@ -157,8 +221,11 @@ async fn drive(
                     .collect());
             }
         }
-        anyhow::ensure!(Instant::now() < deadline, "transactions did not finish within 10 minutes");
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "transactions did not finish within 10 minutes"
+        );
+        tokio::time::sleep(POLL_INTERVAL).await;
     }
 }
 
@@ -173,7 +240,10 @@ async fn poll_finished(pool: sqlx::PgPool, finished: Arc<Mutex<HashMap<String, I
             let mut done = finished.lock().await;
             for event in events {
                 after = event.position;
-                if matches!(event.event_type.as_str(), "TransactionConfirmed" | "TransactionRejected") {
+                if matches!(
+                    event.event_type.as_str(),
+                    "TransactionConfirmed" | "TransactionRejected"
+                ) {
                     done.entry(event.aggregate_id).or_insert(seen);
                 }
             }
