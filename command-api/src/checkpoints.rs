@@ -22,7 +22,8 @@ pub async fn load(pool: &PgPool, follower: &str) -> Result<LogPosition> {
     )
 }
 
-/// Moves the follower's checkpoint inside `transaction`.
+/// Moves the follower's checkpoint forward inside `transaction`; never backwards, so a deposed
+/// leader finishing a late batch cannot undo its successor's progress.
 pub async fn store(
     transaction: &mut Transaction<'_, Postgres>,
     follower: &str,
@@ -31,7 +32,9 @@ pub async fn store(
     sqlx::query(
         "INSERT INTO follower_checkpoints (name, tx_id, position) VALUES ($1, $2, $3) \
          ON CONFLICT (name) DO UPDATE SET tx_id = EXCLUDED.tx_id, \
-         position = EXCLUDED.position, updated_at = now()",
+         position = EXCLUDED.position, updated_at = now() \
+         WHERE (follower_checkpoints.tx_id, follower_checkpoints.position) \
+             < (EXCLUDED.tx_id, EXCLUDED.position)",
     )
     .bind(follower)
     .bind(position.tx_id)

@@ -10,7 +10,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use domain::FraudDecision;
-use futures::StreamExt;
+use std::panic::AssertUnwindSafe;
+
+use futures::{FutureExt, StreamExt};
 use infra::amqp::{self, Disposition, Topology};
 use infra::messages::{DECISION_MESSAGE_SCHEMA, DecisionMessage};
 use lapin::message::Delivery;
@@ -62,10 +64,7 @@ impl DecisionConsumer {
             if let Err(error) = self.consume(&cancel).await {
                 self.connected.store(false, Ordering::Relaxed);
                 tracing::error!(error.message = %error, "decision consumer stopped; reconnecting");
-                tokio::select! {
-                    () = cancel.cancelled() => {}
-                    () = tokio::time::sleep(amqp::RECONNECT_DELAY) => {}
-                }
+                infra::tasks::pause(&cancel, amqp::RECONNECT_DELAY).await;
             }
         }
         self.connected.store(false, Ordering::Relaxed);
@@ -100,7 +99,13 @@ impl DecisionConsumer {
                 async move {
                     match delivery {
                         Ok(delivery) => {
-                            let disposition = self.handle(&delivery).await;
+                            // A panic while handling one message (a bug, or a corrupt stream
+                            // the aggregate refuses to fold) dead-letters that message instead
+                            // of killing the consumer and redelivering it to the next one.
+                            let disposition = AssertUnwindSafe(self.handle(&delivery))
+                                .catch_unwind()
+                                .await
+                                .unwrap_or_else(|_| Disposition::DeadLetter("handling the decision panicked".to_owned()));
                             if let Err(error) = amqp::settle(channel, topology, queue, &delivery, disposition).await {
                                 tracing::error!(error.message = %error, "could not settle a decision message");
                             }
@@ -172,10 +177,6 @@ impl DecisionConsumer {
 }
 
 fn broker(context: &'static str) -> impl Fn(lapin::Error) -> Error {
-    move |error| {
-        Error::Infra(infra::Error::Broker {
-            context,
-            message: error.to_string(),
-        })
-    }
+    let map = amqp::error(context);
+    move |error| Error::Infra(map(error))
 }

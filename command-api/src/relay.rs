@@ -16,6 +16,7 @@ use infra::amqp::{self, Topology};
 use infra::leader::Leadership;
 use infra::log::{LogEvent, LogReader};
 use infra::messages::EventMessage;
+use infra::tasks::pause;
 use lapin::options::BasicPublishOptions;
 use lapin::types::FieldTable;
 use lapin::{Channel, Confirmation};
@@ -30,7 +31,8 @@ use crate::saga::BatchOutcome;
 /// The relay's checkpoint row.
 const CHECKPOINT: &str = "relay";
 
-/// How often the leader checks its lock and reports its lag.
+/// How often the leader checks its lock and reports its lag: a deposed leader publishes at most
+/// a second of duplicates (harmless) before it notices.
 const HOUSEKEEPING_INTERVAL: Duration = Duration::from_secs(1);
 
 #[derive(Debug, Clone)]
@@ -200,18 +202,7 @@ impl Relay {
     }
 }
 
-async fn pause(cancel: &CancellationToken, duration: Duration) {
-    tokio::select! {
-        () = cancel.cancelled() => {}
-        () = tokio::time::sleep(duration) => {}
-    }
-}
-
 fn broker(context: &'static str) -> impl Fn(lapin::Error) -> Error {
-    move |error| {
-        Error::Infra(infra::Error::Broker {
-            context,
-            message: error.to_string(),
-        })
-    }
+    let map = amqp::error(context);
+    move |error| Error::Infra(map(error))
 }

@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use infra::amqp::Topology;
 use infra::auth::JwtVerifier;
+use infra::tasks::Workers;
 use sqlx::PgPool;
 use sqlx::migrate::Migrator;
 use sqlx::postgres::PgConnectOptions;
@@ -123,45 +124,46 @@ impl App {
 
     /// Serves HTTP and runs the saga, the relay and the decision consumer until `shutdown`
     /// resolves; then stops taking requests and messages, lets in-flight ones finish, stops the
-    /// saga and relay after their current batch, closes the broker channels and the pool.
+    /// saga and relay after their current batch, closes the broker channels and the pool. A
+    /// worker that stops on its own stops the service too, with an error.
     pub async fn run_until_stopped(
         self,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> Result<()> {
         let cancel = CancellationToken::new();
-        // Aborted if this future is dropped (a test's simulated kill), so the workers never
-        // outlive the server they belong to.
-        let mut workers = AbortOnDrop(vec![
-            tokio::spawn(
-                self.saga
-                    .clone()
-                    .run(self.lock_options.clone(), cancel.clone()),
-            ),
-            tokio::spawn(
-                self.relay
-                    .clone()
-                    .run(self.lock_options.clone(), cancel.clone()),
-            ),
-            tokio::spawn(self.consumer.clone().run(cancel.clone())),
-        ]);
+        let mut workers = Workers::new(cancel.clone());
+        workers.spawn(
+            "saga",
+            self.saga
+                .clone()
+                .run(self.lock_options.clone(), cancel.clone()),
+        );
+        workers.spawn(
+            "relay",
+            self.relay
+                .clone()
+                .run(self.lock_options.clone(), cancel.clone()),
+        );
+        workers.spawn(
+            "decision consumer",
+            self.consumer.clone().run(cancel.clone()),
+        );
         let pool = self.state.pool.clone();
         let stop = cancel.clone();
         let served = axum::serve(self.listener, router(self.state))
             .with_graceful_shutdown(async move {
-                shutdown.await;
-                stop.cancel();
+                tokio::select! {
+                    () = shutdown => {}
+                    () = stop.cancelled() => {}
+                }
             })
             .await;
-        cancel.cancel();
-        for handle in std::mem::take(&mut workers.0) {
-            if handle.await.is_err() {
-                tracing::error!("a background worker panicked");
-            }
-        }
+        let stopped = workers.stop().await;
         pool.close().await;
         served.map_err(|error| {
             Error::Infra(infra::Error::Config(format!("HTTP server failed: {error}")))
-        })
+        })?;
+        stopped.map_err(Error::Infra)
     }
 }
 
@@ -169,15 +171,4 @@ impl App {
 pub async fn migrate(pool: &PgPool) -> Result<()> {
     infra::db::migrate(pool, SCHEMA, &MIGRATOR).await?;
     Ok(())
-}
-
-/// Aborts spawned tasks when dropped.
-struct AbortOnDrop(Vec<tokio::task::JoinHandle<()>>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        for handle in &self.0 {
-            handle.abort();
-        }
-    }
 }

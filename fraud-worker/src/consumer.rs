@@ -20,6 +20,7 @@ use std::time::{Duration, Instant};
 
 use chrono::Utc;
 use domain::FraudOutcome;
+use futures::FutureExt;
 use futures::StreamExt;
 use infra::amqp::{Disposition, Topology};
 use lapin::message::Delivery;
@@ -346,7 +347,12 @@ impl Worker {
             transaction_id = tracing::field::Empty,
         );
         async {
-            let handled = self.process(&delivery, &publisher).await;
+            // A panic while evaluating one message (a bug) dead-letters that message instead of
+            // leaking its prefetch slot and panicking again on every redelivery.
+            let handled = std::panic::AssertUnwindSafe(self.process(&delivery, &publisher))
+                .catch_unwind()
+                .await
+                .unwrap_or_else(|_| Handled::Poison("evaluating the message panicked".to_owned()));
             let settled = infra::amqp::settle(
                 &publisher,
                 &self.topology,

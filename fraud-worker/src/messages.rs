@@ -55,6 +55,12 @@ pub fn parse_transaction_created(body: &[u8]) -> Result<CreatedEvent, String> {
             clip(&message.event_type)
         ));
     }
+    if message.schema != infra::messages::EVENT_MESSAGE_SCHEMA {
+        return Err(format!(
+            "event message schema {} is not supported",
+            message.schema
+        ));
+    }
     if message.event_version != SUPPORTED_EVENT_VERSION {
         return Err(format!(
             "{TRANSACTION_CREATED} version {} is not supported (this worker reads version \

@@ -6,6 +6,7 @@ use std::future::Future;
 use std::sync::Arc;
 
 use infra::auth::JwtVerifier;
+use infra::tasks::Workers;
 use lapin::Connection;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -90,48 +91,28 @@ impl App {
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> Result<()> {
         let cancel = CancellationToken::new();
-        // Aborted if this future is dropped (a test's simulated kill), so the consumer never
-        // outlives the server it belongs to.
-        let consuming = self.worker.clone().run(self.connection, cancel.clone());
-        let ended = cancel.clone().drop_guard();
-        let mut consumer = AbortOnDrop(Some(tokio::spawn(async move {
-            // Dropped when the consumer ends, even by a panic: the server then stops too.
-            let _ended = ended;
-            consuming.await;
-        })));
+        let mut workers = Workers::new(cancel.clone());
+        workers.spawn(
+            "consumer",
+            self.worker.clone().run(self.connection, cancel.clone()),
+        );
         let stop = cancel.clone();
         let served = axum::serve(self.listener, router(self.state))
             .with_graceful_shutdown(async move {
                 tokio::select! {
                     () = shutdown => {}
-                    // The consumer only ends by itself if it panicked: stop serving too, so the
+                    // The consumer only ends by itself if it failed: stop serving too, so the
                     // process exits instead of looking healthy while evaluating nothing.
                     () = stop.cancelled() => {}
                 }
-                stop.cancel();
             })
             .await;
-        cancel.cancel();
-        if let Some(handle) = consumer.0.take()
-            && handle.await.is_err()
-        {
-            tracing::error!("the consumer task panicked");
-        }
-        served.map_err(|error| config_error(format!("HTTP server failed: {error}")))
+        let stopped = workers.stop().await;
+        served.map_err(|error| config_error(format!("HTTP server failed: {error}")))?;
+        stopped.map_err(Error::Infra)
     }
 }
 
 fn config_error(message: String) -> Error {
     Error::Infra(infra::Error::Config(message))
-}
-
-/// Aborts a spawned task when dropped.
-struct AbortOnDrop(Option<tokio::task::JoinHandle<()>>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        if let Some(handle) = &self.0 {
-            handle.abort();
-        }
-    }
 }

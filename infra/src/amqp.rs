@@ -25,10 +25,20 @@ use lapin::{
 
 use crate::error::{Error, Result};
 
-/// Back-off before each retry of a message that failed for a passing reason; after the last one
-/// the message is dead-lettered. 1 s, 5 s, 30 s ride out a broker or database blip without
-/// holding a poison message for long.
+/// Back-off queues for a message that failed for a passing reason (a database, Redis or broker
+/// outage): the first retry waits 1 s, the second 5 s, every later one 30 s.
 pub const RETRY_DELAYS_MS: [u32; 3] = [1_000, 5_000, 30_000];
+
+/// Retries before a message that keeps failing for a passing reason is dead-lettered: 1 + 5 +
+/// 11 × 30 s ≈ 5.6 minutes, longer than the default fraud decision timeout (300 s), so an
+/// outage shorter than that loses no message, and a transaction whose decision could not be
+/// delivered ends `fraud_check_timeout` (and its late decision is ignored) before the message
+/// reaches the dead-letter queue.
+pub const RETRY_ATTEMPTS_MAX: u32 = 13;
+
+/// How long a publish may wait for the broker's confirm. A broker that blocks publishers (memory
+/// or disk alarm) must not hang a relay batch, a consumer or a shutdown forever.
+pub const CONFIRM_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Header carrying the correlation id that follows a request through every service (SPEC §6).
 pub const CORRELATION_ID_HEADER: &str = "correlation_id";
@@ -352,8 +362,10 @@ pub async fn settle(
         Disposition::Ack => Ok(()),
         Disposition::Retry(reason) => {
             let attempts = attempts_of(&delivery.properties);
-            let level = usize::try_from(attempts).unwrap_or(usize::MAX);
-            if level >= RETRY_DELAYS_MS.len() {
+            let level = usize::try_from(attempts)
+                .unwrap_or(usize::MAX)
+                .min(RETRY_DELAYS_MS.len() - 1);
+            if attempts >= RETRY_ATTEMPTS_MAX {
                 dead_letter(
                     channel,
                     topology,
@@ -428,8 +440,14 @@ async fn dead_letter(
     .await
 }
 
-/// How long to wait before reconnecting after the broker went away.
+/// How long to wait before reconnecting after the broker went away: short enough that a broker
+/// restart costs seconds, long enough not to spin against a broker that refuses connections.
 pub const RECONNECT_DELAY: Duration = Duration::from_secs(1);
+
+/// Maps a lapin error to the infrastructure error, naming what we were doing.
+pub fn error(context: &'static str) -> impl Fn(lapin::Error) -> Error {
+    amqp(context)
+}
 
 fn amqp(context: &'static str) -> impl Fn(lapin::Error) -> Error {
     move |error| Error::Broker {

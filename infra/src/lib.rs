@@ -12,6 +12,7 @@ pub mod leader;
 pub mod log;
 pub mod messages;
 pub mod problem;
+pub mod tasks;
 pub mod telemetry;
 
 pub use error::{Error, Result};

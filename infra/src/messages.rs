@@ -79,8 +79,9 @@ impl EventMessage {
 }
 
 /// A fraud verdict for one transaction, as published to the decisions exchange.
+/// Fields added later by a newer fraud worker are ignored by an older command-api (a rolling
+/// upgrade must not dead-letter every decision); a change of meaning bumps `schema`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct DecisionMessage {
     pub schema: u32,
     /// Derived from the transaction: a redelivered or re-evaluated decision has the same id.

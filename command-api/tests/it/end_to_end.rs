@@ -166,15 +166,39 @@ async fn every_message_delivered_twice_still_yields_one_decision_and_one_settlem
     let before = harness.assert_invariants().await;
     let events = harness.event_count().await;
 
+    // Watch the decisions of the second round: every transaction must be decided again.
+    let topology = Topology::new(&harness.amqp_prefix).expect("valid");
+    let connection = infra::amqp::connect(&amqp_url()).await.expect("connects");
+    let channel = connection.create_channel().await.expect("a channel");
+    let tap = format!("tap-{}", Uuid::new_v4().simple());
+    channel
+        .queue_declare(
+            tap.as_str().into(),
+            QueueDeclareOptions {
+                exclusive: true,
+                auto_delete: true,
+                ..QueueDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .expect("declares the tap");
+    channel
+        .queue_bind(
+            tap.as_str().into(),
+            topology.decisions_exchange().as_str().into(),
+            infra::amqp::FRAUD_DECISION_KEY.into(),
+            lapin::options::QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .expect("binds the tap");
     sqlx::query(
         "UPDATE command_api.follower_checkpoints SET tx_id = 0, position = 0 WHERE name = 'relay'",
     )
     .execute(&harness.app.pool)
     .await
     .expect("rewinds the relay");
-    let topology = Topology::new(&harness.amqp_prefix).expect("valid");
-    let connection = infra::amqp::connect(&amqp_url()).await.expect("connects");
-    let channel = connection.create_channel().await.expect("a channel");
     let last: i64 = sqlx::query_scalar("SELECT max(position) FROM command_api.events")
         .fetch_one(&harness.app.pool)
         .await
@@ -189,6 +213,31 @@ async fn every_message_delivered_twice_still_yields_one_decision_and_one_settlem
         relayed >= last
     })
     .await;
+    // Every transaction (the funding deposit and the 20 transfers) was decided a second time.
+    let mut decided_again = std::collections::HashSet::new();
+    let decided_deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while decided_again.len() < ids.len() + 1 {
+        assert!(
+            std::time::Instant::now() < decided_deadline,
+            "only {} decided again",
+            decided_again.len()
+        );
+        match channel
+            .basic_get(
+                tap.as_str().into(),
+                lapin::options::BasicGetOptions { no_ack: true },
+            )
+            .await
+            .expect("basic.get")
+        {
+            Some(message) => {
+                let decision: infra::messages::DecisionMessage =
+                    serde_json::from_slice(&message.delivery.data).expect("a decision");
+                decided_again.insert(decision.transaction_id);
+            }
+            None => tokio::time::sleep(Duration::from_millis(20)).await,
+        }
+    }
     // Both queues drained, and stay drained.
     let quiet_deadline = std::time::Instant::now() + Duration::from_secs(30);
     let mut quiet = 0;
@@ -215,6 +264,13 @@ async fn every_message_delivered_twice_still_yields_one_decision_and_one_settlem
     .await
     .expect("counts");
     assert_eq!(duplicates, 0);
+    for queue in [topology.fraud_queue(), topology.decisions_queue()] {
+        assert_eq!(
+            waiting(&channel, &Topology::dead_letter_queue(&queue)).await,
+            0,
+            "nothing dead-lettered from {queue}"
+        );
+    }
     let after = harness.assert_invariants().await;
     assert_eq!(balance_of(&after, source), balance_of(&before, source));
     assert_eq!(balance_of(&after, destination), (200_000, 200_000));
@@ -226,19 +282,18 @@ async fn every_message_delivered_twice_still_yields_one_decision_and_one_settlem
 #[tokio::test]
 async fn with_the_fraud_worker_stopped_transactions_time_out_and_release_their_holds() {
     // Proves the decision timeout: with no fraud worker running, a transfer ends REJECTED
-    // fraud_check_timeout and its hold is released.
+    // fraud_check_timeout, its hold is released, and nothing is dead-lettered meanwhile.
     let harness = Harness::start_with(TestOptions {
         decision_timeout_seconds: 2,
         ..TestOptions::default()
     })
     .await;
-    let worker = FraudWorker::start(&harness.amqp_prefix).await;
     let (_, alice) = harness.customer();
     let (_, bob) = harness.customer();
     let source = harness.open_account(&alice, "USD").await;
     let destination = harness.open_account(&bob, "USD").await;
-    fund(&harness, &alice, source, 1).await;
-    worker.stop().await;
+    // Funded with a decision recorded directly: no fraud worker runs in this test.
+    harness.fund(&alice, source, "9000.00", "USD").await;
     let id = harness
         .transact(&alice, json!({"type": "transfer", "amount": "40.00", "currency": "USD", "source_account_id": source, "destination_account_id": destination}))
         .await;
@@ -319,9 +374,19 @@ impl Processes {
     }
 }
 
-fn kill(child: &mut Child) {
-    child.kill().expect("SIGKILL is delivered");
-    child.wait().expect("the killed process is reaped");
+/// A child process killed when dropped, so a failing test leaves no service running.
+struct Running(Child);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn kill(running: &mut Running) {
+    running.0.kill().expect("SIGKILL is delivered");
+    running.0.wait().expect("the killed process is reaped");
 }
 
 /// POSTs until accepted (200, 201 or 202), across kills and restarts.
@@ -370,8 +435,8 @@ async fn killing_command_api_or_the_fraud_worker_mid_traffic_leaves_nothing_stuc
             .map(|address| address.port())
             .expect("a free port"),
     });
-    let api = Arc::new(Mutex::new(processes.command_api()));
-    let worker = Arc::new(Mutex::new(processes.fraud_worker()));
+    let api = Arc::new(Mutex::new(Running(processes.command_api())));
+    let worker = Arc::new(Mutex::new(Running(processes.fraud_worker())));
     let base = format!("http://127.0.0.1:{}", processes.port);
     let client = reqwest::Client::new();
     let signer = JwtSigner::new(&SecretString::from(TEST_JWT_SECRET)).expect("signs");
@@ -436,11 +501,11 @@ async fn killing_command_api_or_the_fraud_worker_mid_traffic_leaves_nothing_stuc
                 if round % 2 == 0 {
                     let mut child = api.lock().await;
                     kill(&mut child);
-                    *child = processes.command_api();
+                    *child = Running(processes.command_api());
                 } else {
                     let mut child = worker.lock().await;
                     kill(&mut child);
-                    *child = processes.fraud_worker();
+                    *child = Running(processes.fraud_worker());
                 }
             }
         })

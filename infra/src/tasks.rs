@@ -1,0 +1,142 @@
+//! A service's background workers (saga, relay, consumers), supervised. A worker only ever ends
+//! when the service stops; one that ends on its own (a panic, a bug) cancels the whole service,
+//! which then exits with an error so that its supervisor restarts it, instead of serving
+//! requests and a green `/health` while doing nothing. Workers are aborted if the service's
+//! future is dropped, and a shutdown waits for them only for a bounded grace period.
+
+use std::future::Future;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::error::{Error, Result};
+
+/// How long a stopping service waits for its workers to finish their current batch or message.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
+
+/// The workers of one service, sharing its cancellation token.
+pub struct Workers {
+    cancel: CancellationToken,
+    handles: Vec<(&'static str, JoinHandle<()>)>,
+    ended_early: Arc<Mutex<Vec<&'static str>>>,
+}
+
+impl Workers {
+    pub fn new(cancel: CancellationToken) -> Self {
+        Workers {
+            cancel,
+            handles: Vec::new(),
+            ended_early: Arc::default(),
+        }
+    }
+
+    /// Spawns `work`. If it ends (or panics) before the service is cancelled, the service is
+    /// cancelled too.
+    pub fn spawn(&mut self, name: &'static str, work: impl Future<Output = ()> + Send + 'static) {
+        let cancel = self.cancel.clone();
+        let ended_early = self.ended_early.clone();
+        let handle = tokio::spawn(async move {
+            // Dropped on return and during a panic's unwinding alike.
+            let _stop_everything = cancel.clone().drop_guard();
+            work.await;
+            if !cancel.is_cancelled() {
+                tracing::error!(
+                    worker = name,
+                    "worker stopped on its own; stopping the service"
+                );
+                ended_early
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .push(name);
+            }
+        });
+        self.handles.push((name, handle));
+    }
+
+    /// Cancels every worker and waits for them, up to [`SHUTDOWN_GRACE`]; aborts the rest. An
+    /// error names any worker that panicked, ended on its own, or overran the grace period.
+    pub async fn stop(mut self) -> Result<()> {
+        self.cancel.cancel();
+        let mut failed: Vec<String> = Vec::new();
+        let deadline = tokio::time::Instant::now() + SHUTDOWN_GRACE;
+        for (name, handle) in std::mem::take(&mut self.handles) {
+            let abort = handle.abort_handle();
+            match tokio::time::timeout_at(deadline, handle).await {
+                Ok(Ok(())) => {}
+                Ok(Err(_panicked)) => failed.push(format!("{name} panicked")),
+                Err(_overran) => {
+                    abort.abort();
+                    failed.push(format!("{name} did not stop within {SHUTDOWN_GRACE:?}"));
+                }
+            }
+        }
+        let early = self
+            .ended_early
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone();
+        failed.extend(
+            early
+                .iter()
+                .map(|name| format!("{name} stopped on its own")),
+        );
+        if failed.is_empty() {
+            Ok(())
+        } else {
+            Err(Error::Config(format!(
+                "background workers failed: {}",
+                failed.join(", ")
+            )))
+        }
+    }
+}
+
+impl Drop for Workers {
+    fn drop(&mut self) {
+        for (_, handle) in &self.handles {
+            handle.abort();
+        }
+    }
+}
+
+/// Sleeps for `duration`, or less if `cancel` fires first.
+pub async fn pause(cancel: &CancellationToken, duration: Duration) {
+    tokio::select! {
+        () = cancel.cancelled() => {}
+        () = tokio::time::sleep(duration) => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_worker_that_panics_stops_the_service_with_an_error() {
+        // Proves supervision: a panicking worker cancels its siblings and `stop` reports it.
+        let cancel = CancellationToken::new();
+        let mut workers = Workers::new(cancel.clone());
+        let sibling = cancel.clone();
+        workers.spawn("patient", async move { sibling.cancelled().await });
+        workers.spawn("broken", async { panic!("a bug") });
+        tokio::time::timeout(Duration::from_secs(5), cancel.cancelled())
+            .await
+            .expect("the panic cancelled the service");
+        let error = workers.stop().await.expect_err("the panic is reported");
+        assert!(error.to_string().contains("broken panicked"), "{error}");
+    }
+
+    #[tokio::test]
+    async fn workers_that_stop_when_asked_stop_cleanly() {
+        // Proves a normal shutdown reports no failure.
+        let cancel = CancellationToken::new();
+        let mut workers = Workers::new(cancel.clone());
+        for name in ["saga", "relay"] {
+            let token = cancel.clone();
+            workers.spawn(name, async move { token.cancelled().await });
+        }
+        workers.stop().await.expect("a clean stop");
+    }
+}
