@@ -53,7 +53,7 @@ pub struct Config {
     pub listen_addr: SocketAddr,
 
     /// HS256 secret shared with the gateway; at least 32 bytes.
-    #[arg(long, env = "JWT_SECRET", hide_env_values = true, value_parser = parse_secret)]
+    #[arg(long, env = "JWT_SECRET", hide_env_values = true, value_parser = infra::auth::parse_secret)]
     pub jwt_secret: SecretString,
 
     /// Seconds without a fraud decision before a transaction is rejected (`fraud_check_timeout`).
@@ -62,7 +62,7 @@ pub struct Config {
     pub fraud_decision_timeout_seconds: u64,
 
     /// `json` or `pretty`.
-    #[arg(long, env = "LOG_FORMAT", default_value = "json", value_parser = parse_log_format)]
+    #[arg(long, env = "LOG_FORMAT", default_value = "json", value_parser = LogFormat::parse_arg)]
     pub log_format: LogFormat,
 
     /// Size of the database connection pool.
@@ -114,20 +114,6 @@ impl Config {
             self.log_poll_interval_ms,
         )
     }
-}
-
-fn parse_secret(text: &str) -> Result<SecretString, String> {
-    if text.len() < infra::auth::JWT_SECRET_BYTES_MIN {
-        return Err(format!(
-            "must be at least {} bytes long",
-            infra::auth::JWT_SECRET_BYTES_MIN
-        ));
-    }
-    Ok(SecretString::from(text.to_owned()))
-}
-
-fn parse_log_format(text: &str) -> Result<LogFormat, String> {
-    LogFormat::parse(text).map_err(|error| error.to_string())
 }
 
 #[cfg(test)]

@@ -59,7 +59,7 @@ pub struct Config {
     pub redis_key_prefix: String,
 
     /// HS256 secret shared with the gateway; at least 32 bytes.
-    #[arg(long, env = "JWT_SECRET", hide_env_values = true, value_parser = parse_secret)]
+    #[arg(long, env = "JWT_SECRET", hide_env_values = true, value_parser = infra::auth::parse_secret)]
     pub jwt_secret: SecretString,
 
     /// Where the HTTP API (`/api/v1/fraud/rules`, `/health`, `/metrics`) listens.
@@ -99,7 +99,7 @@ pub struct Config {
     pub fraud_prefetch: u16,
 
     /// `json` or `pretty`.
-    #[arg(long, env = "LOG_FORMAT", default_value = "json", value_parser = parse_log_format)]
+    #[arg(long, env = "LOG_FORMAT", default_value = "json", value_parser = LogFormat::parse_arg)]
     pub log_format: LogFormat,
 }
 
@@ -218,16 +218,6 @@ fn parse_redis_key_prefix(text: &str) -> Result<String, String> {
     }
 }
 
-fn parse_secret(text: &str) -> Result<SecretString, String> {
-    if text.len() < infra::auth::JWT_SECRET_BYTES_MIN {
-        return Err(format!(
-            "must be at least {} bytes long",
-            infra::auth::JWT_SECRET_BYTES_MIN
-        ));
-    }
-    Ok(SecretString::from(text.to_owned()))
-}
-
 fn parse_major_units(text: &str) -> Result<i64, String> {
     let value: i64 = text
         .trim()
@@ -277,10 +267,6 @@ fn parse_rule_names(text: &str) -> Result<DisabledRules, String> {
         }
     }
     Ok(DisabledRules(rules))
-}
-
-fn parse_log_format(text: &str) -> Result<LogFormat, String> {
-    LogFormat::parse(text).map_err(|error| error.to_string())
 }
 
 #[cfg(test)]

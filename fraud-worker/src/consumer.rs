@@ -23,6 +23,7 @@ use domain::FraudOutcome;
 use futures::FutureExt;
 use futures::StreamExt;
 use infra::amqp::{Disposition, Topology};
+use infra::problem::cause_chain;
 use lapin::message::Delivery;
 use lapin::options::{
     BasicCancelOptions, BasicConsumeOptions, BasicQosOptions, QueueDeclareOptions,
@@ -554,18 +555,6 @@ fn log(handled: &Handled, delivery: &Delivery, elapsed: Duration) {
             "message dead-lettered: it can never be evaluated"
         ),
     }
-}
-
-/// An error and its causes, for a retry reason.
-fn cause_chain(error: &(dyn std::error::Error + 'static)) -> String {
-    let mut chain = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        chain.push_str(": ");
-        chain.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    chain
 }
 
 fn broker(context: &'static str) -> impl Fn(lapin::Error) -> Error {

@@ -6,15 +6,12 @@ use std::sync::Arc;
 
 use axum::Json;
 use axum::Router;
-use axum::extract::{DefaultBodyLimit, FromRef, State};
-use axum::http::StatusCode;
-use axum::response::IntoResponse;
+use axum::extract::{FromRef, State};
 use axum::routing::get;
 use infra::auth::{Caller, JwtVerifier, Role};
-use infra::http::{BODY_BYTES_MAX, HealthReport, metrics_endpoint, not_found, observe_requests};
+use infra::http::{HealthReport, method_not_allowed, metrics_endpoint, not_found, service_layers};
 use infra::problem::Problem;
 use serde::Serialize;
-use tower_http::catch_panic::CatchPanicLayer;
 
 use crate::consumer::BrokerLink;
 use crate::rules::{RuleDescription, Rules};
@@ -38,23 +35,13 @@ impl FromRef<AppState> for Arc<JwtVerifier> {
 }
 
 pub fn router(state: AppState) -> Router {
-    Router::new()
+    let routes = Router::new()
         .route("/api/v1/fraud/rules", get(list_rules))
         .route("/health", get(health))
         .route("/metrics", get(metrics_endpoint))
         .fallback(not_found)
-        .method_not_allowed_fallback(method_not_allowed)
-        .layer(axum::middleware::from_fn(observe_requests))
-        .layer(CatchPanicLayer::custom(|_panic| {
-            Problem::new(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "internal_error",
-                "the server failed to handle the request; it has been logged",
-            )
-            .into_response()
-        }))
-        .layer(DefaultBodyLimit::max(BODY_BYTES_MAX))
-        .with_state(state)
+        .method_not_allowed_fallback(method_not_allowed);
+    service_layers(routes).with_state(state)
 }
 
 #[derive(Debug, Serialize)]
@@ -83,12 +70,4 @@ async fn health(State(state): State<AppState>) -> HealthReport {
     } else {
         report.optional("redis", redis)
     }
-}
-
-async fn method_not_allowed() -> Problem {
-    Problem::new(
-        StatusCode::METHOD_NOT_ALLOWED,
-        "method_not_allowed",
-        "this route does not accept that method",
-    )
 }

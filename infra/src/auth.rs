@@ -169,6 +169,16 @@ impl JwtSigner {
     }
 }
 
+/// Parses `JWT_SECRET` for a clap `value_parser`: at least [`JWT_SECRET_BYTES_MIN`] bytes.
+pub fn parse_secret(text: &str) -> Result<SecretString, String> {
+    if text.len() < JWT_SECRET_BYTES_MIN {
+        return Err(format!(
+            "must be at least {JWT_SECRET_BYTES_MIN} bytes long"
+        ));
+    }
+    Ok(SecretString::from(text.to_owned()))
+}
+
 fn check_secret(secret: &SecretString) -> Result<()> {
     if secret.expose_secret().len() < JWT_SECRET_BYTES_MIN {
         return Err(Error::Config(format!(

@@ -224,6 +224,34 @@ pub async fn metrics_endpoint() -> Response {
         .into_response()
 }
 
+/// The layers every service's router gets, innermost first: request observation (correlation
+/// id, log line, metrics), panics turned into an opaque problem+json 500, the 1 MiB body limit.
+/// Add them after the routes and fallbacks, before `with_state`.
+pub fn service_layers<S: Clone + Send + Sync + 'static>(
+    router: axum::Router<S>,
+) -> axum::Router<S> {
+    router
+        .layer(axum::middleware::from_fn(observe_requests))
+        .layer(tower_http::catch_panic::CatchPanicLayer::custom(|_panic| {
+            Problem::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal_error",
+                "the server failed to handle the request; it has been logged",
+            )
+            .into_response()
+        }))
+        .layer(axum::extract::DefaultBodyLimit::max(BODY_BYTES_MAX))
+}
+
+/// The fallback for routes that exist but not with this method: 405 problem+json.
+pub async fn method_not_allowed() -> Problem {
+    Problem::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        "this route does not accept that method",
+    )
+}
+
 /// The fallback for unknown paths: 404 problem+json.
 pub async fn not_found() -> Problem {
     Problem::not_found("no such route")

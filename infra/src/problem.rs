@@ -32,6 +32,18 @@ struct ProblemBody<'a> {
     code: &'a str,
 }
 
+/// An error and its causes on one line, `outer: inner: root`, for logs and retry reasons.
+pub fn cause_chain(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut chain = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        chain.push_str(": ");
+        chain.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    chain
+}
+
 /// The real error behind an opaque 500, attached to the response for the logging middleware.
 #[derive(Debug, Clone)]
 pub struct InternalError(pub String);
@@ -49,15 +61,8 @@ impl Problem {
 
     /// An opaque 500 that logs `error` with its cause chain.
     pub fn internal(error: &(dyn std::error::Error + 'static)) -> Self {
-        let mut chain = error.to_string();
-        let mut source = error.source();
-        while let Some(cause) = source {
-            chain.push_str(": ");
-            chain.push_str(&cause.to_string());
-            source = cause.source();
-        }
         Problem {
-            internal: Some(chain),
+            internal: Some(cause_chain(error)),
             ..Problem::new(
                 StatusCode::INTERNAL_SERVER_ERROR,
                 "internal_error",

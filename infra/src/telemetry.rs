@@ -18,6 +18,11 @@ pub enum LogFormat {
 }
 
 impl LogFormat {
+    /// For a clap `value_parser`.
+    pub fn parse_arg(text: &str) -> std::result::Result<Self, String> {
+        LogFormat::parse(text).map_err(|error| error.to_string())
+    }
+
     pub fn parse(text: &str) -> Result<Self> {
         match text {
             "json" => Ok(LogFormat::Json),

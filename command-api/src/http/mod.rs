@@ -9,16 +9,13 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use axum::Router;
-use axum::extract::{DefaultBodyLimit, FromRef, State};
-use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
-use axum::response::IntoResponse;
+use axum::extract::{FromRef, State};
+use axum::http::{HeaderMap, HeaderName, HeaderValue};
 use axum::routing::{get, post};
 use infra::auth::JwtVerifier;
-use infra::http::{BODY_BYTES_MAX, HealthReport, metrics_endpoint, not_found, observe_requests};
+use infra::http::{HealthReport, method_not_allowed, metrics_endpoint, not_found, service_layers};
 use infra::log::LogPosition;
-use infra::problem::Problem;
 use sqlx::PgPool;
-use tower_http::catch_panic::CatchPanicLayer;
 
 use crate::aggregates::{AccountAggregate, TransactionAggregate};
 use crate::store::AggregateStore;
@@ -47,7 +44,7 @@ impl FromRef<AppState> for Arc<JwtVerifier> {
 }
 
 pub fn router(state: AppState) -> Router {
-    Router::new()
+    let routes = Router::new()
         .route("/api/v1/accounts", post(accounts::open_account))
         .route(
             "/api/v1/transactions",
@@ -56,18 +53,8 @@ pub fn router(state: AppState) -> Router {
         .route("/health", get(health))
         .route("/metrics", get(metrics_endpoint))
         .fallback(not_found)
-        .method_not_allowed_fallback(method_not_allowed)
-        .layer(axum::middleware::from_fn(observe_requests))
-        .layer(CatchPanicLayer::custom(|_panic| {
-            Problem::new(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "internal_error",
-                "the server failed to handle the request; it has been logged",
-            )
-            .into_response()
-        }))
-        .layer(DefaultBodyLimit::max(BODY_BYTES_MAX))
-        .with_state(state)
+        .method_not_allowed_fallback(method_not_allowed);
+    service_layers(routes).with_state(state)
 }
 
 async fn health(State(state): State<AppState>) -> HealthReport {
@@ -76,14 +63,6 @@ async fn health(State(state): State<AppState>) -> HealthReport {
     HealthReport::default()
         .required("database", database)
         .required("broker", broker)
-}
-
-async fn method_not_allowed() -> Problem {
-    Problem::new(
-        StatusCode::METHOD_NOT_ALLOWED,
-        "method_not_allowed",
-        "this route does not accept that method",
-    )
 }
 
 /// Headers of a command response: where the resource lives and how far the log has to be read

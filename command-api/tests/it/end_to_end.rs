@@ -20,7 +20,9 @@ use serde_json::{Value, json};
 use tokio::sync::{Mutex, oneshot};
 use uuid::Uuid;
 
-use crate::support::{Harness, balance_of, eventually};
+use crate::support::{
+    Harness, Running, balance_of, eventually, free_port, kill, post_until_accepted,
+};
 
 /// A fraud worker running in this process on the harness's topology.
 struct FraudWorker {
@@ -374,50 +376,6 @@ impl Processes {
     }
 }
 
-/// A child process killed when dropped, so a failing test leaves no service running.
-struct Running(Child);
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn kill(running: &mut Running) {
-    running.0.kill().expect("SIGKILL is delivered");
-    running.0.wait().expect("the killed process is reaped");
-}
-
-/// POSTs until accepted (200, 201 or 202), across kills and restarts.
-async fn post_until_accepted(
-    client: &reqwest::Client,
-    url: &str,
-    token: &str,
-    key: &str,
-    body: &Value,
-) -> Value {
-    for _ in 0..600 {
-        let sent = client
-            .post(url)
-            .bearer_auth(token)
-            .header("Idempotency-Key", key)
-            .json(body)
-            .timeout(Duration::from_secs(5))
-            .send()
-            .await;
-        if let Ok(response) = sent {
-            let status = response.status();
-            if status.is_success() {
-                return response.json().await.expect("JSON");
-            }
-            assert!(status.is_server_error(), "unexpected {status} for {body}");
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!("{url} never accepted {body}");
-}
-
 #[tokio::test]
 async fn killing_command_api_or_the_fraud_worker_mid_traffic_leaves_nothing_stuck() {
     // Proves recovery of the real processes: 1,000 transfers flow while command-api and the
@@ -430,10 +388,7 @@ async fn killing_command_api_or_the_fraud_worker_mid_traffic_leaves_nothing_stuc
         database_url: database.url(),
         amqp_prefix: format!("test-{}", Uuid::new_v4().simple()),
         redis_key_prefix: format!("test:{}", Uuid::new_v4().simple()),
-        port: std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|listener| listener.local_addr())
-            .map(|address| address.port())
-            .expect("a free port"),
+        port: free_port(),
     });
     let api = Arc::new(Mutex::new(Running(processes.command_api())));
     let worker = Arc::new(Mutex::new(Running(processes.fraud_worker())));

@@ -17,19 +17,14 @@ use infra::auth::{JwtSigner, Role};
 use infra::db::ScratchDatabase;
 use rand::Rng;
 use secrecy::SecretString;
-use serde_json::{Value, json};
+use serde_json::json;
 use tokio::sync::Mutex;
+
+use crate::support::{Running, free_port, kill, post_until_accepted};
 use uuid::Uuid;
 
 const TRANSFERS: usize = 300;
 const KILLS: usize = 3;
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|listener| listener.local_addr())
-        .map(|address| address.port())
-        .expect("an ephemeral port is available")
-}
 
 fn start(database_url: &str, amqp_prefix: &str, port: u16) -> Child {
     let output = || {
@@ -53,35 +48,6 @@ fn start(database_url: &str, amqp_prefix: &str, port: u16) -> Child {
         .expect("the command-api binary starts")
 }
 
-/// POSTs until the server answers 200 or 202, across kills and restarts.
-async fn post_until_accepted(
-    client: &reqwest::Client,
-    url: &str,
-    token: &str,
-    key: &str,
-    body: &Value,
-) -> Value {
-    for _ in 0..600 {
-        let sent = client
-            .post(url)
-            .bearer_auth(token)
-            .header("Idempotency-Key", key)
-            .json(body)
-            .timeout(Duration::from_secs(5))
-            .send()
-            .await;
-        if let Ok(response) = sent {
-            let status = response.status();
-            if status.is_success() {
-                return response.json().await.expect("JSON");
-            }
-            assert!(status.is_server_error(), "unexpected {status} for {body}");
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!("{url} never accepted {body}");
-}
-
 #[tokio::test]
 async fn command_api_killed_three_times_mid_traffic_finishes_every_transaction() {
     // Proves recovery of the real process: SIGKILL at random moments while 300 transfers flow,
@@ -93,7 +59,7 @@ async fn command_api_killed_three_times_mid_traffic_finishes_every_transaction()
     let port = free_port();
     let base = format!("http://127.0.0.1:{port}");
     let prefix = format!("test-{}", Uuid::new_v4().simple());
-    let server = Arc::new(Mutex::new(start(&url, &prefix, port)));
+    let server = Arc::new(Mutex::new(Running(start(&url, &prefix, port))));
     let client = reqwest::Client::new();
     let signer = JwtSigner::new(&SecretString::from(TEST_JWT_SECRET)).expect("signs");
     let now = chrono::Utc::now().timestamp();
@@ -186,9 +152,8 @@ async fn command_api_killed_three_times_mid_traffic_finishes_every_transaction()
                 let pause = rand::rng().random_range(400..1200);
                 tokio::time::sleep(Duration::from_millis(pause)).await;
                 let mut child = server.lock().await;
-                child.kill().expect("SIGKILL is delivered");
-                child.wait().expect("the killed process is reaped");
-                *child = start(&url, &prefix, port);
+                kill(&mut child);
+                *child = Running(start(&url, &prefix, port));
             }
         })
     };
@@ -246,9 +211,7 @@ async fn command_api_killed_three_times_mid_traffic_finishes_every_transaction()
         i64::try_from(ids.len()).expect("small"),
         "retries replayed, never duplicated"
     );
-    let mut child = server.lock().await;
-    child.kill().expect("stops");
-    child.wait().expect("reaped");
+    kill(&mut *server.lock().await);
     pool.close().await;
     database.drop_database().await.expect("drops");
     command_api::testing::delete_topology(&prefix)

@@ -1,6 +1,7 @@
 //! Helpers shared by the integration tests: HTTP calls, polling with deadlines, the SPEC §8
 //! audit.
 
+use std::process::Child;
 use std::time::Duration;
 
 use command_api::replay;
@@ -249,4 +250,55 @@ where
 pub fn balance_of(report: &AuditReport, account: Uuid) -> (i64, i64) {
     let state = &report.accounts[&domain::AccountId(account)];
     (state.balance_minor, state.available_minor())
+}
+
+/// A child process killed when dropped, so a failing test leaves no service running.
+pub struct Running(pub Child);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+pub fn kill(running: &mut Running) {
+    running.0.kill().expect("SIGKILL is delivered");
+    running.0.wait().expect("the killed process is reaped");
+}
+
+/// POSTs until accepted (200, 201 or 202), across kills and restarts.
+pub async fn post_until_accepted(
+    client: &reqwest::Client,
+    url: &str,
+    token: &str,
+    key: &str,
+    body: &Value,
+) -> Value {
+    for _ in 0..600 {
+        let sent = client
+            .post(url)
+            .bearer_auth(token)
+            .header("Idempotency-Key", key)
+            .json(body)
+            .timeout(Duration::from_secs(5))
+            .send()
+            .await;
+        if let Ok(response) = sent {
+            let status = response.status();
+            if status.is_success() {
+                return response.json().await.expect("JSON");
+            }
+            assert!(status.is_server_error(), "unexpected {status} for {body}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("{url} never accepted {body}");
+}
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|listener| listener.local_addr())
+        .map(|address| address.port())
+        .expect("an ephemeral port is available")
 }
