@@ -61,7 +61,8 @@ impl Relay {
     }
 
     /// Runs while this instance holds the relay's leader lock, reconnecting to the broker after
-    /// failures, until `cancel`.
+    /// failures, until `cancel`. `lead` returns `Ok` when the lock is lost or the service stops,
+    /// `Err` when the broker failed.
     pub async fn run(self: Arc<Self>, lock_options: PgConnectOptions, cancel: CancellationToken) {
         while !cancel.is_cancelled() {
             let mut leadership = match Leadership::acquire(&lock_options, "relay", &cancel).await {
@@ -73,11 +74,18 @@ impl Relay {
                     continue;
                 }
             };
-            match self.lead(&mut leadership, &cancel).await {
-                Ok(()) => {}
-                Err(error) => {
-                    tracing::error!(error.message = %error, "relay stopped; reconnecting");
-                    pause(&cancel, amqp::RECONNECT_DELAY).await;
+            // Lead until the lock is lost or the service stops. A broker failure only
+            // reconnects: the lock is kept, so a broker outage does not churn leadership.
+            while !cancel.is_cancelled() {
+                match self.lead(&mut leadership, &cancel).await {
+                    Ok(()) => break,
+                    Err(error) => {
+                        tracing::error!(error.message = %error, "relay stopped; reconnecting");
+                        pause(&cancel, amqp::RECONNECT_DELAY).await;
+                        if !leadership.still_held().await {
+                            break;
+                        }
+                    }
                 }
             }
         }

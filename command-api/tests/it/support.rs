@@ -38,7 +38,7 @@ impl Harness {
         }
     }
 
-    /// Stops the app and drops the scratch database.
+    /// Stops the app, drops the scratch database and deletes the RabbitMQ topology.
     pub async fn finish(mut self) {
         self.app.stop().await;
         if let Some(database) = self.database.take() {
@@ -224,6 +224,30 @@ impl Harness {
             report.in_flight
         );
         report
+    }
+}
+
+impl Drop for Harness {
+    /// A test that failed before `finish` still drops its database and topology, on a thread
+    /// with a runtime of its own (the test's runtime is unwinding).
+    fn drop(&mut self) {
+        let Some(database) = self.database.take() else {
+            return;
+        };
+        let prefix = self.amqp_prefix.clone();
+        let cleaning = std::thread::spawn(move || {
+            let Ok(runtime) = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            else {
+                return;
+            };
+            runtime.block_on(async {
+                let _ = database.drop_database().await;
+                let _ = command_api::testing::delete_topology(&prefix).await;
+            });
+        });
+        let _ = cleaning.join();
     }
 }
 
