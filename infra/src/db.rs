@@ -56,8 +56,9 @@ pub fn connect_options(url: &str, schema: &str) -> Result<PgConnectOptions> {
     ]))
 }
 
-/// A pool whose sessions work in `schema`. Connects lazily: the service starts and reports an
-/// unhealthy database rather than refusing to start when the database is briefly away.
+/// A pool whose sessions work in `schema`. Connects at once, so a service whose database is
+/// unreachable at start fails with a clear error (its migrations could not run anyway); once
+/// running, a lost database shows as 503 on `/health` and the pool reconnects.
 pub async fn connect(url: &str, schema: &str, max_connections: u32) -> Result<PgPool> {
     let options = connect_options(url, schema)?;
     let pool = PgPoolOptions::new()
