@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use infra::amqp::Topology;
 use infra::auth::JwtVerifier;
-use infra::tasks::Workers;
+use infra::tasks::{Workers, serve_until_stopped};
 use sqlx::PgPool;
 use sqlx::migrate::Migrator;
 use sqlx::postgres::PgConnectOptions;
@@ -149,21 +149,10 @@ impl App {
             self.consumer.clone().run(cancel.clone()),
         );
         let pool = self.state.pool.clone();
-        let stop = cancel.clone();
-        let served = axum::serve(self.listener, router(self.state))
-            .with_graceful_shutdown(async move {
-                tokio::select! {
-                    () = shutdown => {}
-                    () = stop.cancelled() => {}
-                }
-            })
-            .await;
-        let stopped = workers.stop().await;
+        let served =
+            serve_until_stopped(self.listener, router(self.state), workers, shutdown).await;
         pool.close().await;
-        served.map_err(|error| {
-            Error::Infra(infra::Error::Config(format!("HTTP server failed: {error}")))
-        })?;
-        stopped.map_err(Error::Infra)
+        served.map_err(Error::Infra)
     }
 }
 

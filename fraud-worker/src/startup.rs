@@ -6,7 +6,7 @@ use std::future::Future;
 use std::sync::Arc;
 
 use infra::auth::JwtVerifier;
-use infra::tasks::Workers;
+use infra::tasks::{Workers, serve_until_stopped};
 use lapin::Connection;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -96,20 +96,11 @@ impl App {
             "consumer",
             self.worker.clone().run(self.connection, cancel.clone()),
         );
-        let stop = cancel.clone();
-        let served = axum::serve(self.listener, router(self.state))
-            .with_graceful_shutdown(async move {
-                tokio::select! {
-                    () = shutdown => {}
-                    // The consumer only ends by itself if it failed: stop serving too, so the
-                    // process exits instead of looking healthy while evaluating nothing.
-                    () = stop.cancelled() => {}
-                }
-            })
-            .await;
-        let stopped = workers.stop().await;
-        served.map_err(|error| config_error(format!("HTTP server failed: {error}")))?;
-        stopped.map_err(Error::Infra)
+        // The consumer only ends by itself if it failed: serving then stops too, so the process
+        // exits instead of looking healthy while evaluating nothing.
+        serve_until_stopped(self.listener, router(self.state), workers, shutdown)
+            .await
+            .map_err(Error::Infra)
     }
 }
 

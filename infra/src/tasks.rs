@@ -101,6 +101,28 @@ impl Drop for Workers {
     }
 }
 
+/// Serves `router` on `listener` until `shutdown` resolves or a worker stops on its own; then
+/// stops taking connections, lets in-flight requests finish, and stops the workers.
+pub async fn serve_until_stopped(
+    listener: tokio::net::TcpListener,
+    router: axum::Router,
+    workers: Workers,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<()> {
+    let stop = workers.cancel.clone();
+    let served = axum::serve(listener, router)
+        .with_graceful_shutdown(async move {
+            tokio::select! {
+                () = shutdown => {}
+                () = stop.cancelled() => {}
+            }
+        })
+        .await;
+    let stopped = workers.stop().await;
+    served.map_err(Error::Serve)?;
+    stopped
+}
+
 /// Sleeps for `duration`, or less if `cancel` fires first.
 pub async fn pause(cancel: &CancellationToken, duration: Duration) {
     tokio::select! {

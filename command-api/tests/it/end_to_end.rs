@@ -21,7 +21,7 @@ use tokio::sync::{Mutex, oneshot};
 use uuid::Uuid;
 
 use crate::support::{
-    Harness, Running, balance_of, eventually, free_port, kill, post_until_accepted,
+    Harness, Running, balance_of, declare_tap, eventually, free_port, kill, post_until_accepted,
 };
 
 /// A fraud worker running in this process on the harness's topology.
@@ -188,29 +188,12 @@ async fn every_message_delivered_twice_still_yields_one_decision_and_one_settlem
     let topology = Topology::new(&harness.amqp_prefix).expect("valid");
     let connection = infra::amqp::connect(&amqp_url()).await.expect("connects");
     let channel = connection.create_channel().await.expect("a channel");
-    let tap = format!("tap-{}", Uuid::new_v4().simple());
-    channel
-        .queue_declare(
-            tap.as_str().into(),
-            QueueDeclareOptions {
-                exclusive: true,
-                auto_delete: true,
-                ..QueueDeclareOptions::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .expect("declares the tap");
-    channel
-        .queue_bind(
-            tap.as_str().into(),
-            topology.decisions_exchange().as_str().into(),
-            infra::amqp::FRAUD_DECISION_KEY.into(),
-            lapin::options::QueueBindOptions::default(),
-            FieldTable::default(),
-        )
-        .await
-        .expect("binds the tap");
+    let tap = declare_tap(
+        &channel,
+        &topology.decisions_exchange(),
+        infra::amqp::FRAUD_DECISION_KEY,
+    )
+    .await;
     sqlx::query(
         "UPDATE command_api.follower_checkpoints SET tx_id = 0, position = 0 WHERE name = 'relay'",
     )

@@ -10,13 +10,13 @@ use domain::{FraudOutcome, TransactionId};
 use futures::StreamExt;
 use infra::amqp::{self, FRAUD_DECISION_KEY, Topology};
 use infra::messages::{DECISION_MESSAGE_SCHEMA, DecisionMessage, EventMessage};
-use lapin::options::{BasicAckOptions, BasicConsumeOptions, QueueBindOptions, QueueDeclareOptions};
+use lapin::options::{BasicAckOptions, BasicConsumeOptions};
 use lapin::types::FieldTable;
 use lapin::{Channel, Connection};
 use serde_json::json;
 use uuid::Uuid;
 
-use crate::support::{Harness, eventually};
+use crate::support::{Harness, declare_tap, eventually};
 
 async fn channel() -> (Connection, Channel) {
     let connection = amqp::connect(&command_api::testing::amqp_url())
@@ -26,31 +26,9 @@ async fn channel() -> (Connection, Channel) {
     (connection, channel)
 }
 
-/// An exclusive, auto-deleted queue bound to `exchange` with `key`.
+/// A consumer of everything published to `exchange` with `key` from now on.
 async fn tap(channel: &Channel, exchange: &str, key: &str) -> lapin::Consumer {
-    let queue = format!("tap-{}", Uuid::new_v4().simple());
-    channel
-        .queue_declare(
-            queue.as_str().into(),
-            QueueDeclareOptions {
-                exclusive: true,
-                auto_delete: true,
-                ..QueueDeclareOptions::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .expect("declares");
-    channel
-        .queue_bind(
-            queue.as_str().into(),
-            exchange.into(),
-            key.into(),
-            QueueBindOptions::default(),
-            FieldTable::default(),
-        )
-        .await
-        .expect("binds");
+    let queue = declare_tap(channel, exchange, key).await;
     channel
         .basic_consume(
             queue.as_str().into(),

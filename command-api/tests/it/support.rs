@@ -251,6 +251,34 @@ impl Drop for Harness {
     }
 }
 
+/// Declares an exclusive, auto-deleted queue bound to `exchange` with `key`, to watch what is
+/// published there; returns its name.
+pub async fn declare_tap(channel: &lapin::Channel, exchange: &str, key: &str) -> String {
+    use lapin::options::{QueueBindOptions, QueueDeclareOptions};
+    use lapin::types::FieldTable;
+    let queue = format!("tap-{}", Uuid::new_v4().simple());
+    let options = QueueDeclareOptions {
+        exclusive: true,
+        auto_delete: true,
+        ..QueueDeclareOptions::default()
+    };
+    channel
+        .queue_declare(queue.as_str().into(), options, FieldTable::default())
+        .await
+        .expect("declares the tap");
+    channel
+        .queue_bind(
+            queue.as_str().into(),
+            exchange.into(),
+            key.into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .expect("binds the tap");
+    queue
+}
+
 /// Polls `check` until it holds, failing the test after `deadline`.
 pub async fn eventually<F, Fut>(deadline: Duration, mut check: F)
 where
