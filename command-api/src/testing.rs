@@ -35,10 +35,7 @@ pub fn amqp_url() -> String {
 /// Deletes a test's RabbitMQ topology.
 pub async fn delete_topology(prefix: &str) -> Result<()> {
     let topology = infra::amqp::Topology::new(prefix)?;
-    let connection = infra::amqp::connect(&amqp_url()).await?;
-    let channel = infra::amqp::confirm_channel(&connection).await?;
-    topology.delete(&channel).await?;
-    let _ = connection.close(200, "test finished".into()).await;
+    infra::amqp::delete_topology(&amqp_url(), &topology).await?;
     Ok(())
 }
 

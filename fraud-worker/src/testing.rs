@@ -394,24 +394,10 @@ impl Drop for TestApp {
         }
         let topology = self.topology.clone();
         let redis_key_prefix = self.redis_key_prefix.clone();
-        let cleaning = std::thread::spawn(move || {
-            let Ok(runtime) = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-            else {
-                return;
-            };
-            runtime.block_on(async {
-                if let Ok(connection) = infra::amqp::connect(&amqp_url()).await
-                    && let Ok(channel) = connection.create_channel().await
-                {
-                    let _ = topology.delete(&channel).await;
-                    let _ = connection.close(200, "test failed".into()).await;
-                }
-                let _ = delete_redis_keys(&redis_key_prefix).await;
-            });
+        infra::tasks::block_on_own_runtime(async move {
+            let _ = infra::amqp::delete_topology(&amqp_url(), &topology).await;
+            let _ = delete_redis_keys(&redis_key_prefix).await;
         });
-        let _ = cleaning.join();
     }
 }
 

@@ -237,6 +237,19 @@ impl Topology {
     }
 }
 
+/// Connects to `url` and deletes everything `topology` declared: for tests and benchmarks, which
+/// each use a prefix of their own.
+pub async fn delete_topology(url: &str, topology: &Topology) -> Result<()> {
+    let connection = connect(url).await?;
+    let channel = connection
+        .create_channel()
+        .await
+        .map_err(amqp("opening a channel"))?;
+    topology.delete(&channel).await?;
+    let _ = connection.close(200, "topology deleted".into()).await;
+    Ok(())
+}
+
 /// Connects to the broker (`AMQP_URL`).
 pub async fn connect(url: &str) -> Result<Connection> {
     Connection::connect(url, ConnectionProperties::default())

@@ -123,6 +123,23 @@ pub async fn serve_until_stopped(
     stopped
 }
 
+/// Runs `future` to completion on a thread with a runtime of its own and waits for it: for
+/// best-effort cleanup from `Drop`, where the caller's runtime may be unwinding.
+pub fn block_on_own_runtime<F>(future: F)
+where
+    F: Future<Output = ()> + Send + 'static,
+{
+    let worker = std::thread::spawn(move || {
+        if let Ok(runtime) = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+        {
+            runtime.block_on(future);
+        }
+    });
+    let _ = worker.join();
+}
+
 /// Sleeps for `duration`, or less if `cancel` fires first.
 pub async fn pause(cancel: &CancellationToken, duration: Duration) {
     tokio::select! {

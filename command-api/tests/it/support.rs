@@ -235,19 +235,10 @@ impl Drop for Harness {
             return;
         };
         let prefix = self.amqp_prefix.clone();
-        let cleaning = std::thread::spawn(move || {
-            let Ok(runtime) = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-            else {
-                return;
-            };
-            runtime.block_on(async {
-                let _ = database.drop_database().await;
-                let _ = command_api::testing::delete_topology(&prefix).await;
-            });
+        infra::tasks::block_on_own_runtime(async move {
+            let _ = database.drop_database().await;
+            let _ = command_api::testing::delete_topology(&prefix).await;
         });
-        let _ = cleaning.join();
     }
 }
 
