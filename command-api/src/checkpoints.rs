@@ -2,9 +2,11 @@
 //! `follower_checkpoints`, moved inside the follower's own batch transaction.
 
 use infra::log::{LogPosition, LogReader};
+use infra::replay::TRANSACTION_STREAM;
 use sqlx::{PgPool, Postgres, Transaction};
+use tokio_util::sync::CancellationToken;
 
-use crate::error::{DatabaseContext, Result};
+use crate::error::{DatabaseContext, Error, Result};
 
 /// The follower's checkpoint, `START` before its first batch.
 pub async fn load(pool: &PgPool, follower: &str) -> Result<LogPosition> {
@@ -45,15 +47,23 @@ pub async fn store(
     Ok(())
 }
 
-/// Publishes how far behind the head of the log a follower is, in insert positions (an
-/// approximation of the number of events, exact when no insert was rolled back).
-pub async fn record_lag(
-    reader: &LogReader,
-    follower: &'static str,
-    checkpoint: LogPosition,
-) -> Result<()> {
-    let head = reader.head().await?;
-    let behind = (head.position - checkpoint.position).max(0);
-    metrics::gauge!("log_follower_lag_events", "follower" => follower).set(behind as f64);
-    Ok(())
+/// The followers whose lag is reported, with the aggregate type each one reads.
+const FOLLOWERS: [(&str, Option<&str>); 2] = [
+    (crate::saga::CHECKPOINT, Some(TRANSACTION_STREAM)),
+    (crate::relay::CHECKPOINT, None),
+];
+
+/// Publishes `log_follower_lag_events` and `log_follower_lag_seconds` for the saga and the relay
+/// until `cancel` (see [`infra::log::report_lag`]): every instance, whoever leads, so a relay
+/// cut off from the broker or a saga whose batches fail shows as a growing lag.
+pub async fn report_lag(pool: PgPool, reader: LogReader, cancel: CancellationToken) {
+    infra::log::report_lag("log_follower_lag", "follower", cancel, || async {
+        let mut lags = Vec::with_capacity(FOLLOWERS.len());
+        for (follower, aggregate_type) in FOLLOWERS {
+            let checkpoint = load(&pool, follower).await?;
+            lags.push((follower, reader.lag(checkpoint, aggregate_type).await?));
+        }
+        Ok::<_, Error>(lags)
+    })
+    .await;
 }

@@ -29,9 +29,9 @@ use crate::error::{DatabaseContext, Error, Result};
 use crate::saga::BatchOutcome;
 
 /// The relay's checkpoint row.
-const CHECKPOINT: &str = "relay";
+pub(crate) const CHECKPOINT: &str = "relay";
 
-/// How often the leader checks its lock and reports its lag: a deposed leader publishes at most
+/// How often the leader checks its lock: a deposed leader publishes at most
 /// a second of duplicates (harmless) before it notices.
 const HOUSEKEEPING_INTERVAL: Duration = Duration::from_secs(1);
 
@@ -107,8 +107,6 @@ impl Relay {
                 if !leadership.still_held().await {
                     break Ok(());
                 }
-                let checkpoint = checkpoints::load(&self.pool, CHECKPOINT).await?;
-                checkpoints::record_lag(&self.reader, "relay", checkpoint).await?;
             }
             match self.try_publish_batch(&channel, self.settings.window).await {
                 Ok(BatchOutcome::Processed(_)) => {}

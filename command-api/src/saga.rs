@@ -34,7 +34,7 @@ use crate::metadata::EventMetadata;
 use crate::store::AggregateStore;
 
 /// The checkpoint row of the saga.
-const CHECKPOINT: &str = "saga";
+pub(crate) const CHECKPOINT: &str = "saga";
 
 /// Transactions advance at most this many steps in one call; a transaction needs three
 /// (reserve, confirm or reject, settle or release), so more means a step made no progress.
@@ -147,9 +147,6 @@ impl Saga {
                 }
                 if let Err(error) = self.process_due(self.settings.batch_size).await {
                     tracing::error!(error.message = %error, "saga due scan failed");
-                }
-                if let Ok(checkpoint) = checkpoints::load(&self.pool, CHECKPOINT).await {
-                    let _ = checkpoints::record_lag(&self.reader, "saga", checkpoint).await;
                 }
             }
             let pause = match self.try_process_batch(self.settings.batch_size).await {

@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use infra::amqp::Topology;
 use infra::auth::JwtVerifier;
+use infra::log::LogReader;
 use infra::tasks::{Workers, serve_until_stopped};
 use sqlx::PgPool;
 use sqlx::migrate::Migrator;
@@ -14,6 +15,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::aggregates::{AccountAggregate, TransactionAggregate};
+use crate::checkpoints;
 use crate::config::Config;
 use crate::decision_consumer::{ConsumerSettings, DecisionConsumer};
 use crate::decisions::FraudDecisions;
@@ -147,6 +149,14 @@ impl App {
         workers.spawn(
             "decision consumer",
             self.consumer.clone().run(cancel.clone()),
+        );
+        workers.spawn(
+            "lag reporter",
+            checkpoints::report_lag(
+                self.state.pool.clone(),
+                LogReader::new(self.state.pool.clone(), "events"),
+                cancel.clone(),
+            ),
         );
         let pool = self.state.pool.clone();
         let served =

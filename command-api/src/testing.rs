@@ -17,20 +17,7 @@ use crate::error::Result;
 use crate::saga::Saga;
 use crate::startup::App;
 
-/// The secret test apps verify tokens with.
-pub const TEST_JWT_SECRET: &str = "integration-test-secret-of-at-least-32-bytes";
-
-/// The server that holds the scratch databases: `TEST_DATABASE_URL`, or the local one.
-pub fn admin_url() -> String {
-    std::env::var("TEST_DATABASE_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_owned())
-}
-
-/// The broker tests use: `TEST_AMQP_URL`, or the local one.
-pub fn amqp_url() -> String {
-    std::env::var("TEST_AMQP_URL")
-        .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".to_owned())
-}
+pub use infra::testing::{TEST_JWT_SECRET, admin_url, amqp_url, init_test_logging};
 
 /// Deletes a test's RabbitMQ topology.
 pub async fn delete_topology(prefix: &str) -> Result<()> {
@@ -70,12 +57,6 @@ pub struct TestApp {
     signer: JwtSigner,
     shutdown: Option<oneshot::Sender<()>>,
     handle: Option<JoinHandle<Result<()>>>,
-}
-
-pub fn init_test_logging() {
-    if std::env::var_os("TEST_LOG").is_some() {
-        infra::telemetry::init_tracing(infra::telemetry::LogFormat::Pretty);
-    }
 }
 
 /// A config for `database_url` listening on an ephemeral port.

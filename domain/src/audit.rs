@@ -31,6 +31,10 @@ pub struct AuditReport {
     pub in_flight: Vec<TransactionId>,
     /// Every customer account's state after the last event.
     pub accounts: BTreeMap<AccountId, Account>,
+    /// Every transaction's state after the last event, with its stream version.
+    pub transactions: BTreeMap<TransactionId, (Transaction, u64)>,
+    /// Every customer account's stream version after the last event.
+    pub account_versions: BTreeMap<AccountId, u64>,
     /// Per currency, the world account's balance implied by the applied legs.
     pub world_balances_minor: BTreeMap<Currency, i64>,
     pub transactions_confirmed: usize,
@@ -53,6 +57,9 @@ pub struct Audit {
     /// Kept with the sequence of the event that applied it, to locate a leg that should not be.
     applied_legs: HashMap<(AccountId, TransactionId), (i64, u64)>,
     violations: Vec<Violation>,
+    /// The last sequence seen on each stream: its version, as read models show it.
+    account_versions: HashMap<AccountId, u64>,
+    transaction_versions: HashMap<TransactionId, u64>,
 }
 
 impl Audit {
@@ -63,6 +70,8 @@ impl Audit {
     /// Folds one account event.
     pub fn account_event(&mut self, account_id: AccountId, sequence: u64, event: &AccountEvent) {
         let stream = format!("account/{account_id}");
+        let version = self.account_versions.entry(account_id).or_default();
+        *version = (*version).max(sequence);
         let state = self.accounts.remove(&account_id);
         let previous = state.clone();
         match Account::apply(state, event) {
@@ -115,6 +124,8 @@ impl Audit {
         event: &TransactionEvent,
     ) {
         let stream = format!("transaction/{transaction_id}");
+        let version = self.transaction_versions.entry(transaction_id).or_default();
+        *version = (*version).max(sequence);
         let state = self.transactions.remove(&transaction_id);
         let previous = state.clone();
         match Transaction::apply(state, event) {
@@ -178,6 +189,15 @@ impl Audit {
         self.check_balances(&legs_by_account, &in_flight_minor, &mut report);
         report.violations = self.violations;
         report.accounts = self.accounts.into_iter().collect();
+        report.transactions = self
+            .transactions
+            .into_iter()
+            .map(|(id, transaction)| {
+                let version = self.transaction_versions.get(&id).copied().unwrap_or(0);
+                (id, (transaction, version))
+            })
+            .collect();
+        report.account_versions = self.account_versions.into_iter().collect();
         report
     }
 

@@ -30,28 +30,10 @@ use crate::messages::{CAUSATION_ID_HEADER, CORRELATION_ID_HEADER};
 use crate::rules::RuleName;
 use crate::startup::App;
 
-/// The secret test apps verify tokens with.
-pub const TEST_JWT_SECRET: &str = "integration-test-secret-of-at-least-32-bytes";
+pub use infra::testing::{TEST_JWT_SECRET, amqp_url, init_test_logging, redis_url};
 
 /// How often a test polls a queue while waiting for something to arrive there.
 const POLL_INTERVAL: Duration = Duration::from_millis(20);
-
-/// The broker tests use: `TEST_AMQP_URL`, or the local one.
-pub fn amqp_url() -> String {
-    std::env::var("TEST_AMQP_URL")
-        .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".to_owned())
-}
-
-/// The Redis tests use: `TEST_REDIS_URL`, or the local one.
-pub fn redis_url() -> String {
-    std::env::var("TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".to_owned())
-}
-
-pub fn init_test_logging() {
-    if std::env::var_os("TEST_LOG").is_some() {
-        infra::telemetry::init_tracing(infra::telemetry::LogFormat::Pretty);
-    }
-}
 
 /// What a test may change about the worker it starts.
 #[derive(Debug, Clone)]

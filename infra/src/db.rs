@@ -60,14 +60,24 @@ pub fn connect_options(url: &str, schema: &str) -> Result<PgConnectOptions> {
 /// unreachable at start fails with a clear error (its migrations could not run anyway); once
 /// running, a lost database shows as 503 on `/health` and the pool reconnects.
 pub async fn connect(url: &str, schema: &str, max_connections: u32) -> Result<PgPool> {
-    let options = connect_options(url, schema)?;
-    let pool = PgPoolOptions::new()
+    pool(connect_options(url, schema)?, max_connections).await
+}
+
+/// A pool like [`connect`]'s whose every transaction is read-only, for jobs that must not write
+/// (`ledger verify` and `replay`): they then need nothing beyond SELECT privileges, and a bug
+/// that tried to write would fail rather than change a ledger under audit.
+pub async fn connect_read_only(url: &str, schema: &str, max_connections: u32) -> Result<PgPool> {
+    let options = connect_options(url, schema)?.options([("default_transaction_read_only", "on")]);
+    pool(options, max_connections).await
+}
+
+async fn pool(options: PgConnectOptions, max_connections: u32) -> Result<PgPool> {
+    PgPoolOptions::new()
         .max_connections(max_connections)
         .acquire_timeout(ACQUIRE_TIMEOUT)
         .connect_with(options)
         .await
-        .context("connecting to PostgreSQL")?;
-    Ok(pool)
+        .context("connecting to PostgreSQL")
 }
 
 /// Creates the schema if needed and applies the service's migrations, safely when several

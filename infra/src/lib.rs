@@ -1,5 +1,6 @@
-//! Shared plumbing of the ledger services. Nothing here knows about money: it is the database
-//! (pools per schema, migrations, the commit-order log reader, leader locks), the HTTP edge
+//! Shared plumbing of the ledger services. Nothing here decides about money: it is the database
+//! (pools per schema, migrations, the commit-order log reader and its decoding into domain
+//! events, leader locks), the HTTP edge
 //! (problem+json, JSON bodies, correlation ids, request logs and metrics, JWT verification) and
 //! telemetry. Each service crate builds on it; the domain never does.
 
@@ -12,7 +13,9 @@ pub mod leader;
 pub mod log;
 pub mod messages;
 pub mod problem;
+pub mod replay;
 pub mod tasks;
 pub mod telemetry;
+pub mod testing;
 
 pub use error::{Error, Result};

@@ -12,12 +12,14 @@
 //! expose their lag.
 
 use std::fmt;
+use std::future::Future;
 use std::str::FromStr;
 
 use chrono::{DateTime, Utc};
 use serde_json::Value;
 use sqlx::Row;
 use sqlx::postgres::{PgPool, PgRow};
+use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use crate::error::{DatabaseContext, Error, Result};
@@ -62,6 +64,82 @@ impl FromStr for LogPosition {
     }
 }
 
+/// How many waiting events [`LogReader::lag`] counts at most: counting is an index range scan,
+/// and past this many the exact figure no longer changes what an operator does.
+pub const LAG_COUNT_CAP: i64 = 100_000;
+
+/// How often the services refresh their lag gauges.
+pub const LAG_INTERVAL: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Publishes lag gauges every [`LAG_INTERVAL`] until `cancel`: `{metric}_events` and
+/// `{metric}_seconds`, labelled `{label}="<follower>"`, from what `measure` returns (followers'
+/// checkpoints read from the database, passed to [`LogReader::lag`]).
+///
+/// Every instance runs it, whoever leads the followers: the gauges keep growing while a follower
+/// cannot move (its broker down, its batches failing, no leader) instead of freezing at their last
+/// value, and no batch pays for the measurement. A measurement stops at `cancel` (it only reads).
+/// A failed one is counted in `lag_measurement_failures_total` and logged once until one
+/// succeeds again; the gauges keep their last value meanwhile.
+pub async fn report_lag<F, Fut, E>(
+    metric: &'static str,
+    label: &'static str,
+    cancel: CancellationToken,
+    mut measure: F,
+) where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = std::result::Result<Vec<(&'static str, Lag)>, E>>,
+    E: fmt::Display,
+{
+    let (events_gauge, seconds_gauge) = (format!("{metric}_events"), format!("{metric}_seconds"));
+    let mut failing = false;
+    loop {
+        let measured = tokio::select! {
+            () = cancel.cancelled() => return,
+            measured = measure() => measured,
+        };
+        match measured {
+            Ok(lags) => {
+                if failing {
+                    tracing::info!(metric, "lag measured again");
+                    failing = false;
+                }
+                for (follower, lag) in lags {
+                    metrics::gauge!(events_gauge.clone(), label => follower).set(lag.events as f64);
+                    metrics::gauge!(seconds_gauge.clone(), label => follower)
+                        .set(lag.oldest_unread.as_secs_f64());
+                }
+            }
+            Err(error) => {
+                metrics::counter!("lag_measurement_failures_total", "metric" => metric)
+                    .increment(1);
+                if !failing {
+                    tracing::warn!(
+                        metric,
+                        error.message = %error,
+                        "lag not measured; its gauges keep their last value until it is"
+                    );
+                    failing = true;
+                }
+            }
+        }
+        tokio::select! {
+            () = cancel.cancelled() => return,
+            () = tokio::time::sleep(LAG_INTERVAL) => {}
+        }
+    }
+}
+
+/// How far a follower's checkpoint stands behind the log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Lag {
+    /// Committed events after the checkpoint (of the follower's aggregate type), counted up to
+    /// [`LAG_COUNT_CAP`].
+    pub events: i64,
+    /// Age of the oldest of them by the database's clock; zero when caught up. Unlike the
+    /// count, it grows while nothing moves, whatever the traffic.
+    pub oldest_unread: std::time::Duration,
+}
+
 /// One committed event as followers see it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct LogEvent {
@@ -92,33 +170,51 @@ pub struct LogReader {
     select_after_of_type: String,
     select_head: String,
     select_snapshot_after: String,
+    select_oldest_unread: String,
+    count_unread: String,
 }
 
-/// The columns every read returns, in the order `decode` expects.
-const COLUMNS: &str = "tx_id::text::bigint AS tx_id, position, event_id, recorded_at, \
-     aggregate_type, aggregate_id, sequence, event_type, event_version, payload, metadata";
+/// The columns every read returns, in the order `decode` expects. Reads select `FROM <table> e`
+/// and order by `e.tx_id`: an unqualified `ORDER BY tx_id` would name the output column (the
+/// `bigint` cast below), which no index provides, and PostgreSQL would then sort every row after
+/// the checkpoint for each batch, quadratic over a long catch-up or a rebuild.
+const COLUMNS: &str = "e.tx_id::text::bigint AS tx_id, e.position, e.event_id, e.recorded_at, \
+     e.aggregate_type, e.aggregate_id, e.sequence, e.event_type, e.event_version, e.payload, \
+     e.metadata";
 
 impl LogReader {
     /// A reader of `events_table` (schema-qualified, e.g. `command_api.events`).
     pub fn new(pool: PgPool, events_table: &str) -> Self {
-        let visible = "tx_id < pg_snapshot_xmin(pg_current_snapshot())";
-        let after = "(tx_id, position) > ($1::text::xid8, $2)";
+        let visible = "e.tx_id < pg_snapshot_xmin(pg_current_snapshot())";
+        let after = "(e.tx_id, e.position) > ($1::text::xid8, $2)";
+        let order = "ORDER BY e.tx_id, e.position";
         LogReader {
             pool,
             select_after: format!(
-                "SELECT {COLUMNS} FROM {events_table} WHERE {after} AND {visible} \
-                 ORDER BY tx_id, position LIMIT $3"
+                "SELECT {COLUMNS} FROM {events_table} e WHERE {after} AND {visible} \
+                 {order} LIMIT $3"
             ),
             select_after_of_type: format!(
-                "SELECT {COLUMNS} FROM {events_table} WHERE {after} AND {visible} \
-                 AND aggregate_type = $4 ORDER BY tx_id, position LIMIT $3"
+                "SELECT {COLUMNS} FROM {events_table} e WHERE {after} AND {visible} \
+                 AND e.aggregate_type = $4 {order} LIMIT $3"
             ),
             select_snapshot_after: format!(
-                "SELECT {COLUMNS} FROM {events_table} WHERE {after} ORDER BY tx_id, position LIMIT $3"
+                "SELECT {COLUMNS} FROM {events_table} e WHERE {after} {order} LIMIT $3"
             ),
             select_head: format!(
-                "SELECT tx_id::text::bigint AS tx_id, position FROM {events_table} \
-                 WHERE {visible} ORDER BY tx_id DESC, position DESC LIMIT 1"
+                "SELECT e.tx_id::text::bigint AS tx_id, e.position FROM {events_table} e \
+                 WHERE {visible} ORDER BY e.tx_id DESC, e.position DESC LIMIT 1"
+            ),
+            // Lag counts every committed event, beyond the visibility bound too: events held
+            // back by a long transaction elsewhere are waiting as much as any.
+            select_oldest_unread: format!(
+                "SELECT extract(epoch FROM clock_timestamp() - e.recorded_at)::float8 \
+                 FROM {events_table} e WHERE {after} \
+                 AND ($3::text IS NULL OR e.aggregate_type = $3) {order} LIMIT 1"
+            ),
+            count_unread: format!(
+                "SELECT count(*) FROM (SELECT 1 FROM {events_table} e WHERE {after} \
+                 AND ($3::text IS NULL OR e.aggregate_type = $3) LIMIT $4) AS waiting"
             ),
         }
     }
@@ -169,8 +265,45 @@ impl LogReader {
         rows.iter().map(decode).collect()
     }
 
-    /// The position of the last committed, visible event (`START` for an empty log): followers
-    /// compare their checkpoint with it to report lag.
+    /// How far `checkpoint` is behind the log: every committed event after it counts, including
+    /// those a long transaction elsewhere still holds back from followers (decision 3's known
+    /// cost, which this makes visible). Followers report it on a timer, not after their
+    /// batches, so the figure keeps growing while a follower cannot move (its broker down, its
+    /// batches failing) instead of freezing at its last value.
+    ///
+    /// A follower of one aggregate type passes it: events of other types after its checkpoint
+    /// are not waiting for it (the saga's checkpoint does not move past account events).
+    pub async fn lag(&self, checkpoint: LogPosition, aggregate_type: Option<&str>) -> Result<Lag> {
+        let age: Option<f64> = sqlx::query_scalar(&self.select_oldest_unread)
+            .bind(checkpoint.tx_id.to_string())
+            .bind(checkpoint.position)
+            .bind(aggregate_type)
+            .fetch_optional(&self.pool)
+            .await
+            .context("reading the oldest unread event")?;
+        let Some(age) = age else {
+            return Ok(Lag {
+                events: 0,
+                oldest_unread: std::time::Duration::ZERO,
+            });
+        };
+        let events: i64 = sqlx::query_scalar(&self.count_unread)
+            .bind(checkpoint.tx_id.to_string())
+            .bind(checkpoint.position)
+            .bind(aggregate_type)
+            .bind(LAG_COUNT_CAP)
+            .fetch_one(&self.pool)
+            .await
+            .context("counting unread events")?;
+        Ok(Lag {
+            // At least the one found above, which may have committed in between.
+            events: events.max(1),
+            oldest_unread: std::time::Duration::try_from_secs_f64(age).unwrap_or_default(),
+        })
+    }
+
+    /// The position of the last committed, visible event (`START` for an empty log): where a
+    /// rebuild's catch-up aims.
     pub async fn head(&self) -> Result<LogPosition> {
         let row = sqlx::query(&self.select_head)
             .fetch_optional(&self.pool)

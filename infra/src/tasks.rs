@@ -102,7 +102,9 @@ impl Drop for Workers {
 }
 
 /// Serves `router` on `listener` until `shutdown` resolves or a worker stops on its own; then
-/// stops taking connections, lets in-flight requests finish, and stops the workers.
+/// stops taking connections, lets in-flight requests finish, and stops the workers. Handlers may
+/// read the client's socket address (`axum::extract::ConnectInfo<std::net::SocketAddr>`), as the
+/// gateway's login limits do.
 pub async fn serve_until_stopped(
     listener: tokio::net::TcpListener,
     router: axum::Router,
@@ -110,17 +112,21 @@ pub async fn serve_until_stopped(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<()> {
     let stop = workers.cancel.clone();
-    let served = axum::serve(listener, router)
-        .with_graceful_shutdown(async move {
-            tokio::select! {
-                () = shutdown => {}
-                () = stop.cancelled() => {}
-            }
-        })
+    let service = router.into_make_service_with_connect_info::<std::net::SocketAddr>();
+    let served = axum::serve(listener, service)
+        .with_graceful_shutdown(stopping(shutdown, stop))
         .await;
     let stopped = workers.stop().await;
     served.map_err(Error::Serve)?;
     stopped
+}
+
+/// Resolves when `shutdown` does or a worker cancelled the service.
+async fn stopping(shutdown: impl Future<Output = ()>, stop: CancellationToken) {
+    tokio::select! {
+        () = shutdown => {}
+        () = stop.cancelled() => {}
+    }
 }
 
 /// Runs `future` to completion on a thread with a runtime of its own and waits for it: for

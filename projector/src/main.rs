@@ -1,10 +1,19 @@
-//! The `projector` binary is a placeholder in the workspace shape of the design card:
-//! the read side (read models, Redis cache, query API) arrives with issue #4.
-//! It refuses to run rather than pretend to serve anything.
+//! The `projector` binary: tracing, configuration, build, serve until SIGTERM or Ctrl-C.
 
-fn main() -> std::process::ExitCode {
-    eprintln!(
-        "projector: not built yet: the read side (read models, Redis cache, query API) arrives with issue #4"
-    );
-    std::process::ExitCode::from(2)
+use clap::Parser;
+use infra::telemetry::{init_metrics, init_tracing, shutdown_signal};
+use projector::config::Config;
+use projector::startup::App;
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let config = Config::parse();
+    init_tracing(config.log_format);
+    init_metrics();
+    tracing::info!(config = %config.redacted(), "projector starting");
+    let app = App::build(config).await?;
+    tracing::info!(port = app.port(), "projector listening");
+    app.run_until_stopped(shutdown_signal()).await?;
+    tracing::info!("projector stopped");
+    Ok(())
 }

@@ -285,7 +285,7 @@ async fn with_the_fraud_worker_stopped_transactions_time_out_and_release_their_h
     // Proves the decision timeout: with no fraud worker running, a transfer ends REJECTED
     // fraud_check_timeout, its hold is released, and nothing is dead-lettered meanwhile.
     let harness = Harness::start_with(TestOptions {
-        decision_timeout_seconds: 2,
+        decision_timeout_seconds: 5,
         ..TestOptions::default()
     })
     .await;

@@ -147,3 +147,85 @@ async fn a_follower_sees_every_event_exactly_once_while_eight_writers_commit() {
     }
     harness.finish().await;
 }
+
+#[tokio::test]
+async fn lag_counts_what_a_follower_has_not_read_and_how_old_the_oldest_is() {
+    // Proves the lag the services report: nothing waiting is zero whatever else the log holds;
+    // events waiting give a count and the age of the oldest one, which keeps growing for as
+    // long as the follower does not move; other aggregate types do not count for a follower
+    // of one type.
+    let harness = Harness::start().await;
+    let pool = harness.app.pool.clone();
+    let reader = LogReader::new(pool.clone(), "events");
+    // The scratch log is empty. (Positions come from the inserts, not from `head()`: its
+    // visibility bound is cluster-wide, so a transaction open in another test moves it.)
+    let start = LogPosition::START;
+    let caught_up = reader.lag(start, None).await.expect("the lag");
+    assert_eq!(
+        (caught_up.events, caught_up.oldest_unread),
+        (0, Duration::ZERO)
+    );
+
+    // Three events written ten seconds ago that nobody has read.
+    let mut head = start;
+    for sequence in 1..=3_i64 {
+        let (tx_id, position): (i64, i64) = sqlx::query_as(
+            "INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, event_version, payload, metadata, recorded_at) \
+             VALUES ('lag_test', 'stream', $1, 'Written', '1', '{}', '{}', now() - interval '10 seconds') \
+             RETURNING tx_id::text::bigint, position",
+        )
+        .bind(sequence)
+        .fetch_one(&pool)
+        .await
+        .expect("inserts");
+        head = LogPosition { tx_id, position };
+    }
+    let behind = reader.lag(start, None).await.expect("the lag");
+    assert_eq!(behind.events, 3);
+    assert!(
+        behind.oldest_unread >= Duration::from_secs(10),
+        "{behind:?}"
+    );
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let later = reader.lag(start, None).await.expect("the lag");
+    assert!(later.oldest_unread > behind.oldest_unread, "{later:?}");
+
+    // A follower of transactions is not waiting for them; one at the head waits for nothing.
+    let transactions_only = reader
+        .lag(start, Some("transaction"))
+        .await
+        .expect("the lag");
+    assert_eq!(transactions_only.events, 0);
+    let at_head = reader.lag(head, None).await.expect("the lag");
+    assert_eq!((at_head.events, at_head.oldest_unread), (0, Duration::ZERO));
+
+    // A committed event that an open transaction holds back from followers still counts.
+    let mut blocker = pool.begin().await.expect("begins");
+    sqlx::query(
+        "INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, event_version, payload, metadata) \
+         VALUES ('lag_test', 'blocker', 1, 'Written', '1', '{}', '{}')",
+    )
+    .execute(&mut *blocker)
+    .await
+    .expect("inserts");
+    sqlx::query(
+        "INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, event_version, payload, metadata) \
+         VALUES ('lag_test', 'stream', 4, 'Written', '1', '{}', '{}')",
+    )
+    .execute(&pool)
+    .await
+    .expect("inserts");
+    assert!(
+        reader
+            .read_after(head, 10, None)
+            .await
+            .expect("reads")
+            .is_empty(),
+        "the open transaction holds the committed event back"
+    );
+    let held_back = reader.lag(head, None).await.expect("the lag");
+    blocker.rollback().await.expect("rolls back");
+    assert!(held_back.events >= 1, "{held_back:?}");
+    assert!(held_back.oldest_unread > Duration::ZERO, "{held_back:?}");
+    harness.finish().await;
+}

@@ -223,7 +223,46 @@ impl Harness {
             "transactions still in flight: {:?}",
             report.in_flight
         );
+        self.assert_read_models_verify().await;
         report
+    }
+
+    /// Builds the projector's read models from this scenario's log (a rebuild of each
+    /// projection, in small batches) and runs `ledger verify`'s check on them: every log an
+    /// integration scenario leaves behind projects and verifies cleanly.
+    pub async fn assert_read_models_verify(&self) {
+        let read_pool = projector::startup::connect_read_models(&self.app.database_url, 2)
+            .await
+            .expect("the read models' schema is created");
+        let reader = infra::log::LogReader::new(self.app.pool.clone(), "command_api.events");
+        for name in projector::model::ProjectionName::ALL {
+            projector::rebuild::rebuild(
+                &read_pool,
+                &reader,
+                name,
+                projector::rebuild::RebuildOptions {
+                    batch_size: 97,
+                    restart: false,
+                },
+                |_| {},
+            )
+            .await
+            .expect("the projection rebuilds from the log");
+        }
+        let report = projector::verify::verify(
+            &read_pool,
+            &self.app.pool,
+            "command_api.events",
+            &mut |_| {},
+        )
+        .await
+        .expect("verify runs");
+        assert!(
+            report.differences.is_empty(),
+            "read models differ from the log: {:#?}",
+            &report.differences[..report.differences.len().min(5)]
+        );
+        read_pool.close().await;
     }
 }
 
@@ -339,9 +378,4 @@ pub async fn post_until_accepted(
     panic!("{url} never accepted {body}");
 }
 
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|listener| listener.local_addr())
-        .map(|address| address.port())
-        .expect("an ephemeral port is available")
-}
+pub use infra::testing::free_port;

@@ -1,6 +1,8 @@
 //! The HTTP surface: the rules listing behind admin/auditor tokens, `/health`, `/metrics` and
 //! problem+json for everything else.
 
+use std::time::Duration;
+
 use domain::AccountId;
 use fraud_worker::rules::RuleName;
 use fraud_worker::testing::{TestOptions, TestPayment, spawn_app};
@@ -119,11 +121,22 @@ async fn metrics_count_decisions_and_unknown_routes_are_problems() {
         .expect("the worker starts");
     let payment = TestPayment::deposit("10.00", "USD", AccountId(Uuid::new_v4()));
     app.decide(&payment.event("corr-metrics")).await;
-    let response = get(&format!("{}/metrics", app.address), None).await;
-    assert_eq!(response.status(), StatusCode::OK);
-    let text = response.text().await.expect("a text body");
-    assert!(text.contains("fraud_decisions_total"), "{text}");
-    assert!(text.contains("fraud_messages_total"), "{text}");
+    // The worker counts a message after its decision is confirmed and the message acked, which
+    // can be a moment after the decision reaches us: poll.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let response = get(&format!("{}/metrics", app.address), None).await;
+        assert_eq!(response.status(), StatusCode::OK);
+        let text = response.text().await.expect("a text body");
+        if text.contains("fraud_decisions_total") && text.contains("fraud_messages_total") {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the counters never appeared: {text}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 
     let response = get(&format!("{}/api/v1/nothing-here", app.address), None).await;
     assert_eq!(response.status(), StatusCode::NOT_FOUND);

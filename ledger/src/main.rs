@@ -1,0 +1,383 @@
+//! `ledger`: the operator CLI of SPEC §7.
+//!
+//! - `replay`: fold the log (or one transaction's or account's part of it) through the domain, up
+//!   to a position or a time, printing an audit trail (text or JSON lines).
+//! - `rebuild`: rebuild projections into fresh tables beside the live ones, then switch.
+//! - `verify`: the SPEC §8 audit plus every read-model row compared with the log.
+//! - `token`: mint a JWT with `JWT_SECRET`.
+//!
+//! Exit codes: 0 success; 1 the check found a problem (violations, differences); 2 bad usage;
+//! 3 the job could not run (database unreachable, another rebuild running, …).
+
+mod error;
+mod replay;
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+use indicatif::{ProgressBar, ProgressStyle};
+use infra::auth::{JwtSigner, Role};
+use infra::log::LogReader;
+use projector::model::ProjectionName;
+use projector::rebuild::{RebuildOptions, RebuildProgress};
+use secrecy::SecretString;
+use uuid::Uuid;
+
+use crate::error::{Error, Result};
+
+const EXIT_FOUND_PROBLEMS: u8 = 1;
+const EXIT_USAGE: u8 = 2;
+const EXIT_FAILED: u8 = 3;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "ledger",
+    version,
+    about = "Operator tools of the ledger: replay for audits, projection rebuilds, verification, tokens.",
+    after_help = "Exit codes: 0 success; 1 the check found a problem; 2 bad usage; 3 the job could not run."
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+/// Where the event log and the read models are.
+#[derive(Debug, Clone, Args)]
+struct Databases {
+    /// PostgreSQL holding the event log.
+    #[arg(
+        long,
+        env = "DATABASE_URL",
+        default_value = "postgres://postgres@localhost:5432/ledger"
+    )]
+    database_url: String,
+
+    /// PostgreSQL holding the read models; `DATABASE_URL` when unset.
+    #[arg(long, env = "READ_DATABASE_URL")]
+    read_database_url: Option<String>,
+
+    /// The event log's table, schema-qualified.
+    #[arg(long, env = "EVENTS_TABLE", default_value = "command_api.events",
+          value_parser = projector::config::parse_table)]
+    events_table: String,
+}
+
+impl Databases {
+    fn read_url(&self) -> &str {
+        self.read_database_url
+            .as_deref()
+            .unwrap_or(&self.database_url)
+    }
+
+    /// The event log, read-only: no command of this tool writes to it.
+    async fn events_pool(&self) -> Result<sqlx::PgPool> {
+        Ok(infra::db::connect_read_only(&self.database_url, projector::startup::SCHEMA, 4).await?)
+    }
+
+    /// The read models, to rebuild them: migrated and set up if need be.
+    async fn read_pool(&self) -> Result<sqlx::PgPool> {
+        Ok(projector::startup::connect_read_models(self.read_url(), 4).await?)
+    }
+
+    /// The read models, to read them only (`verify`): SELECT privileges are enough.
+    async fn read_only_read_pool(&self) -> Result<sqlx::PgPool> {
+        Ok(projector::startup::open_read_models(self.read_url(), 4).await?)
+    }
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Replay the log through the domain for an audit: the whole log, one transaction or one
+    /// account, up to a position or a time. Events that break an invariant are reported.
+    Replay(replay::ReplayArgs),
+    /// Rebuild projections from the log into fresh tables beside the live ones, in bounded
+    /// batches, then switch atomically. Resumable: run it again after an interruption.
+    Rebuild {
+        #[command(flatten)]
+        databases: Databases,
+        /// Projections to rebuild (accounts, transactions, account_history); all when none.
+        projections: Vec<String>,
+        /// Events per batch (each batch is one transaction).
+        #[arg(long, default_value_t = 5_000,
+              value_parser = clap::value_parser!(i64).range(1..=100_000))]
+        batch_size: i64,
+        /// Discard an interrupted rebuild's tables and start over instead of resuming.
+        #[arg(long)]
+        restart: bool,
+        /// The projector's Redis, whose transaction cache is flushed after `transactions` is
+        /// rebuilt (a rebuild that fixes a fold must not leave the old rows cached).
+        #[arg(long, env = "REDIS_URL", default_value = "redis://127.0.0.1:6379")]
+        redis_url: String,
+        /// The projector's cache key prefix.
+        #[arg(long, env = "REDIS_KEY_PREFIX", default_value = "ledger")]
+        redis_key_prefix: String,
+    },
+    /// Recompute every balance from the log, check the invariants of SPEC §8, and compare every
+    /// read-model row with the replayed state. Lists in-flight transactions; exits 1 on any
+    /// violation or difference.
+    Verify {
+        #[command(flatten)]
+        databases: Databases,
+        /// Differences printed in full (all are counted).
+        #[arg(long, default_value_t = 50)]
+        show: usize,
+    },
+    /// Mint a bearer token signed with JWT_SECRET, for operators and tests.
+    Token {
+        /// The subject: a customer id (the accounts' owner_id).
+        #[arg(long)]
+        sub: Uuid,
+        /// A role: customer, admin or auditor; repeat for several.
+        #[arg(long = "role", required = true, value_parser = parse_role)]
+        roles: Vec<Role>,
+        /// Lifetime in seconds.
+        #[arg(long, env = "JWT_TTL_SECONDS", default_value_t = 900,
+              value_parser = clap::value_parser!(i64).range(1..=31_536_000))]
+        ttl: i64,
+        /// The HS256 secret shared with the services; at least 32 bytes.
+        #[arg(long, env = "JWT_SECRET", hide_env_values = true,
+              value_parser = infra::auth::parse_secret)]
+        jwt_secret: SecretString,
+    },
+}
+
+fn parse_role(text: &str) -> std::result::Result<Role, String> {
+    Role::parse(text).ok_or_else(|| format!("unknown role {text:?}: customer, admin or auditor"))
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("error: cannot start the async runtime: {error}");
+            return ExitCode::from(EXIT_FAILED);
+        }
+    };
+    match runtime.block_on(run(cli.command)) {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::from(EXIT_FOUND_PROBLEMS),
+        Err(Error::Usage(message)) => {
+            eprintln!("error: {message}");
+            ExitCode::from(EXIT_USAGE)
+        }
+        Err(error) => {
+            eprintln!("error: {error}");
+            let mut source = std::error::Error::source(&error);
+            while let Some(cause) = source {
+                eprintln!("  caused by: {cause}");
+                source = cause.source();
+            }
+            ExitCode::from(EXIT_FAILED)
+        }
+    }
+}
+
+/// Runs a command; `Ok(false)` means it ran and found problems.
+async fn run(command: Command) -> Result<bool> {
+    match command {
+        Command::Replay(args) => replay::run(args).await,
+        Command::Rebuild {
+            databases,
+            projections,
+            batch_size,
+            restart,
+            redis_url,
+            redis_key_prefix,
+        } => {
+            let cache = (redis_url, redis_key_prefix);
+            rebuild(&databases, &projections, batch_size, restart, &cache).await
+        }
+        Command::Verify { databases, show } => verify(&databases, show).await,
+        Command::Token {
+            sub,
+            roles,
+            ttl,
+            jwt_secret,
+        } => {
+            let signer = JwtSigner::new(&jwt_secret)?;
+            let token = signer.mint(sub, &roles, chrono::Utc::now().timestamp(), ttl)?;
+            println!("{token}");
+            Ok(true)
+        }
+    }
+}
+
+pub(crate) fn bar(length: u64, template: &str) -> ProgressBar {
+    let bar = ProgressBar::new(length);
+    if let Ok(style) = ProgressStyle::with_template(template) {
+        bar.set_style(style.progress_chars("=> "));
+    }
+    bar.enable_steady_tick(Duration::from_millis(200));
+    bar
+}
+
+async fn rebuild(
+    databases: &Databases,
+    projections: &[String],
+    batch_size: i64,
+    restart: bool,
+    (redis_url, redis_key_prefix): &(String, String),
+) -> Result<bool> {
+    let names: Vec<ProjectionName> = if projections.is_empty() {
+        ProjectionName::ALL.to_vec()
+    } else {
+        projections
+            .iter()
+            .map(|text| {
+                text.parse::<ProjectionName>()
+                    .map_err(|error| Error::Usage(error.to_string()))
+            })
+            .collect::<Result<_>>()?
+    };
+    let read_pool = databases.read_pool().await?;
+    let events_pool = databases.events_pool().await?;
+    let reader = LogReader::new(events_pool, &databases.events_table);
+    for name in names {
+        let progress = bar(
+            0,
+            "{prefix:>16} [{elapsed_precise}] {bar:40} {pos}/{len} positions ({per_sec}, eta {eta}) {msg}",
+        );
+        progress.set_prefix(name.as_str());
+        let report = projector::rebuild::rebuild(
+            &read_pool,
+            &reader,
+            name,
+            RebuildOptions {
+                batch_size,
+                restart,
+            },
+            |step| match step {
+                RebuildProgress::Started {
+                    generation,
+                    resumed_at,
+                    head,
+                } => {
+                    progress.set_length(u64::try_from(head.position).unwrap_or(0));
+                    progress.set_position(u64::try_from(resumed_at.position).unwrap_or(0));
+                    progress.set_message(format!("generation {generation}"));
+                }
+                RebuildProgress::Applied { position, .. } => {
+                    let at = u64::try_from(position.position).unwrap_or(0);
+                    if at > progress.length().unwrap_or(0) {
+                        progress.set_length(at);
+                    }
+                    progress.set_position(at);
+                }
+                RebuildProgress::Switching => progress.set_message("switching"),
+            },
+        )
+        .await;
+        progress.finish_and_clear();
+        let report = report?;
+        let seconds = report.elapsed.as_secs_f64();
+        println!(
+            "{}: generation {} is live (replaced {}); {} events in {:.1} s ({:.0} events/s)",
+            report.projection,
+            report.generation,
+            report.replaced_generation,
+            report.events,
+            seconds,
+            report.events as f64 / seconds.max(1e-9),
+        );
+        if name == ProjectionName::Transactions {
+            flush_cache(redis_url, redis_key_prefix).await;
+        }
+    }
+    Ok(true)
+}
+
+/// Deletes the projector's cached transactions after their projection was rebuilt. Redis being
+/// away is a warning, not a failure: the entries expire within the cache TTL anyway.
+async fn flush_cache(url: &str, prefix: &str) {
+    let flushed = match projector::cache::Cache::new(url, prefix, 60) {
+        Ok(cache) => tokio::time::timeout(Duration::from_secs(30), cache.flush())
+            .await
+            .map_err(|_| "timed out".to_owned())
+            .and_then(|result| result.map_err(|error| error.to_string())),
+        Err(error) => Err(error.to_string()),
+    };
+    match flushed {
+        Ok(deleted) => println!("transaction cache flushed ({deleted} entries)"),
+        Err(error) => eprintln!(
+            "warning: the transaction cache could not be flushed ({error}); its entries expire \
+             within the projector's CACHE_TTL_SECONDS"
+        ),
+    }
+}
+
+async fn verify(databases: &Databases, show: usize) -> Result<bool> {
+    let read_pool = databases.read_only_read_pool().await?;
+    let events_pool = databases.events_pool().await?;
+    let progress = bar(
+        0,
+        "verify [{elapsed_precise}] {spinner} {pos} events folded ({per_sec})",
+    );
+    let report = projector::verify::verify(
+        &read_pool,
+        &events_pool,
+        &databases.events_table,
+        &mut |events| progress.set_position(events),
+    )
+    .await;
+    progress.finish_and_clear();
+    let report = report?;
+    let audit = &report.audit;
+    println!("events folded: {}", report.events);
+    println!(
+        "transactions: {} confirmed, {} rejected, {} in flight",
+        audit.transactions_confirmed,
+        audit.transactions_rejected,
+        audit.in_flight.len()
+    );
+    println!("customer accounts: {}", audit.accounts.len());
+    for (currency, balance) in &audit.world_balances_minor {
+        println!(
+            "world account {currency}: {}",
+            domain::format_minor(*balance, *currency)
+        );
+    }
+    for (name, generation, position, rows) in &report.projections {
+        println!("read model {name}: generation {generation}, at {position}, {rows} rows compared");
+    }
+    for id in &audit.in_flight {
+        println!("in flight (not an error): transaction {id}");
+    }
+    for violation in &audit.violations {
+        let at = violation
+            .sequence
+            .map(|sequence| format!(" #{sequence}"))
+            .unwrap_or_default();
+        println!("VIOLATION {}{at}: {}", violation.stream, violation.problem);
+    }
+    for difference in report.differences.iter().take(show) {
+        println!(
+            "DIFFERENCE {} {}:\n  expected {}\n  found    {}",
+            difference.projection,
+            difference.key,
+            difference.expected.as_deref().unwrap_or("no row"),
+            difference.found.as_deref().unwrap_or("no row"),
+        );
+    }
+    if report.differences.len() > show {
+        println!("… and {} more differences", report.differences.len() - show);
+    }
+    if report.is_clean() {
+        println!("OK: invariants hold and every read model equals the replayed log");
+        Ok(true)
+    } else {
+        println!(
+            "FAILED: {} violations, {} read-model differences",
+            audit.violations.len(),
+            report.differences.len()
+        );
+        Ok(false)
+    }
+}
+
+impl From<projector::Error> for Error {
+    fn from(error: projector::Error) -> Self {
+        Error::Projector(error)
+    }
+}

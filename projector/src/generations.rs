@@ -1,0 +1,225 @@
+//! Generations of each projection: the live one the views point at, and the one a rebuild
+//! fills beside it. The switch is one transaction that flips `live_generation` and re-points
+//! the views, under the projection row's lock, which every batch of the live runner also takes:
+//! a batch applies wholly to the old generation or wholly to the new one, and a query sees the
+//! old model until the switch commits and the new one after.
+
+use infra::error::DatabaseContext;
+use infra::log::LogPosition;
+use sqlx::{PgConnection, PgPool};
+
+use crate::error::Result;
+use crate::model::ProjectionName;
+
+/// Creates generation 1 of every projection that has none yet, with its views and checkpoint.
+/// Safe when several instances start together (serialised by an advisory lock).
+pub async fn ensure(pool: &PgPool) -> Result<()> {
+    let mut transaction = pool
+        .begin()
+        .await
+        .context("starting the generation setup")?;
+    sqlx::query("SELECT pg_advisory_xact_lock($1)")
+        .bind(infra::db::advisory_key("projector/generations"))
+        .execute(&mut *transaction)
+        .await
+        .context("locking the generation setup")?;
+    for name in ProjectionName::ALL {
+        let exists: Option<i32> =
+            sqlx::query_scalar("SELECT live_generation FROM projections WHERE name = $1")
+                .bind(name.as_str())
+                .fetch_optional(&mut *transaction)
+                .await
+                .context("reading a projection")?;
+        if exists.is_some() {
+            continue;
+        }
+        create_tables(&mut transaction, name, 1).await?;
+        point_views(&mut transaction, name, 1).await?;
+        sqlx::query(
+            "INSERT INTO projections (name, live_generation, next_generation) VALUES ($1, 1, 2)",
+        )
+        .bind(name.as_str())
+        .execute(&mut *transaction)
+        .await
+        .context("registering a projection")?;
+        tracing::info!(projection = %name, "projection created, generation 1");
+    }
+    transaction
+        .commit()
+        .await
+        .context("committing the generation setup")?;
+    Ok(())
+}
+
+/// Creates the tables of `generation` and its checkpoint at the start of the log.
+pub async fn create_tables(
+    connection: &mut PgConnection,
+    name: ProjectionName,
+    generation: i32,
+) -> Result<()> {
+    for table in name.tables() {
+        for statement in table.create_statements(generation) {
+            sqlx::query(&statement)
+                .execute(&mut *connection)
+                .await
+                .context("creating a read-model table")?;
+        }
+    }
+    sqlx::query(
+        "INSERT INTO checkpoints (projection, generation) VALUES ($1, $2)
+         ON CONFLICT (projection, generation) DO UPDATE
+         SET tx_id = 0, position = 0, events_applied = 0, updated_at = now()",
+    )
+    .bind(name.as_str())
+    .bind(generation)
+    .execute(&mut *connection)
+    .await
+    .context("creating a checkpoint")?;
+    Ok(())
+}
+
+/// Drops the tables and checkpoint of `generation`.
+pub async fn drop_tables(
+    connection: &mut PgConnection,
+    name: ProjectionName,
+    generation: i32,
+) -> Result<()> {
+    for table in name.tables() {
+        sqlx::query(&format!("DROP TABLE IF EXISTS {}", table.table(generation)))
+            .execute(&mut *connection)
+            .await
+            .context("dropping a read-model table")?;
+    }
+    sqlx::query("DELETE FROM checkpoints WHERE projection = $1 AND generation = $2")
+        .bind(name.as_str())
+        .bind(generation)
+        .execute(&mut *connection)
+        .await
+        .context("dropping a checkpoint")?;
+    Ok(())
+}
+
+/// Points the views of `name` at `generation`.
+pub async fn point_views(
+    connection: &mut PgConnection,
+    name: ProjectionName,
+    generation: i32,
+) -> Result<()> {
+    // Dropped and created rather than replaced: CREATE OR REPLACE VIEW only accepts a shape
+    // that extends the old one, and a new generation may have another shape.
+    for table in name.tables() {
+        sqlx::query(&format!("DROP VIEW IF EXISTS {}", table.name))
+            .execute(&mut *connection)
+            .await
+            .context("dropping a read-model view")?;
+        sqlx::query(&format!(
+            "CREATE VIEW {} AS SELECT * FROM {}",
+            table.name,
+            table.table(generation)
+        ))
+        .execute(&mut *connection)
+        .await
+        .context("pointing a read-model view")?;
+    }
+    Ok(())
+}
+
+/// Locks the projection row (serialising with the switch of a rebuild) and returns the live
+/// generation with its checkpoint. The checkpoint is read by a second statement, after the lock
+/// is held, so it is the committed one.
+pub async fn lock_live(
+    connection: &mut PgConnection,
+    name: ProjectionName,
+) -> Result<(i32, Checkpoint)> {
+    let generation: i32 =
+        sqlx::query_scalar("SELECT live_generation FROM projections WHERE name = $1 FOR UPDATE")
+            .bind(name.as_str())
+            .fetch_one(&mut *connection)
+            .await
+            .context("locking a projection")?;
+    let position = checkpoint(connection, name, generation).await?;
+    Ok((generation, position))
+}
+
+/// Where a generation stands: the last event it applied, and how many it has applied (the
+/// ordinal of that event in the log's order, since every generation starts at the start).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Checkpoint {
+    pub position: LogPosition,
+    pub events_applied: i64,
+}
+
+/// Where `generation` of `name` stands in the log.
+pub async fn checkpoint(
+    connection: &mut PgConnection,
+    name: ProjectionName,
+    generation: i32,
+) -> Result<Checkpoint> {
+    let (tx_id, position, events_applied): (i64, i64, i64) = sqlx::query_as(
+        "SELECT tx_id, position, events_applied FROM checkpoints
+         WHERE projection = $1 AND generation = $2",
+    )
+    .bind(name.as_str())
+    .bind(generation)
+    .fetch_one(&mut *connection)
+    .await
+    .context("reading a checkpoint")?;
+    Ok(Checkpoint {
+        position: LogPosition { tx_id, position },
+        events_applied,
+    })
+}
+
+/// Moves the checkpoint of `generation` to `position` after `events` more events.
+pub async fn advance(
+    connection: &mut PgConnection,
+    name: ProjectionName,
+    generation: i32,
+    position: LogPosition,
+    events: usize,
+) -> Result<()> {
+    sqlx::query(
+        "UPDATE checkpoints SET tx_id = $3, position = $4,
+             events_applied = events_applied + $5, updated_at = now()
+         WHERE projection = $1 AND generation = $2",
+    )
+    .bind(name.as_str())
+    .bind(generation)
+    .bind(position.tx_id)
+    .bind(position.position)
+    .bind(i64::try_from(events).unwrap_or(i64::MAX))
+    .execute(connection)
+    .await
+    .context("moving a checkpoint")?;
+    Ok(())
+}
+
+/// The live checkpoint of every projection: what a read reflects.
+pub async fn live_checkpoints(
+    connection: &mut PgConnection,
+) -> Result<Vec<(ProjectionName, i32, LogPosition)>> {
+    let rows: Vec<(String, i32, i64, i64)> = sqlx::query_as(
+        "SELECT p.name, p.live_generation, c.tx_id, c.position
+         FROM projections p
+         JOIN checkpoints c ON c.projection = p.name AND c.generation = p.live_generation",
+    )
+    .fetch_all(connection)
+    .await
+    .context("reading the live checkpoints")?;
+    rows.into_iter()
+        .map(|(name, generation, tx_id, position)| {
+            Ok((name.parse()?, generation, LogPosition { tx_id, position }))
+        })
+        .collect()
+}
+
+/// The lowest live checkpoint: every projection has applied the log up to here.
+pub async fn read_position(pool: &PgPool) -> Result<LogPosition> {
+    let mut connection = pool.acquire().await.context("acquiring a connection")?;
+    let checkpoints = live_checkpoints(&mut connection).await?;
+    Ok(checkpoints
+        .into_iter()
+        .map(|(_, _, position)| position)
+        .min()
+        .unwrap_or(LogPosition::START))
+}

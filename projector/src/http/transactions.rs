@@ -1,0 +1,236 @@
+//! `GET /api/v1/transactions[/{id}[/events]]`.
+
+use std::collections::HashMap;
+
+use axum::Json;
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, HeaderName, HeaderValue};
+use chrono::{DateTime, Utc};
+use infra::auth::Caller;
+use infra::error::DatabaseContext;
+use serde_json::{Value, json};
+use sqlx::Row;
+use uuid::Uuid;
+
+use super::accounts::money;
+use super::{AppState, Reader, WantedPosition, page_and_filters, paged, path_id, reach};
+use crate::cache::Lookup;
+use crate::error::{Error, Result};
+use crate::model::timestamp;
+use crate::model::transactions::{COLUMNS, TransactionRecord, decode};
+
+const CACHE_HEADER: HeaderName = HeaderName::from_static("x-cache");
+
+/// A transaction as SPEC §5 shows it (the same shape command-api answers a POST with).
+pub fn view(record: &TransactionRecord) -> Result<Value> {
+    Ok(json!({
+        "id": record.id,
+        "type": record.kind,
+        "status": record.status,
+        "amount": money(record.amount_minor, &record.currency)?,
+        "currency": record.currency,
+        "source_account_id": record.source_account_id,
+        "destination_account_id": record.destination_account_id,
+        "description": record.description,
+        "reason": record.reason,
+        "fraud": record.fraud,
+        "created_at": timestamp(record.created_at),
+        "updated_at": timestamp(record.updated_at),
+        "version": record.version,
+    }))
+}
+
+async fn from_database(state: &AppState, id: Uuid) -> Result<Option<TransactionRecord>> {
+    let row = sqlx::query(&format!("SELECT {COLUMNS} FROM transactions WHERE id = $1"))
+        .bind(id)
+        .fetch_optional(&state.pool)
+        .await
+        .context("reading a transaction")?;
+    row.as_ref().map(decode).transpose()
+}
+
+fn not_found(id: Uuid) -> Error {
+    Error::NotFound(format!("no transaction {id}"))
+}
+
+fn visible(reader: Reader, record: &TransactionRecord) -> bool {
+    reader.may_see(&[record.source_owner_id, record.destination_owner_id])
+}
+
+pub async fn one(
+    State(state): State<AppState>,
+    caller: Caller,
+    wanted: WantedPosition,
+    Path(id): Path<String>,
+) -> Result<(HeaderMap, Json<Value>)> {
+    let reader = Reader::of(&caller)?;
+    let id = path_id(&id, "transaction")?;
+    let mut headers = reach(&state.pool, &wanted).await?;
+    let lookup = match &state.cache {
+        Some(cache) => cache.get(id).await,
+        None => Lookup::Unavailable,
+    };
+    let (record, hit) = match lookup {
+        Lookup::Hit(record) => (*record, true),
+        Lookup::Miss => {
+            let record = from_database(&state, id)
+                .await?
+                .ok_or_else(|| not_found(id))?;
+            if let Some(cache) = &state.cache {
+                cache.refill(&record).await;
+            }
+            (record, false)
+        }
+        Lookup::Unavailable => {
+            let record = from_database(&state, id)
+                .await?
+                .ok_or_else(|| not_found(id))?;
+            (record, false)
+        }
+    };
+    metrics::counter!("cache_lookups_total", "result" => if hit { "hit" } else { "miss" })
+        .increment(1);
+    // Authorization on a hit too: the cached row carries both owners.
+    if !visible(reader, &record) {
+        return Err(not_found(id));
+    }
+    headers.insert(
+        CACHE_HEADER,
+        HeaderValue::from_static(if hit { "HIT" } else { "MISS" }),
+    );
+    Ok((headers, Json(view(&record)?)))
+}
+
+pub async fn list(
+    State(state): State<AppState>,
+    caller: Caller,
+    wanted: WantedPosition,
+    query: Query<HashMap<String, String>>,
+) -> Result<(HeaderMap, Json<Value>)> {
+    let reader = Reader::of(&caller)?;
+    let (page, filters) = page_and_filters(query, &["account_id", "status"])?;
+    let status = filters
+        .get("status")
+        .map(|text| {
+            let upper = text.to_ascii_uppercase();
+            ["PENDING", "CONFIRMED", "REJECTED"]
+                .contains(&upper.as_str())
+                .then_some(upper)
+                .ok_or_else(|| {
+                    Error::bad_request(
+                        "invalid_status",
+                        "status must be PENDING, CONFIRMED or REJECTED",
+                    )
+                })
+        })
+        .transpose()?;
+    let account = filters
+        .get("account_id")
+        .map(|text| {
+            Uuid::parse_str(text)
+                .map_err(|_| Error::bad_request("invalid_account_id", "account_id must be a UUID"))
+        })
+        .transpose()?;
+    let headers = reach(&state.pool, &wanted).await?;
+    if let (Some(account), Reader::Owner(me)) = (account, reader) {
+        let owner: Option<Option<Uuid>> =
+            sqlx::query_scalar("SELECT owner_id FROM accounts WHERE id = $1")
+                .bind(account)
+                .fetch_optional(&state.pool)
+                .await
+                .context("reading an account's owner")?;
+        if owner.flatten() != Some(me) {
+            return Err(Error::NotFound(format!("no account {account}")));
+        }
+    }
+    // Both sides of a transaction, each through its own index, merged newest first.
+    let (left, right, key) = match (account, reader) {
+        (Some(account), _) => ("source_account_id", "destination_account_id", Some(account)),
+        (None, Reader::Owner(me)) => ("source_owner_id", "destination_owner_id", Some(me)),
+        (None, Reader::Everything) => ("", "", None),
+    };
+    let status_filter = if status.is_some() {
+        "AND status = $4"
+    } else {
+        "AND $4::text IS NULL"
+    };
+    let sql = match key {
+        Some(_) => format!(
+            "SELECT {COLUMNS} FROM (
+                 (SELECT {COLUMNS} FROM transactions WHERE {left} = $1 AND created_position < $2
+                  {status_filter} ORDER BY created_position DESC LIMIT $3)
+                 UNION
+                 (SELECT {COLUMNS} FROM transactions WHERE {right} = $1 AND created_position < $2
+                  {status_filter} ORDER BY created_position DESC LIMIT $3)
+             ) AS both_sides ORDER BY created_position DESC LIMIT $3"
+        ),
+        None => format!(
+            "SELECT {COLUMNS} FROM transactions WHERE ($1::uuid IS NULL) AND created_position < $2
+             {status_filter} ORDER BY created_position DESC LIMIT $3"
+        ),
+    };
+    let rows = sqlx::query(&sql)
+        .bind(key)
+        .bind(page.before)
+        .bind(page.size + 1)
+        .bind(status)
+        .fetch_all(&state.pool)
+        .await
+        .context("listing transactions")?;
+    let items = rows
+        .iter()
+        .map(|row| {
+            let record = decode(row)?;
+            Ok((record.created_position, view(&record)?))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Ok((headers, Json(paged(items, page.size))))
+}
+
+/// The audit trail: every event of the transaction's stream, as stored.
+pub async fn events(
+    State(state): State<AppState>,
+    caller: Caller,
+    wanted: WantedPosition,
+    Path(id): Path<String>,
+) -> Result<(HeaderMap, Json<Value>)> {
+    let reader = Reader::of(&caller)?;
+    let id = path_id(&id, "transaction")?;
+    let headers = reach(&state.pool, &wanted).await?;
+    let record = from_database(&state, id)
+        .await?
+        .ok_or_else(|| not_found(id))?;
+    if !visible(reader, &record) {
+        return Err(not_found(id));
+    }
+    let rows = sqlx::query(&format!(
+        "SELECT sequence, event_type, event_version, event_id, recorded_at, payload, metadata
+         FROM {} WHERE aggregate_type = $1 AND aggregate_id = $2 ORDER BY sequence",
+        state.events_table
+    ))
+    .bind(infra::replay::TRANSACTION_STREAM)
+    .bind(id.to_string())
+    .fetch_all(&state.events_pool)
+    .await
+    .context("reading a transaction's events")?;
+    let items = rows
+        .iter()
+        .map(|row| {
+            let recorded_at: DateTime<Utc> = row.try_get("recorded_at")?;
+            Ok(json!({
+                "sequence": row.try_get::<i64, _>("sequence")?,
+                "type": row.try_get::<String, _>("event_type")?,
+                "event_version": row.try_get::<String, _>("event_version")?,
+                "event_id": row.try_get::<Uuid, _>("event_id")?,
+                "recorded_at": timestamp(recorded_at),
+                "payload": row.try_get::<Value, _>("payload")?,
+                "metadata": row.try_get::<Value, _>("metadata")?,
+            }))
+        })
+        .collect::<Result<Vec<_>, sqlx::Error>>()
+        .context("decoding a transaction's events")?;
+    Ok((
+        headers,
+        Json(json!({ "transaction_id": id, "items": items })),
+    ))
+}

@@ -1,0 +1,193 @@
+//! Wiring: connect to the event log and the read database, migrate, create the first
+//! generation of each projection, start one runner per projection, serve the query API.
+
+use std::future::Future;
+use std::sync::Arc;
+
+use infra::auth::JwtVerifier;
+use infra::log::LogReader;
+use infra::tasks::{Workers, serve_until_stopped};
+use sqlx::PgPool;
+use sqlx::migrate::Migrator;
+use sqlx::postgres::PgConnectOptions;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::cache::Cache;
+use crate::config::Config;
+use crate::error::{Error, Result};
+use crate::generations;
+use crate::http::{AppState, router};
+use crate::model::ProjectionName;
+use crate::runner::Runner;
+use infra::error::DatabaseContext;
+
+/// The projector's own schema (SPEC §2).
+pub const SCHEMA: &str = "projector";
+
+static MIGRATOR: Migrator = sqlx::migrate!("./migrations");
+
+/// Connects to the read database, migrates it and makes sure every projection has a live
+/// generation. The CLI calls this too.
+pub async fn connect_read_models(url: &str, max_connections: u32) -> Result<PgPool> {
+    let pool = infra::db::connect(url, SCHEMA, max_connections).await?;
+    infra::db::migrate(&pool, SCHEMA, &MIGRATOR).await?;
+    generations::ensure(&pool).await?;
+    Ok(pool)
+}
+
+/// Opens read models the projector (or a rebuild) already set up, for jobs that only read them:
+/// every session is read-only, so an auditor's SELECT-only role is enough. It checks rather than
+/// creates: a database where the projector never ran is an error saying what is missing.
+pub async fn open_read_models(url: &str, max_connections: u32) -> Result<PgPool> {
+    let pool = infra::db::connect_read_only(url, SCHEMA, max_connections).await?;
+    let not_set_up = |what: String| {
+        Error::Job(format!(
+            "the read models in schema {SCHEMA} are not set up ({what}); start the projector \
+             once, or run `ledger rebuild`"
+        ))
+    };
+    let migrations: Option<String> =
+        // Qualified: unqualified, a role without USAGE on the schema would find nothing and be
+        // told to set up what exists.
+        sqlx::query_scalar(&format!("SELECT to_regclass('{SCHEMA}._sqlx_migrations')::text"))
+            .fetch_one(&pool)
+            .await
+            .context("looking for the read models' migrations")?;
+    if migrations.is_none() {
+        return Err(not_set_up("no migrations were applied".to_owned()));
+    }
+    let applied: Vec<i64> =
+        sqlx::query_scalar("SELECT version FROM _sqlx_migrations WHERE success")
+            .fetch_all(&pool)
+            .await
+            .context("reading the read models' migrations")?;
+    if let Some(missing) = MIGRATOR.iter().find(|migration| {
+        !migration.migration_type.is_down_migration() && !applied.contains(&migration.version)
+    }) {
+        return Err(not_set_up(format!(
+            "migration {} ({}) is not applied",
+            missing.version, missing.description
+        )));
+    }
+    let registered: Vec<String> = sqlx::query_scalar("SELECT name FROM projections")
+        .fetch_all(&pool)
+        .await
+        .context("reading the projections")?;
+    if let Some(missing) = ProjectionName::ALL
+        .into_iter()
+        .find(|name| !registered.iter().any(|known| known == name.as_str()))
+    {
+        return Err(not_set_up(format!(
+            "projection {missing} has no generation"
+        )));
+    }
+    Ok(pool)
+}
+
+pub struct App {
+    listener: TcpListener,
+    state: AppState,
+    runners: Vec<Arc<Runner>>,
+    reader: LogReader,
+    lock_options: PgConnectOptions,
+}
+
+impl App {
+    pub async fn build(config: Config) -> Result<App> {
+        infra::telemetry::init_metrics();
+        let pool = connect_read_models(config.read_database_url(), config.database_max_connections)
+            .await?;
+        let events_pool = infra::db::connect(
+            &config.database_url,
+            SCHEMA,
+            config.database_max_connections,
+        )
+        .await?;
+        let lock_options = infra::db::connect_options(config.read_database_url(), SCHEMA)?;
+        let cache = Arc::new(Cache::new(
+            &config.redis_url,
+            &config.redis_key_prefix,
+            config.cache_ttl_seconds,
+        )?);
+        let reader = LogReader::new(events_pool.clone(), &config.events_table);
+        let runners: Vec<Arc<Runner>> = ProjectionName::ALL
+            .into_iter()
+            .map(|name| {
+                let cache = (name == ProjectionName::Transactions).then(|| cache.clone());
+                Arc::new(Runner::new(
+                    name,
+                    pool.clone(),
+                    reader.clone(),
+                    cache,
+                    config.runner_settings(),
+                ))
+            })
+            .collect();
+        let state = AppState {
+            pool,
+            events_pool,
+            events_table: config.events_table.as_str().into(),
+            cache: Some(cache),
+            verifier: Arc::new(JwtVerifier::new(&config.jwt_secret)?),
+            runners_healthy: runners.iter().map(|runner| runner.health_flag()).collect(),
+        };
+        let listener = TcpListener::bind(config.listen_addr)
+            .await
+            .map_err(|error| {
+                infra::Error::Config(format!("cannot listen on {}: {error}", config.listen_addr))
+            })?;
+        Ok(App {
+            listener,
+            state,
+            runners,
+            reader,
+            lock_options,
+        })
+    }
+
+    pub fn port(&self) -> u16 {
+        self.listener
+            .local_addr()
+            .map(|address| address.port())
+            .unwrap_or(0)
+    }
+
+    pub fn pool(&self) -> PgPool {
+        self.state.pool.clone()
+    }
+
+    /// Serves the query API and runs the projection runners until `shutdown` resolves; each
+    /// runner stops after its current batch.
+    pub async fn run_until_stopped(
+        self,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> Result<()> {
+        let cancel = CancellationToken::new();
+        let mut workers = Workers::new(cancel.clone());
+        for runner in &self.runners {
+            let name: &'static str = match runner.name() {
+                ProjectionName::Accounts => "projection accounts",
+                ProjectionName::Transactions => "projection transactions",
+                ProjectionName::AccountHistory => "projection account_history",
+            };
+            workers.spawn(
+                name,
+                runner
+                    .clone()
+                    .run(self.lock_options.clone(), cancel.clone()),
+            );
+        }
+        workers.spawn(
+            "lag reporter",
+            crate::runner::report_lag(self.state.pool.clone(), self.reader, cancel.clone()),
+        );
+        let pool = self.state.pool.clone();
+        let events_pool = self.state.events_pool.clone();
+        let served =
+            serve_until_stopped(self.listener, router(self.state), workers, shutdown).await;
+        pool.close().await;
+        events_pool.close().await;
+        served.map_err(crate::Error::Infra)
+    }
+}
