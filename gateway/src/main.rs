@@ -1,8 +1,19 @@
-//! The `gateway` binary is a placeholder in the workspace shape of the design card:
-//! identity, RBAC and the reverse proxy arrive with issue #5.
-//! It refuses to run rather than pretend to serve anything.
+//! The `gateway` binary: tracing, configuration, build, serve until SIGTERM or Ctrl-C.
 
-fn main() -> std::process::ExitCode {
-    eprintln!("gateway: not built yet: identity, RBAC and the reverse proxy arrive with issue #5");
-    std::process::ExitCode::from(2)
+use clap::Parser;
+use gateway::config::Config;
+use gateway::startup::App;
+use infra::telemetry::{init_metrics, init_tracing, shutdown_signal};
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let config = Config::parse();
+    init_tracing(config.log_format);
+    init_metrics();
+    tracing::info!(config = %config.redacted(), "gateway starting");
+    let app = App::build(config).await?;
+    tracing::info!(port = app.port(), "gateway listening");
+    app.run_until_stopped(shutdown_signal()).await?;
+    tracing::info!("gateway stopped");
+    Ok(())
 }
