@@ -8,7 +8,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use infra::db::ScratchDatabase;
-use infra::testing::{admin_url, amqp_url, free_port, redis_url};
+use infra::testing::{admin_url, amqp_url, redis_url};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 use uuid::Uuid;
@@ -58,6 +58,42 @@ impl Service {
         }
         let child = command.spawn().expect("the service starts");
         Service { name, child, log }
+    }
+
+    /// The port the service bound, from its `<name> listening` log line. Services start on
+    /// port 0, so no other test can take a port between our choosing it and the service binding
+    /// it.
+    async fn port(&mut self) -> u16 {
+        let message = format!("{} listening", self.name);
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let port = self.log().lines().find_map(|line| {
+                let line: Value = serde_json::from_str(line).ok()?;
+                if line["message"] != message.as_str() {
+                    return None;
+                }
+                line["port"]
+                    .as_u64()
+                    .and_then(|port| u16::try_from(port).ok())
+            });
+            if let Some(port) = port {
+                return port;
+            }
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!(
+                    "{} exited ({status}) before listening:\n{}",
+                    self.name,
+                    self.log()
+                );
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{} did not log that it listens within 60 s:\n{}",
+                self.name,
+                self.log()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 
     fn stop(&mut self) {
@@ -114,58 +150,63 @@ async fn one_correlation_id_follows_a_deposit_through_all_four_services() {
     let logs = std::env::temp_dir().join(format!("ledger-system-{}", Uuid::new_v4().simple()));
     std::fs::create_dir_all(&logs).expect("a log directory");
     let prefix = format!("test-{}", Uuid::new_v4().simple());
-    let [gateway_port, command_port, query_port, fraud_port] =
-        [free_port(), free_port(), free_port(), free_port()];
     let url = database.url();
-    let mut services = vec![
-        Service::start(
-            "command-api",
-            &logs,
-            &[
-                ("DATABASE_URL", url.clone()),
-                ("AMQP_URL", amqp_url()),
-                ("AMQP_PREFIX", prefix.clone()),
-                ("LISTEN_ADDR", format!("127.0.0.1:{command_port}")),
-            ],
-        ),
-        Service::start(
-            "fraud-worker",
-            &logs,
-            &[
-                ("AMQP_URL", amqp_url()),
-                ("AMQP_PREFIX", prefix.clone()),
-                ("REDIS_URL", redis_url()),
-                ("REDIS_KEY_PREFIX", format!("{prefix}:fraud")),
-                ("LISTEN_ADDR", format!("127.0.0.1:{fraud_port}")),
-            ],
-        ),
-        Service::start(
-            "projector",
-            &logs,
-            &[
-                ("DATABASE_URL", url.clone()),
-                ("REDIS_URL", redis_url()),
-                ("REDIS_KEY_PREFIX", format!("{prefix}:cache")),
-                ("LISTEN_ADDR", format!("127.0.0.1:{query_port}")),
-            ],
-        ),
-        Service::start(
-            "gateway",
-            &logs,
-            &[
-                ("DATABASE_URL", url.clone()),
-                ("LISTEN_ADDR", format!("127.0.0.1:{gateway_port}")),
-                (
-                    "COMMAND_API_URL",
-                    format!("http://127.0.0.1:{command_port}"),
-                ),
-                ("QUERY_API_URL", format!("http://127.0.0.1:{query_port}")),
-                ("FRAUD_WORKER_URL", format!("http://127.0.0.1:{fraud_port}")),
-                ("ADMIN_USERNAME", "operator".to_owned()),
-                ("ADMIN_PASSWORD", ADMIN_PASSWORD.to_owned()),
-            ],
-        ),
-    ];
+    let any_port = "127.0.0.1:0".to_owned();
+    let mut command_api = Service::start(
+        "command-api",
+        &logs,
+        &[
+            ("DATABASE_URL", url.clone()),
+            ("AMQP_URL", amqp_url()),
+            ("AMQP_PREFIX", prefix.clone()),
+            ("LISTEN_ADDR", any_port.clone()),
+        ],
+    );
+    let mut fraud_worker = Service::start(
+        "fraud-worker",
+        &logs,
+        &[
+            ("AMQP_URL", amqp_url()),
+            ("AMQP_PREFIX", prefix.clone()),
+            ("REDIS_URL", redis_url()),
+            ("REDIS_KEY_PREFIX", format!("{prefix}:fraud")),
+            ("LISTEN_ADDR", any_port.clone()),
+        ],
+    );
+    let mut projector = Service::start(
+        "projector",
+        &logs,
+        &[
+            ("DATABASE_URL", url.clone()),
+            ("REDIS_URL", redis_url()),
+            ("REDIS_KEY_PREFIX", format!("{prefix}:cache")),
+            ("LISTEN_ADDR", any_port.clone()),
+        ],
+    );
+    // The gateway needs the others' addresses, so it starts once they listen.
+    let (command_port, fraud_port, query_port) = (
+        command_api.port().await,
+        fraud_worker.port().await,
+        projector.port().await,
+    );
+    let mut gateway_service = Service::start(
+        "gateway",
+        &logs,
+        &[
+            ("DATABASE_URL", url.clone()),
+            ("LISTEN_ADDR", any_port),
+            (
+                "COMMAND_API_URL",
+                format!("http://127.0.0.1:{command_port}"),
+            ),
+            ("QUERY_API_URL", format!("http://127.0.0.1:{query_port}")),
+            ("FRAUD_WORKER_URL", format!("http://127.0.0.1:{fraud_port}")),
+            ("ADMIN_USERNAME", "operator".to_owned()),
+            ("ADMIN_PASSWORD", ADMIN_PASSWORD.to_owned()),
+        ],
+    );
+    let gateway_port = gateway_service.port().await;
+    let mut services = vec![command_api, fraud_worker, projector, gateway_service];
     let gateway = format!("http://127.0.0.1:{gateway_port}");
     let client = reqwest::Client::builder()
         .timeout(Duration::from_secs(10))
