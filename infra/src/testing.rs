@@ -1,7 +1,8 @@
 //! What every crate's integration tests share about their environment: the servers they use
 //! (`TEST_DATABASE_URL`, `TEST_AMQP_URL`, `TEST_REDIS_URL`, defaulting to the local ones), the
-//! JWT secret every service's test app signs and verifies with, logs on demand (`TEST_LOG=1`),
-//! and free ports. Each service's `testing` module re-exports these.
+//! JWT secret every service's test app signs and verifies with, the bad tokens tests send,
+//! logs on demand (`TEST_LOG=1`), and free ports. Each service's `testing` module re-exports
+//! what its tests use.
 
 /// The secret every test app signs and verifies tokens with, so that test apps of different
 /// services accept each other's tokens.
@@ -60,4 +61,32 @@ where
         }
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
+}
+
+/// A customer's claims for `subject`, issued now and expiring `expires_in` seconds from now
+/// (negative: already expired).
+pub fn customer_claims(subject: uuid::Uuid, expires_in: i64) -> crate::auth::Claims {
+    let now = chrono::Utc::now().timestamp();
+    crate::auth::Claims {
+        sub: subject.to_string(),
+        roles: vec!["customer".to_owned()],
+        iat: now,
+        exp: now + expires_in,
+        jti: uuid::Uuid::new_v4().to_string(),
+    }
+}
+
+/// Signs any claims with any HMAC `algorithm` and `secret`: the tokens a verifier must refuse,
+/// which `JwtSigner` will not make.
+pub fn sign_token(
+    algorithm: jsonwebtoken::Algorithm,
+    secret: &str,
+    claims: &impl serde::Serialize,
+) -> String {
+    jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(algorithm),
+        claims,
+        &jsonwebtoken::EncodingKey::from_secret(secret.as_bytes()),
+    )
+    .expect("test tokens sign")
 }

@@ -1,33 +1,14 @@
 //! The HTTP contract of the two commands (SPEC §5): authentication, validation, ownership and
 //! idempotency. Every refused request must leave the event store untouched.
 
-use infra::auth::{Claims, Role};
-use jsonwebtoken::{Algorithm, EncodingKey, Header};
+use infra::auth::Role;
+use infra::testing::{customer_claims, sign_token};
+use jsonwebtoken::Algorithm;
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 use uuid::Uuid;
 
 use crate::support::Harness;
-
-fn claims(subject: Uuid, exp_offset: i64) -> Claims {
-    let now = chrono::Utc::now().timestamp();
-    Claims {
-        sub: subject.to_string(),
-        roles: vec!["customer".to_owned()],
-        iat: now,
-        exp: now + exp_offset,
-        jti: Uuid::new_v4().to_string(),
-    }
-}
-
-fn sign(algorithm: Algorithm, secret: &str, claims: &Claims) -> String {
-    jsonwebtoken::encode(
-        &Header::new(algorithm),
-        claims,
-        &EncodingKey::from_secret(secret.as_bytes()),
-    )
-    .expect("test tokens sign")
-}
 
 #[tokio::test]
 async fn every_bad_token_gets_401_with_a_challenge() {
@@ -36,33 +17,36 @@ async fn every_bad_token_gets_401_with_a_challenge() {
     let harness = Harness::start().await;
     let secret = command_api::testing::TEST_JWT_SECRET;
     let subject = Uuid::new_v4();
-    let valid = sign(Algorithm::HS256, secret, &claims(subject, 300));
+    let valid = sign_token(Algorithm::HS256, secret, &customer_claims(subject, 300));
     let payload = valid.split('.').nth(1).expect("three parts").to_owned();
-    let mut no_exp = serde_json::to_value(claims(subject, 300)).expect("claims serialise");
+    let mut no_exp = serde_json::to_value(customer_claims(subject, 300)).expect("claims serialise");
     no_exp.as_object_mut().expect("an object").remove("exp");
-    let no_exp = jsonwebtoken::encode(
-        &Header::new(Algorithm::HS256),
-        &no_exp,
-        &EncodingKey::from_secret(secret.as_bytes()),
-    )
-    .expect("signs");
+    let no_exp = sign_token(Algorithm::HS256, secret, &no_exp);
     let bad_tokens = [
         ("malformed", Some("not.a.token".to_owned())),
         (
             "expired",
-            Some(sign(Algorithm::HS256, secret, &claims(subject, -3600))),
+            Some(sign_token(
+                Algorithm::HS256,
+                secret,
+                &customer_claims(subject, -3600),
+            )),
         ),
         (
             "wrong secret",
-            Some(sign(
+            Some(sign_token(
                 Algorithm::HS256,
                 "another-secret-another-secret-another",
-                &claims(subject, 300),
+                &customer_claims(subject, 300),
             )),
         ),
         (
             "HS384",
-            Some(sign(Algorithm::HS384, secret, &claims(subject, 300))),
+            Some(sign_token(
+                Algorithm::HS384,
+                secret,
+                &customer_claims(subject, 300),
+            )),
         ),
         (
             "alg none",

@@ -3,33 +3,14 @@
 //! from the proxy: these refusals are the gateway's own.
 
 use gateway::testing::TEST_JWT_SECRET;
-use infra::auth::{Claims, Role};
-use jsonwebtoken::{Algorithm, EncodingKey, Header};
+use infra::auth::Role;
+use infra::testing::{customer_claims, sign_token};
+use jsonwebtoken::Algorithm;
 use reqwest::StatusCode;
 use serde_json::json;
 use uuid::Uuid;
 
 use crate::support::{Harness, assert_problem, raw_request};
-
-fn claims(subject: Uuid, exp_offset: i64) -> Claims {
-    let now = chrono::Utc::now().timestamp();
-    Claims {
-        sub: subject.to_string(),
-        roles: vec!["customer".to_owned()],
-        iat: now,
-        exp: now + exp_offset,
-        jti: Uuid::new_v4().to_string(),
-    }
-}
-
-fn sign(algorithm: Algorithm, secret: &str, claims: &Claims) -> String {
-    jsonwebtoken::encode(
-        &Header::new(algorithm),
-        claims,
-        &EncodingKey::from_secret(secret.as_bytes()),
-    )
-    .expect("test tokens sign")
-}
 
 #[tokio::test]
 async fn every_bad_token_gets_401_with_a_challenge_at_the_edge() {
@@ -37,7 +18,11 @@ async fn every_bad_token_gets_401_with_a_challenge_at_the_edge() {
     // signed, alg:none and other-algorithm (HS384) tokens get 401 with WWW-Authenticate.
     let harness = Harness::start().await;
     let subject = Uuid::new_v4();
-    let valid = sign(Algorithm::HS256, TEST_JWT_SECRET, &claims(subject, 300));
+    let valid = sign_token(
+        Algorithm::HS256,
+        TEST_JWT_SECRET,
+        &customer_claims(subject, 300),
+    );
     let payload = valid.split('.').nth(1).expect("three parts").to_owned();
     let cases = [
         ("missing", None),
@@ -45,18 +30,18 @@ async fn every_bad_token_gets_401_with_a_challenge_at_the_edge() {
         ("not bearer", Some(String::new())),
         (
             "expired",
-            Some(sign(
+            Some(sign_token(
                 Algorithm::HS256,
                 TEST_JWT_SECRET,
-                &claims(subject, -3600),
+                &customer_claims(subject, -3600),
             )),
         ),
         (
             "wrong signature",
-            Some(sign(
+            Some(sign_token(
                 Algorithm::HS256,
                 "another-secret-of-at-least-32-bytes!!",
-                &claims(subject, 300),
+                &customer_claims(subject, 300),
             )),
         ),
         (
@@ -65,10 +50,10 @@ async fn every_bad_token_gets_401_with_a_challenge_at_the_edge() {
         ),
         (
             "HS384",
-            Some(sign(
+            Some(sign_token(
                 Algorithm::HS384,
                 TEST_JWT_SECRET,
-                &claims(subject, 300),
+                &customer_claims(subject, 300),
             )),
         ),
     ];
