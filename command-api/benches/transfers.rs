@@ -18,8 +18,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, anyhow, ensure};
 use chrono::Utc;
 use command_api::aggregates::AccountAggregate;
-use command_api::metadata::EventMetadata;
-use command_api::store::{AggregateStore, SNAPSHOT_EVERY};
+use command_api::store::{AggregateStore, Executed, SNAPSHOT_EVERY};
 use command_api::testing::{TestApp, TestOptions, delete_topology, spawn_app_on_scratch};
 use domain::{
     AccountCommand, AccountId, Amount, Currency, CustomerId, FraudDecision, FraudOutcome,
@@ -27,6 +26,8 @@ use domain::{
 };
 use hdrhistogram::Histogram;
 use infra::auth::Role;
+use infra::eventlog::EventLog;
+use infra::eventlog::postgres::{PgEventLog, PgEventLogOptions};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use reqwest::StatusCode;
@@ -85,11 +86,11 @@ const LATENCY_MICROS_MAX: u64 = 60_000_000;
 const HISTOGRAM_SIGNIFICANT_DIGITS: u8 = 3;
 
 /// The short and long account streams whose load time is measured.
-const SHORT_STREAM_EVENTS: usize = 10;
+const SHORT_STREAM_EVENTS: u64 = 10;
 
 /// See [`SHORT_STREAM_EVENTS`]. A multiple of the snapshot interval, so a snapshot sits exactly
 /// at the end of the stream: the best case for a cold load.
-const LONG_STREAM_EVENTS: usize = 10_000;
+const LONG_STREAM_EVENTS: u64 = 10_000;
 
 const _: () = assert!(
     LONG_STREAM_EVENTS.is_multiple_of(SNAPSHOT_EVERY),
@@ -98,7 +99,7 @@ const _: () = assert!(
 
 /// The long stream again with as many events after its last snapshot as a stream can have
 /// (10,099 while `SNAPSHOT_EVERY` is 100): the worst case for a cold load.
-const LONG_STREAM_WITH_TAIL_EVENTS: usize = LONG_STREAM_EVENTS + SNAPSHOT_EVERY - 1;
+const LONG_STREAM_WITH_TAIL_EVENTS: u64 = LONG_STREAM_EVENTS + SNAPSHOT_EVERY - 1;
 
 /// Timed loads per stream and store.
 const LOADS_PER_STORE: usize = 200;
@@ -165,10 +166,10 @@ struct TransferReport {
 
 /// The load-time measurements of one stream through one store.
 struct LoadReport {
-    events: usize,
+    events: u64,
     store: &'static str,
     /// Events `load` reads past its starting point (the cache entry, the snapshot, or zero).
-    events_read: usize,
+    events_read: u64,
     latency: Histogram<u64>,
 }
 
@@ -252,7 +253,7 @@ async fn measure(
         let report = post_and_drain(&api, &accounts, &app.pool, scenario, transfers).await?;
         transfer_reports.push(report);
     }
-    let load_reports = measure_loads(&app.pool).await?;
+    let load_reports = measure_loads(&app.pool, &app.database_url).await?;
     Ok((context, transfer_reports, load_reports))
 }
 
@@ -336,7 +337,11 @@ async fn approve(app: &TestApp, transaction: Uuid) -> anyhow::Result<()> {
         rule: Some("benchmark".to_owned()),
         details: json!({}),
     };
-    let metadata = EventMetadata::for_saga(&transaction.to_string(), "benchmark");
+    let metadata = command_api::metadata::for_saga(
+        &transaction.to_string(),
+        "benchmark",
+        format!("decision/{transaction}"),
+    );
     app.decisions
         .record(TransactionId(transaction), decision, &metadata)
         .await
@@ -516,24 +521,34 @@ async fn outcomes(pool: &PgPool, ids: &[Uuid]) -> anyhow::Result<(i64, i64)> {
 // ---------------------------------------------------------------------------------------------
 // Account load time through the three store configurations.
 
-async fn measure_loads(pool: &PgPool) -> anyhow::Result<Vec<LoadReport>> {
-    let writer = AggregateStore::<AccountAggregate>::new(pool.clone());
+async fn measure_loads(pool: &PgPool, url: &str) -> anyhow::Result<Vec<LoadReport>> {
+    let log: Arc<dyn EventLog> = Arc::new(
+        PgEventLog::open(
+            pool.clone(),
+            PgEventLogOptions::writer(
+                "command_api",
+                infra::db::connect_options(url, "command_api")?,
+            ),
+        )
+        .await?,
+    );
+    let writer = AggregateStore::<AccountAggregate>::new(log.clone());
     let mut reports = Vec::new();
     eprintln!("building a {SHORT_STREAM_EVENTS}-event account…");
     let short = open_account_stream(&writer).await?;
     append_credits(&writer, short, SHORT_STREAM_EVENTS - 1).await?;
-    reports.extend(time_stores(pool, short, SHORT_STREAM_EVENTS).await?);
+    reports.extend(time_stores(pool, &log, short, SHORT_STREAM_EVENTS).await?);
     eprintln!("building a {LONG_STREAM_EVENTS}-event account…");
     let long = open_account_stream(&writer).await?;
     append_credits(&writer, long, LONG_STREAM_EVENTS - 1).await?;
-    reports.extend(time_stores(pool, long, LONG_STREAM_EVENTS).await?);
+    reports.extend(time_stores(pool, &log, long, LONG_STREAM_EVENTS).await?);
     append_credits(
         &writer,
         long,
         LONG_STREAM_WITH_TAIL_EVENTS - LONG_STREAM_EVENTS,
     )
     .await?;
-    reports.extend(time_stores(pool, long, LONG_STREAM_WITH_TAIL_EVENTS).await?);
+    reports.extend(time_stores(pool, &log, long, LONG_STREAM_WITH_TAIL_EVENTS).await?);
     Ok(reports)
 }
 
@@ -557,7 +572,7 @@ async fn open_account_stream(
 async fn append_credits(
     store: &AggregateStore<AccountAggregate>,
     id: AccountId,
-    events: usize,
+    events: u64,
 ) -> anyhow::Result<()> {
     let amount = Amount::from_minor(1).context("one minor unit is a valid amount")?;
     let mut transaction_id = TransactionId(Uuid::new_v4());
@@ -583,21 +598,27 @@ async fn execute(
     id: AccountId,
     command: AccountCommand,
 ) -> anyhow::Result<()> {
-    let metadata = EventMetadata::for_saga("benchmark", "benchmark").to_map();
-    store
+    let metadata =
+        command_api::metadata::for_saga("benchmark", "benchmark", Uuid::new_v4().to_string());
+    match store
         .execute(&id.to_string(), command, &metadata)
         .await
         .context("appending account events")?
-        .map_err(|refusal| anyhow!("the account refused a benchmark command: {refusal}"))?;
-    Ok(())
+    {
+        Executed::Appended { .. } => Ok(()),
+        other => Err(anyhow!(
+            "the account did not take a benchmark command: {other:?}"
+        )),
+    }
 }
 
 /// Times `load` of one stream through a full replay, snapshots only, and a warm cache, after
 /// checking that all three agree.
 async fn time_stores(
     pool: &PgPool,
+    log: &Arc<dyn EventLog>,
     id: AccountId,
-    events: usize,
+    events: u64,
 ) -> anyhow::Result<Vec<LoadReport>> {
     let stream = id.to_string();
     let after_snapshot = events - snapshot_sequence(pool, &stream).await?;
@@ -605,17 +626,17 @@ async fn time_stores(
     let stores = [
         (
             "full_replay",
-            AggregateStore::<AccountAggregate>::full_replay(pool.clone()),
+            AggregateStore::<AccountAggregate>::full_replay(log.clone()),
             events,
         ),
         (
             "snapshots_only",
-            AggregateStore::<AccountAggregate>::snapshots_only(pool.clone()),
+            AggregateStore::<AccountAggregate>::snapshots_only(log.clone()),
             after_snapshot,
         ),
         (
             "new (warm cache)",
-            AggregateStore::<AccountAggregate>::new(pool.clone()),
+            AggregateStore::<AccountAggregate>::new(log.clone()),
             0,
         ),
     ];
@@ -649,7 +670,7 @@ async fn time_stores(
     Ok(reports)
 }
 
-async fn snapshot_sequence(pool: &PgPool, stream: &str) -> anyhow::Result<usize> {
+async fn snapshot_sequence(pool: &PgPool, stream: &str) -> anyhow::Result<u64> {
     let sequence: Option<i64> = sqlx::query_scalar(
         "SELECT sequence FROM command_api.aggregate_snapshots \
          WHERE aggregate_type = 'account' AND aggregate_id = $1",
@@ -659,7 +680,7 @@ async fn snapshot_sequence(pool: &PgPool, stream: &str) -> anyhow::Result<usize>
     .await
     .context("reading a snapshot's sequence")?;
     Ok(sequence.map_or(0, |sequence| {
-        usize::try_from(sequence).expect("a snapshot sequence is positive")
+        u64::try_from(sequence).expect("a snapshot sequence is positive")
     }))
 }
 

@@ -2,8 +2,8 @@
 //! writes its events to the sink; `apply` folds with the domain. No rule lives here.
 //!
 //! Events are wrapped in newtypes only because cqrs-es's `DomainEvent` cannot be implemented for
-//! the domain's types from this crate; the wrappers are `serde(transparent)`, so the stored JSON
-//! is exactly the domain event.
+//! the domain's types from this crate; what is stored is the domain event itself, through
+//! `infra::codec`.
 
 use cqrs_es::event_sink::EventSink;
 use cqrs_es::{Aggregate, DomainEvent};
@@ -11,11 +11,10 @@ use domain::{
     Account, AccountCommand, AccountError, AccountEvent, Transaction, TransactionCommand,
     TransactionError, TransactionEvent,
 };
+use infra::codec::EVENT_VERSION;
 use serde::{Deserialize, Serialize};
 
-/// The version of every event payload format written today. A future change of an event's
-/// meaning gets a new version and an upcaster; stored events are never rewritten.
-pub const EVENT_VERSION: &str = "1";
+use crate::store::StreamAggregate;
 
 /// A customer account stream. `None` until `AccountOpened`.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -63,6 +62,17 @@ impl Aggregate for AccountAggregate {
     }
 }
 
+impl StreamAggregate for AccountAggregate {
+    const STATE_VERSION: i32 = 1;
+    type Stored = AccountEvent;
+    fn stored(event: &AccountEventRecord) -> &AccountEvent {
+        &event.0
+    }
+    fn record(event: AccountEvent) -> AccountEventRecord {
+        AccountEventRecord(event)
+    }
+}
+
 /// A transaction stream. `None` until `TransactionCreated`.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct TransactionAggregate(pub Option<Transaction>);
@@ -103,5 +113,16 @@ impl Aggregate for TransactionAggregate {
         let next = Transaction::apply(self.0.take(), &event.0)
             .unwrap_or_else(|violation| panic!("transaction stream is corrupt: {violation}"));
         self.0 = Some(next);
+    }
+}
+
+impl StreamAggregate for TransactionAggregate {
+    const STATE_VERSION: i32 = 1;
+    type Stored = TransactionEvent;
+    fn stored(event: &TransactionEventRecord) -> &TransactionEvent {
+        &event.0
+    }
+    fn record(event: TransactionEvent) -> TransactionEventRecord {
+        TransactionEventRecord(event)
     }
 }

@@ -9,6 +9,8 @@ use clap::Parser;
 use infra::telemetry::{LogFormat, redact_url};
 use secrecy::SecretString;
 
+use infra::follow::FollowSettings;
+
 use crate::saga::SagaSettings;
 
 #[derive(Debug, Clone, Parser)]
@@ -39,9 +41,9 @@ pub struct Config {
     pub amqp_prefix: String,
 
     /// Events the relay publishes before waiting for their confirms.
-    #[arg(long, env = "RELAY_WINDOW", default_value_t = 256,
-          value_parser = clap::value_parser!(i64).range(1..=10_000))]
-    pub relay_window: i64,
+    #[arg(long, env = "RELAY_WINDOW", default_value_t = 512,
+          value_parser = parse_count::<10_000>)]
+    pub relay_window: usize,
 
     /// Unacknowledged fraud decisions in flight per instance.
     #[arg(long, env = "DECISION_PREFETCH", default_value_t = 64,
@@ -65,23 +67,28 @@ pub struct Config {
     #[arg(long, env = "LOG_FORMAT", default_value = "json", value_parser = LogFormat::parse_arg)]
     pub log_format: LogFormat,
 
-    /// Size of the database connection pool.
-    #[arg(long, env = "DATABASE_MAX_CONNECTIONS", default_value_t = 16,
+    /// Connections requests read with (stream loads on a cache miss, `/health`).
+    #[arg(long, env = "DATABASE_MAX_CONNECTIONS", default_value_t = 8,
           value_parser = clap::value_parser!(u32).range(2..=500))]
     pub database_max_connections: u32,
 
-    /// Transactions the saga advances concurrently.
-    #[arg(long, env = "SAGA_CONCURRENCY", default_value_t = 32,
-          value_parser = clap::value_parser!(u64).range(1..=1024))]
-    pub saga_concurrency: u64,
+    /// Connections the saga, the relay and the lag reporter read and record with.
+    #[arg(long, env = "BACKGROUND_MAX_CONNECTIONS", default_value_t = 4,
+          value_parser = clap::value_parser!(u32).range(2..=100))]
+    pub background_max_connections: u32,
+
+    /// Streams the saga loads concurrently when they are not in its cache.
+    #[arg(long, env = "SAGA_CONCURRENCY", default_value_t = 16,
+          value_parser = parse_count::<1_024>)]
+    pub saga_concurrency: usize,
 
     /// Events the saga reads per batch.
-    #[arg(long, env = "SAGA_BATCH_SIZE", default_value_t = 256,
-          value_parser = clap::value_parser!(i64).range(1..=10_000))]
-    pub saga_batch_size: i64,
+    #[arg(long, env = "SAGA_BATCH_SIZE", default_value_t = 512,
+          value_parser = parse_count::<10_000>)]
+    pub saga_batch_size: usize,
 
-    /// Milliseconds between polls of an idle log.
-    #[arg(long, env = "LOG_POLL_INTERVAL_MS", default_value_t = 20,
+    /// Milliseconds an idle follower waits without a wake-up before looking at the log anyway.
+    #[arg(long, env = "LOG_POLL_INTERVAL_MS", default_value_t = 250,
           value_parser = clap::value_parser!(u64).range(1..=10_000))]
     pub log_poll_interval_ms: u64,
 }
@@ -90,11 +97,16 @@ impl Config {
     pub fn saga_settings(&self) -> SagaSettings {
         SagaSettings {
             batch_size: self.saga_batch_size,
-            concurrency: usize::try_from(self.saga_concurrency).unwrap_or(1),
-            poll_interval: Duration::from_millis(self.log_poll_interval_ms),
+            concurrency: self.saga_concurrency,
             decision_timeout: TimeDelta::seconds(
                 i64::try_from(self.fraud_decision_timeout_seconds).unwrap_or(i64::MAX),
             ),
+        }
+    }
+
+    pub fn follow_settings(&self) -> FollowSettings {
+        FollowSettings {
+            poll_interval: Duration::from_millis(self.log_poll_interval_ms),
         }
     }
 
@@ -102,18 +114,29 @@ impl Config {
     pub fn redacted(&self) -> String {
         format!(
             "database_url={} amqp_url={} amqp_prefix={} listen_addr={} fraud_decision_timeout_seconds={} \
-             database_max_connections={} saga_concurrency={} saga_batch_size={} log_poll_interval_ms={}",
+             database_max_connections={} background_max_connections={} saga_concurrency={} \
+             saga_batch_size={} relay_window={} log_poll_interval_ms={}",
             redact_url(&self.database_url),
             redact_url(&self.amqp_url),
             self.amqp_prefix,
             self.listen_addr,
             self.fraud_decision_timeout_seconds,
             self.database_max_connections,
+            self.background_max_connections,
             self.saga_concurrency,
             self.saga_batch_size,
+            self.relay_window,
             self.log_poll_interval_ms,
         )
     }
+}
+
+/// A count from 1 to `MAX`.
+fn parse_count<const MAX: usize>(text: &str) -> Result<usize, String> {
+    text.parse::<usize>()
+        .ok()
+        .filter(|count| (1..=MAX).contains(count))
+        .ok_or_else(|| format!("must be a whole number from 1 to {MAX}"))
 }
 
 #[cfg(test)]

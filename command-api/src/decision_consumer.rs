@@ -23,10 +23,7 @@ use tracing::Instrument;
 
 use crate::decisions::{DecisionOutcome, FraudDecisions};
 use crate::error::{Error, Result};
-use crate::metadata::EventMetadata;
-
-/// The actor recorded on `FraudChecked`.
-const FRAUD_WORKER_ACTOR: &str = "fraud-worker";
+use crate::metadata::{self, FRAUD_WORKER_ACTOR};
 
 #[derive(Debug, Clone)]
 pub struct ConsumerSettings {
@@ -145,10 +142,13 @@ impl DecisionConsumer {
             } else {
                 correlation_id.clone()
             };
-            let metadata = EventMetadata {
-                actor: FRAUD_WORKER_ACTOR.to_owned(),
-                ..EventMetadata::for_saga(&correlation, &message.decision_id.to_string())
-            };
+            // The command is the decision itself: a redelivery appends the same event ids.
+            let mut metadata = metadata::for_saga(
+                &correlation,
+                &message.decision_id.to_string(),
+                format!("decision/{}", message.decision_id),
+            );
+            metadata.actor = FRAUD_WORKER_ACTOR.to_owned();
             let decision = FraudDecision {
                 outcome: message.outcome,
                 rule: message.rule.clone(),

@@ -17,6 +17,7 @@ pub mod relay;
 pub mod replay;
 pub mod saga;
 pub mod startup;
+pub mod state;
 pub mod store;
 pub mod testing;
 pub mod views;

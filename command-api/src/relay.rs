@@ -1,39 +1,42 @@
-//! The relay: publishes every committed event from the log to RabbitMQ (SPEC §4: events are
-//! published from the committed log, no dual write).
+//! The relay: publishes committed events from the log to RabbitMQ (SPEC §4: events are published
+//! from the committed log, no dual write).
 //!
-//! It follows the log with the gap-safe reader from its own checkpoint, publishes a batch as a
-//! window of persistent messages in flight (`message_id` = event id, headers with the correlation
-//! id, causation id, event type and version), waits for every publisher confirm, and only then
-//! moves its checkpoint. A crash or a refused message republishes the batch: consumers are
-//! idempotent (by message id, or by the aggregate's own rules). One active relay across
-//! instances (a leader lock).
+//! Only what has a consumer is published: `TransactionCreated`, the fraud worker's input. The
+//! relay follows the log from its own checkpoint, publishes a batch as a window of persistent
+//! messages in flight (`message_id` = event id, headers with the correlation id, causation id,
+//! event type and version), waits for the window's publisher confirms, and only then counts the
+//! batch as relayed. The checkpoint is written at most every [`CHECKPOINT_EVERY`] (and whenever
+//! the relay goes idle), not after every window: a crash republishes at most that much, and
+//! consumers are idempotent (by message id, or by the aggregate's own rules). One active relay
+//! across instances (a leader lock).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use async_trait::async_trait;
 use futures::future::try_join_all;
 use infra::amqp::{self, Topology};
-use infra::leader::Leadership;
-use infra::log::{LogEvent, LogReader};
+use infra::codec::{TRANSACTION_CREATED, TRANSACTION_STREAM};
+use infra::eventlog::{EventLog, LogFilter, LogPosition, RecordedEvent};
+use infra::follow::{Follower, Outcome};
 use infra::messages::EventMessage;
-use infra::tasks::pause;
 use lapin::options::BasicPublishOptions;
 use lapin::types::FieldTable;
-use lapin::{Channel, Confirmation};
-use sqlx::PgPool;
-use sqlx::postgres::PgConnectOptions;
-use tokio_util::sync::CancellationToken;
+use lapin::{Channel, Confirmation, Connection};
 
-use crate::checkpoints;
-use crate::error::{DatabaseContext, Error, Result};
-use crate::saga::BatchOutcome;
+use crate::error::{Error, Result};
+use crate::state::FollowerState;
 
 /// The relay's checkpoint row.
-pub(crate) const CHECKPOINT: &str = "relay";
+pub const CHECKPOINT: &str = "relay";
 
-/// How often the leader checks its lock: a deposed leader publishes at most
-/// a second of duplicates (harmless) before it notices.
-const HOUSEKEEPING_INTERVAL: Duration = Duration::from_secs(1);
+/// What the relay reads from the log: the events someone consumes.
+pub const PUBLISHED: LogFilter = LogFilter::event(TRANSACTION_STREAM, TRANSACTION_CREATED);
+
+/// How often, at most, the relay writes its checkpoint while busy. A crash republishes what was
+/// confirmed since (duplicates are harmless); writing it after every window would cost a
+/// database commit per window.
+const CHECKPOINT_EVERY: Duration = Duration::from_millis(100);
 
 #[derive(Debug, Clone)]
 pub struct RelaySettings {
@@ -41,160 +44,140 @@ pub struct RelaySettings {
     pub topology: Topology,
     /// Messages published before waiting for their confirms: the window. ~20k msg/s with a
     /// window against ~2k/s confirming one by one (NOTES).
-    pub window: i64,
-    pub poll_interval: Duration,
+    pub window: usize,
 }
 
 pub struct Relay {
-    reader: LogReader,
-    pool: PgPool,
+    log: Arc<dyn EventLog>,
+    state: Arc<dyn FollowerState>,
     settings: RelaySettings,
 }
 
+/// A leadership session: the broker connection, and how far the relay got.
+pub struct RelaySession {
+    connection: Connection,
+    channel: Channel,
+    /// Every event up to here is confirmed by the broker.
+    confirmed: LogPosition,
+    /// The checkpoint as last written.
+    stored: LogPosition,
+    stored_at: Instant,
+}
+
 impl Relay {
-    pub fn new(pool: PgPool, settings: RelaySettings) -> Self {
+    pub fn new(
+        log: Arc<dyn EventLog>,
+        state: Arc<dyn FollowerState>,
+        settings: RelaySettings,
+    ) -> Self {
         Relay {
-            reader: LogReader::new(pool.clone(), "events"),
-            pool,
+            log,
+            state,
             settings,
         }
     }
 
-    /// Runs while this instance holds the relay's leader lock, reconnecting to the broker after
-    /// failures, until `cancel`. `lead` returns `Ok` when the lock is lost or the service stops,
-    /// `Err` when the broker failed.
-    pub async fn run(self: Arc<Self>, lock_options: PgConnectOptions, cancel: CancellationToken) {
-        while !cancel.is_cancelled() {
-            let mut leadership = match Leadership::acquire(&lock_options, "relay", &cancel).await {
-                Ok(Some(leadership)) => leadership,
-                Ok(None) => break,
-                Err(error) => {
-                    tracing::error!(error.message = %error, "relay cannot take its leader lock");
-                    pause(&cancel, amqp::RECONNECT_DELAY).await;
-                    continue;
-                }
-            };
-            // Lead until the lock is lost or the service stops. A broker failure only
-            // reconnects: the lock is kept, so a broker outage does not churn leadership.
-            while !cancel.is_cancelled() {
-                match self.lead(&mut leadership, &cancel).await {
-                    Ok(()) => break,
-                    Err(error) => {
-                        tracing::error!(error.message = %error, "relay stopped; reconnecting");
-                        pause(&cancel, amqp::RECONNECT_DELAY).await;
-                        if !leadership.still_held().await {
-                            break;
-                        }
-                    }
-                }
-            }
-        }
-        tracing::info!("relay stopped");
-    }
-
-    async fn lead(&self, leadership: &mut Leadership, cancel: &CancellationToken) -> Result<()> {
-        let connection = amqp::connect(&self.settings.amqp_url).await?;
-        let channel = amqp::confirm_channel(&connection).await?;
-        self.settings.topology.declare(&channel).await?;
-        tracing::info!("relay publishing");
-        let mut housekeeping = Instant::now();
-        let result = loop {
-            if cancel.is_cancelled() {
-                break Ok(());
-            }
-            if housekeeping.elapsed() >= HOUSEKEEPING_INTERVAL {
-                housekeeping = Instant::now();
-                if !leadership.still_held().await {
-                    break Ok(());
-                }
-            }
-            match self.try_publish_batch(&channel, self.settings.window).await {
-                Ok(BatchOutcome::Processed(_)) => {}
-                Ok(BatchOutcome::Idle) => pause(cancel, self.settings.poll_interval).await,
-                Err(error) => break Err(error),
-            }
-        };
-        // Closing waits for outstanding confirms; the checkpoint only moved for confirmed ones.
-        let _ = channel.close(200, "relay stopping".into()).await;
-        let _ = connection.close(200, "relay stopping".into()).await;
-        result
-    }
-
-    /// Publishes up to `max` events after the checkpoint and moves it once all are confirmed.
-    pub async fn try_publish_batch(&self, channel: &Channel, max: i64) -> Result<BatchOutcome> {
-        let checkpoint = checkpoints::load(&self.pool, CHECKPOINT).await?;
-        let events = self.reader.read_after(checkpoint, max, None).await?;
+    /// Publishes up to a window of events after what is confirmed, and waits for their confirms.
+    pub async fn publish_window(&self, session: &mut RelaySession) -> Result<Outcome> {
+        let events = self
+            .log
+            .read_all(session.confirmed, self.settings.window, PUBLISHED)
+            .await?;
         let Some(last) = events.last().map(|event| event.position) else {
-            return Ok(BatchOutcome::Idle);
+            self.store_checkpoint(session).await?;
+            // Idle: adopt the stored checkpoint, so an operator who moved it back (to publish
+            // again) is followed. It never moves back on its own.
+            session.confirmed = self.state.checkpoint(CHECKPOINT).await?;
+            session.stored = session.confirmed;
+            return Ok(Outcome::Idle);
         };
         let mut confirms = Vec::with_capacity(events.len());
         for event in &events {
-            confirms.push(self.publish(channel, event).await?);
+            confirms.push(self.publish(&session.channel, event).await?);
         }
-        let confirmations = try_join_all(confirms)
+        let confirmations = tokio::time::timeout(amqp::CONFIRM_TIMEOUT, try_join_all(confirms))
             .await
+            .map_err(|_| broker_error("awaiting publisher confirms", "timed out"))?
             .map_err(broker("awaiting publisher confirms"))?;
         if let Some(refused) = confirmations
             .iter()
             .position(|confirmation| !matches!(confirmation, Confirmation::Ack(_)))
         {
-            return Err(Error::Infra(infra::Error::Broker {
-                context: "publishing events",
-                message: format!(
+            return Err(broker_error(
+                "publishing events",
+                &format!(
                     "the broker did not confirm event {}",
                     events[refused].event_id
                 ),
-            }));
+            ));
         }
-        let mut transaction = self.pool.begin().await.context("starting a relay batch")?;
-        checkpoints::store(&mut transaction, CHECKPOINT, last).await?;
-        transaction
-            .commit()
-            .await
-            .context("committing a relay batch")?;
+        session.confirmed = last;
+        if session.stored_at.elapsed() >= CHECKPOINT_EVERY {
+            self.store_checkpoint(session).await?;
+        }
         metrics::counter!("relay_published_total").increment(events.len() as u64);
-        for event in &events {
-            tracing::info!(
-                event_id = %event.event_id,
-                event_type = %event.event_type,
-                correlation_id = event.metadata_str("correlation_id").unwrap_or("-"),
-                "event published"
-            );
+        tracing::info!(
+            published = events.len(),
+            position = %last,
+            correlation_ids = %events
+                .iter()
+                .map(|event| event.metadata.correlation_id.as_str())
+                .collect::<Vec<_>>()
+                .join(","),
+            "relay batch published"
+        );
+        Ok(Outcome::Processed(events.len()))
+    }
+
+    async fn store_checkpoint(&self, session: &mut RelaySession) -> Result<()> {
+        if session.confirmed > session.stored {
+            self.state
+                .store_checkpoint(CHECKPOINT, session.confirmed)
+                .await?;
+            session.stored = session.confirmed;
         }
-        Ok(BatchOutcome::Processed(events.len()))
+        session.stored_at = Instant::now();
+        Ok(())
     }
 
     async fn publish(
         &self,
         channel: &Channel,
-        event: &LogEvent,
+        event: &RecordedEvent,
     ) -> Result<lapin::PublisherConfirm> {
         let message = EventMessage::from_log(event);
         let body = serde_json::to_vec(&message).map_err(|error| Error::Store {
             context: "serialising an event message",
             message: error.to_string(),
         })?;
-        let correlation_id = event.metadata_str("correlation_id").unwrap_or_default();
+        let metadata = &event.metadata;
         let mut headers = FieldTable::default();
         headers.insert(
             amqp::CORRELATION_ID_HEADER.into(),
-            amqp::string(correlation_id),
+            amqp::string(&metadata.correlation_id),
         );
         headers.insert(
             amqp::CAUSATION_ID_HEADER.into(),
-            amqp::string(event.metadata_str("causation_id").unwrap_or_default()),
+            amqp::string(&metadata.causation_id),
         );
         headers.insert("event_type".into(), amqp::string(&event.event_type));
         headers.insert("event_version".into(), amqp::string(&event.event_version));
-        headers.insert("aggregate_type".into(), amqp::string(&event.aggregate_type));
-        headers.insert("aggregate_id".into(), amqp::string(&event.aggregate_id));
+        headers.insert(
+            "aggregate_type".into(),
+            amqp::string(&event.stream.aggregate_type),
+        );
+        headers.insert(
+            "aggregate_id".into(),
+            amqp::string(&event.stream.aggregate_id),
+        );
         let properties = amqp::persistent_json(
             &event.event_id.to_string(),
             &event.event_type,
-            correlation_id,
+            &metadata.correlation_id,
             headers,
         );
-        let routing_key = EventMessage::routing_key(&event.aggregate_type, &event.event_type);
+        let routing_key =
+            EventMessage::routing_key(&event.stream.aggregate_type, &event.event_type);
         channel
             .basic_publish(
                 self.settings.topology.events_exchange().as_str().into(),
@@ -208,7 +191,52 @@ impl Relay {
     }
 }
 
+#[async_trait]
+impl Follower for Relay {
+    type Session = RelaySession;
+    type Error = Error;
+
+    fn name(&self) -> &'static str {
+        "relay"
+    }
+
+    async fn lead(&self) -> Result<RelaySession> {
+        let connection = amqp::connect(&self.settings.amqp_url).await?;
+        let channel = amqp::confirm_channel(&connection).await?;
+        self.settings.topology.declare(&channel).await?;
+        let checkpoint = self.state.checkpoint(CHECKPOINT).await?;
+        tracing::info!(checkpoint = %checkpoint, "relay publishing");
+        Ok(RelaySession {
+            connection,
+            channel,
+            confirmed: checkpoint,
+            stored: checkpoint,
+            stored_at: Instant::now(),
+        })
+    }
+
+    async fn try_process_batch(&self, session: &mut RelaySession) -> Result<Outcome> {
+        self.publish_window(session).await
+    }
+
+    async fn end(&self, mut session: RelaySession) {
+        // What was confirmed is kept; closing waits for outstanding confirms.
+        if let Err(error) = self.store_checkpoint(&mut session).await {
+            tracing::warn!(error.message = %error, "relay checkpoint not stored at the end of its session");
+        }
+        let _ = session.channel.close(200, "relay stopping".into()).await;
+        let _ = session.connection.close(200, "relay stopping".into()).await;
+    }
+}
+
 fn broker(context: &'static str) -> impl Fn(lapin::Error) -> Error {
     let map = amqp::error(context);
     move |error| Error::Infra(map(error))
+}
+
+fn broker_error(context: &'static str, message: &str) -> Error {
+    Error::Infra(infra::Error::Broker {
+        context,
+        message: message.to_owned(),
+    })
 }

@@ -7,7 +7,9 @@ pub use infra::replay::audit;
 mod tests {
     use cqrs_es::Aggregate;
 
-    use crate::aggregates::{AccountAggregate, EVENT_VERSION, TransactionAggregate};
+    use infra::codec::EVENT_VERSION;
+
+    use crate::aggregates::{AccountAggregate, TransactionAggregate};
 
     #[test]
     fn the_shared_decoder_reads_what_this_store_writes() {

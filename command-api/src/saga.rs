@@ -1,74 +1,70 @@
 //! The transaction saga: a process manager that follows the committed log (never the request
 //! path) and carries every transaction to CONFIRMED and settled, or REJECTED and released
-//! (SPEC §4).
+//! (SPEC §4). What to do next is always the domain's decision (`domain::saga::next_step`); this
+//! module executes it, many transactions at a time.
 //!
-//! Each batch reads transaction events after the saga's checkpoint, advances every transaction
-//! they touch (the domain's `saga::next_step` says what to do; this module only executes it),
-//! then records, in one database transaction, the new checkpoint and which transactions are still
-//! in flight and when to look at them again (the decision deadline, or a retry after a failure).
-//! A crash anywhere replays at most one batch, and every step is idempotent, so nothing is
-//! applied twice and nothing is lost. One instance runs the saga at a time (a leader lock).
+//! A batch reads the transaction events after the saga's checkpoint and advances every
+//! transaction they touch in **rounds**. Each round:
+//! 1. decides each transaction's next step from its current state;
+//! 2. decides the account commands of every step that has some (hold and reserve, settle and
+//!    post, release and cancel), one account at a time in memory, and appends them, one append
+//!    per account, all in one call (one group commit);
+//! 3. then decides the transaction's own events (`FundsReserved`, `TransactionConfirmed`,
+//!    `SettlementCompleted`…), chaining what can follow at once (a reservation whose approval is
+//!    already recorded is confirmed in the same append), and appends those, again in one call.
+//!
+//! Account events always commit before the transaction event that records them, in a separate
+//! append: correctness never needs two streams to commit together. A conflict (another writer got
+//! to a stream first) only sends that transaction to the next round, decided again on fresh
+//! state. After the batch, the checkpoint and which transactions are still in flight (and when to
+//! look at them again: the decision deadline, or a retry) are recorded together, so a crash
+//! replays at most one batch, and every step is idempotent.
+//!
+//! The transaction states come from the store's cache, fed by the log the saga reads and by its
+//! own appends; it can lag only behind other writers' events (`TransactionCreated`,
+//! `FraudChecked`), which never makes a step unsafe. A failed append (its outcome unknown) fails
+//! the batch, and the next session starts from the log with empty caches.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use async_trait::async_trait;
 use chrono::{DateTime, TimeDelta, Utc};
 use domain::saga::{self, SagaStep};
 use domain::{
-    AccountCommand, AccountError, AccountId, Transaction, TransactionCommand, TransactionId,
+    AccountCommand, AccountEvent, AccountId, RejectionReason, Transaction, TransactionCommand,
+    TransactionEvent, TransactionId,
 };
 use futures::StreamExt;
-use infra::leader::Leadership;
-use infra::log::{LogEvent, LogReader};
-use sqlx::PgPool;
-use sqlx::postgres::PgConnectOptions;
-use tokio::sync::Mutex;
-use tokio_util::sync::CancellationToken;
+use infra::codec::{TRANSACTION_STREAM, decode_payload};
+use infra::eventlog::{AppendOutcome, EventLog, EventMetadata, LogFilter, RecordedEvent};
+use infra::follow::{Follower, Outcome};
 use uuid::Uuid;
 
 use crate::aggregates::{AccountAggregate, TransactionAggregate};
-use crate::checkpoints;
-use crate::error::{DatabaseContext, Error, Result};
-use crate::metadata::EventMetadata;
-use crate::store::AggregateStore;
+use crate::error::{Error, Result};
+use crate::metadata;
+use crate::state::{FollowerState, InFlight, SagaProgress};
+use crate::store::{AggregateStore, Pending};
 
 /// The checkpoint row of the saga.
-pub(crate) const CHECKPOINT: &str = "saga";
+pub const CHECKPOINT: &str = "saga";
 
-/// Transactions advance at most this many steps in one call; a transaction needs three
-/// (reserve, confirm or reject, settle or release), so more means a step made no progress.
-const STEPS_PER_ADVANCE_MAX: usize = 8;
-
-/// Account streams are serialised in-process through this many striped locks: two steps on one
-/// account never race (so they never conflict), steps on different accounts rarely share a
-/// stripe. Only one lock is held at a time, so no deadlock is possible.
-const ACCOUNT_LOCK_STRIPES: usize = 1024;
-
-/// How often a leader checks that its lock session is alive, and scans for due transactions.
-const HOUSEKEEPING_INTERVAL: Duration = Duration::from_secs(1);
-
-/// How long to wait after a failed batch before trying again.
-const BATCH_RETRY_DELAY: Duration = Duration::from_secs(1);
+/// Rounds a batch runs at most. A transaction needs three (reserve, then settle or release,
+/// then done; a confirmation chains onto its reservation or takes one more); more mean conflicts
+/// kept coming, and the transaction is retried later.
+const ROUNDS_MAX: usize = 8;
 
 /// Tuning of the runner.
 #[derive(Debug, Clone)]
 pub struct SagaSettings {
     /// Events read per batch.
-    pub batch_size: i64,
-    /// Transactions advanced concurrently within a batch.
+    pub batch_size: usize,
+    /// Streams loaded concurrently when they are not cached.
     pub concurrency: usize,
-    /// Sleep between polls of an idle log.
-    pub poll_interval: Duration,
     /// No fraud decision within this time → REJECTED `fraud_check_timeout` (SPEC §4).
     pub decision_timeout: TimeDelta,
-}
-
-/// What a batch did.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum BatchOutcome {
-    Processed(usize),
-    Idle,
 }
 
 /// Where a transaction stands after the saga advanced it as far as it could.
@@ -83,122 +79,53 @@ pub enum Progress {
 pub struct Saga {
     accounts: Arc<AggregateStore<AccountAggregate>>,
     transactions: Arc<AggregateStore<TransactionAggregate>>,
-    pool: PgPool,
-    reader: LogReader,
+    log: Arc<dyn EventLog>,
+    state: Arc<dyn FollowerState>,
     settings: SagaSettings,
-    account_locks: Vec<Mutex<()>>,
 }
 
 /// A transaction to advance, with what caused it and the correlation id to carry on.
-struct Work {
-    transaction_id: TransactionId,
-    correlation_id: String,
-    cause: String,
+#[derive(Debug, Clone)]
+pub struct Work {
+    pub transaction_id: TransactionId,
+    pub correlation_id: String,
+    pub cause: String,
+}
+
+/// One transaction within a batch.
+struct Item {
+    work: Work,
+    /// Its state as last loaded or decided, with the stream's version.
+    state: Option<(Transaction, u64)>,
+    /// Set once the transaction is settled for this batch.
+    result: Option<Result<Progress>>,
 }
 
 impl Saga {
     pub fn new(
         accounts: Arc<AggregateStore<AccountAggregate>>,
         transactions: Arc<AggregateStore<TransactionAggregate>>,
-        pool: PgPool,
+        log: Arc<dyn EventLog>,
+        state: Arc<dyn FollowerState>,
         settings: SagaSettings,
     ) -> Self {
         Saga {
             accounts,
             transactions,
-            reader: LogReader::new(pool.clone(), "events"),
-            pool,
+            log,
+            state,
             settings,
-            account_locks: (0..ACCOUNT_LOCK_STRIPES).map(|_| Mutex::new(())).collect(),
         }
-    }
-
-    /// Runs the saga while this instance holds the leader lock, until `cancel`. A lost lock is
-    /// re-acquired; a failed batch is retried after a pause.
-    pub async fn run(self: Arc<Self>, lock_options: PgConnectOptions, cancel: CancellationToken) {
-        while !cancel.is_cancelled() {
-            let leadership = match Leadership::acquire(&lock_options, "saga", &cancel).await {
-                Ok(Some(leadership)) => leadership,
-                Ok(None) => return,
-                Err(error) => {
-                    tracing::error!(error.message = %error, "saga cannot take its leader lock");
-                    tokio::time::sleep(BATCH_RETRY_DELAY).await;
-                    continue;
-                }
-            };
-            self.lead(leadership, &cancel).await;
-        }
-        tracing::info!("saga stopped");
-    }
-
-    async fn lead(&self, mut leadership: Leadership, cancel: &CancellationToken) {
-        match self.resume_all().await {
-            Ok(resumed) => tracing::info!(resumed, "saga resumed in-flight transactions"),
-            Err(error) => {
-                tracing::error!(error.message = %error, "saga resume failed; will retry when due")
-            }
-        }
-        let mut housekeeping = Instant::now();
-        while !cancel.is_cancelled() {
-            if housekeeping.elapsed() >= HOUSEKEEPING_INTERVAL {
-                housekeeping = Instant::now();
-                if !leadership.still_held().await {
-                    return;
-                }
-                if let Err(error) = self.process_due(self.settings.batch_size).await {
-                    tracing::error!(error.message = %error, "saga due scan failed");
-                }
-            }
-            let pause = match self.try_process_batch(self.settings.batch_size).await {
-                Ok(BatchOutcome::Processed(_)) => continue,
-                Ok(BatchOutcome::Idle) => self.settings.poll_interval,
-                Err(error) => {
-                    tracing::error!(error.message = %error, "saga batch failed");
-                    BATCH_RETRY_DELAY
-                }
-            };
-            tokio::select! {
-                () = cancel.cancelled() => {}
-                () = tokio::time::sleep(pause) => {}
-            }
-        }
-    }
-
-    /// One step of the log follower: advance the transactions of up to `max` new events, then
-    /// move the checkpoint.
-    pub async fn try_process_batch(&self, max: i64) -> Result<BatchOutcome> {
-        let checkpoint = checkpoints::load(&self.pool, CHECKPOINT).await?;
-        let events = self
-            .reader
-            .read_after(checkpoint, max, Some("transaction"))
-            .await?;
-        let Some(last) = events.last().map(|event| event.position) else {
-            return Ok(BatchOutcome::Idle);
-        };
-        let results = self.advance_all(distinct_work(&events)).await;
-        let mut transaction = self.pool.begin().await.context("starting a saga batch")?;
-        record_progress(&mut transaction, &results).await?;
-        checkpoints::store(&mut transaction, CHECKPOINT, last).await?;
-        transaction
-            .commit()
-            .await
-            .context("committing a saga batch")?;
-        metrics::counter!("saga_events_total").increment(events.len() as u64);
-        Ok(BatchOutcome::Processed(events.len()))
     }
 
     /// Advances up to `max` in-flight transactions whose deadline or retry time has passed.
-    pub async fn process_due(&self, max: i64) -> Result<usize> {
-        let rows: Vec<(Uuid, Option<String>)> = sqlx::query_as(
-            "SELECT transaction_id, correlation_id FROM saga_inflight \
-             WHERE due_at <= now() ORDER BY due_at LIMIT $1",
-        )
-        .bind(max)
-        .fetch_all(&self.pool)
-        .await
-        .context("reading due transactions")?;
-        let count = rows.len();
-        let work = rows
+    pub async fn process_due(&self, max: usize) -> Result<usize> {
+        let due = self.state.due(max).await?;
+        let count = due.len();
+        if count == 0 {
+            return Ok(0);
+        }
+        let work = due
             .into_iter()
             .map(|(id, correlation_id)| Work {
                 transaction_id: TransactionId(id),
@@ -207,306 +134,596 @@ impl Saga {
             })
             .collect();
         let results = self.advance_all(work).await;
-        let mut transaction = self.pool.begin().await.context("starting a due scan")?;
-        record_progress(&mut transaction, &results).await?;
-        transaction
-            .commit()
-            .await
-            .context("committing a due scan")?;
+        self.state
+            .record_saga_batch(None, &progress_of(&results))
+            .await?;
         Ok(count)
     }
 
     /// Advances every in-flight transaction once, as at start after a crash. Returns how many.
     pub async fn resume_all(&self) -> Result<usize> {
-        sqlx::query("UPDATE saga_inflight SET due_at = now() WHERE due_at > now()")
-            .execute(&self.pool)
-            .await
-            .context("marking in-flight transactions due")?;
+        self.state.mark_all_due().await?;
         let mut resumed = 0;
         loop {
             let processed = self.process_due(self.settings.batch_size).await?;
             resumed += processed;
-            if processed < usize::try_from(self.settings.batch_size).unwrap_or(usize::MAX) {
+            if processed < self.settings.batch_size {
                 return Ok(resumed);
             }
         }
     }
 
-    async fn advance_all(&self, work: Vec<Work>) -> Vec<(Work, Result<Progress>)> {
-        futures::stream::iter(work)
-            .map(|work| async move {
-                let result = self
-                    .advance(work.transaction_id, &work.correlation_id, &work.cause)
-                    .await;
+    /// One batch of the log: advance the transactions of up to `batch_size` new events, then
+    /// move the checkpoint.
+    pub async fn process_log_batch(&self) -> Result<Outcome> {
+        let checkpoint = self.state.checkpoint(CHECKPOINT).await?;
+        let events = self
+            .log
+            .read_all(
+                checkpoint,
+                self.settings.batch_size,
+                LogFilter::aggregate(TRANSACTION_STREAM),
+            )
+            .await?;
+        let Some(last) = events.last().map(|event| event.position) else {
+            return Ok(Outcome::Idle);
+        };
+        let started = Instant::now();
+        for event in &events {
+            self.observe(event);
+        }
+        let work = distinct_work(&events);
+        let transactions = work.len();
+        let results = self.advance_all(work).await;
+        let progress = progress_of(&results);
+        self.state.record_saga_batch(Some(last), &progress).await?;
+        metrics::counter!("saga_events_total").increment(events.len() as u64);
+        metrics::histogram!("saga_batch_seconds").record(started.elapsed().as_secs_f64());
+        let failed = results.iter().filter(|(_, result)| result.is_err()).count();
+        tracing::info!(
+            events = events.len(),
+            transactions,
+            failed,
+            position = %last,
+            correlation_ids = %correlation_ids(&results),
+            "saga batch applied"
+        );
+        Ok(Outcome::Processed(events.len()))
+    }
+
+    /// Feeds the transactions' cache from the log the saga reads, so most states need no load.
+    fn observe(&self, event: &RecordedEvent) {
+        match decode_payload::<TransactionEvent>(
+            &event.event_type,
+            &event.event_version,
+            &event.payload,
+        ) {
+            Ok(decoded) => {
+                self.transactions
+                    .observe(&event.stream.aggregate_id, event.sequence, &decoded)
+            }
+            Err(problem) => {
+                tracing::error!(stream = %event.stream, problem, "unreadable transaction event");
+                self.transactions.forget(&event.stream.aggregate_id);
+            }
+        }
+    }
+
+    /// Carries each transaction as far as it can go now (see the module documentation). Safe
+    /// to call at any time, any number of times: each step is decided from the current state
+    /// and is a no-op once done.
+    pub async fn advance_all(&self, work: Vec<Work>) -> Vec<(Work, Result<Progress>)> {
+        let mut items: Vec<Item> = work
+            .into_iter()
+            .map(|work| Item {
+                work,
+                state: None,
+                result: None,
+            })
+            .collect();
+        for _ in 0..ROUNDS_MAX {
+            if items.iter().all(|item| item.result.is_some()) {
+                break;
+            }
+            if let Err(error) = self.round(&mut items).await {
+                // An append whose outcome is unknown: stop here, report every transaction
+                // still open as failed, and let the caller start afresh.
+                let message = error.to_string();
+                for item in items.iter_mut().filter(|item| item.result.is_none()) {
+                    item.result = Some(Err(Error::Store {
+                        context: "advancing a transaction",
+                        message: message.clone(),
+                    }));
+                }
+                break;
+            }
+        }
+        items
+            .into_iter()
+            .map(|item| {
+                let result = item.result.unwrap_or_else(|| {
+                    Err(Error::Store {
+                        context: "advancing a transaction",
+                        message: format!(
+                            "transaction {} made no progress in {ROUNDS_MAX} rounds",
+                            item.work.transaction_id
+                        ),
+                    })
+                });
                 if let Err(error) = &result {
                     tracing::warn!(
-                        transaction_id = %work.transaction_id,
-                        correlation_id = %work.correlation_id,
+                        transaction_id = %item.work.transaction_id,
+                        correlation_id = %item.work.correlation_id,
                         error.message = %error,
                         "saga step failed; will retry"
                     );
                 }
-                (work, result)
+                (item.work, result)
             })
+            .collect()
+    }
+
+    /// One round over the open items. An `Err` is an append whose outcome is unknown.
+    async fn round(&self, items: &mut [Item]) -> Result<()> {
+        self.load_transactions(items).await;
+        let now = Utc::now();
+        let mut steps: Vec<(usize, SagaStep)> = Vec::new();
+        for (index, item) in items.iter_mut().enumerate() {
+            if item.result.is_some() {
+                continue;
+            }
+            let Some((transaction, _)) = &item.state else {
+                continue;
+            };
+            match saga::next_step(transaction, now, self.settings.decision_timeout) {
+                SagaStep::Done => item.result = Some(Ok(Progress::Done)),
+                SagaStep::AwaitDecision { deadline } => {
+                    item.result = Some(Ok(Progress::Waiting { until: deadline }));
+                }
+                step => steps.push((index, step)),
+            }
+        }
+        if steps.is_empty() {
+            return Ok(());
+        }
+        let accounts = self.account_phase(items, &steps, now).await?;
+        self.transaction_phase(items, &steps, &accounts, now).await
+    }
+
+    /// Loads the state of every open item that has none: from the cache when it holds it.
+    async fn load_transactions(&self, items: &mut [Item]) {
+        let wanted: Vec<(usize, TransactionId)> = items
+            .iter()
+            .enumerate()
+            .filter(|(_, item)| item.result.is_none() && item.state.is_none())
+            .map(|(index, item)| (index, item.work.transaction_id))
+            .collect();
+        let loaded: Vec<(usize, Result<(TransactionAggregate, u64)>)> = futures::stream::iter(
+            wanted,
+        )
+        .map(|(index, id)| async move { (index, self.transactions.load(&id.to_string()).await) })
+        .buffer_unordered(self.settings.concurrency)
+        .collect()
+        .await;
+        for (index, result) in loaded {
+            let item = &mut items[index];
+            match result {
+                Ok((TransactionAggregate(Some(transaction)), version)) => {
+                    item.state = Some((transaction, version));
+                }
+                Ok((TransactionAggregate(None), _)) => {
+                    item.result = Some(Err(Error::Store {
+                        context: "advancing a transaction",
+                        message: format!("transaction {} has no events", item.work.transaction_id),
+                    }));
+                }
+                Err(error) => item.result = Some(Err(error)),
+            }
+        }
+    }
+
+    /// Decides and appends the account commands of every step that has some. Returns, per
+    /// item, what its accounts said: done, refused with a rejection reason, or "again next
+    /// round".
+    async fn account_phase(
+        &self,
+        items: &mut [Item],
+        steps: &[(usize, SagaStep)],
+        now: DateTime<Utc>,
+    ) -> Result<HashMap<usize, AccountsDone>> {
+        // Per stepping item: its index, the step's name and its account commands.
+        let mut commands: Vec<(usize, &'static str, AccountCommands)> = Vec::new();
+        for &(index, step) in steps {
+            let Some((transaction, _)) = &items[index].state else {
+                continue;
+            };
+            let (name, list) = match step {
+                SagaStep::Reserve => ("reserve", saga::reservation_commands(transaction, now)),
+                SagaStep::Settle => ("settle", saga::settlement_commands(transaction, now)),
+                SagaStep::Release => ("release", saga::release_commands(transaction, now)),
+                _ => continue,
+            };
+            commands.push((index, name, list));
+        }
+        let mut done: HashMap<usize, AccountsDone> = HashMap::new();
+        if commands.is_empty() {
+            return Ok(done);
+        }
+        // The accounts' states, from the cache when it holds them.
+        let ids: HashSet<AccountId> = commands
+            .iter()
+            .flat_map(|(_, _, list)| list.iter().map(|(id, _)| *id))
+            .collect();
+        let mut accounts: HashMap<AccountId, Working> = HashMap::new();
+        let loaded: Vec<(AccountId, Result<Marked<AccountAggregate>>)> = futures::stream::iter(ids)
+            .map(|id| async move { (id, self.accounts.load_marked(&id.to_string()).await) })
             .buffer_unordered(self.settings.concurrency)
             .collect()
-            .await
-    }
-
-    /// Carries one transaction as far as it can go now. Safe to call at any time, any number of
-    /// times: each step is decided from the current state and is a no-op once done.
-    pub async fn advance(
-        &self,
-        transaction_id: TransactionId,
-        correlation_id: &str,
-        cause: &str,
-    ) -> Result<Progress> {
-        let stream = transaction_id.to_string();
-        let metadata = EventMetadata::for_saga(correlation_id, cause);
-        for _ in 0..STEPS_PER_ADVANCE_MAX {
-            let (aggregate, _) = self.transactions.load(&stream).await?;
-            let transaction = aggregate.0.ok_or_else(|| Error::Store {
-                context: "advancing a transaction",
-                message: format!("transaction {transaction_id} has no events"),
-            })?;
-            let now = Utc::now();
-            let step = saga::next_step(&transaction, now, self.settings.decision_timeout);
-            match step {
-                SagaStep::Done => return Ok(Progress::Done),
-                SagaStep::AwaitDecision { deadline } => {
-                    return Ok(Progress::Waiting { until: deadline });
+            .await;
+        let mut unavailable: HashMap<AccountId, String> = HashMap::new();
+        for (id, result) in loaded {
+            match result {
+                Ok((state, version, fresh)) => {
+                    accounts.insert(
+                        id,
+                        Working {
+                            version,
+                            fresh,
+                            state,
+                            decisions: Vec::new(),
+                            items: Vec::new(),
+                        },
+                    );
                 }
-                SagaStep::Reserve => self.reserve(&transaction, now, &metadata).await?,
-                SagaStep::Confirm => {
-                    self.on_transaction(
-                        &transaction,
-                        TransactionCommand::Confirm { at: now },
-                        &metadata,
-                    )
-                    .await?;
-                }
-                SagaStep::Reject(reason) => {
-                    self.on_transaction(
-                        &transaction,
-                        TransactionCommand::Reject { reason, at: now },
-                        &metadata,
-                    )
-                    .await?;
-                }
-                SagaStep::Settle => {
-                    self.on_accounts(saga::settlement_commands(&transaction, now), &metadata)
-                        .await?;
-                    self.on_transaction(
-                        &transaction,
-                        TransactionCommand::CompleteSettlement { at: now },
-                        &metadata,
-                    )
-                    .await?;
-                }
-                SagaStep::Release => {
-                    self.on_accounts(saga::release_commands(&transaction, now), &metadata)
-                        .await?;
-                    self.on_transaction(
-                        &transaction,
-                        TransactionCommand::CompleteRelease { at: now },
-                        &metadata,
-                    )
-                    .await?;
+                Err(error) => {
+                    unavailable.insert(id, error.to_string());
                 }
             }
-            metrics::counter!("saga_steps_total", "step" => step_name(step)).increment(1);
-            tracing::info!(
-                transaction_id = %transaction_id,
-                correlation_id,
-                step = step_name(step),
-                "saga step"
-            );
         }
-        Err(Error::Store {
-            context: "advancing a transaction",
-            message: format!("transaction {transaction_id} made no progress"),
-        })
-    }
-
-    /// Holds on the source and reserves the credit on the destination, then records the
-    /// reservation; an account that refuses for lack of funds (or room) rejects the transaction.
-    async fn reserve(
-        &self,
-        transaction: &Transaction,
-        now: DateTime<Utc>,
-        metadata: &EventMetadata,
-    ) -> Result<()> {
-        for (account_id, command) in saga::reservation_commands(transaction, now) {
-            if let Err(refusal) = self.on_account(account_id, command, metadata).await? {
-                let Some(reason) = saga::rejection_for(&refusal) else {
-                    return Err(Error::Store {
-                        context: "reserving funds",
-                        message: format!("account {account_id} refused: {refusal}"),
-                    });
+        // Each transaction's commands in order, on the accounts' working states. Accounts are
+        // appended in the order they were first changed, so the log reads as the steps ran
+        // (a source's hold before its destination's credit).
+        let mut changed: Vec<AccountId> = Vec::new();
+        for (index, name, list) in commands {
+            let work = &items[index].work;
+            let mut outcome = AccountsDone::Done;
+            for (account_id, command) in list {
+                if let Some(problem) = unavailable.get(&account_id) {
+                    outcome = AccountsDone::Failed(problem.clone());
+                    break;
+                }
+                let Some(account) = accounts.get_mut(&account_id) else {
+                    outcome = AccountsDone::Failed(format!("account {account_id} is missing"));
+                    break;
                 };
-                return self
-                    .on_transaction(
-                        transaction,
-                        TransactionCommand::Reject { reason, at: now },
-                        metadata,
-                    )
-                    .await;
+                account.items.push(index);
+                match AggregateStore::<AccountAggregate>::decide(&account.state, command).await {
+                    Ok((next, events)) => {
+                        if !events.is_empty() {
+                            if account.decisions.is_empty() {
+                                changed.push(account_id);
+                            }
+                            let metadata = metadata::for_saga(
+                                &work.correlation_id,
+                                &work.cause,
+                                format!("saga/{}/{name}/{account_id}", work.transaction_id),
+                            );
+                            account.decisions.push((events, metadata));
+                            account.state = next;
+                        }
+                    }
+                    Err(_) if !account.fresh => {
+                        // A refusal decided on a cached state is decided again next round, on
+                        // the state the log holds: a stale one could refuse what it allows.
+                        self.accounts.forget(&account_id.to_string());
+                        outcome = AccountsDone::Again;
+                        break;
+                    }
+                    Err(refusal) => {
+                        outcome = match saga::rejection_for(&refusal) {
+                            Some(reason) if name == "reserve" => AccountsDone::Refused(reason),
+                            _ => AccountsDone::Failed(format!(
+                                "account {account_id} refused: {refusal}"
+                            )),
+                        };
+                        break;
+                    }
+                }
+            }
+            done.insert(index, outcome);
+        }
+        // One append per account, all together.
+        let pending: Vec<Pending<AccountAggregate>> = changed
+            .iter()
+            .map(|id| {
+                let account = &accounts[id];
+                Pending {
+                    id: id.to_string(),
+                    expected_version: account.version,
+                    state_after: account.state.clone(),
+                    decisions: account.decisions.clone(),
+                }
+            })
+            .collect();
+        let ids = changed;
+        if !pending.is_empty() {
+            let outcomes = self.accounts.append_all(pending).await?;
+            for (id, outcome) in ids.iter().zip(outcomes) {
+                if outcome == AppendOutcome::Conflict {
+                    metrics::counter!("saga_conflicts_total", "stream" => "account").increment(1);
+                    for index in &accounts[id].items {
+                        done.insert(*index, AccountsDone::Again);
+                    }
+                }
             }
         }
-        self.on_transaction(
-            transaction,
-            TransactionCommand::RecordReservation { at: now },
-            metadata,
-        )
-        .await
+        Ok(done)
     }
 
-    async fn on_accounts(
+    /// Decides and appends each stepping transaction's own events.
+    async fn transaction_phase(
         &self,
-        commands: Vec<(AccountId, AccountCommand)>,
-        metadata: &EventMetadata,
+        items: &mut [Item],
+        steps: &[(usize, SagaStep)],
+        accounts: &HashMap<usize, AccountsDone>,
+        now: DateTime<Utc>,
     ) -> Result<()> {
-        for (account_id, command) in commands {
-            self.on_account(account_id, command, metadata)
-                .await?
-                .map_err(|refusal| Error::Store {
-                    context: "applying a saga step to an account",
-                    message: format!("account {account_id} refused: {refusal}"),
-                })?;
+        let mut pending: Vec<(usize, Pending<TransactionAggregate>)> = Vec::new();
+        for &(index, step) in steps {
+            let item = &mut items[index];
+            let Some((transaction, version)) = item.state.clone() else {
+                continue;
+            };
+            let first = match (step, accounts.get(&index)) {
+                (_, Some(AccountsDone::Again)) => continue,
+                (_, Some(AccountsDone::Failed(problem))) => {
+                    item.result = Some(Err(Error::Store {
+                        context: "applying a saga step to an account",
+                        message: problem.clone(),
+                    }));
+                    continue;
+                }
+                (SagaStep::Reserve, Some(AccountsDone::Refused(reason))) => {
+                    TransactionCommand::Reject {
+                        reason: *reason,
+                        at: now,
+                    }
+                }
+                (SagaStep::Reserve, _) => TransactionCommand::RecordReservation { at: now },
+                (SagaStep::Settle, _) => TransactionCommand::CompleteSettlement { at: now },
+                (SagaStep::Release, _) => TransactionCommand::CompleteRelease { at: now },
+                (SagaStep::Confirm, _) => TransactionCommand::Confirm { at: now },
+                (SagaStep::Reject(reason), _) => TransactionCommand::Reject { reason, at: now },
+                (SagaStep::AwaitDecision { .. } | SagaStep::Done, _) => continue,
+            };
+            match self.decide_chain(&item.work, transaction, first, now).await {
+                Ok(Some((state_after, decisions))) => pending.push((
+                    index,
+                    Pending {
+                        id: item.work.transaction_id.to_string(),
+                        expected_version: version,
+                        state_after,
+                        decisions,
+                    },
+                )),
+                Ok(None) => {
+                    // Nothing to record (already recorded): look again next round, fresh.
+                    self.transactions
+                        .forget(&item.work.transaction_id.to_string());
+                    item.state = None;
+                }
+                Err(error) => item.result = Some(Err(error)),
+            }
+        }
+        if pending.is_empty() {
+            return Ok(());
+        }
+        let (indexes, pending): (Vec<usize>, Vec<Pending<TransactionAggregate>>) =
+            pending.into_iter().unzip();
+        let states: Vec<(TransactionAggregate, u64)> = pending
+            .iter()
+            .map(|item| {
+                let events: usize = item.decisions.iter().map(|(events, _)| events.len()).sum();
+                (
+                    item.state_after.clone(),
+                    item.expected_version + events as u64,
+                )
+            })
+            .collect();
+        let outcomes = self.transactions.append_all(pending).await?;
+        for ((index, outcome), (state, version)) in indexes.into_iter().zip(outcomes).zip(states) {
+            let item = &mut items[index];
+            match (outcome, state.0) {
+                (AppendOutcome::Appended { .. }, Some(transaction)) => {
+                    item.state = Some((transaction, version));
+                }
+                (AppendOutcome::Conflict, _) => {
+                    metrics::counter!("saga_conflicts_total", "stream" => "transaction")
+                        .increment(1);
+                    item.state = None;
+                }
+                // A duplicate (written by an earlier attempt) or a state that vanished: read it.
+                _ => item.state = None,
+            }
         }
         Ok(())
     }
 
-    async fn on_account(
+    /// Decides `first` on the transaction, then whatever transaction-only step follows at once
+    /// (a reservation with an approval on record is confirmed in the same append). `None` when
+    /// nothing is to be recorded.
+    async fn decide_chain(
         &self,
-        account_id: AccountId,
-        command: AccountCommand,
-        metadata: &EventMetadata,
-    ) -> Result<Result<(), AccountError>> {
-        let stripe = stripe_of(account_id);
-        let _serialised = self.account_locks[stripe].lock().await;
-        let outcome = self
-            .accounts
-            .execute(&account_id.to_string(), command, &metadata.to_map())
-            .await?;
-        Ok(outcome.map(|_| ()))
+        work: &Work,
+        transaction: Transaction,
+        first: TransactionCommand,
+        now: DateTime<Utc>,
+    ) -> Result<
+        Option<(
+            TransactionAggregate,
+            Vec<(Vec<TransactionEvent>, EventMetadata)>,
+        )>,
+    > {
+        let mut state = TransactionAggregate(Some(transaction));
+        let mut decisions = Vec::new();
+        let mut command = Some(first);
+        while let Some(next) = command.take() {
+            let name = command_name(&next);
+            let (after, events) = AggregateStore::<TransactionAggregate>::decide(&state, next)
+                .await
+                .map_err(|refusal| Error::Store {
+                    context: "recording a saga step",
+                    message: format!("transaction {} refused: {refusal}", work.transaction_id),
+                })?;
+            if events.is_empty() {
+                break;
+            }
+            decisions.push((
+                events,
+                metadata::for_saga(
+                    &work.correlation_id,
+                    &work.cause,
+                    format!("saga/{}/{name}", work.transaction_id),
+                ),
+            ));
+            state = after;
+            let Some(transaction) = &state.0 else {
+                break;
+            };
+            command = match saga::next_step(transaction, now, self.settings.decision_timeout) {
+                SagaStep::Confirm => Some(TransactionCommand::Confirm { at: now }),
+                SagaStep::Reject(reason) => Some(TransactionCommand::Reject { reason, at: now }),
+                _ => None,
+            };
+        }
+        Ok((!decisions.is_empty()).then_some((state, decisions)))
+    }
+}
+
+/// The account commands of one step.
+type AccountCommands = Vec<(AccountId, AccountCommand)>;
+
+/// A loaded state, its version, and whether it was read from the log now.
+type Marked<A> = (A, u64, bool);
+
+/// What a transaction's account commands came to in a round.
+#[derive(Debug, Clone)]
+enum AccountsDone {
+    /// Decided (or nothing to do) and appended.
+    Done,
+    /// An account refused the reservation for this reason, decided on its fresh state.
+    Refused(RejectionReason),
+    /// An account's append conflicted: decide again next round.
+    Again,
+    /// Cannot proceed now; retried later.
+    Failed(String),
+}
+
+/// An account's state while a round decides commands on it.
+struct Working {
+    version: u64,
+    /// Whether `state` was read from the log this round (else it came from the cache).
+    fresh: bool,
+    state: AccountAggregate,
+    decisions: Vec<(Vec<AccountEvent>, EventMetadata)>,
+    /// The items with a command on this account this round.
+    items: Vec<usize>,
+}
+
+#[async_trait]
+impl Follower for Saga {
+    type Session = ();
+    type Error = Error;
+
+    fn name(&self) -> &'static str {
+        "saga"
     }
 
-    async fn on_transaction(
-        &self,
-        transaction: &Transaction,
-        command: TransactionCommand,
-        metadata: &EventMetadata,
-    ) -> Result<()> {
-        self.transactions
-            .execute(&transaction.id.to_string(), command, &metadata.to_map())
-            .await?
-            .map(|_| ())
-            .map_err(|refusal| Error::Store {
-                context: "recording a saga step",
-                message: format!("transaction {} refused: {refusal}", transaction.id),
-            })
+    /// A new session starts from the log: caches may hold states an unknown outcome left behind,
+    /// or another instance's leader changed since.
+    async fn lead(&self) -> Result<()> {
+        self.accounts.forget_all();
+        self.transactions.forget_all();
+        let resumed = self.resume_all().await?;
+        tracing::info!(resumed, "saga resumed in-flight transactions");
+        Ok(())
+    }
+
+    async fn try_process_batch(&self, _session: &mut ()) -> Result<Outcome> {
+        self.process_log_batch().await
+    }
+
+    async fn housekeeping(&self, _session: &mut ()) -> Result<()> {
+        self.process_due(self.settings.batch_size).await?;
+        Ok(())
     }
 }
 
 /// The transactions a batch touches, once each, with the latest event as the cause.
-fn distinct_work(events: &[LogEvent]) -> Vec<Work> {
+fn distinct_work(events: &[RecordedEvent]) -> Vec<Work> {
     let mut seen = HashSet::new();
     let mut work = Vec::new();
     for event in events.iter().rev() {
-        let Ok(id) = Uuid::parse_str(&event.aggregate_id) else {
-            tracing::error!(stream = %event.aggregate_id, "transaction stream id is not a UUID; skipped");
+        let Ok(id) = Uuid::parse_str(&event.stream.aggregate_id) else {
+            tracing::error!(stream = %event.stream, "transaction stream id is not a UUID; skipped");
             continue;
         };
         if seen.insert(id) {
+            let correlation_id = &event.metadata.correlation_id;
             work.push(Work {
                 transaction_id: TransactionId(id),
-                correlation_id: event
-                    .metadata_str("correlation_id")
-                    .map_or_else(|| id.to_string(), str::to_owned),
+                correlation_id: if correlation_id.is_empty() {
+                    id.to_string()
+                } else {
+                    correlation_id.clone()
+                },
                 cause: event.event_id.to_string(),
             });
         }
     }
+    work.reverse();
     work
 }
 
-/// Records, inside the batch's database transaction, which transactions are finished and when
-/// to look at the others again.
-async fn record_progress(
-    transaction: &mut sqlx::Transaction<'_, sqlx::Postgres>,
-    results: &[(Work, Result<Progress>)],
-) -> Result<()> {
-    let mut done = Vec::new();
-    let (mut waiting_ids, mut waiting_correlations, mut waiting_until) =
-        (Vec::new(), Vec::new(), Vec::new());
-    let (mut failed_ids, mut failed_correlations, mut failed_errors) =
-        (Vec::new(), Vec::new(), Vec::new());
-    for (work, result) in results {
-        let id = work.transaction_id.as_uuid();
-        match result {
-            Ok(Progress::Done) => done.push(id),
-            Ok(Progress::Waiting { until }) => {
-                waiting_ids.push(id);
-                waiting_correlations.push(work.correlation_id.clone());
-                waiting_until.push(*until);
-            }
-            Err(error) => {
-                failed_ids.push(id);
-                failed_correlations.push(work.correlation_id.clone());
-                failed_errors.push(error.to_string());
-            }
-        }
-    }
-    sqlx::query("DELETE FROM saga_inflight WHERE transaction_id = ANY($1)")
-        .bind(&done)
-        .execute(&mut **transaction)
-        .await
-        .context("removing finished transactions")?;
-    sqlx::query(
-        "INSERT INTO saga_inflight (transaction_id, correlation_id, due_at) \
-         SELECT * FROM UNNEST($1::uuid[], $2::text[], $3::timestamptz[]) \
-         ON CONFLICT (transaction_id) DO UPDATE \
-         SET due_at = EXCLUDED.due_at, attempts = 0, last_error = NULL",
-    )
-    .bind(&waiting_ids)
-    .bind(&waiting_correlations)
-    .bind(&waiting_until)
-    .execute(&mut **transaction)
-    .await
-    .context("recording waiting transactions")?;
-    // Failed steps are retried with exponential back-off, capped at a minute.
-    sqlx::query(
-        "INSERT INTO saga_inflight (transaction_id, correlation_id, due_at, attempts, last_error) \
-         SELECT id, correlation, now() + interval '1 second', 1, error \
-         FROM UNNEST($1::uuid[], $2::text[], $3::text[]) AS failed(id, correlation, error) \
-         ON CONFLICT (transaction_id) DO UPDATE \
-         SET attempts = saga_inflight.attempts + 1, last_error = EXCLUDED.last_error, \
-             due_at = now() + least(interval '1 second' * power(2, saga_inflight.attempts), interval '60 seconds')",
-    )
-    .bind(&failed_ids)
-    .bind(&failed_correlations)
-    .bind(&failed_errors)
-    .execute(&mut **transaction)
-    .await
-    .context("recording failed transactions")?;
-    Ok(())
+fn progress_of(results: &[(Work, Result<Progress>)]) -> Vec<SagaProgress> {
+    results
+        .iter()
+        .map(|(work, result)| SagaProgress {
+            transaction_id: work.transaction_id.as_uuid(),
+            correlation_id: work.correlation_id.clone(),
+            state: match result {
+                Ok(Progress::Done) => InFlight::Done,
+                Ok(Progress::Waiting { until }) => InFlight::Waiting { until: *until },
+                Err(error) => InFlight::Failed {
+                    error: error.to_string(),
+                },
+            },
+        })
+        .collect()
 }
 
-fn stripe_of(account_id: AccountId) -> usize {
-    let bits = account_id.as_uuid().as_u128();
-    // UUIDv7's low bits are random; fold all of them so any UUID version spreads well.
-    ((bits ^ (bits >> 64)) as usize) % ACCOUNT_LOCK_STRIPES
+/// The correlation ids of a batch, for its log line: one grep follows a transaction.
+fn correlation_ids(results: &[(Work, Result<Progress>)]) -> String {
+    let mut ids: Vec<&str> = results
+        .iter()
+        .map(|(work, _)| work.correlation_id.as_str())
+        .collect();
+    ids.sort_unstable();
+    ids.dedup();
+    ids.join(",")
 }
 
-fn step_name(step: SagaStep) -> &'static str {
-    match step {
-        SagaStep::Reserve => "reserve",
-        SagaStep::Confirm => "confirm",
-        SagaStep::Reject(_) => "reject",
-        SagaStep::Settle => "settle",
-        SagaStep::Release => "release",
-        SagaStep::AwaitDecision { .. } => "await_decision",
-        SagaStep::Done => "done",
+fn command_name(command: &TransactionCommand) -> &'static str {
+    match command {
+        TransactionCommand::Create { .. } => "create",
+        TransactionCommand::RecordReservation { .. } => "reserved",
+        TransactionCommand::RecordFraudDecision { .. } => "decision",
+        TransactionCommand::Confirm { .. } => "confirm",
+        TransactionCommand::Reject { .. } => "reject",
+        TransactionCommand::CompleteSettlement { .. } => "settled",
+        TransactionCommand::CompleteRelease { .. } => "released",
     }
 }
+
+/// How long the housekeeping may wait between due scans; exposed for tests.
+pub const DUE_SCAN_INTERVAL: Duration = infra::follow::HOUSEKEEPING_INTERVAL;

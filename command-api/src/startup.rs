@@ -6,11 +6,13 @@ use std::sync::Arc;
 
 use infra::amqp::Topology;
 use infra::auth::JwtVerifier;
-use infra::log::LogReader;
+use infra::eventlog::EventLog;
+use infra::eventlog::postgres::{PgEventLog, PgEventLogOptions};
+use infra::follow::{FollowSettings, follow};
+use infra::leader::{Leadership, PgLeadership};
 use infra::tasks::{Workers, serve_until_stopped};
 use sqlx::PgPool;
 use sqlx::migrate::Migrator;
-use sqlx::postgres::PgConnectOptions;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -23,6 +25,7 @@ use crate::error::{Error, Result};
 use crate::http::{AppState, router};
 use crate::relay::{Relay, RelaySettings};
 use crate::saga::Saga;
+use crate::state::{FollowerState, PgFollowerState};
 use crate::store::AggregateStore;
 
 /// command-api's own schema (SPEC §2): the event store, snapshots and saga state.
@@ -39,7 +42,11 @@ pub struct App {
     saga: Arc<Saga>,
     relay: Arc<Relay>,
     consumer: Arc<DecisionConsumer>,
-    lock_options: PgConnectOptions,
+    leadership: Arc<dyn Leadership>,
+    follower_state: Arc<dyn FollowerState>,
+    background_log: Arc<dyn EventLog>,
+    pools: Vec<PgPool>,
+    follow_settings: FollowSettings,
 }
 
 impl App {
@@ -47,30 +54,49 @@ impl App {
     pub async fn build(config: Config) -> Result<App> {
         // Idempotent: `/metrics` renders the process-wide recorder, installed once.
         infra::telemetry::init_metrics();
-        let pool = infra::db::connect(
+        // Requests and background work (saga, relay, lag) read through pools of their own, so a
+        // burst of requests never starves the followers, nor the reverse. Appends go through
+        // the event log's committer, on a session of its own.
+        let requests = infra::db::connect(
             &config.database_url,
             SCHEMA,
             config.database_max_connections,
         )
         .await?;
-        migrate(&pool).await?;
-        let lock_options = infra::db::connect_options(&config.database_url, SCHEMA)?;
-        let accounts = Arc::new(AggregateStore::<AccountAggregate>::new(pool.clone()));
-        let transactions = Arc::new(AggregateStore::<TransactionAggregate>::new(pool.clone()));
+        migrate(&requests).await?;
+        let background = infra::db::connect(
+            &config.database_url,
+            SCHEMA,
+            config.background_max_connections,
+        )
+        .await?;
+        let session = infra::db::connect_options(&config.database_url, SCHEMA)?;
+        let log = PgEventLog::open(
+            requests.clone(),
+            PgEventLogOptions::writer(SCHEMA, session.clone()),
+        )
+        .await?;
+        let background_log: Arc<dyn EventLog> = Arc::new(log.reading_from(background.clone()));
+        let log: Arc<dyn EventLog> = Arc::new(log);
+        let follower_state: Arc<dyn FollowerState> =
+            Arc::new(PgFollowerState::new(background.clone()));
+        let accounts = Arc::new(AggregateStore::<AccountAggregate>::new(log.clone()));
+        let transactions = Arc::new(AggregateStore::<TransactionAggregate>::new(log.clone()));
         let saga = Arc::new(Saga::new(
             accounts.clone(),
             transactions.clone(),
-            pool.clone(),
+            background_log.clone(),
+            follower_state.clone(),
             config.saga_settings(),
         ));
         let topology = Topology::new(&config.amqp_prefix)?;
         let relay = Arc::new(Relay::new(
-            pool.clone(),
+            background_log.clone(),
+            follower_state.clone(),
             RelaySettings {
                 amqp_url: config.amqp_url.clone(),
                 topology: topology.clone(),
                 window: config.relay_window,
-                poll_interval: config.saga_settings().poll_interval,
             },
         ));
         let consumer = Arc::new(DecisionConsumer::new(
@@ -84,7 +110,7 @@ impl App {
         let state = AppState {
             accounts,
             transactions,
-            pool,
+            log,
             verifier: Arc::new(JwtVerifier::new(&config.jwt_secret)?),
             broker_connected: consumer.connection_flag(),
         };
@@ -99,7 +125,11 @@ impl App {
             saga,
             relay,
             consumer,
-            lock_options,
+            leadership: Arc::new(PgLeadership::new(session)),
+            follower_state,
+            background_log,
+            pools: vec![requests, background],
+            follow_settings: config.follow_settings(),
         })
     }
 
@@ -120,13 +150,24 @@ impl App {
         self.saga.clone()
     }
 
+    /// The pool requests read with.
     pub fn pool(&self) -> PgPool {
-        self.state.pool.clone()
+        self.pools[0].clone()
+    }
+
+    /// Every pool of the service (a test that kills it closes their sessions).
+    pub fn pools(&self) -> Vec<PgPool> {
+        self.pools.clone()
+    }
+
+    /// The event log requests append to.
+    pub fn log(&self) -> Arc<dyn EventLog> {
+        self.state.log.clone()
     }
 
     /// Serves HTTP and runs the saga, the relay and the decision consumer until `shutdown`
     /// resolves; then stops taking requests and messages, lets in-flight ones finish, stops the
-    /// saga and relay after their current batch, closes the broker channels and the pool. A
+    /// saga and relay after their current batch, closes the broker channels and the pools. A
     /// worker that stops on its own stops the service too, with an error.
     pub async fn run_until_stopped(
         self,
@@ -136,15 +177,23 @@ impl App {
         let mut workers = Workers::new(cancel.clone());
         workers.spawn(
             "saga",
-            self.saga
-                .clone()
-                .run(self.lock_options.clone(), cancel.clone()),
+            follow(
+                self.saga.clone(),
+                self.leadership.clone(),
+                self.background_log.subscribe(),
+                self.follow_settings,
+                cancel.clone(),
+            ),
         );
         workers.spawn(
             "relay",
-            self.relay
-                .clone()
-                .run(self.lock_options.clone(), cancel.clone()),
+            follow(
+                self.relay.clone(),
+                self.leadership.clone(),
+                self.background_log.subscribe(),
+                self.follow_settings,
+                cancel.clone(),
+            ),
         );
         workers.spawn(
             "decision consumer",
@@ -153,15 +202,16 @@ impl App {
         workers.spawn(
             "lag reporter",
             checkpoints::report_lag(
-                self.state.pool.clone(),
-                LogReader::new(self.state.pool.clone(), "events"),
+                self.background_log.clone(),
+                self.follower_state.clone(),
                 cancel.clone(),
             ),
         );
-        let pool = self.state.pool.clone();
         let served =
             serve_until_stopped(self.listener, router(self.state), workers, shutdown).await;
-        pool.close().await;
+        for pool in self.pools {
+            pool.close().await;
+        }
         served.map_err(Error::Infra)
     }
 }

@@ -1,161 +1,324 @@
-//! The event store: postgres-es's repository for reading and appending, wrapped in our own
-//! implementation of cqrs-es's `EventStore` that keeps long-lived streams cheap to load.
+//! The store façade: aggregates in, domain states out. Handlers, the saga and the decision
+//! consumer ask it to run a command on a stream and get back what happened
+//! ([`Executed::Appended`], [`Executed::Unchanged`] or [`Executed::Refused`]), never a cqrs-es
+//! wrapper or a nested `Result`.
 //!
-//! Not cqrs-es 0.5's snapshot modes (they apply the new events twice, NOTES). Instead:
-//! - an in-process cache of recently used aggregates, keyed by stream, holding the state *after*
-//!   a known sequence; a load reads only the events after it (usually none);
-//! - a snapshot table written every [`SNAPSHOT_EVERY`] events from the state `handle` already
-//!   produced (never re-applying events), for cold loads.
+//! Under it sit the cqrs-es aggregates (the domain's `decide` and `apply` behind `handle`) and
+//! the [`EventLog`] seam. It keeps streams cheap:
+//! - an in-process cache of recently used aggregates, holding the state *after* a known version,
+//!   filled by loads, by this process's own appends and by the saga from the log it follows
+//!   ([`AggregateStore::observe`]);
+//! - snapshots written every [`SNAPSHOT_EVERY`] events from the state `handle` already produced
+//!   (never re-applying events: cqrs-es 0.5's snapshot modes do, NOTES), for cold loads.
 //!
-//! Both are shortcuts: a load through them equals a full replay (tested), and either may be
-//! stale without harm because the events after it are always read. Writes use the stream's
-//! expected version; a conflict reloads and decides again, bounded, so conflicts never reach
-//! a client.
+//! A command is decided on the cached state without reading the database. That is safe because
+//! only an append can act on it, and an append carries the version it was decided at: a stale
+//! cache conflicts, is refreshed, and the command is decided again (bounded, jittered), so a
+//! conflict never reaches a client. A refusal or a no-op decided on a cached state is checked
+//! against a fresh load before it is believed, since a stale state could refuse what the real
+//! one allows.
 
-use std::collections::HashMap;
 use std::num::NonZeroUsize;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use cqrs_es::Aggregate;
 use cqrs_es::event_sink::EventSink;
-use cqrs_es::persist::{EventStoreAggregateContext, PersistedEventRepository, SerializedEvent};
-use cqrs_es::{Aggregate, AggregateError, DomainEvent, EventEnvelope, EventStore};
-use infra::log::LogPosition;
+use infra::codec::{StoredEvent, decode_stream_event, encode};
+use infra::eventlog::{
+    Append, AppendOutcome, EventLog, EventMetadata, LogPosition, Snapshot, StreamId,
+};
 use lru::LruCache;
-use postgres_es::PostgresEventRepository;
 use rand::Rng;
-use serde_json::Value;
-use sqlx::PgPool;
 
-use crate::aggregates::{AccountAggregate, EVENT_VERSION, TransactionAggregate};
-use crate::error::{DatabaseContext, Error, Result};
+use crate::error::{Error, Result};
 
 /// A snapshot is written each time a stream crosses a multiple of this many events, so a cold
 /// load reads at most this many events past its snapshot. 100 keeps snapshot writes at 1 % of
 /// appends while bounding a cold load to ~100 small JSON rows.
-pub const SNAPSHOT_EVERY: usize = 100;
+pub const SNAPSHOT_EVERY: u64 = 100;
 
 /// Streams kept in the in-process cache. An account's state is a few hundred bytes plus its open
-/// holds, so 10,000 streams stay within a few megabytes.
-pub const CACHE_STREAMS_MAX: usize = 10_000;
+/// holds, a transaction's about as much, so 50,000 streams stay within tens of megabytes while
+/// covering every transaction in flight at thousands per second.
+pub const CACHE_STREAMS_MAX: usize = 50_000;
 
 /// How many times a command is decided again after a write conflict before giving up. Writers
-/// of one stream are serialised in-process, so conflicts only come from other instances; 32
-/// jittered attempts outlast any realistic burst.
+/// of one stream are serialised in-process, so conflicts only come from other instances or a
+/// stale cache; 32 jittered attempts outlast any realistic burst.
 const CONFLICT_ATTEMPTS_MAX: u32 = 32;
 
-/// The format version of an aggregate's snapshot state. A snapshot written in another format is
-/// ignored (the stream is replayed), so changing a state type only needs this bumped.
-pub trait SnapshotFormat {
-    const STATE_VERSION: i32;
-}
-
-impl SnapshotFormat for AccountAggregate {
-    const STATE_VERSION: i32 = 1;
-}
-
-impl SnapshotFormat for TransactionAggregate {
-    const STATE_VERSION: i32 = 1;
-}
-
-/// The result of a command: the state after it, its version, and the events it appended
-/// (empty when the command was a no-op, as repeated steps are).
-#[derive(Debug)]
-pub struct Executed<A: Aggregate> {
-    pub aggregate: A,
-    pub version: usize,
-    pub committed: Vec<EventEnvelope<A>>,
-}
-
-/// An aggregate store over the `events` table of the pool's schema.
-pub struct AggregateStore<A: Aggregate> {
-    repository: PostgresEventRepository,
-    pool: PgPool,
-    snapshots: bool,
-    cache: Option<Mutex<LruCache<String, (A, usize)>>>,
-}
-
-impl<A> AggregateStore<A>
-where
-    A: Aggregate<Services = ()> + Clone + SnapshotFormat,
-    A::Command: Clone,
+/// An aggregate whose events are a domain event type of the stored format.
+pub trait StreamAggregate:
+    Aggregate<Services = (), Command: Clone + Send + Sync, Event: Send + Sync, Error: Send + Sync>
+    + Clone
+    + Send
+    + Sync
+    + 'static
 {
+    /// The format version of a snapshot's state. A snapshot of another format is ignored (the
+    /// stream is replayed), so changing a state type only needs this bumped.
+    const STATE_VERSION: i32;
+    /// The domain event stored in this aggregate's streams.
+    type Stored: StoredEvent + Clone + Send + Sync;
+    fn stored(event: &Self::Event) -> &Self::Stored;
+    fn record(event: Self::Stored) -> Self::Event;
+}
+
+/// What running a command did.
+#[derive(Debug)]
+pub enum Executed<A: Aggregate> {
+    /// The command's events are in the stream: `state` and `version` after them, `position` of
+    /// the last one. `replayed` when an earlier attempt of the same command had written them.
+    Appended {
+        state: A,
+        version: u64,
+        position: LogPosition,
+        replayed: bool,
+    },
+    /// The command changed nothing (a repeated step, a replayed request), decided on a fresh
+    /// state.
+    Unchanged { state: A, version: u64 },
+    /// The aggregate refused the command, decided on a fresh state.
+    Refused(A::Error),
+}
+
+/// Events decided for one stream, to append in a batch with other streams' ([`AggregateStore::append_all`]).
+pub struct Pending<A: StreamAggregate> {
+    pub id: String,
+    /// The version the events were decided at.
+    pub expected_version: u64,
+    /// The state after them.
+    pub state_after: A,
+    /// Each deciding command's events, with its metadata (the event ids derive from it).
+    pub decisions: Vec<(Vec<A::Stored>, EventMetadata)>,
+}
+
+/// Which shortcuts a store takes.
+#[derive(Debug, Clone, Copy)]
+pub struct StoreOptions {
+    pub cache: bool,
+    pub snapshots: bool,
+}
+
+pub struct AggregateStore<A: StreamAggregate> {
+    log: Arc<dyn EventLog>,
+    options: StoreOptions,
+    cache: Mutex<LruCache<String, (A, u64)>>,
+}
+
+impl<A: StreamAggregate> AggregateStore<A> {
     /// The store the services use: cache and snapshots on.
-    pub fn new(pool: PgPool) -> Self {
-        let capacity = NonZeroUsize::new(CACHE_STREAMS_MAX).expect("the cache bound is not zero");
-        AggregateStore {
-            repository: PostgresEventRepository::new(pool.clone()),
-            pool,
-            snapshots: true,
-            cache: Some(Mutex::new(LruCache::new(capacity))),
-        }
+    pub fn new(log: Arc<dyn EventLog>) -> Self {
+        Self::with_options(
+            log,
+            StoreOptions {
+                cache: true,
+                snapshots: true,
+            },
+        )
     }
 
     /// A store that replays every stream from its first event on every load: the reference the
     /// shortcuts are tested and measured against.
-    pub fn full_replay(pool: PgPool) -> Self {
-        AggregateStore {
-            repository: PostgresEventRepository::new(pool.clone()),
-            pool,
-            snapshots: false,
-            cache: None,
-        }
+    pub fn full_replay(log: Arc<dyn EventLog>) -> Self {
+        Self::with_options(
+            log,
+            StoreOptions {
+                cache: false,
+                snapshots: false,
+            },
+        )
     }
 
     /// A store that uses snapshots but no cache: what a freshly started instance sees.
-    pub fn snapshots_only(pool: PgPool) -> Self {
+    pub fn snapshots_only(log: Arc<dyn EventLog>) -> Self {
+        Self::with_options(
+            log,
+            StoreOptions {
+                cache: false,
+                snapshots: true,
+            },
+        )
+    }
+
+    pub fn with_options(log: Arc<dyn EventLog>, options: StoreOptions) -> Self {
+        let capacity = NonZeroUsize::new(CACHE_STREAMS_MAX).expect("the cache bound is not zero");
         AggregateStore {
-            cache: None,
-            ..AggregateStore::new(pool)
+            log,
+            options,
+            cache: Mutex::new(LruCache::new(capacity)),
         }
     }
 
-    /// The state of a stream and its version (0 and the default state when it has no events).
-    pub async fn load(&self, id: &str) -> Result<(A, usize)> {
-        let context = self.load_context(id).await?;
-        Ok((context.aggregate, context.current_sequence))
+    pub fn log(&self) -> &Arc<dyn EventLog> {
+        &self.log
     }
 
-    /// Decides `command` against the current state and appends the resulting events with the
-    /// stream's expected version, deciding again after a conflict. The outer `Result` is an
-    /// infrastructure failure; the inner one the aggregate's refusal.
+    fn stream(id: &str) -> StreamId {
+        StreamId::new(A::TYPE, id)
+    }
+
+    /// The state of a stream and its version (the default state and 0 when it has no events),
+    /// from the cache when it holds it: it may lag behind another instance's writes, which an
+    /// append would notice.
+    pub async fn load(&self, id: &str) -> Result<(A, u64)> {
+        match self.cached(id) {
+            Some(entry) => Ok(entry),
+            None => self.load_fresh(id).await,
+        }
+    }
+
+    /// Like [`AggregateStore::load`], also saying whether the state was read from the log now
+    /// (`true`) or came from the cache (`false`).
+    pub async fn load_marked(&self, id: &str) -> Result<(A, u64, bool)> {
+        match self.cached(id) {
+            Some((state, version)) => Ok((state, version, false)),
+            None => {
+                let (state, version) = self.load_fresh(id).await?;
+                Ok((state, version, true))
+            }
+        }
+    }
+
+    /// The state of a stream as the log holds it now.
+    pub async fn load_fresh(&self, id: &str) -> Result<(A, u64)> {
+        let (mut state, mut version) = match self.cached(id) {
+            Some(entry) => entry,
+            None if self.options.snapshots => self.read_snapshot(id).await?.unwrap_or_default(),
+            None => (A::default(), 0),
+        };
+        let tail = self.log.read_stream(&Self::stream(id), version).await?;
+        for event in tail {
+            let stored = decode_stream_event::<A::Stored>(&event).map_err(|problem| {
+                Error::UnreadableEvent {
+                    stream: format!("{}/{id}", A::TYPE),
+                    event_type: event.event_type.clone(),
+                    event_version: event.event_version.clone(),
+                    problem,
+                }
+            })?;
+            version = event.sequence;
+            state.apply(A::record(stored));
+        }
+        // An empty stream is not remembered: it may be created by the next request.
+        if version > 0 {
+            self.remember(id, &state, version);
+        }
+        Ok((state, version))
+    }
+
+    /// Decides `command` on `state` with the aggregate's own `handle`: the state after the
+    /// events, and the events; or the aggregate's refusal.
+    pub async fn decide(state: &A, command: A::Command) -> Result<(A, Vec<A::Stored>), A::Error> {
+        let mut next = state.clone();
+        let sink = EventSink::default();
+        next.handle(command, &(), &sink).await?;
+        let events = sink
+            .collect()
+            .await
+            .iter()
+            .map(|event| A::stored(event).clone())
+            .collect();
+        Ok((next, events))
+    }
+
+    /// Runs `command` on stream `id` (see the module documentation).
     pub async fn execute(
         &self,
         id: &str,
         command: A::Command,
-        metadata: &HashMap<String, String>,
-    ) -> Result<Result<Executed<A>, A::Error>> {
+        metadata: &EventMetadata,
+    ) -> Result<Executed<A>> {
+        let (state, version) = match self.cached(id) {
+            Some(entry) => (entry, false),
+            None => (self.load_fresh(id).await?, true),
+        };
+        self.execute_from(id, command, metadata, state, version)
+            .await
+    }
+
+    /// Runs a command that starts a stream, assuming at first that the stream is new (no read);
+    /// if it is not, the command is decided again on what it holds.
+    pub async fn execute_new(
+        &self,
+        id: &str,
+        command: A::Command,
+        metadata: &EventMetadata,
+    ) -> Result<Executed<A>> {
+        self.execute_from(id, command, metadata, (A::default(), 0), false)
+            .await
+    }
+
+    async fn execute_from(
+        &self,
+        id: &str,
+        command: A::Command,
+        metadata: &EventMetadata,
+        (mut state, mut version): (A, u64),
+        mut fresh: bool,
+    ) -> Result<Executed<A>> {
         for attempt in 0..CONFLICT_ATTEMPTS_MAX {
-            let mut context = self.load_context(id).await?;
-            let sink = EventSink::default();
-            if let Err(refusal) = context.aggregate.handle(command.clone(), &(), &sink).await {
-                return Ok(Err(refusal));
+            let decided = Self::decide(&state, command.clone()).await;
+            // Only an append is checked by the log; a refusal or a no-op decided on a cached
+            // state is decided again on a fresh one before it is believed.
+            let believable = fresh || matches!(&decided, Ok((_, events)) if !events.is_empty());
+            if !believable {
+                (state, version) = self.load_fresh(id).await?;
+                fresh = true;
+                continue;
             }
-            let events = sink.collect().await;
-            if events.is_empty() {
-                return Ok(Ok(Executed {
-                    aggregate: context.aggregate,
-                    version: context.current_sequence,
-                    committed: Vec::new(),
-                }));
-            }
-            let aggregate = context.aggregate.clone();
-            match self.commit(events, context, metadata.clone()).await {
-                Ok(committed) => {
-                    let version = committed.last().map_or(0, |envelope| envelope.sequence);
-                    return Ok(Ok(Executed {
-                        aggregate,
+            let (next, events) = match decided {
+                Err(refusal) => return Ok(Executed::Refused(refusal)),
+                Ok((next, events)) if events.is_empty() => {
+                    return Ok(Executed::Unchanged {
+                        state: next,
                         version,
-                        committed,
-                    }));
+                    });
                 }
-                Err(AggregateError::AggregateConflict) => {
+                Ok(decided) => decided,
+            };
+            let pending = Pending {
+                id: id.to_owned(),
+                expected_version: version,
+                state_after: next,
+                decisions: vec![(events, metadata.clone())],
+            };
+            let state_after = pending.state_after.clone();
+            let outcome = self.append_all(vec![pending]).await?;
+            match outcome[0] {
+                AppendOutcome::Appended {
+                    version: after,
+                    position,
+                } => {
+                    return Ok(Executed::Appended {
+                        state: state_after,
+                        version: after,
+                        position,
+                        replayed: false,
+                    });
+                }
+                AppendOutcome::Duplicate { .. } => {
+                    // Written by an earlier attempt of this command, maybe with other
+                    // timestamps: read what is stored.
+                    let (state, after) = self.load_fresh(id).await?;
+                    let position = outcome[0].written().map(|(_, position)| position);
+                    return Ok(Executed::Appended {
+                        state,
+                        version: after,
+                        position: position.unwrap_or(LogPosition::START),
+                        replayed: true,
+                    });
+                }
+                AppendOutcome::Conflict => {
                     metrics::counter!("event_store_conflicts_total", "aggregate" => A::TYPE)
                         .increment(1);
-                    self.forget(id);
-                    tokio::time::sleep(conflict_backoff(attempt)).await;
+                    if attempt > 0 {
+                        tokio::time::sleep(conflict_backoff(attempt)).await;
+                    }
+                    (state, version) = self.load_fresh(id).await?;
+                    fresh = true;
                 }
-                Err(other) => return Err(store_error("appending events", other)),
             }
         }
         Err(Error::ConflictsExhausted {
@@ -164,78 +327,107 @@ where
         })
     }
 
-    /// The log position of one stored event, for `X-Ledger-Position`.
-    pub async fn position_of(&self, id: &str, sequence: usize) -> Result<LogPosition> {
-        let (tx_id, position): (i64, i64) = sqlx::query_as(
-            "SELECT tx_id::text::bigint, position FROM events \
-             WHERE aggregate_type = $1 AND aggregate_id = $2 AND sequence = $3",
-        )
-        .bind(A::TYPE)
-        .bind(id)
-        .bind(to_i64(sequence))
-        .fetch_one(&self.pool)
-        .await
-        .context("looking up an event's log position")?;
-        Ok(LogPosition { tx_id, position })
-    }
-
-    fn forget(&self, id: &str) {
-        if let Some(cache) = &self.cache {
-            lock(cache).pop(id);
+    /// Appends several streams' decided events in one call (one group commit), remembering the
+    /// states of those written. Outcomes come back in order; a conflicting stream is forgotten,
+    /// so its next load reads the log.
+    pub async fn append_all(&self, pending: Vec<Pending<A>>) -> Result<Vec<AppendOutcome>> {
+        let mut appends = Vec::with_capacity(pending.len());
+        for item in &pending {
+            let mut events = Vec::new();
+            for (decided, metadata) in &item.decisions {
+                events.extend(encode(decided, metadata).map_err(|problem| Error::Store {
+                    context: "encoding events",
+                    message: problem,
+                })?);
+            }
+            appends.push(Append {
+                stream: Self::stream(&item.id),
+                expected_version: item.expected_version,
+                events,
+            });
         }
+        let outcomes = self.log.append(appends).await?;
+        for (item, outcome) in pending.into_iter().zip(&outcomes) {
+            match outcome {
+                AppendOutcome::Appended { version, .. } => {
+                    self.after_append(&item.id, item.expected_version, item.state_after, *version)
+                        .await;
+                }
+                AppendOutcome::Duplicate { .. } | AppendOutcome::Conflict => self.forget(&item.id),
+            }
+        }
+        Ok(outcomes)
     }
 
-    async fn load_context(&self, id: &str) -> Result<EventStoreAggregateContext<A>> {
-        let cached = self
-            .cache
-            .as_ref()
-            .and_then(|cache| lock(cache).get(id).cloned());
-        let (mut aggregate, mut sequence) = match cached {
-            Some(entry) => entry,
-            None if self.snapshots => self.read_snapshot(id).await?.unwrap_or_default(),
-            None => (A::default(), 0),
+    /// Advances the cached state of `id` by an event read from the log, when the cache holds the
+    /// state right before it; otherwise leaves the cache alone (a later load reads the log).
+    ///
+    /// It never creates an entry: a follower replaying the log behind its streams' heads (after
+    /// a restart, its checkpoint behind what it had done) would otherwise cache a state older
+    /// than its own later events, and the saga decides account steps from those states.
+    pub fn observe(&self, id: &str, sequence: u64, event: &A::Stored) {
+        if !self.options.cache {
+            return;
+        }
+        let mut cache = lock(&self.cache);
+        let advanced = match cache.peek_mut(id) {
+            Some((state, version)) if *version + 1 == sequence => {
+                state.apply(A::record(event.clone()));
+                *version = sequence;
+                true
+            }
+            Some((_, version)) if *version >= sequence => true,
+            Some(_) => false,
+            None => true,
         };
-        let tail = self
-            .repository
-            .get_last_events::<A>(id, sequence)
-            .await
-            .map_err(|error| Error::Store {
-                context: "reading a stream",
-                message: error.to_string(),
-            })?;
-        for event in tail {
-            sequence = event.sequence;
-            aggregate.apply(deserialize::<A>(event)?);
+        if !advanced {
+            // A gap: something was missed; the next load reads the log.
+            cache.pop(id);
         }
-        if let Some(cache) = &self.cache {
-            lock(cache).put(id.to_owned(), (aggregate.clone(), sequence));
-        }
-        Ok(EventStoreAggregateContext {
-            aggregate_id: id.to_owned(),
-            aggregate,
-            current_sequence: sequence,
-            current_snapshot: None,
-        })
     }
 
-    async fn read_snapshot(&self, id: &str) -> Result<Option<(A, usize)>> {
-        let row: Option<(i64, i32, Value)> = sqlx::query_as(
-            "SELECT sequence, state_version, state FROM aggregate_snapshots \
-             WHERE aggregate_type = $1 AND aggregate_id = $2",
-        )
-        .bind(A::TYPE)
-        .bind(id)
-        .fetch_optional(&self.pool)
-        .await
-        .context("reading a snapshot")?;
-        let Some((sequence, state_version, state)) = row else {
+    /// Drops a stream from the cache.
+    pub fn forget(&self, id: &str) {
+        lock(&self.cache).pop(id);
+    }
+
+    /// Drops every cached stream (a new leader starts from the log).
+    pub fn forget_all(&self) {
+        lock(&self.cache).clear();
+    }
+
+    fn cached(&self, id: &str) -> Option<(A, u64)> {
+        if !self.options.cache {
+            return None;
+        }
+        lock(&self.cache).get(id).cloned()
+    }
+
+    fn remember(&self, id: &str, state: &A, version: u64) {
+        if self.options.cache {
+            lock(&self.cache).put(id.to_owned(), (state.clone(), version));
+        }
+    }
+
+    async fn after_append(&self, id: &str, before: u64, state: A, after: u64) {
+        if self.options.snapshots && after / SNAPSHOT_EVERY > before / SNAPSHOT_EVERY {
+            // The events are committed; a failed snapshot only costs a longer load later.
+            if let Err(error) = self.write_snapshot(id, &state, after).await {
+                tracing::warn!(stream = %id, error.message = %error, "snapshot not written");
+            }
+        }
+        self.remember(id, &state, after);
+    }
+
+    async fn read_snapshot(&self, id: &str) -> Result<Option<(A, u64)>> {
+        let Some(snapshot) = self.log.read_snapshot(&Self::stream(id)).await? else {
             return Ok(None);
         };
-        if state_version != A::STATE_VERSION {
+        if snapshot.state_version != A::STATE_VERSION {
             return Ok(None);
         }
-        match serde_json::from_value::<A>(state) {
-            Ok(aggregate) => Ok(Some((aggregate, usize::try_from(sequence).unwrap_or(0)))),
+        match serde_json::from_str::<A>(&snapshot.state) {
+            Ok(state) => Ok(Some((state, snapshot.version))),
             Err(error) => {
                 tracing::warn!(stream = %id, error.message = %error, "unreadable snapshot ignored");
                 Ok(None)
@@ -243,140 +435,22 @@ where
         }
     }
 
-    async fn write_snapshot(&self, id: &str, aggregate: &A, sequence: usize) -> Result<()> {
-        let state = serde_json::to_value(aggregate).map_err(|error| Error::Store {
+    async fn write_snapshot(&self, id: &str, state: &A, version: u64) -> Result<()> {
+        let state = serde_json::to_string(state).map_err(|error| Error::Store {
             context: "serialising a snapshot",
             message: error.to_string(),
         })?;
-        // Only ever move a snapshot forward: a slower writer must not replace a newer one.
-        sqlx::query(
-            "INSERT INTO aggregate_snapshots (aggregate_type, aggregate_id, sequence, state_version, state) \
-             VALUES ($1, $2, $3, $4, $5) \
-             ON CONFLICT (aggregate_type, aggregate_id) DO UPDATE \
-             SET sequence = EXCLUDED.sequence, state_version = EXCLUDED.state_version, \
-                 state = EXCLUDED.state, taken_at = now() \
-             WHERE aggregate_snapshots.sequence < EXCLUDED.sequence \
-                OR aggregate_snapshots.state_version <> EXCLUDED.state_version",
-        )
-        .bind(A::TYPE)
-        .bind(id)
-        .bind(to_i64(sequence))
-        .bind(A::STATE_VERSION)
-        .bind(state)
-        .execute(&self.pool)
-        .await
-        .context("writing a snapshot")?;
+        self.log
+            .write_snapshot(
+                &Self::stream(id),
+                Snapshot {
+                    version,
+                    state_version: A::STATE_VERSION,
+                    state,
+                },
+            )
+            .await?;
         Ok(())
-    }
-}
-
-impl<A> EventStore<A> for AggregateStore<A>
-where
-    A: Aggregate<Services = ()> + Clone + SnapshotFormat,
-    A::Command: Clone,
-{
-    type AC = EventStoreAggregateContext<A>;
-
-    async fn load_events(
-        &self,
-        id: &str,
-    ) -> Result<Vec<EventEnvelope<A>>, AggregateError<A::Error>> {
-        let events = self.repository.get_events::<A>(id).await?;
-        events
-            .into_iter()
-            .map(|event| {
-                let (aggregate_id, sequence) = (event.aggregate_id.clone(), event.sequence);
-                let metadata = serde_json::from_value(event.metadata.clone())
-                    .map_err(|error| AggregateError::DeserializationError(Box::new(error)))?;
-                let payload = deserialize::<A>(event)
-                    .map_err(|error| AggregateError::DeserializationError(Box::new(error)))?;
-                Ok(EventEnvelope {
-                    aggregate_id,
-                    sequence,
-                    payload,
-                    metadata,
-                })
-            })
-            .collect()
-    }
-
-    async fn load_aggregate(&self, id: &str) -> Result<Self::AC, AggregateError<A::Error>> {
-        self.load_context(id)
-            .await
-            .map_err(|error| AggregateError::UnexpectedError(Box::new(error)))
-    }
-
-    /// Appends `events`. `context.aggregate` is the state *after* them: `handle` applied each
-    /// event through the sink, so the state is cached and snapshotted as is, never re-applied.
-    async fn commit(
-        &self,
-        events: Vec<A::Event>,
-        context: Self::AC,
-        metadata: HashMap<String, String>,
-    ) -> Result<Vec<EventEnvelope<A>>, AggregateError<A::Error>> {
-        let id = context.aggregate_id.clone();
-        let before = context.current_sequence;
-        let envelopes: Vec<EventEnvelope<A>> = events
-            .into_iter()
-            .zip(before + 1..)
-            .map(|(payload, sequence)| EventEnvelope {
-                aggregate_id: id.clone(),
-                sequence,
-                payload,
-                metadata: metadata.clone(),
-            })
-            .collect();
-        let serialized = envelopes
-            .iter()
-            .map(serialize)
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|error| AggregateError::UnexpectedError(Box::new(error)))?;
-        self.repository.persist::<A>(&serialized, None).await?;
-        let after = before + envelopes.len();
-        if self.snapshots && after / SNAPSHOT_EVERY > before / SNAPSHOT_EVERY {
-            // The events are committed; a failed snapshot only costs a longer load later.
-            if let Err(error) = self.write_snapshot(&id, &context.aggregate, after).await {
-                tracing::warn!(stream = %id, error.message = %error, "snapshot not written");
-            }
-        }
-        if let Some(cache) = &self.cache {
-            lock(cache).put(id, (context.aggregate, after));
-        }
-        Ok(envelopes)
-    }
-}
-
-fn serialize<A: Aggregate>(envelope: &EventEnvelope<A>) -> serde_json::Result<SerializedEvent> {
-    Ok(SerializedEvent {
-        aggregate_id: envelope.aggregate_id.clone(),
-        sequence: envelope.sequence,
-        aggregate_type: A::TYPE.to_owned(),
-        event_type: envelope.payload.event_type(),
-        event_version: envelope.payload.event_version(),
-        payload: serde_json::to_value(&envelope.payload)?,
-        metadata: serde_json::to_value(&envelope.metadata)?,
-    })
-}
-
-/// Reads a stored event. Version 1 is the only payload format so far; a later format adds its
-/// upcaster here.
-fn deserialize<A: Aggregate>(event: SerializedEvent) -> Result<A::Event> {
-    let unreadable = |problem: String| Error::UnreadableEvent {
-        stream: format!("{}/{}", A::TYPE, event.aggregate_id),
-        event_type: event.event_type.clone(),
-        event_version: event.event_version.clone(),
-        problem,
-    };
-    if event.event_version != EVENT_VERSION {
-        return Err(unreadable("unknown event version".to_owned()));
-    }
-    serde_json::from_value(event.payload.clone()).map_err(|error| unreadable(error.to_string()))
-}
-
-fn store_error<E: std::error::Error>(context: &'static str, error: AggregateError<E>) -> Error {
-    Error::Store {
-        context,
-        message: error.to_string(),
     }
 }
 
@@ -391,8 +465,4 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     mutex
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner)
-}
-
-fn to_i64(sequence: usize) -> i64 {
-    i64::try_from(sequence).expect("a stream never holds more than i64::MAX events")
 }

@@ -32,7 +32,9 @@ pub struct TestOptions {
     /// The RabbitMQ topology's prefix: each test its own.
     pub amqp_prefix: String,
     pub decision_timeout_seconds: u64,
-    pub saga_concurrency: u64,
+    pub saga_concurrency: usize,
+    /// Events per saga batch: the kill tests also run with large ones.
+    pub saga_batch_size: usize,
     pub database_max_connections: u32,
 }
 
@@ -41,8 +43,9 @@ impl Default for TestOptions {
         TestOptions {
             amqp_prefix: format!("test-{}", Uuid::new_v4().simple()),
             decision_timeout_seconds: 300,
-            saga_concurrency: 32,
-            database_max_connections: 16,
+            saga_concurrency: 16,
+            saga_batch_size: 512,
+            database_max_connections: 8,
         }
     }
 }
@@ -54,6 +57,8 @@ pub struct TestApp {
     pub pool: PgPool,
     pub decisions: FraudDecisions,
     pub saga: Arc<Saga>,
+    log: Arc<dyn infra::eventlog::EventLog>,
+    pools: Vec<PgPool>,
     signer: JwtSigner,
     shutdown: Option<oneshot::Sender<()>>,
     handle: Option<JoinHandle<Result<()>>>,
@@ -65,16 +70,18 @@ pub fn test_config(database_url: &str, options: &TestOptions) -> Config {
         database_url: database_url.to_owned(),
         amqp_url: amqp_url(),
         amqp_prefix: options.amqp_prefix.clone(),
-        relay_window: 256,
+        relay_window: 512,
         decision_prefetch: 64,
         listen_addr: "127.0.0.1:0".parse().expect("a literal socket address"),
         jwt_secret: SecretString::from(TEST_JWT_SECRET),
         fraud_decision_timeout_seconds: options.decision_timeout_seconds,
         log_format: infra::telemetry::LogFormat::Pretty,
         database_max_connections: options.database_max_connections,
+        background_max_connections: 4,
         saga_concurrency: options.saga_concurrency,
-        saga_batch_size: 256,
-        log_poll_interval_ms: 5,
+        saga_batch_size: options.saga_batch_size,
+        // Tests do not wait a production poll interval when a wake-up is missed.
+        log_poll_interval_ms: 20,
     }
 }
 
@@ -84,6 +91,8 @@ pub async fn spawn_app(database_url: &str, options: &TestOptions) -> Result<Test
     let app = App::build(test_config(database_url, options)).await?;
     let address = format!("http://127.0.0.1:{}", app.port());
     let pool = app.pool();
+    let pools = app.pools();
+    let log = app.log();
     let decisions = app.decisions();
     let saga = app.saga();
     let (shutdown, stopped) = oneshot::channel::<()>();
@@ -96,6 +105,8 @@ pub async fn spawn_app(database_url: &str, options: &TestOptions) -> Result<Test
         pool,
         decisions,
         saga,
+        log,
+        pools,
         signer: JwtSigner::new(&SecretString::from(TEST_JWT_SECRET))?,
         shutdown: Some(shutdown),
         handle: Some(handle),
@@ -110,6 +121,11 @@ pub async fn spawn_app_on_scratch(options: &TestOptions) -> Result<(ScratchDatab
 }
 
 impl TestApp {
+    /// The event log the app appends to.
+    pub fn log(&self) -> Arc<dyn infra::eventlog::EventLog> {
+        self.log.clone()
+    }
+
     /// A token for `subject` with `roles`, valid for ten minutes.
     pub fn token(&self, subject: Uuid, roles: &[Role]) -> String {
         self.signer
@@ -135,6 +151,8 @@ impl TestApp {
             handle.abort();
             let _ = handle.await;
         }
-        self.pool.close().await;
+        for pool in &self.pools {
+            pool.close().await;
+        }
     }
 }

@@ -22,13 +22,13 @@ pub struct AccountView {
     pub held: String,
     pub pending_credits: String,
     pub status: &'static str,
-    pub version: usize,
+    pub version: u64,
     pub created_at: String,
     pub updated_at: String,
 }
 
 impl AccountView {
-    pub fn new(account: &Account, version: usize) -> Self {
+    pub fn new(account: &Account, version: u64) -> Self {
         let money = |minor| format_minor(minor, account.currency);
         AccountView {
             id: account.id.to_string(),
@@ -64,11 +64,11 @@ pub struct TransactionView {
     pub fraud: Option<Value>,
     pub created_at: String,
     pub updated_at: String,
-    pub version: usize,
+    pub version: u64,
 }
 
 impl TransactionView {
-    pub fn new(transaction: &Transaction, version: usize) -> Self {
+    pub fn new(transaction: &Transaction, version: u64) -> Self {
         let request = &transaction.request;
         TransactionView {
             id: transaction.id.to_string(),

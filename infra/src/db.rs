@@ -75,9 +75,30 @@ async fn pool(options: PgConnectOptions, max_connections: u32) -> Result<PgPool>
     PgPoolOptions::new()
         .max_connections(max_connections)
         .acquire_timeout(ACQUIRE_TIMEOUT)
+        .after_connect(|connection, _| {
+            Box::pin(async move {
+                assert_durable(connection)
+                    .await
+                    .map_err(|error| sqlx::Error::Configuration(Box::new(error)))
+            })
+        })
         .connect_with(options)
         .await
         .context("connecting to PostgreSQL")
+}
+
+/// Refuses a session whose commits would not be durable: with `synchronous_commit = off` a
+/// commit returns before its WAL is flushed, so a crash could lose what a 202 promised. Every
+/// pooled session and the event log's committer are checked when they connect.
+pub async fn assert_durable(connection: &mut sqlx::PgConnection) -> Result<()> {
+    let setting: String = sqlx::query_scalar("SELECT current_setting('synchronous_commit')")
+        .fetch_one(&mut *connection)
+        .await
+        .context("reading synchronous_commit")?;
+    if setting == "off" {
+        return Err(Error::NotDurable(setting));
+    }
+    Ok(())
 }
 
 /// Creates the schema if needed and applies the service's migrations, safely when several

@@ -26,6 +26,18 @@ pub enum Error {
     },
     #[error("stored event at position {position} is malformed: {problem}")]
     MalformedLogRow { position: i64, problem: String },
+    /// A bounded queue stayed full past its deadline: refuse, and say when to come back.
+    #[error("{what} is full; try again in {} s", retry_after.as_secs().max(1))]
+    Overloaded {
+        what: &'static str,
+        retry_after: std::time::Duration,
+    },
+    /// An event log write failed; whether it committed is unknown (a retry is safe).
+    #[error("event log write failed: {0}")]
+    CommitFailed(String),
+    /// The database would not make commits durable (`synchronous_commit = off`).
+    #[error("PostgreSQL runs with synchronous_commit = {0}: a 202 would not be durable")]
+    NotDurable(String),
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -6,8 +6,11 @@
 
 pub mod amqp;
 pub mod auth;
+pub mod codec;
 pub mod db;
 pub mod error;
+pub mod eventlog;
+pub mod follow;
 pub mod http;
 pub mod leader;
 pub mod log;

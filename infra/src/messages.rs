@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use uuid::Uuid;
 
-use crate::log::LogEvent;
+use crate::eventlog::RecordedEvent;
 
 /// The version of [`EventMessage`] written today.
 pub const EVENT_MESSAGE_SCHEMA: u32 = 1;
@@ -35,19 +35,21 @@ pub struct EventMessage {
 }
 
 impl EventMessage {
-    pub fn from_log(event: &LogEvent) -> Self {
+    /// The message of a committed event. The payload is stored JSON, so it parses; a row that
+    /// does not is published with a `null` payload, and the consumer dead-letters it.
+    pub fn from_log(event: &RecordedEvent) -> Self {
         EventMessage {
             schema: EVENT_MESSAGE_SCHEMA,
             event_id: event.event_id,
             position: event.position.to_string(),
             recorded_at: event.recorded_at,
-            aggregate_type: event.aggregate_type.clone(),
-            aggregate_id: event.aggregate_id.clone(),
-            sequence: event.sequence,
+            aggregate_type: event.stream.aggregate_type.clone(),
+            aggregate_id: event.stream.aggregate_id.clone(),
+            sequence: i64::try_from(event.sequence).unwrap_or(i64::MAX),
             event_type: event.event_type.clone(),
             event_version: event.event_version.clone(),
-            payload: event.payload.clone(),
-            metadata: event.metadata.clone(),
+            payload: serde_json::from_str(&event.payload).unwrap_or(Value::Null),
+            metadata: serde_json::to_value(&event.metadata).unwrap_or(Value::Null),
         }
     }
 

@@ -18,7 +18,7 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 use infra::auth::{JwtSigner, Role};
-use infra::log::LogReader;
+use infra::eventlog::postgres::{PgEventLog, PgEventLogOptions};
 use projector::model::ProjectionName;
 use projector::rebuild::{RebuildOptions, RebuildProgress};
 use secrecy::SecretString;
@@ -100,8 +100,8 @@ enum Command {
         projections: Vec<String>,
         /// Events per batch (each batch is one transaction).
         #[arg(long, default_value_t = 5_000,
-              value_parser = clap::value_parser!(i64).range(1..=100_000))]
-        batch_size: i64,
+              value_parser = clap::value_parser!(u32).range(1..=100_000))]
+        batch_size: u32,
         /// Discard an interrupted rebuild's tables and start over instead of resuming.
         #[arg(long)]
         restart: bool,
@@ -216,7 +216,7 @@ pub(crate) fn bar(length: u64, template: &str) -> ProgressBar {
 async fn rebuild(
     databases: &Databases,
     projections: &[String],
-    batch_size: i64,
+    batch_size: u32,
     restart: bool,
     (redis_url, redis_key_prefix): &(String, String),
 ) -> Result<bool> {
@@ -233,57 +233,66 @@ async fn rebuild(
     };
     let read_pool = databases.read_pool().await?;
     let events_pool = databases.events_pool().await?;
-    let reader = LogReader::new(events_pool, &databases.events_table);
-    for name in names {
-        let progress = bar(
-            0,
-            "{prefix:>16} [{elapsed_precise}] {bar:40} {pos}/{len} positions ({per_sec}, eta {eta}) {msg}",
-        );
-        progress.set_prefix(name.as_str());
-        let report = projector::rebuild::rebuild(
-            &read_pool,
-            &reader,
-            name,
-            RebuildOptions {
-                batch_size,
-                restart,
-            },
-            |step| match step {
-                RebuildProgress::Started {
-                    generation,
-                    resumed_at,
-                    head,
-                } => {
-                    progress.set_length(u64::try_from(head.position).unwrap_or(0));
-                    progress.set_position(u64::try_from(resumed_at.position).unwrap_or(0));
-                    progress.set_message(format!("generation {generation}"));
+    let log = PgEventLog::open(
+        events_pool,
+        PgEventLogOptions {
+            listen: false,
+            ..PgEventLogOptions::reader(&databases.events_table)
+        },
+    )
+    .await?;
+    let progress = bar(
+        0,
+        "rebuild [{elapsed_precise}] {bar:40} {pos}/{len} positions ({per_sec}, eta {eta}) {msg}",
+    );
+    progress.set_message(
+        names
+            .iter()
+            .map(|name| name.as_str())
+            .collect::<Vec<_>>()
+            .join(", "),
+    );
+    let summary = projector::rebuild::rebuild(
+        &read_pool,
+        &log,
+        &names,
+        RebuildOptions {
+            batch_size: batch_size as usize,
+            restart,
+        },
+        |step| match step {
+            RebuildProgress::Started { resumed_at, head } => {
+                progress.set_length(u64::try_from(head.index).unwrap_or(0));
+                progress.set_position(u64::try_from(resumed_at.index).unwrap_or(0));
+            }
+            RebuildProgress::Applied { position, .. } => {
+                let at = u64::try_from(position.index).unwrap_or(0);
+                if at > progress.length().unwrap_or(0) {
+                    progress.set_length(at);
                 }
-                RebuildProgress::Applied { position, .. } => {
-                    let at = u64::try_from(position.position).unwrap_or(0);
-                    if at > progress.length().unwrap_or(0) {
-                        progress.set_length(at);
-                    }
-                    progress.set_position(at);
-                }
-                RebuildProgress::Switching => progress.set_message("switching"),
-            },
-        )
-        .await;
-        progress.finish_and_clear();
-        let report = report?;
-        let seconds = report.elapsed.as_secs_f64();
+                progress.set_position(at);
+            }
+            RebuildProgress::Switching => progress.set_message("switching"),
+        },
+    )
+    .await;
+    progress.finish_and_clear();
+    let summary = summary?;
+    let seconds = summary.elapsed.as_secs_f64();
+    for report in &summary.projections {
         println!(
-            "{}: generation {} is live (replaced {}); {} events in {:.1} s ({:.0} events/s)",
-            report.projection,
-            report.generation,
-            report.replaced_generation,
-            report.events,
-            seconds,
-            report.events as f64 / seconds.max(1e-9),
+            "{}: generation {} is live (replaced {})",
+            report.projection, report.generation, report.replaced_generation,
         );
-        if name == ProjectionName::Transactions {
-            flush_cache(redis_url, redis_key_prefix).await;
-        }
+    }
+    println!(
+        "{} events in {:.1} s ({:.0} events/s)",
+        summary.events,
+        seconds,
+        summary.events as f64 / seconds.max(1e-9),
+    );
+    if names.contains(&ProjectionName::Transactions) {
+        flush_cache(redis_url, redis_key_prefix).await;
     }
     Ok(true)
 }

@@ -9,7 +9,8 @@ use chrono::{DateTime, Utc};
 use clap::Args;
 use domain::audit::Audit;
 use domain::{Account, AccountId, Transaction, TransactionId, format_minor};
-use infra::log::{LogEvent, LogPosition};
+use infra::eventlog::RecordedEvent as LogEvent;
+use infra::log::LogPosition;
 use infra::replay::DomainEvent;
 use serde_json::{Value, json};
 use uuid::Uuid;
@@ -27,7 +28,7 @@ pub struct ReplayArgs {
     /// Only this account's events.
     #[arg(long)]
     account: Option<Uuid>,
-    /// Stop at a log position (`<tx_id>.<position>`, as in X-Ledger-Position) or a time
+    /// Stop at a log position (as in X-Ledger-Position) or a time
     /// (RFC 3339, e.g. 2026-11-21T12:00:00Z): the log is replayed in its order up to the first
     /// event recorded after that time, so the state shown is a prefix of the log.
     #[arg(long, value_parser = parse_as_of)]
@@ -50,7 +51,9 @@ fn parse_as_of(text: &str) -> std::result::Result<AsOf, String> {
     DateTime::parse_from_rfc3339(text)
         .map(|at| AsOf::Time(at.with_timezone(&Utc)))
         .map_err(|_| {
-            format!("{text:?} is neither a log position (<tx_id>.<position>) nor an RFC 3339 time")
+            format!(
+                "{text:?} is neither a log position (as in X-Ledger-Position) nor an RFC 3339 time"
+            )
         })
 }
 
@@ -182,24 +185,24 @@ impl Replay {
                 json!({
                     "position": event.position.to_string(),
                     "recorded_at": event.recorded_at,
-                    "stream": format!("{}/{}", event.aggregate_type, event.aggregate_id),
+                    "stream": event.stream.to_string(),
                     "sequence": event.sequence,
                     "type": event.event_type,
                     "event_version": event.event_version,
-                    "correlation_id": event.metadata_str("correlation_id"),
-                    "payload": event.payload,
+                    "correlation_id": event.metadata.correlation_id,
+                    "payload": serde_json::from_str::<serde_json::Value>(&event.payload)
+                        .unwrap_or_else(|_| serde_json::Value::String(event.payload.clone())),
                     "state_after": state,
                 })
             );
         } else {
             println!(
-                "{:>14} {} {}/{} #{} {:<20} {}",
+                "{:>14} {} {} #{} {:<20} {}",
                 event.position.to_string(),
                 event
                     .recorded_at
                     .to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
-                event.aggregate_type,
-                event.aggregate_id,
+                event.stream,
                 event.sequence,
                 event.event_type,
                 summary(&state),
@@ -215,14 +218,14 @@ impl Replay {
                 json!({
                     "violation": problem,
                     "position": event.position.to_string(),
-                    "stream": format!("{}/{}", event.aggregate_type, event.aggregate_id),
+                    "stream": event.stream.to_string(),
                     "sequence": event.sequence,
                 })
             );
         } else {
             println!(
-                "VIOLATION at {} {}/{} #{}: {problem}",
-                event.position, event.aggregate_type, event.aggregate_id, event.sequence
+                "VIOLATION at {} {} #{}: {problem}",
+                event.position, event.stream, event.sequence
             );
         }
     }

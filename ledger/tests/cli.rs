@@ -7,7 +7,9 @@ use std::time::{Duration, Instant};
 use command_api::testing::{TestOptions, delete_topology, spawn_app_on_scratch};
 use domain::{FraudDecision, FraudOutcome, TransactionId};
 use infra::auth::{JwtVerifier, Role};
-use infra::log::{LogPosition, LogReader};
+use infra::eventlog::EventLog;
+use infra::eventlog::postgres::{PgEventLog, PgEventLogOptions};
+use infra::log::LogPosition;
 use projector::testing::{TestOptions as ProjectorOptions, spawn_projector};
 use secrecy::SecretString;
 use serde_json::{Value, json};
@@ -151,7 +153,8 @@ async fn an_operator_verifies_replays_repairs_and_mints_tokens() {
     let approve = |id: Uuid| {
         let decisions = app.decisions.clone();
         async move {
-            let metadata = command_api::metadata::EventMetadata::for_saga(&id.to_string(), "test");
+            let metadata =
+                command_api::metadata::for_saga(&id.to_string(), "test", format!("decision/{id}"));
             decisions
                 .record(
                     TransactionId(id),
@@ -185,7 +188,15 @@ async fn an_operator_verifies_replays_repairs_and_mints_tokens() {
     approve(transfer).await;
 
     // Wait until both are settled and the read side has the whole log.
-    let reader = LogReader::new(app.pool.clone(), "command_api.events");
+    let reader = PgEventLog::open(
+        app.pool.clone(),
+        PgEventLogOptions {
+            listen: false,
+            ..PgEventLogOptions::reader("command_api.events")
+        },
+    )
+    .await
+    .expect("the log opens");
     let started = Instant::now();
     loop {
         let settled = settlements(&app.pool).await;

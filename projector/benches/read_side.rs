@@ -21,7 +21,6 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, anyhow, ensure};
 use chrono::{TimeDelta, Utc};
-use command_api::metadata::EventMetadata;
 use command_api::testing::{TestApp, TestOptions, delete_topology, spawn_app_on_scratch};
 use domain::{
     Account, AccountCommand, AccountId, Amount, Currency, CustomerId, FraudDecision, FraudOutcome,
@@ -31,7 +30,7 @@ use domain::{
 use hdrhistogram::Histogram;
 use infra::auth::Role;
 use infra::db::ScratchDatabase;
-use infra::log::LogReader;
+use infra::eventlog::postgres::{PgEventLog, PgEventLogOptions};
 use projector::model::ProjectionName;
 use projector::rebuild::{RebuildOptions, rebuild};
 use projector::testing::{TestOptions as ProjectorOptions, spawn_projector};
@@ -42,7 +41,7 @@ use uuid::Uuid;
 const EVENTS_DEFAULT: usize = 1_000_000;
 const ACCOUNTS: usize = 2_000;
 const INSERT_CHUNK: usize = 5_000;
-const REBUILD_BATCH: i64 = 5_000;
+const REBUILD_BATCH: usize = 5_000;
 const GET_CLIENTS: usize = 8;
 const GET_REQUESTS: usize = 5_000;
 const GET_TRANSACTIONS: usize = 200;
@@ -319,34 +318,32 @@ async fn bench_rebuild() -> anyhow::Result<()> {
             total as f64 / inserted.as_secs_f64()
         );
         let read_pool = projector::startup::connect_read_models(&database.url(), 4).await?;
-        let reader = LogReader::new(events_pool.clone(), "command_api.events");
-        println!("| projection | events | seconds | events/s |");
+        let log = PgEventLog::open(
+            events_pool.clone(),
+            PgEventLogOptions {
+                listen: false,
+                ..PgEventLogOptions::reader("command_api.events")
+            },
+        )
+        .await?;
+        println!("| projections | events | seconds | events/s |");
         println!("|---|---|---|---|");
-        let mut all = Duration::ZERO;
-        for name in ProjectionName::ALL {
-            let report = rebuild(
-                &read_pool,
-                &reader,
-                name,
-                RebuildOptions {
-                    batch_size: REBUILD_BATCH,
-                    restart: false,
-                },
-                |_| {},
-            )
-            .await?;
-            all += report.elapsed;
-            println!(
-                "| {name} | {} | {:.1} | {:.0} |",
-                report.events,
-                report.elapsed.as_secs_f64(),
-                report.events as f64 / report.elapsed.as_secs_f64()
-            );
-        }
+        let summary = rebuild(
+            &read_pool,
+            &log,
+            &ProjectionName::ALL,
+            RebuildOptions {
+                batch_size: REBUILD_BATCH,
+                restart: false,
+            },
+            |_| {},
+        )
+        .await?;
         println!(
-            "| all three, one after another | {total} | {:.1} | {:.0} (log events/s) |",
-            all.as_secs_f64(),
-            total as f64 / all.as_secs_f64()
+            "| all three, one reader | {} | {:.1} | {:.0} (log events/s) |",
+            summary.events,
+            summary.elapsed.as_secs_f64(),
+            summary.events as f64 / summary.elapsed.as_secs_f64()
         );
         let started = Instant::now();
         let report =
@@ -418,7 +415,8 @@ impl System {
     }
 
     async fn approve(&self, id: Uuid) -> anyhow::Result<()> {
-        let metadata = EventMetadata::for_saga(&id.to_string(), "bench");
+        let metadata =
+            command_api::metadata::for_saga(&id.to_string(), "bench", format!("decision/{id}"));
         self.app
             .decisions
             .record(
@@ -540,7 +538,7 @@ async fn bench_get() -> anyhow::Result<()> {
                 .await?
                 .json::<Value>()
                 .await?;
-            let head = LogReader::new(system.app.pool.clone(), "command_api.events").head().await?;
+            let head = system.app.log().head().await?;
             let read = projector::generations::read_position(&projector.pool).await?;
             if response["items"].as_array().is_some_and(Vec::is_empty) && read >= head {
                 break;
@@ -617,8 +615,8 @@ async fn bench_lag() -> anyhow::Result<()> {
                         "SELECT count(*), min(recorded_at) FROM command_api.events
                          WHERE (tx_id, position) > ($1::text::xid8, $2)",
                     )
-                    .bind(read.tx_id.to_string())
-                    .bind(read.position)
+                    .bind(read.commit.to_string())
+                    .bind(read.index)
                     .fetch_one(&events)
                     .await?;
                     behind_events.record(u64::try_from(count).unwrap_or(0))?;
@@ -656,7 +654,8 @@ async fn bench_lag() -> anyhow::Result<()> {
                         .await?;
                     ensure!(response.status().is_success(), "POST answered {}", response.status());
                     let id = id_of(&response.json::<Value>().await?)?;
-                    let metadata = EventMetadata::for_saga(&id.to_string(), "bench");
+                    let metadata =
+            command_api::metadata::for_saga(&id.to_string(), "bench", format!("decision/{id}"));
                     decisions
                         .record(TransactionId(id), FraudDecision { outcome: FraudOutcome::Approved, rule: None, details: json!({}) }, &metadata)
                         .await?;
@@ -670,7 +669,7 @@ async fn bench_lag() -> anyhow::Result<()> {
         // Keep sampling while the saga and the projector drain.
         let drain_deadline = Instant::now() + Duration::from_secs(120);
         loop {
-            let head = LogReader::new(system.app.pool.clone(), "command_api.events").head().await?;
+            let head = system.app.log().head().await?;
             let read = projector::generations::read_position(&projector.pool).await?;
             let pending: i64 = sqlx::query_scalar("SELECT count(*) FROM command_api.saga_inflight")
                 .fetch_one(&system.app.pool)

@@ -8,7 +8,9 @@ use clap::Parser;
 use infra::telemetry::{LogFormat, redact_url};
 use secrecy::SecretString;
 
-use crate::runner::RunnerSettings;
+use infra::follow::FollowSettings;
+
+use crate::runner::ProjectorSettings;
 
 #[derive(Debug, Clone, Parser)]
 #[command(
@@ -58,18 +60,25 @@ pub struct Config {
     #[arg(long, env = "LOG_FORMAT", default_value = "json", value_parser = LogFormat::parse_arg)]
     pub log_format: LogFormat,
 
-    /// Size of each database connection pool (read models, event log).
-    #[arg(long, env = "DATABASE_MAX_CONNECTIONS", default_value_t = 16,
+    /// Connections queries read with (read models and the event log's audit trail each).
+    #[arg(long, env = "DATABASE_MAX_CONNECTIONS", default_value_t = 8,
           value_parser = clap::value_parser!(u32).range(2..=500))]
     pub database_max_connections: u32,
 
-    /// Events a projection applies per batch (one transaction).
-    #[arg(long, env = "PROJECTOR_BATCH_SIZE", default_value_t = 1_000,
-          value_parser = clap::value_parser!(i64).range(1..=100_000))]
-    pub projector_batch_size: i64,
+    /// Connections the projector's batches and lag reporter use (read models and event log
+    /// each): apart from the queries', so a burst of reads never stalls the projections.
+    #[arg(long, env = "BACKGROUND_MAX_CONNECTIONS", default_value_t = 4,
+          value_parser = clap::value_parser!(u32).range(2..=100))]
+    pub background_max_connections: u32,
 
-    /// Milliseconds between polls of an idle log.
-    #[arg(long, env = "LOG_POLL_INTERVAL_MS", default_value_t = 20,
+    /// Events the projector reads per batch; every projection applies them in one transaction.
+    #[arg(long, env = "PROJECTOR_BATCH_SIZE", default_value_t = 1_000,
+          value_parser = clap::value_parser!(usize))]
+    pub projector_batch_size: usize,
+
+    /// Milliseconds an idle projector waits without a wake-up (a `NOTIFY` from command-api)
+    /// before looking at the log anyway.
+    #[arg(long, env = "LOG_POLL_INTERVAL_MS", default_value_t = 250,
           value_parser = clap::value_parser!(u64).range(1..=10_000))]
     pub log_poll_interval_ms: u64,
 }
@@ -90,9 +99,14 @@ impl Config {
             .unwrap_or(&self.database_url)
     }
 
-    pub fn runner_settings(&self) -> RunnerSettings {
-        RunnerSettings {
-            batch_size: self.projector_batch_size,
+    pub fn projector_settings(&self) -> ProjectorSettings {
+        ProjectorSettings {
+            batch_size: self.projector_batch_size.clamp(1, 100_000),
+        }
+    }
+
+    pub fn follow_settings(&self) -> FollowSettings {
+        FollowSettings {
             poll_interval: Duration::from_millis(self.log_poll_interval_ms),
         }
     }
@@ -102,7 +116,7 @@ impl Config {
         format!(
             "database_url={} read_database_url={} events_table={} redis_url={} redis_key_prefix={} \
              cache_ttl_seconds={} listen_addr={} database_max_connections={} \
-             projector_batch_size={} log_poll_interval_ms={}",
+             background_max_connections={} projector_batch_size={} log_poll_interval_ms={}",
             redact_url(&self.database_url),
             redact_url(self.read_database_url()),
             self.events_table,
@@ -111,6 +125,7 @@ impl Config {
             self.cache_ttl_seconds,
             self.listen_addr,
             self.database_max_connections,
+            self.background_max_connections,
             self.projector_batch_size,
             self.log_poll_interval_ms,
         )

@@ -124,21 +124,23 @@ pub async fn point_views(
     Ok(())
 }
 
-/// Locks the projection row (serialising with the switch of a rebuild) and returns the live
-/// generation with its checkpoint. The checkpoint is read by a second statement, after the lock
-/// is held, so it is the committed one.
-pub async fn lock_live(
+/// Locks every projection's row (in one order, so two lockers never deadlock) and returns each
+/// live generation with its checkpoint, read after the locks are held.
+pub async fn lock_all_live(
     connection: &mut PgConnection,
-    name: ProjectionName,
-) -> Result<(i32, Checkpoint)> {
-    let generation: i32 =
-        sqlx::query_scalar("SELECT live_generation FROM projections WHERE name = $1 FOR UPDATE")
-            .bind(name.as_str())
-            .fetch_one(&mut *connection)
+) -> Result<Vec<(ProjectionName, i32, Checkpoint)>> {
+    let rows: Vec<(String, i32)> =
+        sqlx::query_as("SELECT name, live_generation FROM projections ORDER BY name FOR UPDATE")
+            .fetch_all(&mut *connection)
             .await
-            .context("locking a projection")?;
-    let position = checkpoint(connection, name, generation).await?;
-    Ok((generation, position))
+            .context("locking the projections")?;
+    let mut live = Vec::with_capacity(rows.len());
+    for (name, generation) in rows {
+        let name: ProjectionName = name.parse()?;
+        let position = checkpoint(connection, name, generation).await?;
+        live.push((name, generation, position));
+    }
+    Ok(live)
 }
 
 /// Where a generation stands: the last event it applied, and how many it has applied (the
@@ -165,7 +167,10 @@ pub async fn checkpoint(
     .await
     .context("reading a checkpoint")?;
     Ok(Checkpoint {
-        position: LogPosition { tx_id, position },
+        position: LogPosition {
+            commit: tx_id,
+            index: position,
+        },
         events_applied,
     })
 }
@@ -185,8 +190,8 @@ pub async fn advance(
     )
     .bind(name.as_str())
     .bind(generation)
-    .bind(position.tx_id)
-    .bind(position.position)
+    .bind(position.commit)
+    .bind(position.index)
     .bind(i64::try_from(events).unwrap_or(i64::MAX))
     .execute(connection)
     .await
@@ -208,7 +213,14 @@ pub async fn live_checkpoints(
     .context("reading the live checkpoints")?;
     rows.into_iter()
         .map(|(name, generation, tx_id, position)| {
-            Ok((name.parse()?, generation, LogPosition { tx_id, position }))
+            Ok((
+                name.parse()?,
+                generation,
+                LogPosition {
+                    commit: tx_id,
+                    index: position,
+                },
+            ))
         })
         .collect()
 }

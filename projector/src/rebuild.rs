@@ -1,39 +1,41 @@
-//! `ledger rebuild`: builds a fresh generation of a projection from the start of the log beside
-//! the live one, in bounded batches (each its own transaction, with its own checkpoint, so a
-//! killed rebuild resumes where it stopped), then switches atomically and drops the old tables.
-//! Queries keep reading the old generation until the switch commits; the live runner keeps
-//! following the log on the old generation until then, and on the new one after.
+//! `ledger rebuild`: builds a fresh generation of one or more projections from the start of the
+//! log beside the live ones, with one reader of the log feeding all of them, in bounded batches
+//! (each its own transaction, with its own checkpoints, so a killed rebuild resumes where it
+//! stopped), then switches them atomically and drops the old tables. Queries keep reading the
+//! old generations until the switch commits; the live projector keeps following the log on the
+//! old generations until then, and on the new ones after.
+//!
+//! While one batch is applied, the next one is already being read and decoded, so the database
+//! and the fold work at the same time.
 
 use std::time::{Duration, Instant};
 
 use infra::error::DatabaseContext;
-use infra::log::{LogPosition, LogReader};
+use infra::eventlog::{EventLog, LogFilter, LogPosition};
 use sqlx::{Connection, PgConnection, PgPool};
 
 use crate::error::{Error, Result};
-use crate::generations;
-use crate::model::{Decoded, ProjectionName};
-use crate::runner::apply;
+use crate::generations::{self, Checkpoint};
+use crate::model::{DecodedBatch, ProjectionName};
+use crate::runner::apply_batch;
 
 #[derive(Debug, Clone, Copy)]
 pub struct RebuildOptions {
     /// Events per batch (per transaction).
-    pub batch_size: i64,
-    /// Discard a half-built generation instead of resuming it.
+    pub batch_size: usize,
+    /// Discard half-built generations instead of resuming them.
     pub restart: bool,
 }
 
 /// Where a rebuild stands, for progress bars.
 #[derive(Debug, Clone, Copy)]
 pub enum RebuildProgress {
-    /// Building `generation`, resumed from `resumed_at` (the start for a fresh one); the log's
-    /// head is `head`.
+    /// Building, resumed from `resumed_at` (the start for a fresh one); the log's head is `head`.
     Started {
-        generation: i32,
         resumed_at: LogPosition,
         head: LogPosition,
     },
-    /// Applied events up to `position`, `events` in this run.
+    /// Applied events up to `position`, `events` read in this run.
     Applied { position: LogPosition, events: u64 },
     /// Caught up; switching.
     Switching,
@@ -44,78 +46,105 @@ pub struct RebuildReport {
     pub projection: ProjectionName,
     pub generation: i32,
     pub replaced_generation: i32,
+}
+
+/// What a whole rebuild did.
+#[derive(Debug, Clone)]
+pub struct RebuildSummary {
+    pub projections: Vec<RebuildReport>,
+    /// Events read from the log in this run.
     pub events: u64,
     pub elapsed: Duration,
 }
 
-/// Rebuilds `name`. Fails at once if another rebuild of it is running.
+/// Rebuilds `names` together. Fails at once if another rebuild of one of them is running.
 pub async fn rebuild(
     pool: &PgPool,
-    reader: &LogReader,
-    name: ProjectionName,
+    log: &dyn EventLog,
+    names: &[ProjectionName],
     options: RebuildOptions,
     mut progress: impl FnMut(RebuildProgress),
-) -> Result<RebuildReport> {
+) -> Result<RebuildSummary> {
     let started = Instant::now();
-    // The lock lives on a connection of its own, closed (and so released) when we return.
+    let mut names = names.to_vec();
+    names.sort();
+    names.dedup();
+    // The locks live on a connection of their own, closed (and so released) when we return.
     let mut lock = pool
         .acquire()
         .await
         .context("acquiring a connection")?
         .detach();
-    let locked: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
-        .bind(infra::db::advisory_key(&format!(
-            "projector/rebuild/{name}"
-        )))
-        .fetch_one(&mut lock)
-        .await
-        .context("taking the rebuild lock")?;
-    if !locked {
-        return Err(Error::Job(format!(
-            "another rebuild of {name} is running; wait for it or stop it"
-        )));
+    for name in &names {
+        let locked: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
+            .bind(infra::db::advisory_key(&format!(
+                "projector/rebuild/{name}"
+            )))
+            .fetch_one(&mut lock)
+            .await
+            .context("taking the rebuild lock")?;
+        if !locked {
+            return Err(Error::Job(format!(
+                "another rebuild of {name} is running; wait for it or stop it"
+            )));
+        }
     }
-    let generation = prepare(pool, name, options.restart).await?;
+    let mut building = Vec::with_capacity(names.len());
+    for name in &names {
+        building.push((*name, prepare(pool, *name, options.restart).await?));
+    }
     let mut connection = pool.acquire().await.context("acquiring a connection")?;
-    let resumed_at = generations::checkpoint(&mut connection, name, generation)
-        .await?
-        .position;
+    let mut resumed_at = None;
+    for (name, generation) in &building {
+        let at = generations::checkpoint(&mut connection, *name, *generation)
+            .await?
+            .position;
+        resumed_at = Some(resumed_at.map_or(at, |lowest: LogPosition| lowest.min(at)));
+    }
     drop(connection);
     progress(RebuildProgress::Started {
-        generation,
-        resumed_at,
-        head: reader.head().await?,
+        resumed_at: resumed_at.unwrap_or(LogPosition::START),
+        head: log.head().await?,
     });
     let mut events = 0u64;
     // Build in bounded batches until a batch comes back short: caught up, near enough.
-    loop {
-        let mut transaction = pool.begin().await.context("starting a rebuild batch")?;
-        let applied = batch(
-            &mut transaction,
-            reader,
-            name,
-            generation,
-            options.batch_size,
-        )
-        .await?;
-        transaction
-            .commit()
-            .await
-            .context("committing a rebuild batch")?;
-        if let Some((position, count)) = applied {
-            events += count as u64;
-            progress(RebuildProgress::Applied { position, events });
+    let mut next = read(log, lowest_checkpoint(pool, &building).await?, options).await?;
+    while let Some(batch) = next.take() {
+        let count = batch.events.len();
+        let last = batch.last_position().unwrap_or(LogPosition::START);
+        let short = count < options.batch_size;
+        let apply = async {
+            let mut transaction = pool.begin().await.context("starting a rebuild batch")?;
+            let targets = lock_building(&mut transaction, &building).await?;
+            // No cache: the rebuilt rows are the ones the cache already holds.
+            apply_batch(&mut transaction, &targets, &batch, None).await?;
+            transaction
+                .commit()
+                .await
+                .context("committing a rebuild batch")?;
+            Ok::<_, Error>(())
+        };
+        if short {
+            apply.await?;
+        } else {
+            let (applied, read_next) = tokio::join!(apply, read(log, last, options));
+            applied?;
+            next = read_next?;
         }
-        if applied.is_none_or(|(_, count)| (count as i64) < options.batch_size) {
-            break;
-        }
+        events += count as u64;
+        progress(RebuildProgress::Applied {
+            position: last,
+            events,
+        });
     }
     progress(RebuildProgress::Switching);
-    let replaced_generation = switch(pool, reader, name, generation, options.batch_size).await?;
-    // One transaction: a crash drops all of the old generation or none of it (and the next
+    let replaced = switch(pool, log, &building, options.batch_size).await?;
+    // One transaction: a crash drops all of the old generations or none of them (and the next
     // rebuild finds what is left).
     let mut transaction = pool.begin().await.context("starting the clean-up")?;
-    generations::drop_tables(&mut transaction, name, replaced_generation).await?;
+    for (name, old) in &replaced {
+        generations::drop_tables(&mut transaction, *name, *old).await?;
+    }
     transaction
         .commit()
         .await
@@ -125,13 +154,73 @@ pub async fn rebuild(
         .await
         .context("releasing the rebuild lock")?;
     let _ = lock.close().await;
-    Ok(RebuildReport {
-        projection: name,
-        generation,
-        replaced_generation,
+    Ok(RebuildSummary {
+        projections: building
+            .iter()
+            .zip(&replaced)
+            .map(
+                |((projection, generation), (_, replaced_generation))| RebuildReport {
+                    projection: *projection,
+                    generation: *generation,
+                    replaced_generation: *replaced_generation,
+                },
+            )
+            .collect(),
         events,
         elapsed: started.elapsed(),
     })
+}
+
+/// Reads and decodes the batch after `after`; `None` when nothing is left.
+async fn read(
+    log: &dyn EventLog,
+    after: LogPosition,
+    options: RebuildOptions,
+) -> Result<Option<DecodedBatch>> {
+    let events = log
+        .read_all(after, options.batch_size, LogFilter::ALL)
+        .await?;
+    if events.is_empty() {
+        return Ok(None);
+    }
+    DecodedBatch::new(events).map(Some)
+}
+
+async fn lowest_checkpoint(
+    pool: &PgPool,
+    building: &[(ProjectionName, i32)],
+) -> Result<LogPosition> {
+    let mut connection = pool.acquire().await.context("acquiring a connection")?;
+    let mut lowest: Option<LogPosition> = None;
+    for (name, generation) in building {
+        let at = generations::checkpoint(&mut connection, *name, *generation)
+            .await?
+            .position;
+        lowest = Some(lowest.map_or(at, |lowest| lowest.min(at)));
+    }
+    Ok(lowest.unwrap_or(LogPosition::START))
+}
+
+/// Locks the building generations' checkpoint rows and reads them: a second rebuild cannot get
+/// here (advisory lock), but the lock keeps each read-apply-advance sequence honest regardless.
+async fn lock_building(
+    connection: &mut PgConnection,
+    building: &[(ProjectionName, i32)],
+) -> Result<Vec<(ProjectionName, i32, Checkpoint)>> {
+    let mut targets = Vec::with_capacity(building.len());
+    for (name, generation) in building {
+        sqlx::query(
+            "SELECT 1 FROM checkpoints WHERE projection = $1 AND generation = $2 FOR UPDATE",
+        )
+        .bind(name.as_str())
+        .bind(generation)
+        .execute(&mut *connection)
+        .await
+        .context("locking a rebuild checkpoint")?;
+        let checkpoint = generations::checkpoint(connection, *name, *generation).await?;
+        targets.push((*name, *generation, checkpoint));
+    }
+    Ok(targets)
 }
 
 /// The generation to build: the half-built one (resumed), or a new one.
@@ -209,81 +298,75 @@ async fn drop_leftovers(connection: &mut PgConnection, name: ProjectionName) -> 
     Ok(())
 }
 
-/// Applies one batch to `generation` after its checkpoint; `None` when nothing is left.
-async fn batch(
-    connection: &mut PgConnection,
-    reader: &LogReader,
-    name: ProjectionName,
-    generation: i32,
-    batch_size: i64,
-) -> Result<Option<(LogPosition, usize)>> {
-    // Lock this generation's checkpoint row: a second rebuild cannot get here (advisory lock),
-    // but the lock keeps the read-apply-advance sequence honest regardless.
-    sqlx::query("SELECT 1 FROM checkpoints WHERE projection = $1 AND generation = $2 FOR UPDATE")
-        .bind(name.as_str())
-        .bind(generation)
-        .execute(&mut *connection)
-        .await
-        .context("locking a rebuild checkpoint")?;
-    let after = generations::checkpoint(connection, name, generation).await?;
-    let events = reader.read_after(after.position, batch_size, None).await?;
-    let Some(last) = events.last() else {
-        return Ok(None);
-    };
-    let position = last.position;
-    let decoded = Decoded::batch(&events, after.events_applied)?;
-    // No cache: the rebuilt rows are the ones the cache already holds.
-    apply(connection, name, generation, &decoded, None).await?;
-    generations::advance(connection, name, generation, position, events.len()).await?;
-    Ok(Some((position, events.len())))
-}
-
-/// Catches up under the projection's lock and makes `generation` live; returns the replaced
-/// generation.
+/// Catches up under the projections' locks and makes the built generations live; returns the
+/// replaced generations.
 async fn switch(
     pool: &PgPool,
-    reader: &LogReader,
-    name: ProjectionName,
-    generation: i32,
-    batch_size: i64,
-) -> Result<i32> {
+    log: &dyn EventLog,
+    building: &[(ProjectionName, i32)],
+    batch_size: usize,
+) -> Result<Vec<(ProjectionName, i32)>> {
     let mut transaction = pool.begin().await.context("starting the switch")?;
-    let (live, building): (i32, Option<i32>) = sqlx::query_as(
-        "SELECT live_generation, building_generation FROM projections WHERE name = $1 FOR UPDATE",
+    // Every row in one order, as the live projector locks them.
+    let rows: Vec<(String, i32, Option<i32>)> = sqlx::query_as(
+        "SELECT name, live_generation, building_generation FROM projections \
+         ORDER BY name FOR UPDATE",
     )
-    .bind(name.as_str())
-    .fetch_one(&mut *transaction)
+    .fetch_all(&mut *transaction)
     .await
-    .context("locking the projection for the switch")?;
-    if building != Some(generation) {
-        return Err(Error::Job(format!(
-            "generation {generation} of {name} is no longer being built (another rebuild \
-             restarted it?); nothing was switched"
-        )));
+    .context("locking the projections for the switch")?;
+    let mut replaced = Vec::with_capacity(building.len());
+    for (name, generation) in building {
+        let Some((_, live, now_building)) = rows.iter().find(|(row, _, _)| row == name.as_str())
+        else {
+            return Err(Error::Job(format!("projection {name} is not registered")));
+        };
+        if *now_building != Some(*generation) {
+            return Err(Error::Job(format!(
+                "generation {generation} of {name} is no longer being built (another rebuild \
+                 restarted it?); nothing was switched"
+            )));
+        }
+        replaced.push((*name, *live));
     }
-    // The live runner waits on our lock now; apply what it has seen that we have not, so the
-    // new generation starts exactly where the old one stands or later.
-    while let Some((_, count)) =
-        batch(&mut transaction, reader, name, generation, batch_size).await?
-    {
-        if (count as i64) < batch_size {
+    // The live projector waits on our locks now; apply what it has seen that we have not, so
+    // the new generations start exactly where the old ones stand or later.
+    loop {
+        let targets = lock_building(&mut transaction, building).await?;
+        let lowest = targets
+            .iter()
+            .map(|(_, _, checkpoint)| checkpoint.position)
+            .min()
+            .unwrap_or(LogPosition::START);
+        let events = log.read_all(lowest, batch_size, LogFilter::ALL).await?;
+        let count = events.len();
+        if count == 0 {
+            break;
+        }
+        let batch = DecodedBatch::new(events)?;
+        apply_batch(&mut transaction, &targets, &batch, None).await?;
+        if count < batch_size {
             break;
         }
     }
-    generations::point_views(&mut transaction, name, generation).await?;
-    sqlx::query(
-        "UPDATE projections SET live_generation = $2, building_generation = NULL,
-             switched_at = now() WHERE name = $1",
-    )
-    .bind(name.as_str())
-    .bind(generation)
-    .execute(&mut *transaction)
-    .await
-    .context("switching generations")?;
+    for (name, generation) in building {
+        generations::point_views(&mut transaction, *name, *generation).await?;
+        sqlx::query(
+            "UPDATE projections SET live_generation = $2, building_generation = NULL,
+                 switched_at = now() WHERE name = $1",
+        )
+        .bind(name.as_str())
+        .bind(generation)
+        .execute(&mut *transaction)
+        .await
+        .context("switching generations")?;
+    }
     transaction
         .commit()
         .await
         .context("committing the switch")?;
-    tracing::info!(projection = %name, generation, replaced = live, "rebuilt projection is live");
-    Ok(live)
+    for ((name, generation), (_, old)) in building.iter().zip(&replaced) {
+        tracing::info!(projection = %name, generation, replaced = old, "rebuilt projection is live");
+    }
+    Ok(replaced)
 }

@@ -1,40 +1,40 @@
-//! The projection runner: follows the log with the gap-safe reader and applies it to the live
-//! generation of one projection, batch by batch. Each batch is one database transaction: lock
-//! the projection row, read the checkpoint, load the rows the events touch, fold, store, write
-//! the cache through, move the checkpoint, commit. A crash anywhere rolls the whole batch back,
-//! so an event is applied exactly once. One runner per projection is active across instances
-//! (a leader lock); the row lock also makes a second one harmless.
+//! The projector's follower: one reader of the log feeding every projection.
+//!
+//! Each batch is one database transaction: lock the projections' rows, read their live
+//! generations and checkpoints, read the log once after the lowest checkpoint, decode each event
+//! once, and for every projection fold the events after its own checkpoint, store what changed,
+//! write changed transactions through to the cache, and move its checkpoint; then commit. A
+//! crash anywhere rolls the whole batch back, so an event is applied exactly once. One projector
+//! is active across instances (a leader lock); the row locks also make a second one harmless,
+//! and serialise batches with a rebuild's switch.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
+use async_trait::async_trait;
 use infra::error::DatabaseContext;
-use infra::leader::Leadership;
-use infra::log::{Lag, LogEvent, LogReader};
-use infra::tasks::pause;
-use sqlx::postgres::PgConnectOptions;
+use infra::eventlog::{EventLog, Lag, LogFilter, LogPosition};
+use infra::follow::{Follower, Outcome};
 use sqlx::{PgConnection, PgPool};
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use crate::cache::Cache;
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::generations;
 use crate::model::accounts::AccountsModel;
 use crate::model::history::HistoryModel;
 use crate::model::transactions::TransactionsModel;
-use crate::model::{Decoded, Model, ProjectionName};
-
-/// How long a runner waits after a failed batch before trying again.
-const RETRY_PAUSE: Duration = Duration::from_secs(1);
+use crate::model::{Decoded, DecodedBatch, Model, ProjectionName};
 
 /// Publishes `projection_lag_events` and `projection_lag_seconds` for every projection until
-/// `cancel` (see [`infra::log::report_lag`]), from the live checkpoints, whoever leads each
-/// projection: a projection whose batches fail shows as a growing lag.
-pub async fn report_lag(pool: PgPool, reader: LogReader, cancel: CancellationToken) {
+/// `cancel` (see [`infra::log::report_lag`]), from the live checkpoints, whoever leads: a
+/// projector whose batches fail shows as a growing lag.
+pub async fn report_lag(pool: PgPool, log: Arc<dyn EventLog>, cancel: CancellationToken) {
     infra::log::report_lag("projection_lag", "projection", cancel, || async {
-        let lags = measure_lag(&pool, &reader).await?;
-        Ok::<_, crate::Error>(
+        let lags = measure_lag(&pool, &*log).await?;
+        Ok::<_, Error>(
             lags.into_iter()
                 .map(|(name, lag)| (name.as_str(), lag))
                 .collect(),
@@ -44,13 +44,13 @@ pub async fn report_lag(pool: PgPool, reader: LogReader, cancel: CancellationTok
 }
 
 /// How far each projection's live checkpoint is behind the log.
-pub async fn measure_lag(pool: &PgPool, reader: &LogReader) -> Result<Vec<(ProjectionName, Lag)>> {
+pub async fn measure_lag(pool: &PgPool, log: &dyn EventLog) -> Result<Vec<(ProjectionName, Lag)>> {
     let mut connection = pool.acquire().await.context("acquiring a connection")?;
     let checkpoints = generations::live_checkpoints(&mut connection).await?;
     drop(connection);
     let mut lags = Vec::with_capacity(checkpoints.len());
     for (name, _, position) in checkpoints {
-        lags.push((name, reader.lag(position, None).await?));
+        lags.push((name, log.lag(position, LogFilter::ALL).await?));
     }
     Ok(lags)
 }
@@ -94,169 +94,182 @@ async fn fold_and_store<M: Model>(
     Ok(model)
 }
 
-/// How a runner reads and pauses.
+/// Applies `batch` to every projection of `targets` (name, generation, checkpoint) after its own
+/// checkpoint, moving each checkpoint: the step shared by the live projector and a rebuild.
+/// Returns how many events were applied, all projections together.
+pub async fn apply_batch(
+    connection: &mut PgConnection,
+    targets: &[(ProjectionName, i32, generations::Checkpoint)],
+    batch: &DecodedBatch,
+    cache: Option<&Cache>,
+) -> Result<usize> {
+    let Some(last) = batch.last_position() else {
+        return Ok(0);
+    };
+    let mut applied = 0;
+    for (name, generation, checkpoint) in targets {
+        let events = batch.after(checkpoint.position, checkpoint.events_applied);
+        if events.is_empty() {
+            continue;
+        }
+        apply(connection, *name, *generation, &events, cache).await?;
+        generations::advance(connection, *name, *generation, last, events.len()).await?;
+        applied += events.len();
+    }
+    Ok(applied)
+}
+
+/// How the projector reads.
 #[derive(Debug, Clone, Copy)]
-pub struct RunnerSettings {
-    pub batch_size: i64,
-    pub poll_interval: Duration,
+pub struct ProjectorSettings {
+    pub batch_size: usize,
 }
 
-pub struct Runner {
-    name: ProjectionName,
+pub struct Projector {
     pool: PgPool,
-    reader: LogReader,
+    log: Arc<dyn EventLog>,
     cache: Option<Arc<Cache>>,
-    settings: RunnerSettings,
-    /// False while the runner's last batch failed: `/health` reports the projection stalled.
+    settings: ProjectorSettings,
+    /// False while the last batch failed: `/health` reports the projections stalled.
     healthy: Arc<AtomicBool>,
+    /// The lowest live checkpoint after the last batch this instance committed: reads waiting
+    /// for their position look here before asking the database.
+    applied: watch::Sender<LogPosition>,
 }
 
-impl Runner {
+impl Projector {
     pub fn new(
-        name: ProjectionName,
         pool: PgPool,
-        reader: LogReader,
+        log: Arc<dyn EventLog>,
         cache: Option<Arc<Cache>>,
-        settings: RunnerSettings,
+        settings: ProjectorSettings,
     ) -> Self {
-        Runner {
-            name,
+        Projector {
             pool,
-            reader,
+            log,
             cache,
             settings,
             healthy: Arc::new(AtomicBool::new(true)),
+            applied: watch::channel(LogPosition::START).0,
         }
-    }
-
-    pub fn name(&self) -> ProjectionName {
-        self.name
     }
 
     pub fn health_flag(&self) -> Arc<AtomicBool> {
         self.healthy.clone()
     }
 
-    /// Follows the log until cancelled, while this instance leads the projection.
-    pub async fn run(self: Arc<Self>, lock_options: PgConnectOptions, cancel: CancellationToken) {
-        let lock = format!("projector/{}", self.name);
-        while !cancel.is_cancelled() {
-            let mut leadership = match Leadership::acquire(&lock_options, &lock, &cancel).await {
-                Ok(Some(leadership)) => leadership,
-                Ok(None) => return,
-                Err(error) => {
-                    tracing::warn!(projection = %self.name, error.message = %error, "cannot take the projection lock");
-                    pause(&cancel, RETRY_PAUSE).await;
-                    continue;
-                }
-            };
-            while !cancel.is_cancelled() && leadership.still_held().await {
-                match self.step().await {
-                    Ok(0) => pause(&cancel, self.settings.poll_interval).await,
-                    Ok(_) => {}
-                    Err(error) => {
-                        self.healthy.store(false, Ordering::Relaxed);
-                        // The lag gauges keep growing meanwhile; this counter says why.
-                        metrics::counter!("projection_batch_failures_total", "projection" => self.name.as_str())
-                            .increment(1);
-                        tracing::error!(
-                            projection = %self.name,
-                            error.message = %error,
-                            error.cause_chain = %infra::problem::cause_chain(&error),
-                            "projection batch failed; retrying"
-                        );
-                        pause(&cancel, RETRY_PAUSE).await;
-                    }
-                }
-            }
-        }
+    /// Where this instance's projections stand, moving after every batch it commits.
+    pub fn applied(&self) -> watch::Receiver<LogPosition> {
+        self.applied.subscribe()
     }
 
-    /// Whether the log holds anything after the live checkpoint, looked up without a
-    /// transaction. An idle poll must not take the projection row lock: a row lock assigns a
-    /// transaction id, so every poll of every runner would burn one (about 150 a second per
-    /// instance at the default interval, pushing the cluster towards wraparound vacuums) and
-    /// would hold back the snapshot xmin that every follower's gap-safe read waits on. The
-    /// locked batch reads the checkpoint again, so a stale answer here costs one empty batch.
+    /// Whether the log holds anything after the lowest live checkpoint, looked up without a
+    /// transaction. An idle look must not take the projections' row locks: a row lock assigns a
+    /// transaction id, so every idle look would burn one and hold back the snapshot horizon that
+    /// every follower's read waits on. The locked batch reads the checkpoints again, so a stale
+    /// answer here costs one empty batch.
     async fn has_work(&self) -> Result<bool> {
         let mut connection = self
             .pool
             .acquire()
             .await
             .context("acquiring a connection")?;
-        let after = generations::live_checkpoints(&mut connection)
+        let lowest = generations::live_checkpoints(&mut connection)
             .await?
             .into_iter()
-            .find(|(name, _, _)| *name == self.name)
-            .map_or(infra::log::LogPosition::START, |(_, _, position)| position);
+            .map(|(_, _, position)| position)
+            .min()
+            .unwrap_or(LogPosition::START);
         drop(connection);
-        Ok(!self.reader.read_after(after, 1, None).await?.is_empty())
+        self.applied.send_if_modified(|applied| {
+            let moved = *applied < lowest;
+            *applied = (*applied).max(lowest);
+            moved
+        });
+        Ok(!self
+            .log
+            .read_all(lowest, 1, LogFilter::ALL)
+            .await?
+            .is_empty())
     }
 
-    fn idle(&self) {
-        self.healthy.store(true, Ordering::Relaxed);
-    }
-
-    /// Applies one batch; returns how many events it applied.
+    /// Applies one batch to every projection; returns how many events it read.
     pub async fn step(&self) -> Result<usize> {
-        let started = Instant::now();
         if !self.has_work().await? {
-            self.idle();
+            self.healthy.store(true, Ordering::Relaxed);
             return Ok(0);
         }
+        let started = Instant::now();
         let mut transaction = self
             .pool
             .begin()
             .await
             .context("starting a projection batch")?;
-        let (generation, checkpoint) = generations::lock_live(&mut transaction, self.name).await?;
-        let events: Vec<LogEvent> = self
-            .reader
-            .read_after(checkpoint.position, self.settings.batch_size, None)
+        let targets = generations::lock_all_live(&mut transaction).await?;
+        let lowest = targets
+            .iter()
+            .map(|(_, _, checkpoint)| checkpoint.position)
+            .min()
+            .unwrap_or(LogPosition::START);
+        let events = self
+            .log
+            .read_all(lowest, self.settings.batch_size, LogFilter::ALL)
             .await?;
-        let Some(last) = events.last() else {
-            drop(transaction);
-            self.idle();
+        let Some(last) = events.last().map(|event| event.position) else {
             return Ok(0);
         };
-        let position = last.position;
-        let decoded = Decoded::batch(&events, checkpoint.events_applied)?;
-        apply(
-            &mut transaction,
-            self.name,
-            generation,
-            &decoded,
-            self.cache.as_deref(),
-        )
-        .await?;
-        generations::advance(
-            &mut transaction,
-            self.name,
-            generation,
-            position,
-            events.len(),
-        )
-        .await?;
+        let read = events.len();
+        let batch = DecodedBatch::new(events)?;
+        apply_batch(&mut transaction, &targets, &batch, self.cache.as_deref()).await?;
         transaction
             .commit()
             .await
             .context("committing a projection batch")?;
         self.healthy.store(true, Ordering::Relaxed);
-        let labels = [("projection", self.name.as_str())];
-        metrics::counter!("projection_events_applied_total", &labels)
-            .increment(events.len() as u64);
-        metrics::histogram!("projection_batch_seconds", &labels)
-            .record(started.elapsed().as_secs_f64());
-        for event in &events {
-            tracing::info!(
-                projection = %self.name,
-                correlation_id = event.metadata_str("correlation_id").unwrap_or(""),
-                event_type = %event.event_type,
-                stream = %format_args!("{}/{}", event.aggregate_type, event.aggregate_id),
-                position = %event.position,
-                "event projected"
-            );
+        self.applied
+            .send_modify(|applied| *applied = (*applied).max(last));
+        metrics::counter!("projection_events_applied_total").increment(read as u64);
+        metrics::histogram!("projection_batch_seconds").record(started.elapsed().as_secs_f64());
+        let mut correlation_ids: Vec<&str> = batch
+            .events
+            .iter()
+            .map(|event| event.metadata.correlation_id.as_str())
+            .collect();
+        correlation_ids.sort_unstable();
+        correlation_ids.dedup();
+        tracing::info!(
+            events = read,
+            position = %last,
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            correlation_ids = %correlation_ids.join(","),
+            "projection batch applied"
+        );
+        Ok(read)
+    }
+}
+
+#[async_trait]
+impl Follower for Projector {
+    type Session = ();
+    type Error = Error;
+
+    fn name(&self) -> &'static str {
+        "projector"
+    }
+
+    async fn lead(&self) -> Result<()> {
+        Ok(())
+    }
+
+    async fn try_process_batch(&self, _session: &mut ()) -> Result<Outcome> {
+        match self.step().await {
+            Ok(0) => Ok(Outcome::Idle),
+            Ok(events) => Ok(Outcome::Processed(events)),
+            Err(error) => {
+                self.healthy.store(false, Ordering::Relaxed);
+                metrics::counter!("projection_batch_failures_total").increment(1);
+                Err(error)
+            }
         }
-        Ok(events.len())
     }
 }

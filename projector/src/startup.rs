@@ -5,11 +5,13 @@ use std::future::Future;
 use std::sync::Arc;
 
 use infra::auth::JwtVerifier;
-use infra::log::LogReader;
+use infra::eventlog::EventLog;
+use infra::eventlog::postgres::{PgEventLog, PgEventLogOptions};
+use infra::follow::{FollowSettings, follow};
+use infra::leader::{Leadership, PgLeadership};
 use infra::tasks::{Workers, serve_until_stopped};
 use sqlx::PgPool;
 use sqlx::migrate::Migrator;
-use sqlx::postgres::PgConnectOptions;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -19,7 +21,7 @@ use crate::error::{Error, Result};
 use crate::generations;
 use crate::http::{AppState, router};
 use crate::model::ProjectionName;
-use crate::runner::Runner;
+use crate::runner::Projector;
 use infra::error::DatabaseContext;
 
 /// The projector's own schema (SPEC §2).
@@ -88,20 +90,37 @@ pub async fn open_read_models(url: &str, max_connections: u32) -> Result<PgPool>
 pub struct App {
     listener: TcpListener,
     state: AppState,
-    runners: Vec<Arc<Runner>>,
-    reader: LogReader,
-    lock_options: PgConnectOptions,
+    projector: Arc<Projector>,
+    log: Arc<dyn EventLog>,
+    leadership: Arc<dyn Leadership>,
+    background: PgPool,
+    pools: Vec<PgPool>,
+    follow_settings: FollowSettings,
 }
 
 impl App {
     pub async fn build(config: Config) -> Result<App> {
         infra::telemetry::init_metrics();
+        // Queries and the projector's batches each have pools of their own (read models and
+        // event log), so a burst of reads never stalls the projections, nor the reverse.
         let pool = connect_read_models(config.read_database_url(), config.database_max_connections)
             .await?;
+        let background = infra::db::connect(
+            config.read_database_url(),
+            SCHEMA,
+            config.background_max_connections,
+        )
+        .await?;
         let events_pool = infra::db::connect(
             &config.database_url,
             SCHEMA,
             config.database_max_connections,
+        )
+        .await?;
+        let background_events = infra::db::connect(
+            &config.database_url,
+            SCHEMA,
+            config.background_max_connections,
         )
         .await?;
         let lock_options = infra::db::connect_options(config.read_database_url(), SCHEMA)?;
@@ -110,27 +129,28 @@ impl App {
             &config.redis_key_prefix,
             config.cache_ttl_seconds,
         )?);
-        let reader = LogReader::new(events_pool.clone(), &config.events_table);
-        let runners: Vec<Arc<Runner>> = ProjectionName::ALL
-            .into_iter()
-            .map(|name| {
-                let cache = (name == ProjectionName::Transactions).then(|| cache.clone());
-                Arc::new(Runner::new(
-                    name,
-                    pool.clone(),
-                    reader.clone(),
-                    cache,
-                    config.runner_settings(),
-                ))
-            })
-            .collect();
+        // The projector follows the log, woken by command-api's NOTIFY.
+        let log: Arc<dyn EventLog> = Arc::new(
+            PgEventLog::open(
+                background_events.clone(),
+                PgEventLogOptions::reader(&config.events_table),
+            )
+            .await?,
+        );
+        let projector = Arc::new(Projector::new(
+            background.clone(),
+            log.clone(),
+            Some(cache.clone()),
+            config.projector_settings(),
+        ));
         let state = AppState {
             pool,
-            events_pool,
+            events_pool: events_pool.clone(),
             events_table: config.events_table.as_str().into(),
             cache: Some(cache),
             verifier: Arc::new(JwtVerifier::new(&config.jwt_secret)?),
-            runners_healthy: runners.iter().map(|runner| runner.health_flag()).collect(),
+            runners_healthy: vec![projector.health_flag()],
+            applied: Some(projector.applied()),
         };
         let listener = TcpListener::bind(config.listen_addr)
             .await
@@ -139,10 +159,18 @@ impl App {
             })?;
         Ok(App {
             listener,
+            pools: vec![
+                state.pool.clone(),
+                background.clone(),
+                events_pool,
+                background_events,
+            ],
             state,
-            runners,
-            reader,
-            lock_options,
+            projector,
+            log,
+            leadership: Arc::new(PgLeadership::new(lock_options)),
+            background,
+            follow_settings: config.follow_settings(),
         })
     }
 
@@ -157,37 +185,38 @@ impl App {
         self.state.pool.clone()
     }
 
-    /// Serves the query API and runs the projection runners until `shutdown` resolves; each
-    /// runner stops after its current batch.
+    /// Every pool of the service (a test that kills it closes their sessions).
+    pub fn pools(&self) -> Vec<PgPool> {
+        self.pools.clone()
+    }
+
+    /// Serves the query API and runs the projector until `shutdown` resolves; the projector
+    /// stops after its current batch.
     pub async fn run_until_stopped(
         self,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> Result<()> {
         let cancel = CancellationToken::new();
         let mut workers = Workers::new(cancel.clone());
-        for runner in &self.runners {
-            let name: &'static str = match runner.name() {
-                ProjectionName::Accounts => "projection accounts",
-                ProjectionName::Transactions => "projection transactions",
-                ProjectionName::AccountHistory => "projection account_history",
-            };
-            workers.spawn(
-                name,
-                runner
-                    .clone()
-                    .run(self.lock_options.clone(), cancel.clone()),
-            );
-        }
+        workers.spawn(
+            "projector",
+            follow(
+                self.projector.clone(),
+                self.leadership.clone(),
+                self.log.subscribe(),
+                self.follow_settings,
+                cancel.clone(),
+            ),
+        );
         workers.spawn(
             "lag reporter",
-            crate::runner::report_lag(self.state.pool.clone(), self.reader, cancel.clone()),
+            crate::runner::report_lag(self.background.clone(), self.log.clone(), cancel.clone()),
         );
-        let pool = self.state.pool.clone();
-        let events_pool = self.state.events_pool.clone();
         let served =
             serve_until_stopped(self.listener, router(self.state), workers, shutdown).await;
-        pool.close().await;
-        events_pool.close().await;
+        for pool in self.pools {
+            pool.close().await;
+        }
         served.map_err(crate::Error::Infra)
     }
 }

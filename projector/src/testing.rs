@@ -21,7 +21,7 @@ pub struct TestOptions {
     pub redis_key_prefix: String,
     /// Another Redis (e.g. a closed port, for "Redis is down").
     pub redis_url: Option<String>,
-    pub batch_size: i64,
+    pub batch_size: usize,
 }
 
 impl Default for TestOptions {
@@ -46,8 +46,10 @@ pub fn test_config(database_url: &str, options: &TestOptions) -> Config {
         jwt_secret: SecretString::from(TEST_JWT_SECRET),
         log_format: infra::telemetry::LogFormat::Pretty,
         database_max_connections: 8,
+        background_max_connections: 4,
         projector_batch_size: options.batch_size,
-        log_poll_interval_ms: 5,
+        // Tests do not wait a production poll interval when a wake-up is missed.
+        log_poll_interval_ms: 20,
     }
 }
 
@@ -55,6 +57,7 @@ pub fn test_config(database_url: &str, options: &TestOptions) -> Config {
 pub struct TestProjector {
     pub address: String,
     pub pool: PgPool,
+    pools: Vec<PgPool>,
     pub options: TestOptions,
     shutdown: Option<oneshot::Sender<()>>,
     handle: Option<JoinHandle<Result<()>>>,
@@ -66,6 +69,7 @@ pub async fn spawn_projector(database_url: &str, options: &TestOptions) -> Resul
     let app = App::build(test_config(database_url, options)).await?;
     let address = format!("http://127.0.0.1:{}", app.port());
     let pool = app.pool();
+    let pools = app.pools();
     let (shutdown, stopped) = oneshot::channel::<()>();
     let handle = tokio::spawn(app.run_until_stopped(async {
         let _ = stopped.await;
@@ -73,6 +77,7 @@ pub async fn spawn_projector(database_url: &str, options: &TestOptions) -> Resul
     Ok(TestProjector {
         address,
         pool,
+        pools,
         options: options.clone(),
         shutdown: Some(shutdown),
         handle: Some(handle),
@@ -100,7 +105,9 @@ impl TestProjector {
         // Close the sessions, as a dead process's would be: a batch transaction the abort left
         // open would otherwise sit idle in its session, holding the cluster's visibility
         // horizon (and every test's followers) back until the idle timeout ends it.
-        self.pool.close().await;
+        for pool in &self.pools {
+            pool.close().await;
+        }
     }
 
     /// Deletes this projector's cache keys.

@@ -7,9 +7,10 @@ use std::collections::BTreeMap;
 use std::fmt::Debug;
 
 use domain::audit::{Audit, AuditReport};
+use infra::codec::DomainEvent;
 use infra::error::DatabaseContext;
-use infra::log::{LogEvent, LogPosition};
-use infra::replay::DomainEvent;
+use infra::eventlog::RecordedEvent;
+use infra::log::LogPosition;
 use sqlx::{PgConnection, PgPool};
 
 use crate::error::Result;
@@ -116,7 +117,7 @@ pub async fn verify(
     infra::replay::for_each_committed(events_pool, events_table, None, |batch| {
         for event in batch {
             // Decoded once, folded four times.
-            let decoded = infra::replay::decode(event);
+            let decoded = infra::codec::decode(event);
             infra::replay::audit_decoded(&mut audit, event, &decoded, &mut unreadable);
             accounts.fold(event, &decoded);
             transactions.fold(event, &decoded);
@@ -185,7 +186,7 @@ impl<M: Model> Replay<M> {
         }
     }
 
-    fn fold(&mut self, event: &LogEvent, decoded: &Result<DomainEvent, String>) {
+    fn fold(&mut self, event: &RecordedEvent, decoded: &Result<DomainEvent, String>) {
         if event.position > self.until {
             return;
         }
@@ -193,7 +194,7 @@ impl<M: Model> Replay<M> {
         let folded = match decoded {
             Ok(domain_event) => self.model.fold(&Decoded {
                 log: event,
-                event: domain_event.clone(),
+                event: domain_event,
                 ordinal: self.applied,
             }),
             Err(problem) => Err(unprojectable(event, problem.clone())),

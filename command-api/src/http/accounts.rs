@@ -13,7 +13,8 @@ use uuid::Uuid;
 
 use super::{AppState, command_headers};
 use crate::error::{Error, Result};
-use crate::metadata::EventMetadata;
+use crate::metadata;
+use crate::store::Executed;
 use crate::views::AccountView;
 
 #[derive(Debug, Deserialize)]
@@ -55,33 +56,46 @@ pub async fn open_account(
         name: body.name,
         at: Utc::now(),
     };
-    let metadata = EventMetadata::for_request(&correlation.0, caller.subject);
+    // The account id is new, so is the command: nothing to recognise a retry by.
+    let metadata =
+        metadata::for_request(&correlation.0, caller.subject, format!("open/{account_id}"));
     let stream = account_id.to_string();
     let executed = state
         .accounts
-        .execute(&stream, command, &metadata.to_map())
-        .await?
-        .map_err(|refusal| match refusal {
-            AccountError::InvalidName => Error::bad_request("invalid_name", refusal.to_string()),
-            other => Error::Store {
+        .execute_new(&stream, command, &metadata)
+        .await?;
+    let (account, version, position) = match executed {
+        Executed::Appended {
+            state: account,
+            version,
+            position,
+            ..
+        } => (account, version, position),
+        Executed::Refused(AccountError::InvalidName) => {
+            return Err(Error::bad_request(
+                "invalid_name",
+                AccountError::InvalidName.to_string(),
+            ));
+        }
+        Executed::Refused(other) => {
+            return Err(Error::Store {
                 context: "opening an account",
                 message: other.to_string(),
-            },
-        })?;
-    let account = executed
-        .aggregate
-        .0
-        .as_ref()
-        .expect("an opened account has state");
-    let position = state
-        .accounts
-        .position_of(&stream, executed.version)
-        .await?;
+            });
+        }
+        Executed::Unchanged { .. } => {
+            return Err(Error::Store {
+                context: "opening an account",
+                message: format!("account {account_id} already existed"),
+            });
+        }
+    };
+    let account = account.0.as_ref().expect("an opened account has state");
     tracing::info!(account_id = %account_id, currency = %currency, "account opened");
     Ok((
         StatusCode::CREATED,
         command_headers(&format!("/api/v1/accounts/{account_id}"), position),
-        axum::Json(AccountView::new(account, executed.version)),
+        axum::Json(AccountView::new(account, version)),
     )
         .into_response())
 }

@@ -6,22 +6,18 @@ mod transactions;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
 
 use axum::Router;
 use axum::extract::{FromRef, State};
 use axum::http::{HeaderMap, HeaderName, HeaderValue};
 use axum::routing::{get, post};
 use infra::auth::JwtVerifier;
+use infra::eventlog::EventLog;
 use infra::http::{HealthReport, method_not_allowed, metrics_endpoint, not_found, service_layers};
 use infra::log::LogPosition;
-use sqlx::PgPool;
 
 use crate::aggregates::{AccountAggregate, TransactionAggregate};
 use crate::store::AggregateStore;
-
-/// How long `/health` waits for the database before calling it down.
-const HEALTH_CHECK_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// The position header of read-your-writes (SPEC §5).
 pub const POSITION_HEADER: HeaderName = HeaderName::from_static("x-ledger-position");
@@ -31,7 +27,7 @@ pub const POSITION_HEADER: HeaderName = HeaderName::from_static("x-ledger-positi
 pub struct AppState {
     pub accounts: Arc<AggregateStore<AccountAggregate>>,
     pub transactions: Arc<AggregateStore<TransactionAggregate>>,
-    pub pool: PgPool,
+    pub log: Arc<dyn EventLog>,
     pub verifier: Arc<JwtVerifier>,
     /// Whether the decision consumer holds a live broker connection.
     pub broker_connected: Arc<AtomicBool>,
@@ -58,7 +54,7 @@ pub fn router(state: AppState) -> Router {
 }
 
 async fn health(State(state): State<AppState>) -> HealthReport {
-    let database = infra::db::ping(&state.pool, HEALTH_CHECK_TIMEOUT).await;
+    let database = state.log.ping().await;
     let broker = state.broker_connected.load(Ordering::Relaxed);
     HealthReport::default()
         .required("database", database)

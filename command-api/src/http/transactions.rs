@@ -23,7 +23,8 @@ use uuid::Uuid;
 
 use super::{AppState, command_headers};
 use crate::error::{Error, Result};
-use crate::metadata::EventMetadata;
+use crate::metadata;
+use crate::store::Executed;
 use crate::views::TransactionView;
 
 /// Longest accepted idempotency key, in bytes (Stripe's bound).
@@ -64,39 +65,61 @@ pub async fn create_transaction(
     let transaction_id = TransactionId::from_idempotency_key(CustomerId(caller.subject), key);
     let stream = transaction_id.to_string();
 
-    // A key seen before is answered from the stream without looking at the accounts again: the
-    // first request was validated when it was accepted.
-    let (existing, version) = state.transactions.load(&stream).await?;
-    if let Some(transaction) = existing.0 {
-        return replay(&state, &transaction, version, &request).await;
+    if let Err(refused) = check_accounts(&state, &caller, &request).await {
+        // A key seen before is answered from its stream whatever the accounts say now: the
+        // first request was checked when it was accepted.
+        let (existing, version) = state.transactions.load_fresh(&stream).await?;
+        return match existing.0 {
+            Some(transaction) => replay(&state, &transaction, version, &request).await,
+            None => Err(refused),
+        };
     }
-
-    check_accounts(&state, &caller, &request).await?;
+    // The command id names the request (its transaction and body), so a retry of a request
+    // whose answer was lost appends the same event ids and is recognised as a replay.
+    let metadata = metadata::for_request(
+        &correlation.0,
+        caller.subject,
+        format!("create/{transaction_id}/{}", request.fingerprint()),
+    );
     let command = TransactionCommand::Create {
         transaction_id,
         request: request.clone(),
         initiated_by: CustomerId(caller.subject),
         at: Utc::now(),
     };
-    let metadata = EventMetadata::for_request(&correlation.0, caller.subject);
+    // Assumed new: a key seen before makes the append conflict, and the stream is read then.
     let executed = state
         .transactions
-        .execute(&stream, command, &metadata.to_map())
-        .await?
-        .map_err(refusal_to_error)?;
-    let transaction = executed
-        .aggregate
+        .execute_new(&stream, command, &metadata)
+        .await?;
+    let (transaction, version, position) = match executed {
+        Executed::Appended {
+            state: transaction,
+            version,
+            position,
+            replayed: false,
+        } => (transaction, version, position),
+        Executed::Appended {
+            state: transaction,
+            version,
+            replayed: true,
+            ..
+        }
+        | Executed::Unchanged {
+            state: transaction,
+            version,
+        } => {
+            let transaction = transaction
+                .0
+                .expect("a stream that exists has a transaction");
+            return replay(&state, &transaction, version, &request).await;
+        }
+        Executed::Refused(refusal) => return Err(refusal_to_error(refusal)),
+    };
+    let transaction = transaction
         .0
         .as_ref()
         .expect("a created transaction has state");
-    if executed.committed.is_empty() {
-        // A concurrent request with the same key and body got there first.
-        return replay(&state, transaction, executed.version, &request).await;
-    }
-    let position = state
-        .transactions
-        .position_of(&stream, executed.version)
-        .await?;
     tracing::info!(
         transaction_id = %transaction_id,
         kind = request.kind.as_str(),
@@ -105,24 +128,24 @@ pub async fn create_transaction(
     Ok((
         StatusCode::ACCEPTED,
         command_headers(&location(transaction_id), position),
-        axum::Json(TransactionView::new(transaction, executed.version)),
+        axum::Json(TransactionView::new(transaction, version)),
     )
         .into_response())
 }
 
 /// The answer to a repeated key: the transaction as it is now if the body is the same, 422
-/// otherwise.
+/// otherwise. Its position is the log's head: at least as far as the transaction's last event,
+/// which is what a read after it needs to wait for.
 async fn replay(
     state: &AppState,
     transaction: &Transaction,
-    version: usize,
+    version: u64,
     request: &TransactionRequest,
 ) -> Result<Response> {
     if transaction.request_fingerprint != request.fingerprint() {
         return Err(refusal_to_error(TransactionError::IdempotencyKeyReused));
     }
-    let stream = transaction.id.to_string();
-    let position = state.transactions.position_of(&stream, version).await?;
+    let position = state.transactions.log().head().await?;
     let mut headers = command_headers(&location(transaction.id), position);
     headers.insert(REPLAYED_HEADER, HeaderValue::from_static("true"));
     tracing::info!(transaction_id = %transaction.id, "idempotent replay");
@@ -253,6 +276,8 @@ async fn check_accounts(
     Ok(())
 }
 
+/// An account as the cache holds it, or as the log does: who owns it and its currency never
+/// change once it is opened, so a cached state answers both.
 async fn load_account(state: &AppState, account_id: AccountId) -> Result<Option<Account>> {
     let (aggregate, _) = state.accounts.load(&account_id.to_string()).await?;
     Ok(aggregate.0)

@@ -170,10 +170,12 @@ async fn every_message_delivered_twice_still_yields_one_decision_and_one_settlem
 
     // Rewind only once the relay has published the first round and is idle: a batch still in
     // flight would store its checkpoint over the rewind.
-    let last: i64 = sqlx::query_scalar("SELECT max(position) FROM command_api.events")
-        .fetch_one(&harness.app.pool)
-        .await
-        .expect("reads");
+    let last: i64 = sqlx::query_scalar(
+        "SELECT max(position) FROM command_api.events WHERE event_type = 'TransactionCreated'",
+    )
+    .fetch_one(&harness.app.pool)
+    .await
+    .expect("reads");
     eventually(Duration::from_secs(30), || async {
         let relayed: Option<i64> = sqlx::query_scalar(
             "SELECT position FROM command_api.follower_checkpoints WHERE name = 'relay'",
@@ -200,10 +202,12 @@ async fn every_message_delivered_twice_still_yields_one_decision_and_one_settlem
     .execute(&harness.app.pool)
     .await
     .expect("rewinds the relay");
-    let last: i64 = sqlx::query_scalar("SELECT max(position) FROM command_api.events")
-        .fetch_one(&harness.app.pool)
-        .await
-        .expect("reads");
+    let last: i64 = sqlx::query_scalar(
+        "SELECT max(position) FROM command_api.events WHERE event_type = 'TransactionCreated'",
+    )
+    .fetch_one(&harness.app.pool)
+    .await
+    .expect("reads");
     eventually(Duration::from_secs(30), || async {
         let relayed: i64 = sqlx::query_scalar(
             "SELECT position FROM command_api.follower_checkpoints WHERE name = 'relay'",

@@ -1,14 +1,74 @@
-//! The gap-safe log reader (NOTES, "Reading the log in commit order"): with eight writers whose
-//! transactions commit out of insert order, and one that inserts first and commits last, a
-//! follower sees every committed event exactly once, where a bare position checkpoint skips.
+//! The event log on PostgreSQL: the conformance suite every event log passes, and what is
+//! particular to PostgreSQL: the gap-safe read (NOTES, "Reading the log in commit order") with
+//! writers whose transactions commit out of insert order, lag held back by an open transaction,
+//! and wake-ups of followers in another process through NOTIFY.
 
 use std::collections::HashSet;
+use std::sync::Arc;
 use std::time::Duration;
 
-use infra::log::{LogPosition, LogReader};
+use infra::db::ScratchDatabase;
+use infra::eventlog::postgres::{PgEventLog, PgEventLogOptions};
+use infra::eventlog::{EventLog, LogFilter, LogPosition};
 use rand::Rng;
 
 use crate::support::Harness;
+
+/// A scratch database, dropped when the check is over.
+pub struct Scratch(Option<ScratchDatabase>);
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        if let Some(database) = self.0.take() {
+            infra::tasks::block_on_own_runtime(async move {
+                let _ = database.drop_database().await;
+            });
+        }
+    }
+}
+
+/// A fresh, empty PostgreSQL event log that appends through its own committer.
+async fn fresh_postgres_log() -> (Arc<dyn EventLog>, Scratch) {
+    let database = ScratchDatabase::create(&command_api::testing::admin_url())
+        .await
+        .expect("a scratch database");
+    let pool = infra::db::connect(&database.url(), "command_api", 8)
+        .await
+        .expect("connects");
+    command_api::startup::migrate(&pool)
+        .await
+        .expect("migrates");
+    let log = PgEventLog::open(
+        pool,
+        PgEventLogOptions::writer(
+            "command_api",
+            infra::db::connect_options(&database.url(), "command_api").expect("options"),
+        ),
+    )
+    .await
+    .expect("the log opens");
+    (Arc::new(log), Scratch(Some(database)))
+}
+
+mod conformance {
+    use super::fresh_postgres_log;
+    infra::event_log_conformance!(fresh_postgres_log);
+}
+
+/// A log over `pool` that only reads, as another service's would.
+async fn reader(pool: &sqlx::PgPool, listen: bool) -> PgEventLog {
+    PgEventLog::open(
+        pool.clone(),
+        PgEventLogOptions {
+            listen,
+            ..PgEventLogOptions::reader("command_api.events")
+        },
+    )
+    .await
+    .expect("the log opens")
+}
+
+const LOG_TEST: LogFilter = LogFilter::aggregate("log_test");
 
 const WRITERS: usize = 8;
 const EVENTS_PER_WRITER: usize = 60;
@@ -88,9 +148,9 @@ async fn a_follower_sees_every_event_exactly_once_while_eight_writers_commit() {
         "a bare position checkpoint skips the late commit"
     );
 
-    let reader = LogReader::new(pool.clone(), "events");
+    let reader = reader(&pool, false).await;
     let mut checkpoint = LogPosition::START;
-    let mut seen: Vec<(String, i64, i64)> = Vec::new();
+    let mut seen: Vec<(String, u64, i64)> = Vec::new();
     let expected = WRITERS * EVENTS_PER_WRITER + 1;
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
     while seen.len() < expected {
@@ -100,16 +160,16 @@ async fn a_follower_sees_every_event_exactly_once_while_eight_writers_commit() {
             seen.len()
         );
         let batch = reader
-            .read_after(checkpoint, 7, Some("log_test"))
+            .read_all(checkpoint, 7, LOG_TEST)
             .await
             .expect("reads");
         for event in &batch {
             assert!(event.position > checkpoint, "positions only move forward");
             checkpoint = event.position;
             seen.push((
-                event.aggregate_id.clone(),
+                event.stream.aggregate_id.clone(),
                 event.sequence,
-                event.position.position,
+                event.position.index,
             ));
         }
         if batch.is_empty() {
@@ -121,12 +181,12 @@ async fn a_follower_sees_every_event_exactly_once_while_eight_writers_commit() {
     }
     assert!(
         reader
-            .read_after(checkpoint, 100, Some("log_test"))
+            .read_all(checkpoint, 100, LOG_TEST)
             .await
             .expect("reads")
             .is_empty()
     );
-    let distinct: HashSet<(String, i64)> = seen
+    let distinct: HashSet<(String, u64)> = seen
         .iter()
         .map(|(id, sequence, _)| (id.clone(), *sequence))
         .collect();
@@ -138,7 +198,7 @@ async fn a_follower_sees_every_event_exactly_once_while_eight_writers_commit() {
     );
     // Within each writer, events arrive in their own order.
     for writer in 0..WRITERS {
-        let sequences: Vec<i64> = seen
+        let sequences: Vec<u64> = seen
             .iter()
             .filter(|(id, _, _)| *id == format!("writer-{writer}"))
             .map(|(_, sequence, _)| *sequence)
@@ -156,11 +216,11 @@ async fn lag_counts_what_a_follower_has_not_read_and_how_old_the_oldest_is() {
     // of one type.
     let harness = Harness::start().await;
     let pool = harness.app.pool.clone();
-    let reader = LogReader::new(pool.clone(), "events");
+    let reader = reader(&pool, false).await;
     // The scratch log is empty. (Positions come from the inserts, not from `head()`: its
     // visibility bound is cluster-wide, so a transaction open in another test moves it.)
     let start = LogPosition::START;
-    let caught_up = reader.lag(start, None).await.expect("the lag");
+    let caught_up = reader.lag(start, LogFilter::ALL).await.expect("the lag");
     assert_eq!(
         (caught_up.events, caught_up.oldest_unread),
         (0, Duration::ZERO)
@@ -169,7 +229,7 @@ async fn lag_counts_what_a_follower_has_not_read_and_how_old_the_oldest_is() {
     // Three events written ten seconds ago that nobody has read.
     let mut head = start;
     for sequence in 1..=3_i64 {
-        let (tx_id, position): (i64, i64) = sqlx::query_as(
+        let (commit, index): (i64, i64) = sqlx::query_as(
             "INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, event_version, payload, metadata, recorded_at) \
              VALUES ('lag_test', 'stream', $1, 'Written', '1', '{}', '{}', now() - interval '10 seconds') \
              RETURNING tx_id::text::bigint, position",
@@ -178,25 +238,25 @@ async fn lag_counts_what_a_follower_has_not_read_and_how_old_the_oldest_is() {
         .fetch_one(&pool)
         .await
         .expect("inserts");
-        head = LogPosition { tx_id, position };
+        head = LogPosition { commit, index };
     }
-    let behind = reader.lag(start, None).await.expect("the lag");
+    let behind = reader.lag(start, LogFilter::ALL).await.expect("the lag");
     assert_eq!(behind.events, 3);
     assert!(
         behind.oldest_unread >= Duration::from_secs(10),
         "{behind:?}"
     );
     tokio::time::sleep(Duration::from_millis(200)).await;
-    let later = reader.lag(start, None).await.expect("the lag");
+    let later = reader.lag(start, LogFilter::ALL).await.expect("the lag");
     assert!(later.oldest_unread > behind.oldest_unread, "{later:?}");
 
     // A follower of transactions is not waiting for them; one at the head waits for nothing.
     let transactions_only = reader
-        .lag(start, Some("transaction"))
+        .lag(start, LogFilter::aggregate("transaction"))
         .await
         .expect("the lag");
     assert_eq!(transactions_only.events, 0);
-    let at_head = reader.lag(head, None).await.expect("the lag");
+    let at_head = reader.lag(head, LogFilter::ALL).await.expect("the lag");
     assert_eq!((at_head.events, at_head.oldest_unread), (0, Duration::ZERO));
 
     // A committed event that an open transaction holds back from followers still counts.
@@ -217,15 +277,33 @@ async fn lag_counts_what_a_follower_has_not_read_and_how_old_the_oldest_is() {
     .expect("inserts");
     assert!(
         reader
-            .read_after(head, 10, None)
+            .read_all(head, 10, LogFilter::ALL)
             .await
             .expect("reads")
             .is_empty(),
         "the open transaction holds the committed event back"
     );
-    let held_back = reader.lag(head, None).await.expect("the lag");
+    let held_back = reader.lag(head, LogFilter::ALL).await.expect("the lag");
     blocker.rollback().await.expect("rolls back");
     assert!(held_back.events >= 1, "{held_back:?}");
     assert!(held_back.oldest_unread > Duration::ZERO, "{held_back:?}");
+    harness.finish().await;
+}
+
+#[tokio::test]
+async fn a_commit_wakes_a_follower_in_another_process_through_notify() {
+    // Proves the cross-process wake-up: a log that only reads (the projector's) hears of a
+    // batch committed by another log's committer (command-api's), without polling.
+    let harness = Harness::start().await;
+    let listening = reader(&harness.app.pool, true).await;
+    let mut wakeups = listening.subscribe();
+    wakeups.borrow_and_update();
+    let (_, token) = harness.customer();
+    harness.open_account(&token, "USD").await;
+    tokio::time::timeout(Duration::from_secs(10), wakeups.changed())
+        .await
+        .expect("woken by NOTIFY")
+        .expect("the log is alive");
+    drop(listening);
     harness.finish().await;
 }

@@ -54,9 +54,10 @@ async fn next(consumer: &mut lapin::Consumer) -> lapin::message::Delivery {
 }
 
 #[tokio::test]
-async fn the_relay_publishes_every_committed_event_once_with_its_identity() {
-    // Proves the relay: each committed event arrives once on the events exchange, routed by
-    // `<aggregate>.<event>`, persistent, with message_id = event id and the correlation id.
+async fn the_relay_publishes_every_consumed_event_once_with_its_identity() {
+    // Proves the relay: each committed event that has a consumer (`TransactionCreated`) arrives
+    // once on the events exchange, routed by `<aggregate>.<event>`, persistent, with
+    // message_id = event id and the correlation id; no other event is published.
     let harness = Harness::start().await;
     let topology = Topology::new(&harness.amqp_prefix).expect("valid");
     let (connection, channel) = channel().await;
@@ -64,13 +65,18 @@ async fn the_relay_publishes_every_committed_event_once_with_its_identity() {
     let mut all = tap(&channel, &topology.events_exchange(), "#").await;
     let (_, alice) = harness.customer();
     let account = harness.open_account(&alice, "USD").await;
-    let id = harness
-        .transact(&alice, json!({"type": "deposit", "amount": "12.00", "currency": "USD", "destination_account_id": account}))
-        .await;
-    harness.decide(id, FraudOutcome::Approved).await;
-    harness.wait_settled(&[id]).await;
+    let mut ids = Vec::new();
+    for amount in ["12.00", "13.00"] {
+        let id = harness
+            .transact(&alice, json!({"type": "deposit", "amount": amount, "currency": "USD", "destination_account_id": account}))
+            .await;
+        harness.decide(id, FraudOutcome::Approved).await;
+        ids.push(id);
+    }
+    harness.wait_settled(&ids).await;
     let stored: Vec<(Uuid, String, String)> = sqlx::query_as(
-        "SELECT event_id, aggregate_type, event_type FROM command_api.events ORDER BY tx_id, position",
+        "SELECT event_id, aggregate_type, event_type FROM command_api.events \
+         WHERE event_type = 'TransactionCreated' ORDER BY tx_id, position",
     )
     .fetch_all(&harness.app.pool)
     .await
@@ -104,12 +110,20 @@ async fn the_relay_publishes_every_committed_event_once_with_its_identity() {
     }
     let expected: HashSet<Uuid> = stored.iter().map(|(id, _, _)| *id).collect();
     assert_eq!(seen, expected);
+    assert_eq!(stored.len(), 2, "one per transaction");
+    let all_events: i64 = sqlx::query_scalar("SELECT count(*) FROM command_api.events")
+        .fetch_one(&harness.app.pool)
+        .await
+        .expect("counts");
+    assert!(all_events > 2, "the log holds more than what was published");
+    // Nothing else arrives: the next message would be a later one (there is none).
     assert!(
-        stored
-            .iter()
-            .any(|(_, kind, event)| kind == "transaction" && event == "TransactionCreated")
+        tokio::time::timeout(Duration::from_millis(500), all.next())
+            .await
+            .is_err(),
+        "only TransactionCreated is published"
     );
-    // The checkpoint reached the last event.
+    // The checkpoint reached the last published event.
     eventually(Duration::from_secs(10), || async {
         let relayed: Option<i64> = sqlx::query_scalar(
             "SELECT position FROM command_api.follower_checkpoints WHERE name = 'relay'",
@@ -117,10 +131,12 @@ async fn the_relay_publishes_every_committed_event_once_with_its_identity() {
         .fetch_optional(&harness.app.pool)
         .await
         .expect("reads");
-        let last: i64 = sqlx::query_scalar("SELECT max(position) FROM command_api.events")
-            .fetch_one(&harness.app.pool)
-            .await
-            .expect("reads");
+        let last: i64 = sqlx::query_scalar(
+            "SELECT max(position) FROM command_api.events WHERE event_type = 'TransactionCreated'",
+        )
+        .fetch_one(&harness.app.pool)
+        .await
+        .expect("reads");
         relayed == Some(last)
     })
     .await;

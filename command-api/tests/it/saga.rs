@@ -3,14 +3,14 @@
 
 use chrono::Utc;
 use command_api::aggregates::{AccountAggregate, TransactionAggregate};
-use command_api::metadata::EventMetadata;
-use command_api::saga::BatchOutcome;
-use command_api::store::AggregateStore;
+use command_api::saga::Work;
+use command_api::store::{AggregateStore, Executed};
 use command_api::testing::{TestOptions, spawn_app};
 use domain::{
     AccountCommand, AccountId, Amount, Currency, CustomerId, FraudDecision, FraudOutcome,
     RejectionReason, TransactionCommand, TransactionId, TransactionKind, TransactionRequest,
 };
+use infra::follow::Outcome;
 use serde_json::json;
 use std::collections::HashMap;
 use uuid::Uuid;
@@ -149,26 +149,26 @@ async fn every_saga_step_run_twice_changes_nothing() {
     for id in &ids {
         harness.decide(*id, FraudOutcome::Approved).await;
         for _ in 0..2 {
-            harness
+            let results = harness
                 .app
                 .saga
-                .advance(TransactionId(*id), "again", "test")
-                .await
-                .expect("advancing a finished transaction works");
+                .advance_all(vec![Work {
+                    transaction_id: TransactionId(*id),
+                    correlation_id: "again".to_owned(),
+                    cause: "test".to_owned(),
+                }])
+                .await;
+            assert!(
+                results.iter().all(|(_, result)| result.is_ok()),
+                "advancing a finished transaction works: {results:?}"
+            );
         }
     }
     sqlx::query("UPDATE command_api.follower_checkpoints SET tx_id = 0, position = 0")
         .execute(&harness.app.pool)
         .await
         .expect("rewinding the saga");
-    while harness
-        .app
-        .saga
-        .try_process_batch(1000)
-        .await
-        .expect("a batch")
-        != BatchOutcome::Idle
-    {}
+    while harness.app.saga.process_log_batch().await.expect("a batch") != Outcome::Idle {}
 
     assert_eq!(
         harness.event_count().await,
@@ -314,9 +314,21 @@ async fn write_interrupted_transactions(
     let pool = infra::db::connect(database_url, "command_api", 4)
         .await
         .expect("connects");
-    let accounts = AggregateStore::<AccountAggregate>::full_replay(pool.clone());
-    let transactions = AggregateStore::<TransactionAggregate>::full_replay(pool.clone());
-    let metadata = EventMetadata::for_saga("crash-test", "test").to_map();
+    let log: std::sync::Arc<dyn infra::eventlog::EventLog> = std::sync::Arc::new(
+        infra::eventlog::postgres::PgEventLog::open(
+            pool.clone(),
+            infra::eventlog::postgres::PgEventLogOptions::writer(
+                "command_api",
+                infra::db::connect_options(database_url, "command_api").expect("options"),
+            ),
+        )
+        .await
+        .expect("the log opens"),
+    );
+    let accounts = AggregateStore::<AccountAggregate>::full_replay(log.clone());
+    let transactions = AggregateStore::<TransactionAggregate>::full_replay(log);
+    let metadata =
+        || command_api::metadata::for_saga("crash-test", "test", Uuid::new_v4().to_string());
     let usd = Currency::from_code("USD").expect("known");
     let mut expected = Vec::new();
     for (path, steps) in [(0, 8), (1, 7)] {
@@ -344,11 +356,11 @@ async fn write_interrupted_transactions(
                 initiated_by: CustomerId(Uuid::new_v4()),
                 at: Utc::now(),
             };
-            transactions
-                .execute(&id.to_string(), create, &metadata)
+            let created = transactions
+                .execute(&id.to_string(), create, &metadata())
                 .await
-                .expect("stored")
-                .expect("accepted");
+                .expect("stored");
+            assert!(matches!(created, Executed::Appended { .. }));
             let all = if path == 0 {
                 approved_path(id, &request, source, destination)
             } else {
@@ -357,18 +369,18 @@ async fn write_interrupted_transactions(
             for step in all.into_iter().take(prefix) {
                 match step {
                     Step::Account(account, command) => {
-                        accounts
-                            .execute(&account.to_string(), command, &metadata)
+                        let outcome = accounts
+                            .execute(&account.to_string(), command, &metadata())
                             .await
-                            .expect("stored")
-                            .expect("accepted");
+                            .expect("stored");
+                        assert!(matches!(outcome, Executed::Appended { .. }), "{outcome:?}");
                     }
                     Step::Transaction(command) => {
-                        transactions
-                            .execute(&id.to_string(), command, &metadata)
+                        let outcome = transactions
+                            .execute(&id.to_string(), command, &metadata())
                             .await
-                            .expect("stored")
-                            .expect("accepted");
+                            .expect("stored");
+                        assert!(matches!(outcome, Executed::Appended { .. }), "{outcome:?}");
                     }
                 }
             }

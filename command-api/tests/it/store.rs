@@ -5,8 +5,7 @@ use std::sync::Arc;
 
 use chrono::Utc;
 use command_api::aggregates::AccountAggregate;
-use command_api::metadata::EventMetadata;
-use command_api::store::{AggregateStore, SNAPSHOT_EVERY};
+use command_api::store::{AggregateStore, Executed, SNAPSHOT_EVERY};
 use domain::{
     AccountCommand, AccountError, AccountId, Amount, Currency, CustomerId, TransactionId,
 };
@@ -22,19 +21,18 @@ async fn open(store: &AggregateStore<AccountAggregate>, id: AccountId) {
         name: None,
         at: Utc::now(),
     };
-    store
-        .execute(
-            &id.to_string(),
-            command,
-            &EventMetadata::for_saga("t", "t").to_map(),
-        )
+    let outcome = store
+        .execute(&id.to_string(), command, &metadata(&format!("open/{id}")))
         .await
-        .expect("stored")
-        .expect("opened");
+        .expect("stored");
+    assert!(matches!(outcome, Executed::Appended { .. }), "{outcome:?}");
+}
+
+fn metadata(command_id: &str) -> infra::eventlog::EventMetadata {
+    command_api::metadata::for_saga("t", "t", command_id.to_owned())
 }
 
 async fn credit(store: &AggregateStore<AccountAggregate>, id: AccountId, minor: i64) {
-    let metadata = EventMetadata::for_saga("t", "t").to_map();
     let transaction_id = TransactionId(Uuid::new_v4());
     let amount = Amount::from_minor(minor).expect("positive");
     for command in [
@@ -48,11 +46,15 @@ async fn credit(store: &AggregateStore<AccountAggregate>, id: AccountId, minor: 
             at: Utc::now(),
         },
     ] {
-        store
-            .execute(&id.to_string(), command, &metadata)
+        let outcome = store
+            .execute(
+                &id.to_string(),
+                command,
+                &metadata(&Uuid::new_v4().to_string()),
+            )
             .await
-            .expect("stored")
-            .expect("accepted");
+            .expect("stored");
+        assert!(matches!(outcome, Executed::Appended { .. }), "{outcome:?}");
     }
 }
 
@@ -63,7 +65,8 @@ async fn snapshot_and_cache_loads_equal_a_full_replay() {
     // snapshot in an unknown format is ignored.
     let harness = Harness::start().await;
     let pool = harness.app.pool.clone();
-    let writer = AggregateStore::<AccountAggregate>::new(pool.clone());
+    let log = harness.writer_log().await;
+    let writer = AggregateStore::<AccountAggregate>::new(log.clone());
     let id = AccountId(Uuid::new_v4());
     open(&writer, id).await;
     for index in 0..125 {
@@ -71,15 +74,14 @@ async fn snapshot_and_cache_loads_equal_a_full_replay() {
     }
     let (cached, cached_version) = writer.load(&id.to_string()).await.expect("loads");
     let (snapshotted, snapshot_version) =
-        AggregateStore::<AccountAggregate>::snapshots_only(pool.clone())
+        AggregateStore::<AccountAggregate>::snapshots_only(log.clone())
             .load(&id.to_string())
             .await
             .expect("loads");
-    let (replayed, replayed_version) =
-        AggregateStore::<AccountAggregate>::full_replay(pool.clone())
-            .load(&id.to_string())
-            .await
-            .expect("loads");
+    let (replayed, replayed_version) = AggregateStore::<AccountAggregate>::full_replay(log.clone())
+        .load(&id.to_string())
+        .await
+        .expect("loads");
     assert_eq!(replayed_version, 251);
     assert_eq!((&cached, cached_version), (&replayed, replayed_version));
     assert_eq!(
@@ -111,7 +113,7 @@ async fn snapshot_and_cache_loads_equal_a_full_replay() {
     .await
     .expect("corrupting the snapshot");
     let (ignored, ignored_version) =
-        AggregateStore::<AccountAggregate>::snapshots_only(pool.clone())
+        AggregateStore::<AccountAggregate>::snapshots_only(log.clone())
             .load(&id.to_string())
             .await
             .expect("loads despite the unknown snapshot");
@@ -125,9 +127,12 @@ async fn two_instances_holding_on_one_account_lose_no_update() {
     // place 25 holds of 10 each, concurrently, on an account holding 300: exactly 30 succeed,
     // the rest are refused for lack of funds, and the held total is exact.
     let harness = Harness::start().await;
-    let pool = harness.app.pool.clone();
-    let first = Arc::new(AggregateStore::<AccountAggregate>::new(pool.clone()));
-    let second = Arc::new(AggregateStore::<AccountAggregate>::new(pool.clone()));
+    let first = Arc::new(AggregateStore::<AccountAggregate>::new(
+        harness.writer_log().await,
+    ));
+    let second = Arc::new(AggregateStore::<AccountAggregate>::new(
+        harness.writer_log().await,
+    ));
     let id = AccountId(Uuid::new_v4());
     open(&first, id).await;
     credit(&first, id, 300).await;
@@ -147,20 +152,28 @@ async fn two_instances_holding_on_one_account_lose_no_update() {
                 .execute(
                     &id.to_string(),
                     command,
-                    &EventMetadata::for_saga("t", "t").to_map(),
+                    &metadata(&format!("hold/{index}")),
                 )
                 .await
                 .expect("no infrastructure failure, conflicts are retried")
         }
     });
     let results = futures::future::join_all(attempts).await;
-    let held = results.iter().filter(|result| result.is_ok()).count();
+    let held = results
+        .iter()
+        .filter(|result| matches!(result, Executed::Appended { .. }))
+        .count();
     let refused = results
         .iter()
-        .filter(|result| matches!(result, Err(AccountError::InsufficientFunds { .. })))
+        .filter(|result| {
+            matches!(
+                result,
+                Executed::Refused(AccountError::InsufficientFunds { .. })
+            )
+        })
         .count();
     assert_eq!((held, refused), (30, 20));
-    let (state, _) = AggregateStore::<AccountAggregate>::full_replay(pool)
+    let (state, _) = AggregateStore::<AccountAggregate>::full_replay(first.log().clone())
         .load(&id.to_string())
         .await
         .expect("loads");

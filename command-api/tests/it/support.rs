@@ -52,6 +52,20 @@ impl Harness {
             .expect("the test's RabbitMQ topology is deleted");
     }
 
+    /// A log appending to this test's store through a committer of its own: another instance.
+    pub async fn writer_log(&self) -> std::sync::Arc<dyn infra::eventlog::EventLog> {
+        let log = infra::eventlog::postgres::PgEventLog::open(
+            self.app.pool.clone(),
+            infra::eventlog::postgres::PgEventLogOptions::writer(
+                "command_api",
+                infra::db::connect_options(&self.app.database_url, "command_api").expect("options"),
+            ),
+        )
+        .await
+        .expect("the log opens");
+        std::sync::Arc::new(log)
+    }
+
     pub fn customer(&self) -> (Uuid, String) {
         let subject = Uuid::new_v4();
         (subject, self.app.token(subject, &[Role::Customer]))
@@ -134,7 +148,8 @@ impl Harness {
             rule: Some("test".to_owned()),
             details: json!({}),
         };
-        let metadata = command_api::metadata::EventMetadata::for_saga(&id.to_string(), "test");
+        let metadata =
+            command_api::metadata::for_saga(&id.to_string(), "test", format!("decision/{id}"));
         self.app
             .decisions
             .record(TransactionId(id), decision, &metadata)
@@ -234,21 +249,27 @@ impl Harness {
         let read_pool = projector::startup::connect_read_models(&self.app.database_url, 2)
             .await
             .expect("the read models' schema is created");
-        let reader = infra::log::LogReader::new(self.app.pool.clone(), "command_api.events");
-        for name in projector::model::ProjectionName::ALL {
-            projector::rebuild::rebuild(
-                &read_pool,
-                &reader,
-                name,
-                projector::rebuild::RebuildOptions {
-                    batch_size: 97,
-                    restart: false,
-                },
-                |_| {},
-            )
-            .await
-            .expect("the projection rebuilds from the log");
-        }
+        let log = infra::eventlog::postgres::PgEventLog::open(
+            self.app.pool.clone(),
+            infra::eventlog::postgres::PgEventLogOptions {
+                listen: false,
+                ..infra::eventlog::postgres::PgEventLogOptions::reader("command_api.events")
+            },
+        )
+        .await
+        .expect("the log opens");
+        projector::rebuild::rebuild(
+            &read_pool,
+            &log,
+            &projector::model::ProjectionName::ALL,
+            projector::rebuild::RebuildOptions {
+                batch_size: 97,
+                restart: false,
+            },
+            |_| {},
+        )
+        .await
+        .expect("the projections rebuild from the log");
         let report = projector::verify::verify(
             &read_pool,
             &self.app.pool,

@@ -13,7 +13,7 @@ use uuid::Uuid;
 
 use super::{AppState, Reader, WantedPosition, page_and_filters, paged, path_id, reach};
 use crate::error::{Error, Result};
-use crate::model::accounts::{AccountRecord, COLUMNS, decode};
+use crate::model::accounts::AccountRecord;
 use crate::model::history;
 use crate::model::timestamp;
 
@@ -62,12 +62,13 @@ fn view(record: &AccountRecord) -> Result<Value> {
 async fn visible(state: &AppState, caller: &Caller, id: &str) -> Result<AccountRecord> {
     let reader = Reader::of(caller)?;
     let id = path_id(id, "account")?;
-    let row = sqlx::query(&format!("SELECT {COLUMNS} FROM accounts WHERE id = $1"))
+    let columns = AccountRecord::columns();
+    let row = sqlx::query(&format!("SELECT {columns} FROM accounts WHERE id = $1"))
         .bind(id)
         .fetch_optional(&state.pool)
         .await
         .context("reading an account")?;
-    let record = row.as_ref().map(decode).transpose()?;
+    let record = row.as_ref().map(AccountRecord::decode).transpose()?;
     record
         .filter(|record| reader.may_see(&[record.owner_id]))
         .ok_or_else(|| Error::NotFound(format!("no account {id}")))
@@ -80,7 +81,7 @@ pub async fn one(
     Path(id): Path<String>,
 ) -> Result<(HeaderMap, Json<Value>)> {
     Reader::of(&caller)?;
-    let headers = reach(&state.pool, &wanted).await?;
+    let headers = reach(&state, &wanted).await?;
     let record = visible(&state, &caller, &id).await?;
     Ok((headers, Json(view(&record)?)))
 }
@@ -92,7 +93,7 @@ pub async fn balance(
     Path(id): Path<String>,
 ) -> Result<(HeaderMap, Json<Value>)> {
     Reader::of(&caller)?;
-    let headers = reach(&state.pool, &wanted).await?;
+    let headers = reach(&state, &wanted).await?;
     let record = visible(&state, &caller, &id).await?;
     let currency = record.currency.as_str();
     Ok((
@@ -131,11 +132,12 @@ pub async fn list(
             ));
         }
     };
-    let headers = reach(&state.pool, &wanted).await?;
+    let headers = reach(&state, &wanted).await?;
+    let columns = AccountRecord::columns();
     let rows = match owner {
         Some(owner) => {
             sqlx::query(&format!(
-                "SELECT {COLUMNS} FROM accounts WHERE owner_id = $1 AND created_position < $2
+                "SELECT {columns} FROM accounts WHERE owner_id = $1 AND created_position < $2
              ORDER BY created_position DESC LIMIT $3"
             ))
             .bind(owner)
@@ -146,7 +148,7 @@ pub async fn list(
         }
         None => {
             sqlx::query(&format!(
-                "SELECT {COLUMNS} FROM accounts WHERE created_position < $1
+                "SELECT {columns} FROM accounts WHERE created_position < $1
              ORDER BY created_position DESC LIMIT $2"
             ))
             .bind(page.before)
@@ -159,7 +161,7 @@ pub async fn list(
     let items = rows
         .iter()
         .map(|row| {
-            let record = decode(row)?;
+            let record = AccountRecord::decode(row)?;
             Ok((record.created_position, view(&record)?))
         })
         .collect::<Result<Vec<_>>>()?;
@@ -175,12 +177,12 @@ pub async fn history(
 ) -> Result<(HeaderMap, Json<Value>)> {
     Reader::of(&caller)?;
     let (page, _) = page_and_filters(query, &[])?;
-    let headers = reach(&state.pool, &wanted).await?;
+    let headers = reach(&state, &wanted).await?;
     let account = visible(&state, &caller, &id).await?;
     let rows = sqlx::query(&format!(
         "SELECT {} FROM account_history WHERE account_id = $1 AND created_position < $2
          ORDER BY created_position DESC LIMIT $3",
-        history::COLUMNS
+        history::HistoryRecord::columns()
     ))
     .bind(account.id)
     .bind(page.before)
@@ -191,7 +193,7 @@ pub async fn history(
     let items = rows
         .iter()
         .map(|row| {
-            let record = history::decode(row)?;
+            let record = history::HistoryRecord::decode(row)?;
             let currency = record.currency.as_str();
             let item = json!({
                 "transaction_id": record.transaction_id,

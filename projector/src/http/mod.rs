@@ -23,6 +23,7 @@ use infra::http::{HealthReport, method_not_allowed, metrics_endpoint, not_found,
 use infra::log::LogPosition;
 use serde_json::{Value, json};
 use sqlx::PgPool;
+use tokio::sync::watch;
 use uuid::Uuid;
 
 use crate::cache::Cache;
@@ -58,6 +59,9 @@ pub struct AppState {
     pub verifier: Arc<JwtVerifier>,
     /// One flag per projection runner: false while its last batch failed.
     pub runners_healthy: Vec<Arc<AtomicBool>>,
+    /// Where this instance's projector stands, when it runs here: waiting reads wake on it
+    /// instead of polling the database.
+    pub applied: Option<watch::Receiver<LogPosition>>,
 }
 
 impl FromRef<AppState> for Arc<JwtVerifier> {
@@ -158,15 +162,30 @@ impl<S: Send + Sync> FromRequestParts<S> for WantedPosition {
 
 /// Waits (up to [`POSITION_WAIT`]) until every projection has applied the log up to `wanted`,
 /// and returns the headers that say so. Without a wanted position, reads at once.
-pub async fn reach(pool: &PgPool, wanted: &WantedPosition) -> Result<HeaderMap> {
+///
+/// When this instance runs the projector, its progress wakes the wait at once; the database's
+/// checkpoints are also read, at a slowing rate, since another instance may be the one running
+/// it.
+pub async fn reach(state: &AppState, wanted: &WantedPosition) -> Result<HeaderMap> {
     let mut headers = HeaderMap::new();
     let Some(wanted) = wanted.0 else {
         return Ok(headers);
     };
     let started = Instant::now();
+    let deadline = tokio::time::Instant::now() + POSITION_WAIT;
+    let mut applied = state.applied.clone();
     let mut poll = POSITION_POLL_FIRST;
+    let mut next_look = tokio::time::Instant::now();
+    let mut reached = LogPosition::START;
     loop {
-        let reached = generations::read_position(pool).await?;
+        if let Some(applied) = &applied {
+            reached = reached.max(*applied.borrow());
+        }
+        if reached < wanted && tokio::time::Instant::now() >= next_look {
+            reached = reached.max(generations::read_position(&state.pool).await?);
+            next_look = tokio::time::Instant::now() + poll;
+            poll = (poll * 2).min(POSITION_POLL_MAX);
+        }
         if reached >= wanted {
             if let Ok(value) = HeaderValue::from_str(&reached.to_string()) {
                 headers.insert(POSITION_HEADER, value);
@@ -175,14 +194,26 @@ pub async fn reach(pool: &PgPool, wanted: &WantedPosition) -> Result<HeaderMap> 
                 .record(started.elapsed().as_secs_f64());
             return Ok(headers);
         }
-        if started.elapsed() >= POSITION_WAIT {
+        if tokio::time::Instant::now() >= deadline {
             return Err(Error::PositionNotReached {
                 wanted: wanted.to_string(),
                 reached: reached.to_string(),
             });
         }
-        tokio::time::sleep(poll).await;
-        poll = (poll * 2).min(POSITION_POLL_MAX);
+        let wake = next_look.min(deadline);
+        match applied.as_mut() {
+            Some(receiver) => {
+                tokio::select! {
+                    changed = receiver.changed() => {
+                        if changed.is_err() {
+                            applied = None;
+                        }
+                    }
+                    () = tokio::time::sleep_until(wake) => {}
+                }
+            }
+            None => tokio::time::sleep_until(wake).await,
+        }
     }
 }
 

@@ -17,7 +17,7 @@ use super::{AppState, Reader, WantedPosition, page_and_filters, paged, path_id, 
 use crate::cache::Lookup;
 use crate::error::{Error, Result};
 use crate::model::timestamp;
-use crate::model::transactions::{COLUMNS, TransactionRecord, decode};
+use crate::model::transactions::TransactionRecord;
 
 const CACHE_HEADER: HeaderName = HeaderName::from_static("x-cache");
 
@@ -41,12 +41,13 @@ pub fn view(record: &TransactionRecord) -> Result<Value> {
 }
 
 async fn from_database(state: &AppState, id: Uuid) -> Result<Option<TransactionRecord>> {
-    let row = sqlx::query(&format!("SELECT {COLUMNS} FROM transactions WHERE id = $1"))
+    let columns = TransactionRecord::columns();
+    let row = sqlx::query(&format!("SELECT {columns} FROM transactions WHERE id = $1"))
         .bind(id)
         .fetch_optional(&state.pool)
         .await
         .context("reading a transaction")?;
-    row.as_ref().map(decode).transpose()
+    row.as_ref().map(TransactionRecord::decode).transpose()
 }
 
 fn not_found(id: Uuid) -> Error {
@@ -65,7 +66,7 @@ pub async fn one(
 ) -> Result<(HeaderMap, Json<Value>)> {
     let reader = Reader::of(&caller)?;
     let id = path_id(&id, "transaction")?;
-    let mut headers = reach(&state.pool, &wanted).await?;
+    let mut headers = reach(&state, &wanted).await?;
     let lookup = match &state.cache {
         Some(cache) => cache.get(id).await,
         None => Lookup::Unavailable,
@@ -131,7 +132,7 @@ pub async fn list(
                 .map_err(|_| Error::bad_request("invalid_account_id", "account_id must be a UUID"))
         })
         .transpose()?;
-    let headers = reach(&state.pool, &wanted).await?;
+    let headers = reach(&state, &wanted).await?;
     if let (Some(account), Reader::Owner(me)) = (account, reader) {
         let owner: Option<Option<Uuid>> =
             sqlx::query_scalar("SELECT owner_id FROM accounts WHERE id = $1")
@@ -154,18 +155,19 @@ pub async fn list(
     } else {
         "AND $4::text IS NULL"
     };
+    let columns = TransactionRecord::columns();
     let sql = match key {
         Some(_) => format!(
-            "SELECT {COLUMNS} FROM (
-                 (SELECT {COLUMNS} FROM transactions WHERE {left} = $1 AND created_position < $2
+            "SELECT {columns} FROM (
+                 (SELECT {columns} FROM transactions WHERE {left} = $1 AND created_position < $2
                   {status_filter} ORDER BY created_position DESC LIMIT $3)
                  UNION
-                 (SELECT {COLUMNS} FROM transactions WHERE {right} = $1 AND created_position < $2
+                 (SELECT {columns} FROM transactions WHERE {right} = $1 AND created_position < $2
                   {status_filter} ORDER BY created_position DESC LIMIT $3)
              ) AS both_sides ORDER BY created_position DESC LIMIT $3"
         ),
         None => format!(
-            "SELECT {COLUMNS} FROM transactions WHERE ($1::uuid IS NULL) AND created_position < $2
+            "SELECT {columns} FROM transactions WHERE ($1::uuid IS NULL) AND created_position < $2
              {status_filter} ORDER BY created_position DESC LIMIT $3"
         ),
     };
@@ -180,7 +182,7 @@ pub async fn list(
     let items = rows
         .iter()
         .map(|row| {
-            let record = decode(row)?;
+            let record = TransactionRecord::decode(row)?;
             Ok((record.created_position, view(&record)?))
         })
         .collect::<Result<Vec<_>>>()?;
@@ -196,7 +198,7 @@ pub async fn events(
 ) -> Result<(HeaderMap, Json<Value>)> {
     let reader = Reader::of(&caller)?;
     let id = path_id(&id, "transaction")?;
-    let headers = reach(&state.pool, &wanted).await?;
+    let headers = reach(&state, &wanted).await?;
     let record = from_database(&state, id)
         .await?
         .ok_or_else(|| not_found(id))?;

@@ -6,54 +6,50 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 
 use chrono::{DateTime, SubsecRound, Utc};
 use domain::{Account, AccountId, TransactionEvent};
+use infra::codec::DomainEvent;
 use infra::error::DatabaseContext;
-use infra::replay::DomainEvent;
 use sqlx::{PgConnection, Row};
 use uuid::Uuid;
 
+use super::row::projection_row;
 use super::{Decoded, Model, TableShape, unprojectable};
 use crate::error::{Error, Result};
 
 pub const TABLES: &[TableShape] = &[TableShape {
     name: "accounts",
-    ddl: "CREATE TABLE {t} (
-        id                    uuid        PRIMARY KEY,
-        owner_id              uuid,
-        kind                  text        NOT NULL,
-        currency              text        NOT NULL,
-        name                  text,
-        balance_minor         bigint      NOT NULL,
-        held_minor            bigint      NOT NULL,
-        pending_credits_minor bigint      NOT NULL,
-        version               bigint      NOT NULL,
-        created_at            timestamptz NOT NULL,
-        updated_at            timestamptz NOT NULL,
-        created_position      bigint      NOT NULL,
-        state                 jsonb
-    );
-    CREATE INDEX {t}_by_owner ON {t} (owner_id, created_position DESC);
-    CREATE INDEX {t}_by_position ON {t} (created_position DESC)",
+    statements: |table| {
+        vec![
+            format!(
+                "CREATE TABLE {table} ({}, state jsonb, PRIMARY KEY (id))",
+                AccountRecord::column_definitions()
+            ),
+            format!("CREATE INDEX {table}_by_owner ON {table} (owner_id, created_position DESC)"),
+            format!("CREATE INDEX {table}_by_position ON {table} (created_position DESC)"),
+        ]
+    },
 }];
 
-/// An account row as stored (without the folded state it keeps for the next event).
-#[derive(Debug, Clone, PartialEq)]
-pub struct AccountRecord {
-    pub id: Uuid,
-    /// `None` for world accounts.
-    pub owner_id: Option<Uuid>,
-    /// `customer` or `world`.
-    pub kind: String,
-    pub currency: String,
-    pub name: Option<String>,
-    pub balance_minor: i64,
-    pub held_minor: i64,
-    pub pending_credits_minor: i64,
-    /// The stream's version; for a world account, the number of legs it received.
-    pub version: i64,
-    pub created_at: DateTime<Utc>,
-    pub updated_at: DateTime<Utc>,
-    /// The log position of the account's first event: the keyset of `GET /accounts`.
-    pub created_position: i64,
+projection_row! {
+    /// An account row as stored (without the folded state it keeps for the next event).
+    #[derive(Debug, Clone, PartialEq)]
+    pub struct AccountRecord in "accounts" {
+        pub id: Uuid => "uuid",
+        /// `None` for world accounts.
+        pub owner_id: Option<Uuid> => "uuid",
+        /// `customer` or `world`.
+        pub kind: String => "text",
+        pub currency: String => "text",
+        pub name: Option<String> => "text",
+        pub balance_minor: i64 => "bigint",
+        pub held_minor: i64 => "bigint",
+        pub pending_credits_minor: i64 => "bigint",
+        /// The stream's version; for a world account, the number of legs it received.
+        pub version: i64 => "bigint",
+        pub created_at: DateTime<Utc> => "timestamptz",
+        pub updated_at: DateTime<Utc> => "timestamptz",
+        /// The log ordinal of the account's first event: the keyset of `GET /accounts`.
+        pub created_position: i64 => "bigint",
+    }
 }
 
 struct AccountRow {
@@ -109,20 +105,24 @@ impl Model for AccountsModel {
         }
         ids.sort_unstable();
         ids.dedup();
+        let mut model = AccountsModel::default();
+        if ids.is_empty() {
+            return Ok(model);
+        }
         let table = TABLES[0].table(generation);
         let rows = sqlx::query(&format!(
-            "SELECT {COLUMNS}, state FROM {table} WHERE id = ANY($1)"
+            "SELECT {}, state::text AS state FROM {table} WHERE id = ANY($1)",
+            AccountRecord::columns()
         ))
         .bind(&ids)
         .fetch_all(connection)
         .await
         .context("loading account rows")?;
-        let mut model = AccountsModel::default();
         for row in rows {
-            let record = decode(&row)?;
-            let state: Option<serde_json::Value> = row.try_get("state").map_err(corrupt)?;
+            let record = AccountRecord::decode(&row)?;
+            let state: Option<String> = row.try_get("state").map_err(corrupt)?;
             let state = state
-                .map(serde_json::from_value::<Account>)
+                .map(|state| serde_json::from_str::<Account>(&state))
                 .transpose()
                 .map_err(corrupt)?;
             model.rows.insert(record.id, AccountRow { record, state });
@@ -140,7 +140,7 @@ impl Model for AccountsModel {
                 };
                 let account = Account::apply(state, payload)
                     .map_err(|violation| unprojectable(event.log, violation.to_string()))?;
-                let record = record_of(&account, event.log.sequence, created_position);
+                let record = record_of(&account, event.sequence(), created_position);
                 self.rows.insert(
                     id.0,
                     AccountRow {
@@ -192,10 +192,7 @@ impl Model for AccountsModel {
     }
 
     async fn store(&mut self, connection: &mut PgConnection, generation: i32) -> Result<()> {
-        if self.dirty.is_empty() {
-            return Ok(());
-        }
-        let mut columns = Columns::default();
+        let mut rows = Vec::with_capacity(self.dirty.len());
         for id in self.dirty.drain() {
             let Some(row) = self.rows.get(&id) else {
                 continue;
@@ -203,43 +200,19 @@ impl Model for AccountsModel {
             let state = row
                 .state
                 .as_ref()
-                .map(serde_json::to_value)
+                .map(serde_json::to_string)
                 .transpose()
                 .map_err(|error| Error::Job(format!("cannot serialise account {id}: {error}")))?;
-            columns.push(&row.record, state);
+            rows.push((&row.record, state));
         }
-        let table = TABLES[0].table(generation);
-        sqlx::query(&format!(
-            "INSERT INTO {table} ({COLUMNS}, state)
-             SELECT * FROM UNNEST($1::uuid[], $2::uuid[], $3::text[], $4::text[], $5::text[],
-                 $6::bigint[], $7::bigint[], $8::bigint[], $9::bigint[], $10::timestamptz[],
-                 $11::timestamptz[], $12::bigint[], $13::jsonb[])
-             ON CONFLICT (id) DO UPDATE SET
-                 owner_id = EXCLUDED.owner_id, kind = EXCLUDED.kind, currency = EXCLUDED.currency,
-                 name = EXCLUDED.name, balance_minor = EXCLUDED.balance_minor,
-                 held_minor = EXCLUDED.held_minor,
-                 pending_credits_minor = EXCLUDED.pending_credits_minor,
-                 version = EXCLUDED.version, created_at = EXCLUDED.created_at,
-                 updated_at = EXCLUDED.updated_at, created_position = EXCLUDED.created_position,
-                 state = EXCLUDED.state"
-        ))
-        .bind(columns.id)
-        .bind(columns.owner_id)
-        .bind(columns.kind)
-        .bind(columns.currency)
-        .bind(columns.name)
-        .bind(columns.balance_minor)
-        .bind(columns.held_minor)
-        .bind(columns.pending_credits_minor)
-        .bind(columns.version)
-        .bind(columns.created_at)
-        .bind(columns.updated_at)
-        .bind(columns.created_position)
-        .bind(columns.state)
-        .execute(connection)
+        AccountRecord::upsert(
+            connection,
+            &TABLES[0].table(generation),
+            "id",
+            &rows,
+            Some("state"),
+        )
         .await
-        .context("storing account rows")?;
-        Ok(())
     }
 
     fn hidden(&self) -> BTreeMap<String, String> {
@@ -280,77 +253,22 @@ impl Model for AccountsModel {
         connection: &mut PgConnection,
         relation: &str,
     ) -> Result<BTreeMap<String, AccountRecord>> {
-        let rows = sqlx::query(&format!("SELECT {COLUMNS} FROM {relation}"))
-            .fetch_all(connection)
-            .await
-            .context("reading account rows")?;
+        let rows = sqlx::query(&format!(
+            "SELECT {} FROM {relation}",
+            AccountRecord::columns()
+        ))
+        .fetch_all(connection)
+        .await
+        .context("reading account rows")?;
         rows.iter()
-            .map(|row| decode(row).map(|record| (record.id.to_string(), record)))
+            .map(|row| AccountRecord::decode(row).map(|record| (record.id.to_string(), record)))
             .collect()
     }
 }
-
-/// The stored columns, in the order of [`decode`] and the UNNEST of `store`.
-pub const COLUMNS: &str = "id, owner_id, kind, currency, name, balance_minor, held_minor, \
-     pending_credits_minor, version, created_at, updated_at, created_position";
 
 fn corrupt(error: impl std::fmt::Display) -> Error {
     Error::CorruptRow {
         table: "accounts",
         problem: error.to_string(),
-    }
-}
-
-/// Reads a row selected with [`COLUMNS`].
-pub fn decode(row: &sqlx::postgres::PgRow) -> Result<AccountRecord> {
-    Ok(AccountRecord {
-        id: row.try_get("id").map_err(corrupt)?,
-        owner_id: row.try_get("owner_id").map_err(corrupt)?,
-        kind: row.try_get("kind").map_err(corrupt)?,
-        currency: row.try_get("currency").map_err(corrupt)?,
-        name: row.try_get("name").map_err(corrupt)?,
-        balance_minor: row.try_get("balance_minor").map_err(corrupt)?,
-        held_minor: row.try_get("held_minor").map_err(corrupt)?,
-        pending_credits_minor: row.try_get("pending_credits_minor").map_err(corrupt)?,
-        version: row.try_get("version").map_err(corrupt)?,
-        created_at: row.try_get("created_at").map_err(corrupt)?,
-        updated_at: row.try_get("updated_at").map_err(corrupt)?,
-        created_position: row.try_get("created_position").map_err(corrupt)?,
-    })
-}
-
-#[derive(Default)]
-struct Columns {
-    id: Vec<Uuid>,
-    owner_id: Vec<Option<Uuid>>,
-    kind: Vec<String>,
-    currency: Vec<String>,
-    name: Vec<Option<String>>,
-    balance_minor: Vec<i64>,
-    held_minor: Vec<i64>,
-    pending_credits_minor: Vec<i64>,
-    version: Vec<i64>,
-    created_at: Vec<DateTime<Utc>>,
-    updated_at: Vec<DateTime<Utc>>,
-    created_position: Vec<i64>,
-    state: Vec<Option<serde_json::Value>>,
-}
-
-impl Columns {
-    fn push(&mut self, record: &AccountRecord, state: Option<serde_json::Value>) {
-        self.id.push(record.id);
-        self.owner_id.push(record.owner_id);
-        self.kind.push(record.kind.clone());
-        self.currency.push(record.currency.clone());
-        self.name.push(record.name.clone());
-        self.balance_minor.push(record.balance_minor);
-        self.held_minor.push(record.held_minor);
-        self.pending_credits_minor
-            .push(record.pending_credits_minor);
-        self.version.push(record.version);
-        self.created_at.push(record.created_at);
-        self.updated_at.push(record.updated_at);
-        self.created_position.push(record.created_position);
-        self.state.push(state);
     }
 }

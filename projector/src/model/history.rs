@@ -7,47 +7,48 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 
 use chrono::{DateTime, SubsecRound, Utc};
 use domain::{AccountEvent, TransactionEvent, TransactionStatus};
+use infra::codec::DomainEvent;
 use infra::error::DatabaseContext;
-use infra::replay::DomainEvent;
-use sqlx::{PgConnection, Row};
+use sqlx::PgConnection;
 use uuid::Uuid;
 
+use super::row::projection_row;
 use super::{Decoded, Model, TableShape, unprojectable};
-use crate::error::{Error, Result};
+use crate::error::Result;
 
 pub const TABLES: &[TableShape] = &[TableShape {
     name: "account_history",
-    ddl: "CREATE TABLE {t} (
-        account_id          uuid        NOT NULL,
-        transaction_id      uuid        NOT NULL,
-        kind                text        NOT NULL,
-        amount_minor        bigint      NOT NULL,
-        currency            text        NOT NULL,
-        balance_after_minor bigint,
-        status              text        NOT NULL,
-        created_at          timestamptz NOT NULL,
-        created_position    bigint      NOT NULL,
-        PRIMARY KEY (account_id, transaction_id)
-    );
-    CREATE INDEX {t}_by_account ON {t} (account_id, created_position DESC);
-    CREATE INDEX {t}_by_transaction ON {t} (transaction_id)",
+    statements: |table| {
+        vec![
+            format!(
+                "CREATE TABLE {table} ({}, PRIMARY KEY (account_id, transaction_id))",
+                HistoryRecord::column_definitions()
+            ),
+            format!(
+                "CREATE INDEX {table}_by_account ON {table} (account_id, created_position DESC)"
+            ),
+            format!("CREATE INDEX {table}_by_transaction ON {table} (transaction_id)"),
+        ]
+    },
 }];
 
-/// One history row.
-#[derive(Debug, Clone, PartialEq)]
-pub struct HistoryRecord {
-    pub account_id: Uuid,
-    pub transaction_id: Uuid,
-    pub kind: String,
-    /// Negative when the account pays, positive when it receives.
-    pub amount_minor: i64,
-    pub currency: String,
-    /// The account's posted balance once this transaction settled on it; `None` until then
-    /// (and for ever, if it was rejected).
-    pub balance_after_minor: Option<i64>,
-    pub status: String,
-    pub created_at: DateTime<Utc>,
-    pub created_position: i64,
+projection_row! {
+    /// One history row.
+    #[derive(Debug, Clone, PartialEq)]
+    pub struct HistoryRecord in "account_history" {
+        pub account_id: Uuid => "uuid",
+        pub transaction_id: Uuid => "uuid",
+        pub kind: String => "text",
+        /// Negative when the account pays, positive when it receives.
+        pub amount_minor: i64 => "bigint",
+        pub currency: String => "text",
+        /// The account's posted balance once this transaction settled on it; `None` until then
+        /// (and for ever, if it was rejected).
+        pub balance_after_minor: Option<i64> => "bigint",
+        pub status: String => "text",
+        pub created_at: DateTime<Utc> => "timestamptz",
+        pub created_position: i64 => "bigint",
+    }
 }
 
 #[derive(Default)]
@@ -94,14 +95,15 @@ impl Model for HistoryModel {
         }
         let table = TABLES[0].table(generation);
         let rows = sqlx::query(&format!(
-            "SELECT {COLUMNS} FROM {table} WHERE transaction_id = ANY($1)"
+            "SELECT {} FROM {table} WHERE transaction_id = ANY($1)",
+            HistoryRecord::columns()
         ))
         .bind(&ids)
         .fetch_all(connection)
         .await
         .context("loading history rows")?;
         for row in &rows {
-            model.insert(decode(row)?);
+            model.insert(HistoryRecord::decode(row)?);
         }
         Ok(model)
     }
@@ -190,40 +192,19 @@ impl Model for HistoryModel {
     }
 
     async fn store(&mut self, connection: &mut PgConnection, generation: i32) -> Result<()> {
-        if self.dirty.is_empty() {
-            return Ok(());
-        }
-        let mut columns = Columns::default();
-        for key in self.dirty.drain() {
-            if let Some(record) = self.rows.get(&key) {
-                columns.push(record);
-            }
-        }
-        let table = TABLES[0].table(generation);
-        sqlx::query(&format!(
-            "INSERT INTO {table} ({COLUMNS})
-             SELECT * FROM UNNEST($1::uuid[], $2::uuid[], $3::text[], $4::bigint[], $5::text[],
-                 $6::bigint[], $7::text[], $8::timestamptz[], $9::bigint[])
-             ON CONFLICT (account_id, transaction_id) DO UPDATE SET
-                 kind = EXCLUDED.kind, amount_minor = EXCLUDED.amount_minor,
-                 currency = EXCLUDED.currency,
-                 balance_after_minor = EXCLUDED.balance_after_minor,
-                 status = EXCLUDED.status, created_at = EXCLUDED.created_at,
-                 created_position = EXCLUDED.created_position"
-        ))
-        .bind(columns.account_id)
-        .bind(columns.transaction_id)
-        .bind(columns.kind)
-        .bind(columns.amount_minor)
-        .bind(columns.currency)
-        .bind(columns.balance_after_minor)
-        .bind(columns.status)
-        .bind(columns.created_at)
-        .bind(columns.created_position)
-        .execute(connection)
+        let rows: Vec<(&HistoryRecord, Option<String>)> = self
+            .dirty
+            .drain()
+            .filter_map(|key| self.rows.get(&key).map(|record| (record, None)))
+            .collect();
+        HistoryRecord::upsert(
+            connection,
+            &TABLES[0].table(generation),
+            "account_id, transaction_id",
+            &rows,
+            None,
+        )
         .await
-        .context("storing history rows")?;
-        Ok(())
     }
 
     fn records(&self) -> BTreeMap<String, HistoryRecord> {
@@ -237,13 +218,16 @@ impl Model for HistoryModel {
         connection: &mut PgConnection,
         relation: &str,
     ) -> Result<BTreeMap<String, HistoryRecord>> {
-        let rows = sqlx::query(&format!("SELECT {COLUMNS} FROM {relation}"))
-            .fetch_all(connection)
-            .await
-            .context("reading history rows")?;
+        let rows = sqlx::query(&format!(
+            "SELECT {} FROM {relation}",
+            HistoryRecord::columns()
+        ))
+        .fetch_all(connection)
+        .await
+        .context("reading history rows")?;
         rows.iter()
             .map(|row| {
-                decode(row).map(|record| {
+                HistoryRecord::decode(row).map(|record| {
                     (
                         format!("{}/{}", record.account_id, record.transaction_id),
                         record,
@@ -251,58 +235,5 @@ impl Model for HistoryModel {
                 })
             })
             .collect()
-    }
-}
-
-/// The stored columns, in the order of [`decode`] and the UNNEST of `store`.
-pub const COLUMNS: &str = "account_id, transaction_id, kind, amount_minor, currency, \
-     balance_after_minor, status, created_at, created_position";
-
-fn corrupt(error: impl std::fmt::Display) -> Error {
-    Error::CorruptRow {
-        table: "account_history",
-        problem: error.to_string(),
-    }
-}
-
-/// Reads a row selected with [`COLUMNS`].
-pub fn decode(row: &sqlx::postgres::PgRow) -> Result<HistoryRecord> {
-    Ok(HistoryRecord {
-        account_id: row.try_get("account_id").map_err(corrupt)?,
-        transaction_id: row.try_get("transaction_id").map_err(corrupt)?,
-        kind: row.try_get("kind").map_err(corrupt)?,
-        amount_minor: row.try_get("amount_minor").map_err(corrupt)?,
-        currency: row.try_get("currency").map_err(corrupt)?,
-        balance_after_minor: row.try_get("balance_after_minor").map_err(corrupt)?,
-        status: row.try_get("status").map_err(corrupt)?,
-        created_at: row.try_get("created_at").map_err(corrupt)?,
-        created_position: row.try_get("created_position").map_err(corrupt)?,
-    })
-}
-
-#[derive(Default)]
-struct Columns {
-    account_id: Vec<Uuid>,
-    transaction_id: Vec<Uuid>,
-    kind: Vec<String>,
-    amount_minor: Vec<i64>,
-    currency: Vec<String>,
-    balance_after_minor: Vec<Option<i64>>,
-    status: Vec<String>,
-    created_at: Vec<DateTime<Utc>>,
-    created_position: Vec<i64>,
-}
-
-impl Columns {
-    fn push(&mut self, record: &HistoryRecord) {
-        self.account_id.push(record.account_id);
-        self.transaction_id.push(record.transaction_id);
-        self.kind.push(record.kind.clone());
-        self.amount_minor.push(record.amount_minor);
-        self.currency.push(record.currency.clone());
-        self.balance_after_minor.push(record.balance_after_minor);
-        self.status.push(record.status.clone());
-        self.created_at.push(record.created_at);
-        self.created_position.push(record.created_position);
     }
 }

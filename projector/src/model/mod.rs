@@ -10,6 +10,7 @@
 
 pub mod accounts;
 pub mod history;
+pub(crate) mod row;
 pub mod transactions;
 
 use std::collections::BTreeMap;
@@ -17,8 +18,8 @@ use std::fmt;
 use std::future::Future;
 use std::str::FromStr;
 
-use infra::log::LogEvent;
-use infra::replay::DomainEvent;
+use infra::codec::DomainEvent;
+use infra::eventlog::RecordedEvent;
 use sqlx::PgConnection;
 
 use crate::error::{Error, Result};
@@ -80,12 +81,12 @@ impl FromStr for ProjectionName {
     }
 }
 
-/// One table of a projection: its view name, and its DDL with `{t}` standing for the
-/// generation's table name (`<name>_g<N>`).
+/// One table of a projection: its view name, and the statements creating it under a given
+/// table name (`<name>_g<N>`), generated from its row's declaration.
 #[derive(Debug)]
 pub struct TableShape {
     pub name: &'static str,
-    pub ddl: &'static str,
+    pub statements: fn(&str) -> Vec<String>,
 }
 
 impl TableShape {
@@ -96,54 +97,78 @@ impl TableShape {
 
     /// The statements creating generation `generation` of this table.
     pub fn create_statements(&self, generation: i32) -> Vec<String> {
-        let table = self.table(generation);
-        self.ddl
-            .split(';')
-            .map(str::trim)
-            .filter(|statement| !statement.is_empty())
-            .map(|statement| statement.replace("{t}", &table))
-            .collect()
+        (self.statements)(&self.table(generation))
     }
 }
 
 /// An event as a model folds it: where it is in the log, and what it says.
+#[derive(Clone, Copy)]
 pub struct Decoded<'a> {
-    pub log: &'a LogEvent,
-    pub event: DomainEvent,
-    /// The event's ordinal in the log's order, `(tx_id, position)`, from 1: the order every
-    /// projection applies events in. Rows keep the ordinal of their first event as the key of
-    /// their pages (`created_position`): a row projected later always sorts after every row
-    /// projected before it, so a client paging newest first never misses one. (The insert
-    /// `position` alone does not have that property: a transaction can commit after a later
-    /// insert.)
+    pub log: &'a RecordedEvent,
+    pub event: &'a DomainEvent,
+    /// The event's ordinal in the log's order, from 1: the order every projection applies
+    /// events in. Rows keep the ordinal of their first event as the key of their pages
+    /// (`created_position`): a row projected later always sorts after every row projected before
+    /// it, so a client paging newest first never misses one. (The log position alone does not
+    /// have that property on PostgreSQL: a transaction can commit after a later insert.)
     pub ordinal: i64,
 }
 
 impl Decoded<'_> {
-    /// Decodes a batch that follows `applied` events, or names the first event that cannot be
-    /// read.
-    pub fn batch(events: &[LogEvent], applied: i64) -> Result<Vec<Decoded<'_>>> {
-        events
+    /// The event's version in its stream, as rows store it.
+    pub fn sequence(&self) -> i64 {
+        i64::try_from(self.log.sequence).unwrap_or(i64::MAX)
+    }
+}
+
+/// A batch of events decoded once, to be folded by every projection.
+pub struct DecodedBatch {
+    pub events: Vec<RecordedEvent>,
+    pub decoded: Vec<DomainEvent>,
+}
+
+impl DecodedBatch {
+    /// Decodes `events`, or names the first one that cannot be read.
+    pub fn new(events: Vec<RecordedEvent>) -> Result<DecodedBatch> {
+        let decoded = events
             .iter()
+            .map(|event| {
+                infra::codec::decode(event).map_err(|problem| unprojectable(event, problem))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(DecodedBatch { events, decoded })
+    }
+
+    /// The events after `checkpoint`, numbered on from `applied` (how many the projection has
+    /// applied before them).
+    pub fn after(&self, checkpoint: infra::log::LogPosition, applied: i64) -> Vec<Decoded<'_>> {
+        self.events
+            .iter()
+            .zip(&self.decoded)
+            .filter(|(log, _)| log.position > checkpoint)
             .zip(applied.saturating_add(1)..)
-            .map(|(log, ordinal)| {
-                infra::replay::decode(log)
-                    .map(|event| Decoded {
-                        log,
-                        event,
-                        ordinal,
-                    })
-                    .map_err(|problem| unprojectable(log, problem))
+            .map(|((log, event), ordinal)| Decoded {
+                log,
+                event,
+                ordinal,
             })
             .collect()
+    }
+
+    pub fn last_position(&self) -> Option<infra::log::LogPosition> {
+        self.events.last().map(|event| event.position)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.events.is_empty()
     }
 }
 
 /// The error of an event a model cannot fold.
-pub fn unprojectable(log: &LogEvent, problem: impl Into<String>) -> Error {
+pub fn unprojectable(log: &RecordedEvent, problem: impl Into<String>) -> Error {
     Error::Unprojectable {
         position: log.position.to_string(),
-        stream: format!("{}/{}", log.aggregate_type, log.aggregate_id),
+        stream: log.stream.to_string(),
         problem: problem.into(),
     }
 }

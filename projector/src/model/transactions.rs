@@ -7,70 +7,82 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 
 use chrono::{DateTime, SubsecRound, Utc};
 use domain::{AccountEvent, Transaction, TransactionEvent};
+use infra::codec::DomainEvent;
 use infra::error::DatabaseContext;
-use infra::replay::DomainEvent;
 use serde_json::{Value, json};
 use sqlx::{PgConnection, Row};
 use uuid::Uuid;
 
+use super::row::projection_row;
 use super::{Decoded, Model, TableShape, unprojectable};
 use crate::error::{Error, Result};
 
 pub const TABLES: &[TableShape] = &[
     TableShape {
         name: "transactions",
-        ddl: "CREATE TABLE {t} (
-            id                     uuid        PRIMARY KEY,
-            kind                   text        NOT NULL,
-            status                 text        NOT NULL,
-            amount_minor           bigint      NOT NULL,
-            currency               text        NOT NULL,
-            source_account_id      uuid,
-            destination_account_id uuid,
-            source_owner_id        uuid,
-            destination_owner_id   uuid,
-            description            text,
-            reason                 text,
-            fraud                  jsonb,
-            initiated_by           uuid        NOT NULL,
-            version                bigint      NOT NULL,
-            created_at             timestamptz NOT NULL,
-            updated_at             timestamptz NOT NULL,
-            created_position       bigint      NOT NULL,
-            state                  jsonb       NOT NULL
-        );
-        CREATE INDEX {t}_by_position ON {t} (created_position DESC);
-        CREATE INDEX {t}_by_source ON {t} (source_account_id, created_position DESC);
-        CREATE INDEX {t}_by_destination ON {t} (destination_account_id, created_position DESC);
-        CREATE INDEX {t}_by_source_owner ON {t} (source_owner_id, created_position DESC);
-        CREATE INDEX {t}_by_destination_owner ON {t} (destination_owner_id, created_position DESC)",
+        statements: |table| {
+            let mut statements = vec![format!(
+                "CREATE TABLE {table} ({}, state jsonb NOT NULL, PRIMARY KEY (id))",
+                TransactionRecord::column_definitions()
+            )];
+            for (suffix, column) in [
+                ("source", "source_account_id"),
+                ("destination", "destination_account_id"),
+                ("source_owner", "source_owner_id"),
+                ("destination_owner", "destination_owner_id"),
+            ] {
+                statements.push(format!(
+                    "CREATE INDEX {table}_by_{suffix} ON {table} ({column}, created_position DESC)"
+                ));
+            }
+            statements.push(format!(
+                "CREATE INDEX {table}_by_position ON {table} (created_position DESC)"
+            ));
+            statements
+        },
     },
     TableShape {
         name: "account_owners",
-        ddl: "CREATE TABLE {t} (account_id uuid PRIMARY KEY, owner_id uuid NOT NULL)",
+        statements: |table| {
+            vec![format!(
+                "CREATE TABLE {table} ({}, PRIMARY KEY (account_id))",
+                OwnerRecord::column_definitions()
+            )]
+        },
     },
 ];
 
-/// A transaction row as stored (without the folded state it keeps for the next event).
-#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
-pub struct TransactionRecord {
-    pub id: Uuid,
-    pub kind: String,
-    pub status: String,
-    pub amount_minor: i64,
-    pub currency: String,
-    pub source_account_id: Option<Uuid>,
-    pub destination_account_id: Option<Uuid>,
-    pub source_owner_id: Option<Uuid>,
-    pub destination_owner_id: Option<Uuid>,
-    pub description: Option<String>,
-    pub reason: Option<String>,
-    pub fraud: Option<Value>,
-    pub initiated_by: Uuid,
-    pub version: i64,
-    pub created_at: DateTime<Utc>,
-    pub updated_at: DateTime<Utc>,
-    pub created_position: i64,
+projection_row! {
+    /// A transaction row as stored (without the folded state it keeps for the next event).
+    #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+    pub struct TransactionRecord in "transactions" {
+        pub id: Uuid => "uuid",
+        pub kind: String => "text",
+        pub status: String => "text",
+        pub amount_minor: i64 => "bigint",
+        pub currency: String => "text",
+        pub source_account_id: Option<Uuid> => "uuid",
+        pub destination_account_id: Option<Uuid> => "uuid",
+        pub source_owner_id: Option<Uuid> => "uuid",
+        pub destination_owner_id: Option<Uuid> => "uuid",
+        pub description: Option<String> => "text",
+        pub reason: Option<String> => "text",
+        pub fraud: Option<Value> => "jsonb",
+        pub initiated_by: Uuid => "uuid",
+        pub version: i64 => "bigint",
+        pub created_at: DateTime<Utc> => "timestamptz",
+        pub updated_at: DateTime<Utc> => "timestamptz",
+        pub created_position: i64 => "bigint",
+    }
+}
+
+projection_row! {
+    /// Who owns an account, as the transactions projection keeps it for its own rows.
+    #[derive(Debug, Clone, PartialEq)]
+    pub struct OwnerRecord in "account_owners" {
+        pub account_id: Uuid => "uuid",
+        pub owner_id: Uuid => "uuid",
+    }
 }
 
 struct TransactionRow {
@@ -160,16 +172,17 @@ impl Model for TransactionsModel {
         if !ids.is_empty() {
             let table = TABLES[0].table(generation);
             let rows = sqlx::query(&format!(
-                "SELECT {COLUMNS}, state FROM {table} WHERE id = ANY($1)"
+                "SELECT {}, state::text AS state FROM {table} WHERE id = ANY($1)",
+                TransactionRecord::columns()
             ))
             .bind(&ids)
             .fetch_all(&mut *connection)
             .await
             .context("loading transaction rows")?;
             for row in rows {
-                let record = decode(&row)?;
-                let state: Value = row.try_get("state").map_err(corrupt)?;
-                let state = serde_json::from_value::<Transaction>(state).map_err(corrupt)?;
+                let record = TransactionRecord::decode(&row)?;
+                let state: String = row.try_get("state").map_err(corrupt)?;
+                let state = serde_json::from_str::<Transaction>(&state).map_err(corrupt)?;
                 model
                     .rows
                     .insert(record.id, TransactionRow { record, state });
@@ -212,7 +225,7 @@ impl Model for TransactionsModel {
                     .map_err(|violation| unprojectable(event.log, violation.to_string()))?;
                 let mut record = record_of(
                     &transaction,
-                    event.log.sequence,
+                    event.sequence(),
                     created_position,
                     &self.owners,
                 );
@@ -234,79 +247,44 @@ impl Model for TransactionsModel {
     }
 
     async fn store(&mut self, connection: &mut PgConnection, generation: i32) -> Result<()> {
-        if !self.new_owners.is_empty() {
-            let (accounts, owners): (Vec<Uuid>, Vec<Uuid>) = self
-                .new_owners
-                .drain()
-                .filter_map(|id| self.owners.get(&id).map(|owner| (id, *owner)))
-                .unzip();
-            let table = TABLES[1].table(generation);
-            sqlx::query(&format!(
-                "INSERT INTO {table} (account_id, owner_id)
-                 SELECT * FROM UNNEST($1::uuid[], $2::uuid[])
-                 ON CONFLICT (account_id) DO UPDATE SET owner_id = EXCLUDED.owner_id"
-            ))
-            .bind(accounts)
-            .bind(owners)
-            .execute(&mut *connection)
-            .await
-            .context("storing account owners")?;
-        }
-        if self.dirty.is_empty() {
-            return Ok(());
-        }
-        let mut columns = Columns::default();
+        let owners: Vec<OwnerRecord> = self
+            .new_owners
+            .drain()
+            .filter_map(|account_id| {
+                self.owners.get(&account_id).map(|owner_id| OwnerRecord {
+                    account_id,
+                    owner_id: *owner_id,
+                })
+            })
+            .collect();
+        let owners: Vec<(&OwnerRecord, Option<String>)> =
+            owners.iter().map(|owner| (owner, None)).collect();
+        OwnerRecord::upsert(
+            connection,
+            &TABLES[1].table(generation),
+            "account_id",
+            &owners,
+            None,
+        )
+        .await?;
+        let mut rows = Vec::with_capacity(self.dirty.len());
         for id in &self.dirty {
             let Some(row) = self.rows.get(id) else {
                 continue;
             };
-            let state = serde_json::to_value(&row.state).map_err(|error| {
+            let state = serde_json::to_string(&row.state).map_err(|error| {
                 Error::Job(format!("cannot serialise transaction {id}: {error}"))
             })?;
-            columns.push(&row.record, state);
+            rows.push((&row.record, Some(state)));
         }
-        let table = TABLES[0].table(generation);
-        sqlx::query(&format!(
-            "INSERT INTO {table} ({COLUMNS}, state)
-             SELECT * FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::bigint[], $5::text[],
-                 $6::uuid[], $7::uuid[], $8::uuid[], $9::uuid[], $10::text[], $11::text[],
-                 $12::jsonb[], $13::uuid[], $14::bigint[], $15::timestamptz[],
-                 $16::timestamptz[], $17::bigint[], $18::jsonb[])
-             ON CONFLICT (id) DO UPDATE SET
-                 kind = EXCLUDED.kind, status = EXCLUDED.status,
-                 amount_minor = EXCLUDED.amount_minor, currency = EXCLUDED.currency,
-                 source_account_id = EXCLUDED.source_account_id,
-                 destination_account_id = EXCLUDED.destination_account_id,
-                 source_owner_id = EXCLUDED.source_owner_id,
-                 destination_owner_id = EXCLUDED.destination_owner_id,
-                 description = EXCLUDED.description, reason = EXCLUDED.reason,
-                 fraud = EXCLUDED.fraud, initiated_by = EXCLUDED.initiated_by,
-                 version = EXCLUDED.version, created_at = EXCLUDED.created_at,
-                 updated_at = EXCLUDED.updated_at, created_position = EXCLUDED.created_position,
-                 state = EXCLUDED.state"
-        ))
-        .bind(columns.id)
-        .bind(columns.kind)
-        .bind(columns.status)
-        .bind(columns.amount_minor)
-        .bind(columns.currency)
-        .bind(columns.source_account_id)
-        .bind(columns.destination_account_id)
-        .bind(columns.source_owner_id)
-        .bind(columns.destination_owner_id)
-        .bind(columns.description)
-        .bind(columns.reason)
-        .bind(columns.fraud)
-        .bind(columns.initiated_by)
-        .bind(columns.version)
-        .bind(columns.created_at)
-        .bind(columns.updated_at)
-        .bind(columns.created_position)
-        .bind(columns.state)
-        .execute(connection)
+        TransactionRecord::upsert(
+            connection,
+            &TABLES[0].table(generation),
+            "id",
+            &rows,
+            Some("state"),
+        )
         .await
-        .context("storing transaction rows")?;
-        Ok(())
     }
 
     fn hidden(&self) -> BTreeMap<String, String> {
@@ -356,93 +334,22 @@ impl Model for TransactionsModel {
         connection: &mut PgConnection,
         relation: &str,
     ) -> Result<BTreeMap<String, TransactionRecord>> {
-        let rows = sqlx::query(&format!("SELECT {COLUMNS} FROM {relation}"))
-            .fetch_all(connection)
-            .await
-            .context("reading transaction rows")?;
+        let rows = sqlx::query(&format!(
+            "SELECT {} FROM {relation}",
+            TransactionRecord::columns()
+        ))
+        .fetch_all(connection)
+        .await
+        .context("reading transaction rows")?;
         rows.iter()
-            .map(|row| decode(row).map(|record| (record.id.to_string(), record)))
+            .map(|row| TransactionRecord::decode(row).map(|record| (record.id.to_string(), record)))
             .collect()
     }
 }
-
-/// The stored columns, in the order of [`decode`] and the UNNEST of `store`.
-pub const COLUMNS: &str = "id, kind, status, amount_minor, currency, source_account_id, \
-     destination_account_id, source_owner_id, destination_owner_id, description, reason, fraud, \
-     initiated_by, version, created_at, updated_at, created_position";
 
 fn corrupt(error: impl std::fmt::Display) -> Error {
     Error::CorruptRow {
         table: "transactions",
         problem: error.to_string(),
-    }
-}
-
-/// Reads a row selected with [`COLUMNS`].
-pub fn decode(row: &sqlx::postgres::PgRow) -> Result<TransactionRecord> {
-    Ok(TransactionRecord {
-        id: row.try_get("id").map_err(corrupt)?,
-        kind: row.try_get("kind").map_err(corrupt)?,
-        status: row.try_get("status").map_err(corrupt)?,
-        amount_minor: row.try_get("amount_minor").map_err(corrupt)?,
-        currency: row.try_get("currency").map_err(corrupt)?,
-        source_account_id: row.try_get("source_account_id").map_err(corrupt)?,
-        destination_account_id: row.try_get("destination_account_id").map_err(corrupt)?,
-        source_owner_id: row.try_get("source_owner_id").map_err(corrupt)?,
-        destination_owner_id: row.try_get("destination_owner_id").map_err(corrupt)?,
-        description: row.try_get("description").map_err(corrupt)?,
-        reason: row.try_get("reason").map_err(corrupt)?,
-        fraud: row.try_get("fraud").map_err(corrupt)?,
-        initiated_by: row.try_get("initiated_by").map_err(corrupt)?,
-        version: row.try_get("version").map_err(corrupt)?,
-        created_at: row.try_get("created_at").map_err(corrupt)?,
-        updated_at: row.try_get("updated_at").map_err(corrupt)?,
-        created_position: row.try_get("created_position").map_err(corrupt)?,
-    })
-}
-
-#[derive(Default)]
-struct Columns {
-    id: Vec<Uuid>,
-    kind: Vec<String>,
-    status: Vec<String>,
-    amount_minor: Vec<i64>,
-    currency: Vec<String>,
-    source_account_id: Vec<Option<Uuid>>,
-    destination_account_id: Vec<Option<Uuid>>,
-    source_owner_id: Vec<Option<Uuid>>,
-    destination_owner_id: Vec<Option<Uuid>>,
-    description: Vec<Option<String>>,
-    reason: Vec<Option<String>>,
-    fraud: Vec<Option<Value>>,
-    initiated_by: Vec<Uuid>,
-    version: Vec<i64>,
-    created_at: Vec<DateTime<Utc>>,
-    updated_at: Vec<DateTime<Utc>>,
-    created_position: Vec<i64>,
-    state: Vec<Value>,
-}
-
-impl Columns {
-    fn push(&mut self, record: &TransactionRecord, state: Value) {
-        self.id.push(record.id);
-        self.kind.push(record.kind.clone());
-        self.status.push(record.status.clone());
-        self.amount_minor.push(record.amount_minor);
-        self.currency.push(record.currency.clone());
-        self.source_account_id.push(record.source_account_id);
-        self.destination_account_id
-            .push(record.destination_account_id);
-        self.source_owner_id.push(record.source_owner_id);
-        self.destination_owner_id.push(record.destination_owner_id);
-        self.description.push(record.description.clone());
-        self.reason.push(record.reason.clone());
-        self.fraud.push(record.fraud.clone());
-        self.initiated_by.push(record.initiated_by);
-        self.version.push(record.version);
-        self.created_at.push(record.created_at);
-        self.updated_at.push(record.updated_at);
-        self.created_position.push(record.created_position);
-        self.state.push(state);
     }
 }

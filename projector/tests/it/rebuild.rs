@@ -9,13 +9,13 @@ use std::time::Duration;
 use domain::FraudOutcome;
 use infra::log::LogPosition;
 use projector::model::ProjectionName;
-use projector::rebuild::{RebuildOptions, RebuildProgress, RebuildReport, rebuild};
+use projector::rebuild::{RebuildOptions, RebuildProgress, RebuildReport, RebuildSummary, rebuild};
 use tokio::sync::Notify;
 
 use crate::support::{Harness, Traffic};
 
 /// Small batches, so that a rebuild takes many of them.
-const BATCH_SIZE: i64 = 7;
+const BATCH_SIZE: usize = 7;
 
 /// Every live row of every projection, rendered.
 async fn dump(harness: &Harness) -> Vec<Vec<String>> {
@@ -37,19 +37,26 @@ async fn dump(harness: &Harness) -> Vec<Vec<String>> {
 }
 
 async fn rebuild_one(harness: &Harness, name: ProjectionName) -> RebuildReport {
+    let mut summary = rebuild_all(harness, &[name]).await;
+    assert_eq!(summary.projections.len(), 1);
+    summary.projections.remove(0)
+}
+
+/// Rebuilds `names` together, one reader of the log feeding them all.
+async fn rebuild_all(harness: &Harness, names: &[ProjectionName]) -> RebuildSummary {
     let options = RebuildOptions {
         batch_size: BATCH_SIZE,
         restart: false,
     };
     rebuild(
         &harness.projector.pool,
-        &harness.log_reader(),
-        name,
+        &harness.log_reader().await,
+        names,
         options,
         |_| {},
     )
     .await
-    .unwrap_or_else(|error| panic!("rebuilding {name}: {error}"))
+    .unwrap_or_else(|error| panic!("rebuilding {names:?}: {error}"))
 }
 
 /// Whether `table` exists in the projector's schema.
@@ -119,7 +126,6 @@ async fn a_rebuild_reproduces_the_live_read_models_row_by_row() {
             (2, 1),
             "{name}"
         );
-        assert!(report.events > BATCH_SIZE as u64, "{name}: {report:?}");
         assert_eq!(generations_of(&harness, name).await, (2, None));
         for table in name.tables() {
             assert!(
@@ -136,6 +142,24 @@ async fn a_rebuild_reproduces_the_live_read_models_row_by_row() {
     }
 
     assert_eq!(dump(&harness).await, before, "the rebuilt rows differ");
+    harness.assert_verified().await;
+
+    // All three again, together: one reader feeding every projection, one switch.
+    let summary = rebuild_all(&harness, &ProjectionName::ALL).await;
+    assert!(summary.events > BATCH_SIZE as u64, "{summary:?}");
+    for report in &summary.projections {
+        assert_eq!(
+            (report.generation, report.replaced_generation),
+            (3, 2),
+            "{report:?}"
+        );
+        assert_eq!(generations_of(&harness, report.projection).await, (3, None));
+    }
+    assert_eq!(
+        dump(&harness).await,
+        before,
+        "the rows rebuilt together differ"
+    );
     harness.assert_verified().await;
     // From PostgreSQL, not the cache: the transaction reads must go through the new tables.
     harness
@@ -178,17 +202,36 @@ async fn a_rebuild_during_traffic_loses_nothing_at_the_switch() {
     };
     let rebuilds = async {
         let mut reports = Vec::new();
-        for name in ProjectionName::ALL {
+        for name in [ProjectionName::Accounts, ProjectionName::Transactions] {
             reports.push(rebuild_one(&harness, name).await);
         }
+        // And two together, with one reader.
+        reports.extend(
+            rebuild_all(
+                &harness,
+                &[ProjectionName::AccountHistory, ProjectionName::Transactions],
+            )
+            .await
+            .projections,
+        );
         rebuilt.store(true, Ordering::Relaxed);
         reports
     };
     let (ids, reports) = tokio::join!(traffic, rebuilds);
     assert!(ids.len() < 600, "the rebuilds never finished");
-    for report in &reports {
-        assert_eq!(report.generation, 2, "{report:?}");
-    }
+    let generations: Vec<(ProjectionName, i32)> = reports
+        .iter()
+        .map(|report| (report.projection, report.generation))
+        .collect();
+    assert_eq!(
+        generations,
+        [
+            (ProjectionName::Accounts, 2),
+            (ProjectionName::Transactions, 2),
+            (ProjectionName::Transactions, 3),
+            (ProjectionName::AccountHistory, 2),
+        ]
+    );
 
     harness.wait_settled(&ids).await;
     harness.caught_up().await;
@@ -220,11 +263,12 @@ async fn an_interrupted_rebuild_resumes_its_generation() {
 
     let stop = Notify::new();
     let mut batches = 0;
-    let reader = harness.log_reader();
+    let reader = harness.log_reader().await;
+    let names = [name];
     let interrupted = rebuild(
         &harness.projector.pool,
         &reader,
-        name,
+        &names,
         options,
         |progress| {
             if let RebuildProgress::Applied { .. } = progress {
@@ -249,17 +293,12 @@ async fn an_interrupted_rebuild_resumes_its_generation() {
         let seen = started.clone();
         let attempt = rebuild(
             &harness.projector.pool,
-            &harness.log_reader(),
-            name,
+            &harness.log_reader().await,
+            &[name],
             options,
             move |progress| {
-                if let RebuildProgress::Started {
-                    generation,
-                    resumed_at,
-                    ..
-                } = progress
-                {
-                    *seen.lock().expect("not poisoned") = Some((generation, resumed_at));
+                if let RebuildProgress::Started { resumed_at, .. } = progress {
+                    *seen.lock().expect("not poisoned") = Some(resumed_at);
                 }
             },
         )
@@ -273,13 +312,13 @@ async fn an_interrupted_rebuild_resumes_its_generation() {
             Err(error) => panic!("the rebuild never resumed: {error}"),
         }
     };
-    let (generation, resumed_at) = started
+    let resumed_at = started
         .lock()
         .expect("not poisoned")
         .expect("the rebuild reported its start");
-    assert_eq!(generation, 2);
     assert!(resumed_at > LogPosition::START, "started over");
-    assert_eq!((report.generation, report.replaced_generation), (2, 1));
+    let rebuilt = &report.projections[0];
+    assert_eq!((rebuilt.generation, rebuilt.replaced_generation), (2, 1));
     let total: i64 = sqlx::query_scalar("SELECT count(*) FROM command_api.events")
         .fetch_one(&harness.app.pool)
         .await

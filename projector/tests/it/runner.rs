@@ -155,7 +155,7 @@ async fn lag_is_measured_from_the_checkpoints_while_no_runner_moves() {
     let pool = projector::startup::open_read_models(&harness.database_url(), 2)
         .await
         .expect("the read models open");
-    let reader = harness.log_reader();
+    let reader = harness.log_reader().await;
     let stalled = projector::runner::measure_lag(&pool, &reader)
         .await
         .expect("the lag is measured");

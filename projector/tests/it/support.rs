@@ -8,7 +8,8 @@ use command_api::testing::{TestApp, spawn_app_on_scratch};
 use domain::{FraudDecision, FraudOutcome, TransactionId};
 use infra::auth::Role;
 use infra::db::ScratchDatabase;
-use infra::log::{LogPosition, LogReader};
+use infra::eventlog::postgres::{PgEventLog, PgEventLogOptions};
+use infra::log::LogPosition;
 use projector::testing::{TestOptions, TestProjector, spawn_projector};
 use projector::verify::VerifyReport;
 use reqwest::{Response, StatusCode};
@@ -178,7 +179,8 @@ impl Harness {
             rule: Some("test".to_owned()),
             details: json!({}),
         };
-        let metadata = command_api::metadata::EventMetadata::for_saga(&id.to_string(), "test");
+        let metadata =
+            command_api::metadata::for_saga(&id.to_string(), "test", format!("decision/{id}"));
         self.app
             .decisions
             .record(TransactionId(id), decision, &metadata)
@@ -221,15 +223,22 @@ impl Harness {
         .await;
     }
 
-    pub fn log_reader(&self) -> LogReader {
-        LogReader::new(self.app.pool.clone(), EVENTS_TABLE)
+    /// The event log, as a job that only reads it (a rebuild, the lag) opens it.
+    pub async fn log_reader(&self) -> PgEventLog {
+        PgEventLog::open(
+            self.app.pool.clone(),
+            PgEventLogOptions {
+                listen: false,
+                ..PgEventLogOptions::reader(EVENTS_TABLE)
+            },
+        )
+        .await
+        .expect("the log opens")
     }
 
-    /// Waits until every projection has applied the whole committed log. The target is the
-    /// last committed event, not `LogReader::head`: the head only counts events older than
-    /// every running transaction, so it can lag behind what the test already wrote.
+    /// Waits until every projection has applied the whole committed log.
     pub async fn caught_up(&self) {
-        let (tx_id, position): (i64, i64) = sqlx::query_as(
+        let (commit, index): (i64, i64) = sqlx::query_as(
             "SELECT tx_id::text::bigint, position FROM command_api.events
              ORDER BY tx_id DESC, position DESC LIMIT 1",
         )
@@ -237,7 +246,7 @@ impl Harness {
         .await
         .expect("reading the last committed event")
         .unwrap_or_default();
-        let last = LogPosition { tx_id, position };
+        let last = LogPosition { commit, index };
         eventually(SETTLE_DEADLINE, || async {
             read_position(&self.projector).await >= last
         })

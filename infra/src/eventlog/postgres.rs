@@ -1,0 +1,851 @@
+//! The event log on PostgreSQL: postgres-es's `events` table, extended with the columns the log
+//! needs (`event_id`, `recorded_at`, `tx_id`, `position`), written by group commit.
+//!
+//! **Commit order.** A `position` is assigned at insert time, but transactions commit in another
+//! order, so "everything after the last position I saw" would skip rows that commit late. Every
+//! row therefore records the id of the transaction that inserted it (`tx_id`,
+//! `pg_current_xact_id()`), and followers only read rows whose transaction is older than the
+//! oldest transaction still running (`tx_id < pg_snapshot_xmin(pg_current_snapshot())`): those
+//! have all committed or aborted, so no row can appear later below a checkpoint. The log is
+//! ordered by `(tx_id, position)`, which is [`LogPosition`]'s `(commit, index)`. The price: one
+//! long transaction anywhere in the cluster holds every follower back, so our pools cap idle
+//! transactions and followers expose their lag.
+//!
+//! **Appends.** One committer task per process takes every waiting append and writes them with
+//! one `INSERT … SELECT FROM UNNEST` in one transaction (see [`super::committer`]). A row is
+//! inserted only if its stream holds exactly the expected version; rows that meet an existing
+//! version are skipped (`ON CONFLICT DO NOTHING`), and an append whose rows were all skipped is
+//! a retry if the stored events carry its ids, a conflict otherwise. An append half inserted
+//! (another instance raced for the same stream between the check and the insert) rolls the
+//! batch back and writes it again, where the race now shows as a conflict. The batch's
+//! transaction sends one `NOTIFY`, which wakes followers in other processes; followers in this
+//! process are woken by the committer itself.
+//!
+//! **Loads.** One stream is loaded through postgres-es's repository, as SPEC §2 asks; snapshots
+//! live beside the events in `aggregate_snapshots`.
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use cqrs_es::persist::PersistedEventRepository;
+use postgres_es::PostgresEventRepository;
+use sqlx::postgres::{PgConnectOptions, PgListener, PgPool, PgRow};
+use sqlx::{Connection, PgConnection, Row};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use uuid::Uuid;
+
+use super::committer::{BatchWriter, CommitterSettings, GroupCommitter};
+use super::{
+    Append, AppendOutcome, EventLog, EventMetadata, Lag, LogFilter, LogPosition, RecordedEvent,
+    Snapshot, StreamEvent, StreamId, Wakeups,
+};
+use crate::error::{DatabaseContext, Error, Result};
+use crate::log::LAG_COUNT_CAP;
+
+/// How many times a batch is written again after another instance raced one of its streams
+/// between the version check and the insert. The second attempt sees the other's rows, so one
+/// retry normally suffices; three survive a burst of such races.
+const PARTIAL_BATCH_ATTEMPTS: usize = 3;
+
+/// How long the NOTIFY listener waits before reconnecting after losing its connection.
+const LISTENER_RECONNECT_DELAY: Duration = Duration::from_secs(1);
+
+/// How the log is opened.
+#[derive(Debug, Clone)]
+pub struct PgEventLogOptions {
+    /// The events table, schema-qualified (`command_api.events`).
+    pub events_table: String,
+    /// The snapshots table, schema-qualified; `None` for a log that only reads events.
+    pub snapshots_table: Option<String>,
+    /// Where the committer connects (a dedicated session); `None` for a read-only log.
+    pub writer: Option<PgConnectOptions>,
+    pub committer: CommitterSettings,
+    /// Listen for the commits of other processes (followers in another service).
+    pub listen: bool,
+}
+
+impl PgEventLogOptions {
+    /// A log the write side appends to and follows.
+    pub fn writer(schema: &str, writer: PgConnectOptions) -> Self {
+        PgEventLogOptions {
+            events_table: format!("{schema}.events"),
+            snapshots_table: Some(format!("{schema}.aggregate_snapshots")),
+            writer: Some(writer),
+            committer: CommitterSettings::default(),
+            listen: false,
+        }
+    }
+
+    /// A log another service reads and follows (`events_table` schema-qualified).
+    pub fn reader(events_table: &str) -> Self {
+        PgEventLogOptions {
+            events_table: events_table.to_owned(),
+            snapshots_table: None,
+            writer: None,
+            committer: CommitterSettings::default(),
+            listen: true,
+        }
+    }
+}
+
+pub struct PgEventLog {
+    pool: PgPool,
+    sql: Sql,
+    committer: Option<GroupCommitter>,
+    wakeups: watch::Sender<u64>,
+    repository: PostgresEventRepository,
+    listener: Option<JoinHandle<()>>,
+}
+
+impl Drop for PgEventLog {
+    fn drop(&mut self) {
+        if let Some(listener) = &self.listener {
+            listener.abort();
+        }
+    }
+}
+
+impl PgEventLog {
+    /// Opens the log over `pool` (its reads), starting the committer and the listener the
+    /// options ask for. The tables must exist (command-api's migrations create them).
+    pub async fn open(pool: PgPool, options: PgEventLogOptions) -> Result<PgEventLog> {
+        let sql = Sql::new(&options.events_table, options.snapshots_table.as_deref())?;
+        let (wakeups, _) = watch::channel(0_u64);
+        let committer = match &options.writer {
+            Some(connect) => {
+                let writer = PgWriter {
+                    options: connect.clone(),
+                    connection: None,
+                    sql: sql.clone(),
+                };
+                Some(GroupCommitter::start(
+                    writer,
+                    wakeups.clone(),
+                    options.committer,
+                ))
+            }
+            None => None,
+        };
+        let listener = if options.listen {
+            let mut listener = PgListener::connect_with(&pool)
+                .await
+                .context("connecting the commit listener")?;
+            listener
+                .listen(&sql.channel)
+                .await
+                .context("listening for commits")?;
+            Some(tokio::spawn(listen(
+                listener,
+                pool.clone(),
+                sql.channel.clone(),
+                wakeups.clone(),
+            )))
+        } else {
+            None
+        };
+        let repository = PostgresEventRepository::new(pool.clone())
+            .with_tables(&sql.events_table, &sql.snapshots_table);
+        Ok(PgEventLog {
+            pool,
+            sql,
+            committer,
+            wakeups,
+            repository,
+            listener,
+        })
+    }
+
+    /// The pool the log reads with.
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    /// The same log (its committer and wake-ups) reading through another pool: requests and
+    /// background work read through pools of their own, so neither waits for the other's
+    /// connections.
+    pub fn reading_from(&self, pool: PgPool) -> PgEventLog {
+        PgEventLog {
+            repository: PostgresEventRepository::new(pool.clone())
+                .with_tables(&self.sql.events_table, &self.sql.snapshots_table),
+            pool,
+            sql: self.sql.clone(),
+            committer: self.committer.clone(),
+            wakeups: self.wakeups.clone(),
+            listener: None,
+        }
+    }
+}
+
+/// Bumps `wakeups` on every notification; reconnects after losing the connection (and bumps
+/// then too, since a notification may have been missed meanwhile).
+async fn listen(
+    mut listener: PgListener,
+    pool: PgPool,
+    channel: String,
+    wakeups: watch::Sender<u64>,
+) {
+    loop {
+        match listener.recv().await {
+            Ok(_) => wakeups.send_modify(|count| *count = count.wrapping_add(1)),
+            Err(error) => {
+                tracing::warn!(error.message = %error, "commit listener lost; reconnecting");
+                loop {
+                    tokio::time::sleep(LISTENER_RECONNECT_DELAY).await;
+                    let reconnected = async {
+                        let mut fresh = PgListener::connect_with(&pool).await?;
+                        fresh.listen(&channel).await?;
+                        Ok::<_, sqlx::Error>(fresh)
+                    };
+                    if let Ok(fresh) = reconnected.await {
+                        listener = fresh;
+                        wakeups.send_modify(|count| *count = count.wrapping_add(1));
+                        break;
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[async_trait]
+impl EventLog for PgEventLog {
+    async fn append(&self, appends: Vec<Append>) -> Result<Vec<AppendOutcome>> {
+        let Some(committer) = &self.committer else {
+            return Err(Error::Config(
+                "this event log was opened read-only".to_owned(),
+            ));
+        };
+        committer.submit(appends).await
+    }
+
+    async fn read_stream(&self, stream: &StreamId, after: u64) -> Result<Vec<StreamEvent>> {
+        let after = usize::try_from(after).unwrap_or(usize::MAX);
+        let events = match stream.aggregate_type.as_str() {
+            streams::AccountStream::TYPE_NAME => {
+                self.repository
+                    .get_last_events::<streams::AccountStream>(&stream.aggregate_id, after)
+                    .await
+            }
+            streams::TransactionStream::TYPE_NAME => {
+                self.repository
+                    .get_last_events::<streams::TransactionStream>(&stream.aggregate_id, after)
+                    .await
+            }
+            other => {
+                return Err(Error::Config(format!(
+                    "the event log holds no streams of type {other:?}"
+                )));
+            }
+        }
+        .map_err(|error| Error::CommitFailed(format!("reading stream {stream}: {error}")))?;
+        Ok(events
+            .into_iter()
+            .map(|event| StreamEvent {
+                sequence: event.sequence as u64,
+                event_type: event.event_type,
+                event_version: event.event_version,
+                payload: event.payload.to_string(),
+            })
+            .collect())
+    }
+
+    async fn read_all(
+        &self,
+        after: LogPosition,
+        limit: usize,
+        filter: LogFilter,
+    ) -> Result<Vec<RecordedEvent>> {
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let query = match (filter.aggregate_type, filter.event_type) {
+            (None, None) => sqlx::query(&self.sql.read_all),
+            (Some(kind), None) => sqlx::query(&self.sql.read_all_of_type).bind(kind),
+            (Some(kind), Some(event)) => sqlx::query(&self.sql.read_all_of_event)
+                .bind(kind)
+                .bind(event),
+            (None, Some(event)) => sqlx::query(&self.sql.read_all_of_event_any).bind(event),
+        };
+        let rows = query
+            .bind(after.commit.to_string())
+            .bind(after.index)
+            .bind(limit)
+            .fetch_all(&self.pool)
+            .await
+            .context("reading the event log")?;
+        rows.iter().map(decode).collect()
+    }
+
+    async fn head(&self) -> Result<LogPosition> {
+        let row: Option<(i64, i64)> = sqlx::query_as(&self.sql.head)
+            .fetch_optional(&self.pool)
+            .await
+            .context("reading the head of the event log")?;
+        Ok(
+            row.map_or(LogPosition::START, |(commit, index)| LogPosition {
+                commit,
+                index,
+            }),
+        )
+    }
+
+    async fn lag(&self, checkpoint: LogPosition, filter: LogFilter) -> Result<Lag> {
+        let age: Option<f64> = sqlx::query_scalar(&self.sql.oldest_unread)
+            .bind(checkpoint.commit.to_string())
+            .bind(checkpoint.index)
+            .bind(filter.aggregate_type)
+            .bind(filter.event_type)
+            .fetch_optional(&self.pool)
+            .await
+            .context("reading the oldest unread event")?;
+        let Some(age) = age else {
+            return Ok(Lag::NONE);
+        };
+        let events: i64 = sqlx::query_scalar(&self.sql.count_unread)
+            .bind(checkpoint.commit.to_string())
+            .bind(checkpoint.index)
+            .bind(filter.aggregate_type)
+            .bind(filter.event_type)
+            .bind(LAG_COUNT_CAP)
+            .fetch_one(&self.pool)
+            .await
+            .context("counting unread events")?;
+        Ok(Lag {
+            // At least the one found above, which may have committed in between.
+            events: events.max(1),
+            oldest_unread: Duration::try_from_secs_f64(age).unwrap_or_default(),
+        })
+    }
+
+    fn subscribe(&self) -> Wakeups {
+        self.wakeups.subscribe()
+    }
+
+    async fn read_snapshot(&self, stream: &StreamId) -> Result<Option<Snapshot>> {
+        let Some(select) = &self.sql.read_snapshot else {
+            return Ok(None);
+        };
+        let row: Option<(i64, i32, String)> = sqlx::query_as(select)
+            .bind(&stream.aggregate_type)
+            .bind(&stream.aggregate_id)
+            .fetch_optional(&self.pool)
+            .await
+            .context("reading a snapshot")?;
+        Ok(row.map(|(version, state_version, state)| Snapshot {
+            version: u64::try_from(version).unwrap_or(0),
+            state_version,
+            state,
+        }))
+    }
+
+    async fn write_snapshot(&self, stream: &StreamId, snapshot: Snapshot) -> Result<()> {
+        let Some(upsert) = &self.sql.write_snapshot else {
+            return Ok(());
+        };
+        sqlx::query(upsert)
+            .bind(&stream.aggregate_type)
+            .bind(&stream.aggregate_id)
+            .bind(i64::try_from(snapshot.version).unwrap_or(i64::MAX))
+            .bind(snapshot.state_version)
+            .bind(&snapshot.state)
+            .execute(&self.pool)
+            .await
+            .context("writing a snapshot")?;
+        Ok(())
+    }
+
+    async fn ping(&self) -> bool {
+        crate::db::ping(&self.pool, Duration::from_secs(2)).await
+    }
+}
+
+/// The statements, built once per table.
+#[derive(Debug, Clone)]
+struct Sql {
+    events_table: String,
+    /// For postgres-es's repository, which wants one even when snapshots are off.
+    snapshots_table: String,
+    channel: String,
+    insert: String,
+    stored_ids: String,
+    read_all: String,
+    read_all_of_type: String,
+    read_all_of_event: String,
+    read_all_of_event_any: String,
+    head: String,
+    oldest_unread: String,
+    count_unread: String,
+    read_snapshot: Option<String>,
+    write_snapshot: Option<String>,
+}
+
+/// The columns every log read returns, in the order [`decode`] expects. Reads select
+/// `FROM <table> e` and order by `e.tx_id`: an unqualified `ORDER BY tx_id` would name the
+/// output column (the `bigint` cast below), which no index provides, and PostgreSQL would then
+/// sort every row after the checkpoint for each batch.
+const COLUMNS: &str = "e.tx_id::text::bigint AS tx_id, e.position, e.event_id, e.recorded_at, \
+     e.aggregate_type, e.aggregate_id, e.sequence, e.event_type, e.event_version, \
+     e.payload::text AS payload, e.metadata::text AS metadata";
+
+impl Sql {
+    fn new(events_table: &str, snapshots_table: Option<&str>) -> Result<Sql> {
+        for table in std::iter::once(events_table).chain(snapshots_table) {
+            validate_table(table)?;
+        }
+        let table = events_table;
+        let visible = "e.tx_id < pg_snapshot_xmin(pg_current_snapshot())";
+        // $1, $2: the checkpoint; $3: the limit; filters come before them.
+        let after = |first: usize| {
+            format!(
+                "(e.tx_id, e.position) > (${first}::text::xid8, ${})",
+                first + 1
+            )
+        };
+        let order = "ORDER BY e.tx_id, e.position";
+        let read = |filters: &str, first: usize| {
+            format!(
+                "SELECT {COLUMNS} FROM {table} e WHERE {filters}{} AND {visible} {order} LIMIT ${}",
+                after(first),
+                first + 2
+            )
+        };
+        Ok(Sql {
+            events_table: table.to_owned(),
+            snapshots_table: snapshots_table.unwrap_or("aggregate_snapshots").to_owned(),
+            channel: table.replace('.', "_"),
+            insert: format!(
+                "INSERT INTO {table} (aggregate_type, aggregate_id, sequence, event_type, \
+                     event_version, payload, metadata, event_id)
+                 SELECT i.aggregate_type, i.aggregate_id, i.sequence, i.event_type,
+                     i.event_version, i.payload::jsonb, i.metadata::jsonb, i.event_id
+                 FROM UNNEST($1::text[], $2::text[], $3::bigint[], $4::bigint[], $5::text[],
+                     $6::text[], $7::text[], $8::text[], $9::uuid[], $10::int[])
+                     AS i(aggregate_type, aggregate_id, expected, sequence, event_type,
+                          event_version, payload, metadata, event_id, ordinal)
+                 WHERE NOT EXISTS (SELECT 1 FROM {table} e
+                         WHERE e.aggregate_type = i.aggregate_type
+                           AND e.aggregate_id = i.aggregate_id AND e.sequence > i.expected)
+                   AND (i.expected = 0 OR EXISTS (SELECT 1 FROM {table} e
+                         WHERE e.aggregate_type = i.aggregate_type
+                           AND e.aggregate_id = i.aggregate_id AND e.sequence = i.expected))
+                 ORDER BY i.ordinal
+                 ON CONFLICT DO NOTHING
+                 RETURNING aggregate_type, aggregate_id, sequence, tx_id::text::bigint, position"
+            ),
+            stored_ids: format!(
+                "SELECT e.aggregate_type, e.aggregate_id, e.sequence, e.event_id,
+                     e.tx_id::text::bigint, e.position
+                 FROM UNNEST($1::text[], $2::text[], $3::bigint[]) AS k(aggregate_type, aggregate_id, sequence)
+                 JOIN {table} e ON e.aggregate_type = k.aggregate_type
+                     AND e.aggregate_id = k.aggregate_id AND e.sequence = k.sequence"
+            ),
+            read_all: read("", 1),
+            read_all_of_type: read("e.aggregate_type = $1 AND ", 2),
+            read_all_of_event: read("e.aggregate_type = $1 AND e.event_type = $2 AND ", 3),
+            read_all_of_event_any: read("e.event_type = $1 AND ", 2),
+            // The last committed event, visible to followers or not yet: a position a client
+            // holds may be beyond what followers can read, but never beyond this.
+            head: format!(
+                "SELECT e.tx_id::text::bigint, e.position FROM {table} e \
+                 ORDER BY e.tx_id DESC, e.position DESC LIMIT 1"
+            ),
+            // Lag counts every committed event, beyond the visibility bound too: events held
+            // back by a long transaction elsewhere are waiting as much as any.
+            oldest_unread: format!(
+                "SELECT extract(epoch FROM clock_timestamp() - e.recorded_at)::float8 \
+                 FROM {table} e WHERE (e.tx_id, e.position) > ($1::text::xid8, $2) \
+                 AND ($3::text IS NULL OR e.aggregate_type = $3) \
+                 AND ($4::text IS NULL OR e.event_type = $4) {order} LIMIT 1"
+            ),
+            count_unread: format!(
+                "SELECT count(*) FROM (SELECT 1 FROM {table} e \
+                 WHERE (e.tx_id, e.position) > ($1::text::xid8, $2) \
+                 AND ($3::text IS NULL OR e.aggregate_type = $3) \
+                 AND ($4::text IS NULL OR e.event_type = $4) LIMIT $5) AS waiting"
+            ),
+            read_snapshot: snapshots_table.map(|snapshots| {
+                format!(
+                    "SELECT sequence, state_version, state::text FROM {snapshots} \
+                     WHERE aggregate_type = $1 AND aggregate_id = $2"
+                )
+            }),
+            // Only ever move a snapshot forward: a slower writer must not replace a newer one.
+            write_snapshot: snapshots_table.map(|snapshots| {
+                format!(
+                    "INSERT INTO {snapshots} (aggregate_type, aggregate_id, sequence, \
+                         state_version, state) \
+                     VALUES ($1, $2, $3, $4, $5::jsonb) \
+                     ON CONFLICT (aggregate_type, aggregate_id) DO UPDATE \
+                     SET sequence = EXCLUDED.sequence, state_version = EXCLUDED.state_version, \
+                         state = EXCLUDED.state, taken_at = now() \
+                     WHERE {snapshots}.sequence < EXCLUDED.sequence \
+                        OR {snapshots}.state_version <> EXCLUDED.state_version"
+                )
+            }),
+        })
+    }
+}
+
+/// A schema-qualified table name, spliced into SQL: plain identifiers only.
+fn validate_table(table: &str) -> Result<()> {
+    let mut parts = table.split('.');
+    let valid =
+        parts.clone().count() <= 2 && parts.all(|part| crate::db::validate_schema(part).is_ok());
+    if valid {
+        Ok(())
+    } else {
+        Err(Error::Config(format!(
+            "table name {table:?} must be [schema.]name of lower-case identifiers"
+        )))
+    }
+}
+
+fn decode(row: &PgRow) -> Result<RecordedEvent> {
+    let index: i64 = row.try_get("position").context("decoding a log row")?;
+    let malformed = |problem: String| Error::MalformedLogRow {
+        position: index,
+        problem,
+    };
+    let column = |error: sqlx::Error| malformed(error.to_string());
+    let metadata: String = row.try_get("metadata").map_err(column)?;
+    let sequence: i64 = row.try_get("sequence").map_err(column)?;
+    Ok(RecordedEvent {
+        position: LogPosition {
+            commit: row.try_get("tx_id").map_err(column)?,
+            index,
+        },
+        event_id: row.try_get("event_id").map_err(column)?,
+        recorded_at: row
+            .try_get::<DateTime<Utc>, _>("recorded_at")
+            .map_err(column)?,
+        stream: StreamId {
+            aggregate_type: row.try_get("aggregate_type").map_err(column)?,
+            aggregate_id: row.try_get("aggregate_id").map_err(column)?,
+        },
+        sequence: u64::try_from(sequence).map_err(|_| malformed("negative sequence".into()))?,
+        event_type: row.try_get("event_type").map_err(column)?,
+        event_version: row.try_get("event_version").map_err(column)?,
+        payload: row.try_get("payload").map_err(column)?,
+        metadata: serde_json::from_str::<EventMetadata>(&metadata)
+            .map_err(|error| malformed(format!("metadata: {error}")))?,
+    })
+}
+
+/// The committer's side: one dedicated session, reconnected after a failure.
+struct PgWriter {
+    options: PgConnectOptions,
+    connection: Option<PgConnection>,
+    sql: Sql,
+}
+
+#[async_trait]
+impl BatchWriter for PgWriter {
+    async fn write(&mut self, appends: &[Append]) -> Result<Vec<AppendOutcome>> {
+        let rows = Rows::of(appends)?;
+        for _ in 0..PARTIAL_BATCH_ATTEMPTS {
+            if self.connection.is_none() {
+                let mut connection = PgConnection::connect_with(&self.options)
+                    .await
+                    .context("connecting the event log's committer")?;
+                crate::db::assert_durable(&mut connection).await?;
+                self.connection = Some(connection);
+            }
+            let Some(connection) = self.connection.as_mut() else {
+                continue;
+            };
+            match write_once(connection, &self.sql, appends, &rows).await {
+                Ok(Some(outcomes)) => return Ok(outcomes),
+                Ok(None) => {
+                    metrics::counter!("event_log_batch_races_total").increment(1);
+                }
+                Err(error) => {
+                    // The session may be broken or mid-transaction: start afresh next time.
+                    self.connection = None;
+                    return Err(error);
+                }
+            }
+        }
+        Err(Error::CommitFailed(format!(
+            "another writer kept racing this batch's streams after {PARTIAL_BATCH_ATTEMPTS} attempts"
+        )))
+    }
+}
+
+/// A batch as column arrays for the `UNNEST` of [`Sql::insert`].
+#[derive(Default)]
+struct Rows {
+    aggregate_type: Vec<String>,
+    aggregate_id: Vec<String>,
+    expected: Vec<i64>,
+    sequence: Vec<i64>,
+    event_type: Vec<String>,
+    event_version: Vec<String>,
+    payload: Vec<String>,
+    metadata: Vec<String>,
+    event_id: Vec<Uuid>,
+    ordinal: Vec<i32>,
+}
+
+impl Rows {
+    fn of(appends: &[Append]) -> Result<Rows> {
+        let mut rows = Rows::default();
+        let mut ordinal = 0_i32;
+        for append in appends {
+            if append.events.is_empty() {
+                return Err(Error::Config(format!(
+                    "an append to {} has no events",
+                    append.stream
+                )));
+            }
+            let expected = i64::try_from(append.expected_version)
+                .map_err(|_| Error::Config("expected version out of range".to_owned()))?;
+            for (offset, event) in append.events.iter().enumerate() {
+                rows.aggregate_type
+                    .push(append.stream.aggregate_type.clone());
+                rows.aggregate_id.push(append.stream.aggregate_id.clone());
+                rows.expected.push(expected);
+                rows.sequence.push(expected + 1 + offset as i64);
+                rows.event_type.push(event.event_type.clone());
+                rows.event_version.push(event.event_version.clone());
+                rows.payload.push(event.payload.clone());
+                rows.metadata.push(
+                    serde_json::to_string(&event.metadata)
+                        .map_err(|error| Error::Config(format!("metadata: {error}")))?,
+                );
+                rows.event_id.push(event.event_id);
+                rows.ordinal.push(ordinal);
+                ordinal += 1;
+            }
+        }
+        Ok(rows)
+    }
+}
+
+type Key = (String, String, i64);
+
+/// One attempt: `Some(outcomes)` committed, `None` rolled back because an append was half
+/// inserted (try again).
+async fn write_once(
+    connection: &mut PgConnection,
+    sql: &Sql,
+    appends: &[Append],
+    rows: &Rows,
+) -> Result<Option<Vec<AppendOutcome>>> {
+    let mut transaction = connection
+        .begin()
+        .await
+        .context("starting an event log batch")?;
+    let inserted: Vec<(String, String, i64, i64, i64)> = sqlx::query_as(&sql.insert)
+        .bind(&rows.aggregate_type)
+        .bind(&rows.aggregate_id)
+        .bind(&rows.expected)
+        .bind(&rows.sequence)
+        .bind(&rows.event_type)
+        .bind(&rows.event_version)
+        .bind(&rows.payload)
+        .bind(&rows.metadata)
+        .bind(&rows.event_id)
+        .bind(&rows.ordinal)
+        .fetch_all(&mut *transaction)
+        .await
+        .context("appending a batch of events")?;
+    let inserted: HashMap<Key, LogPosition> = inserted
+        .into_iter()
+        .map(|(kind, id, sequence, commit, index)| {
+            ((kind, id, sequence), LogPosition { commit, index })
+        })
+        .collect();
+    let mut outcomes: Vec<Option<AppendOutcome>> = Vec::with_capacity(appends.len());
+    let mut unwritten = Vec::new();
+    for (index, append) in appends.iter().enumerate() {
+        let keys = keys_of(append);
+        let found = keys
+            .iter()
+            .filter(|key| inserted.contains_key(*key))
+            .count();
+        if found == keys.len() {
+            let last = keys.last().and_then(|key| inserted.get(key)).copied();
+            outcomes.push(last.map(|position| AppendOutcome::Appended {
+                version: version_after(append),
+                position,
+            }));
+        } else if found == 0 {
+            outcomes.push(None);
+            unwritten.push(index);
+        } else {
+            transaction
+                .rollback()
+                .await
+                .context("rolling back a raced batch")?;
+            return Ok(None);
+        }
+    }
+    if !unwritten.is_empty() {
+        let stored = stored_ids(&mut transaction, sql, appends, &unwritten).await?;
+        for index in unwritten {
+            let append = &appends[index];
+            let keys = keys_of(append);
+            let same = keys
+                .iter()
+                .zip(&append.events)
+                .all(|(key, event)| stored.get(key).is_some_and(|(id, _)| *id == event.event_id));
+            outcomes[index] = Some(match keys.last().and_then(|key| stored.get(key)) {
+                Some((_, position)) if same => AppendOutcome::Duplicate {
+                    version: version_after(append),
+                    position: *position,
+                },
+                _ => AppendOutcome::Conflict,
+            });
+        }
+    }
+    if !inserted.is_empty() {
+        sqlx::query("SELECT pg_notify($1, '')")
+            .bind(&sql.channel)
+            .execute(&mut *transaction)
+            .await
+            .context("notifying followers")?;
+    }
+    transaction
+        .commit()
+        .await
+        .context("committing an event log batch")?;
+    Ok(Some(
+        outcomes
+            .into_iter()
+            .map(|outcome| outcome.unwrap_or(AppendOutcome::Conflict))
+            .collect(),
+    ))
+}
+
+fn keys_of(append: &Append) -> Vec<Key> {
+    let first = i64::try_from(append.expected_version).unwrap_or(i64::MAX);
+    (0..append.events.len())
+        .map(|offset| {
+            (
+                append.stream.aggregate_type.clone(),
+                append.stream.aggregate_id.clone(),
+                first + 1 + offset as i64,
+            )
+        })
+        .collect()
+}
+
+fn version_after(append: &Append) -> u64 {
+    append.expected_version + append.events.len() as u64
+}
+
+/// The ids and positions stored at the versions the unwritten appends aimed at.
+async fn stored_ids(
+    connection: &mut PgConnection,
+    sql: &Sql,
+    appends: &[Append],
+    unwritten: &[usize],
+) -> Result<HashMap<Key, (Uuid, LogPosition)>> {
+    let (mut kinds, mut ids, mut sequences) = (Vec::new(), Vec::new(), Vec::new());
+    for &index in unwritten {
+        for (kind, id, sequence) in keys_of(&appends[index]) {
+            kinds.push(kind);
+            ids.push(id);
+            sequences.push(sequence);
+        }
+    }
+    let rows: Vec<(String, String, i64, Uuid, i64, i64)> = sqlx::query_as(&sql.stored_ids)
+        .bind(&kinds)
+        .bind(&ids)
+        .bind(&sequences)
+        .fetch_all(connection)
+        .await
+        .context("reading the ids of stored events")?;
+    Ok(rows
+        .into_iter()
+        .map(|(kind, id, sequence, event_id, commit, index)| {
+            (
+                (kind, id, sequence),
+                (event_id, LogPosition { commit, index }),
+            )
+        })
+        .collect())
+}
+
+/// The two stream types of the ledger as postgres-es wants them: its repository is generic over
+/// a cqrs-es `Aggregate` but only uses its `TYPE`, so these carry nothing else.
+mod streams {
+    use super::Infallible;
+    use cqrs_es::event_sink::EventSink;
+    use cqrs_es::{Aggregate, DomainEvent};
+    use serde::{Deserialize, Serialize};
+
+    /// Any stored payload, unread.
+    #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+    #[serde(transparent)]
+    pub struct AnyEvent(serde_json::Value);
+
+    impl DomainEvent for AnyEvent {
+        fn event_type(&self) -> String {
+            String::new()
+        }
+        fn event_version(&self) -> String {
+            String::new()
+        }
+    }
+
+    macro_rules! stream_type {
+        ($name:ident, $type_name:literal) => {
+            #[derive(Debug, Default, Serialize, Deserialize)]
+            pub struct $name;
+
+            impl $name {
+                pub const TYPE_NAME: &'static str = $type_name;
+            }
+
+            impl Aggregate for $name {
+                const TYPE: &'static str = $type_name;
+                type Command = ();
+                type Event = AnyEvent;
+                type Error = Infallible;
+                type Services = ();
+
+                async fn handle(
+                    &mut self,
+                    _command: (),
+                    _services: &(),
+                    _sink: &EventSink<Self>,
+                ) -> Result<(), Infallible> {
+                    Ok(())
+                }
+
+                fn apply(&mut self, _event: AnyEvent) {}
+            }
+        };
+    }
+
+    stream_type!(AccountStream, "account");
+    stream_type!(TransactionStream, "transaction");
+}
+
+/// Up to `limit` events of `events_table` after `after` as the snapshot of `connection`'s
+/// transaction sees them, without the followers' visibility bound: for point-in-time reads
+/// (audits, replays, verification) that page through one REPEATABLE READ transaction, where
+/// every row seen is committed and no row can appear later inside that snapshot.
+pub async fn read_in_snapshot(
+    connection: &mut PgConnection,
+    events_table: &str,
+    after: LogPosition,
+    limit: i64,
+) -> Result<Vec<RecordedEvent>> {
+    validate_table(events_table)?;
+    let rows = sqlx::query(&format!(
+        "SELECT {COLUMNS} FROM {events_table} e \
+         WHERE (e.tx_id, e.position) > ($1::text::xid8, $2) \
+         ORDER BY e.tx_id, e.position LIMIT $3"
+    ))
+    .bind(after.commit.to_string())
+    .bind(after.index)
+    .bind(limit)
+    .fetch_all(connection)
+    .await
+    .context("reading the event log")?;
+    rows.iter().map(decode).collect()
+}
