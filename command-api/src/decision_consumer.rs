@@ -154,7 +154,9 @@ impl DecisionConsumer {
                 rule: message.rule.clone(),
                 details: message.inputs.clone(),
             };
+            let started = std::time::Instant::now();
             let outcome = self.decisions.record(message.transaction_id, decision, &metadata).await;
+            metrics::histogram!("fraud_decision_record_seconds").record(started.elapsed().as_secs_f64());
             metrics::counter!("fraud_decisions_consumed_total", "result" => match &outcome {
                 Ok(DecisionOutcome::Recorded(_)) => "recorded",
                 Ok(DecisionOutcome::Ignored) => "ignored",

@@ -95,6 +95,21 @@ impl From<Error> for Problem {
             Error::Unprocessable { code, detail } => {
                 Problem::new(StatusCode::UNPROCESSABLE_ENTITY, code, detail)
             }
+            Error::Infra(infra::Error::Overloaded { what, retry_after }) => Problem::unavailable(
+                "overloaded",
+                format!("{what} is full; retry with the same Idempotency-Key"),
+                retry_after,
+            ),
+            Error::Infra(infra::Error::CommitFailed(message)) => {
+                // The outcome is unknown; a retry with the same key finds it either way.
+                Problem::unavailable(
+                    "commit_outcome_unknown",
+                    "the event store did not confirm the write; retry with the same \
+                     Idempotency-Key",
+                    std::time::Duration::from_secs(1),
+                )
+                .with_internal(message)
+            }
             internal => Problem::internal(&internal),
         }
     }

@@ -91,6 +91,10 @@ impl Relay {
             session.stored = session.confirmed;
             return Ok(Outcome::Idle);
         };
+        if let Some(first) = events.first() {
+            infra::follow::record_event_age("relay", first.recorded_at);
+        }
+        let publishing = Instant::now();
         let mut confirms = Vec::with_capacity(events.len());
         for event in &events {
             confirms.push(self.publish(&session.channel, event).await?);
@@ -111,6 +115,7 @@ impl Relay {
                 ),
             ));
         }
+        metrics::histogram!("relay_window_seconds").record(publishing.elapsed().as_secs_f64());
         session.confirmed = last;
         if session.stored_at.elapsed() >= CHECKPOINT_EVERY {
             self.store_checkpoint(session).await?;

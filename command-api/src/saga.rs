@@ -169,6 +169,9 @@ impl Saga {
             return Ok(Outcome::Idle);
         };
         let started = Instant::now();
+        if let Some(first) = events.first() {
+            infra::follow::record_event_age("saga", first.recorded_at);
+        }
         for event in &events {
             self.observe(event);
         }

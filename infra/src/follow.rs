@@ -220,3 +220,13 @@ fn failed(name: &'static str, doing: &'static str, error: &(dyn std::error::Erro
         "follower failed while {doing}; starting a fresh session"
     );
 }
+
+/// Records how long the oldest event of a batch waited between its commit and a follower
+/// processing it: the wake-up and read latency of `follower` (`follower_event_age_seconds`).
+pub fn record_event_age(follower: &'static str, recorded_at: chrono::DateTime<chrono::Utc>) {
+    let age = (chrono::Utc::now() - recorded_at)
+        .to_std()
+        .unwrap_or_default()
+        .as_secs_f64();
+    metrics::histogram!("follower_event_age_seconds", "follower" => follower).record(age);
+}

@@ -71,6 +71,12 @@ impl Problem {
         }
     }
 
+    /// Attaches the real cause for the logs (the answer stays as it is).
+    pub fn with_internal(mut self, cause: impl Into<String>) -> Self {
+        self.internal = Some(cause.into());
+        self
+    }
+
     pub fn with_header(mut self, name: HeaderName, value: HeaderValue) -> Self {
         self.headers.push((name, value));
         self
@@ -79,6 +85,21 @@ impl Problem {
     /// 400 `invalid_request` with a detail.
     pub fn bad_request(code: &'static str, detail: impl Into<String>) -> Self {
         Problem::new(StatusCode::BAD_REQUEST, code, detail)
+    }
+
+    /// 503 with `Retry-After`: a bounded queue is full or a dependency failed with an unknown
+    /// outcome; the same request again (with its idempotency key) is safe.
+    pub fn unavailable(
+        code: &'static str,
+        detail: impl Into<String>,
+        retry_after: std::time::Duration,
+    ) -> Self {
+        let seconds = retry_after.as_secs().max(1).to_string();
+        let problem = Problem::new(StatusCode::SERVICE_UNAVAILABLE, code, detail);
+        match HeaderValue::from_str(&seconds) {
+            Ok(value) => problem.with_header(header::RETRY_AFTER, value),
+            Err(_) => problem,
+        }
     }
 
     /// 404 `not_found`: also the answer for other people's resources.

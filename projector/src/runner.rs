@@ -205,6 +205,8 @@ impl Projector {
             .begin()
             .await
             .context("starting a projection batch")?;
+        metrics::histogram!("db_pool_acquire_seconds", "pool" => "projector")
+            .record(started.elapsed().as_secs_f64());
         let targets = generations::lock_all_live(&mut transaction).await?;
         let lowest = targets
             .iter()
@@ -219,6 +221,9 @@ impl Projector {
             return Ok(0);
         };
         let read = events.len();
+        if let Some(first) = events.first() {
+            infra::follow::record_event_age("projector", first.recorded_at);
+        }
         let batch = DecodedBatch::new(events)?;
         apply_batch(&mut transaction, &targets, &batch, self.cache.as_deref()).await?;
         transaction

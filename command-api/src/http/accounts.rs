@@ -91,7 +91,7 @@ pub async fn open_account(
         }
     };
     let account = account.0.as_ref().expect("an opened account has state");
-    tracing::info!(account_id = %account_id, currency = %currency, "account opened");
+    tracing::debug!(account_id = %account_id, currency = %currency, "account opened");
     Ok((
         StatusCode::CREATED,
         command_headers(&format!("/api/v1/accounts/{account_id}"), position),

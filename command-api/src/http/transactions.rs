@@ -120,7 +120,7 @@ pub async fn create_transaction(
         .0
         .as_ref()
         .expect("a created transaction has state");
-    tracing::info!(
+    tracing::debug!(
         transaction_id = %transaction_id,
         kind = request.kind.as_str(),
         "transaction accepted"
@@ -148,7 +148,7 @@ async fn replay(
     let position = state.transactions.log().head().await?;
     let mut headers = command_headers(&location(transaction.id), position);
     headers.insert(REPLAYED_HEADER, HeaderValue::from_static("true"));
-    tracing::info!(transaction_id = %transaction.id, "idempotent replay");
+    tracing::debug!(transaction_id = %transaction.id, "idempotent replay");
     Ok((
         StatusCode::OK,
         headers,
