@@ -3,7 +3,7 @@
 
 mod api;
 mod end_to_end;
-mod log_reader;
+mod eventlog;
 mod messaging;
 mod process;
 mod saga;

@@ -27,6 +27,7 @@ pub mod committer;
 #[cfg(feature = "testing")]
 pub mod conformance;
 pub mod postgres;
+pub mod sqlite;
 
 use std::fmt;
 
@@ -251,4 +252,61 @@ pub trait EventLog: Send + Sync + 'static {
 
     /// What `/health` calls this dependency, and whether it answers now.
     async fn ping(&self) -> bool;
+}
+
+/// The two stream types of the ledger as postgres-es and sqlite-es want them: their repositories
+/// are generic over a cqrs-es `Aggregate` but only use its `TYPE`, so these carry nothing else.
+mod streams {
+    use std::convert::Infallible;
+
+    use cqrs_es::event_sink::EventSink;
+    use cqrs_es::{Aggregate, DomainEvent};
+    use serde::{Deserialize, Serialize};
+
+    /// Any stored payload, unread.
+    #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+    #[serde(transparent)]
+    pub struct AnyEvent(serde_json::Value);
+
+    impl DomainEvent for AnyEvent {
+        fn event_type(&self) -> String {
+            String::new()
+        }
+        fn event_version(&self) -> String {
+            String::new()
+        }
+    }
+
+    macro_rules! stream_type {
+        ($name:ident, $type_name:literal) => {
+            #[derive(Debug, Default, Serialize, Deserialize)]
+            pub struct $name;
+
+            impl $name {
+                pub const TYPE_NAME: &'static str = $type_name;
+            }
+
+            impl Aggregate for $name {
+                const TYPE: &'static str = $type_name;
+                type Command = ();
+                type Event = AnyEvent;
+                type Error = Infallible;
+                type Services = ();
+
+                async fn handle(
+                    &mut self,
+                    _command: (),
+                    _services: &(),
+                    _sink: &EventSink<Self>,
+                ) -> Result<(), Infallible> {
+                    Ok(())
+                }
+
+                fn apply(&mut self, _event: AnyEvent) {}
+            }
+        };
+    }
+
+    stream_type!(AccountStream, "account");
+    stream_type!(TransactionStream, "transaction");
 }

@@ -25,7 +25,6 @@
 //! live beside the events in `aggregate_snapshots`.
 
 use std::collections::HashMap;
-use std::convert::Infallible;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -39,6 +38,7 @@ use tokio::task::JoinHandle;
 use uuid::Uuid;
 
 use super::committer::{BatchWriter, CommitterSettings, GroupCommitter};
+use super::streams;
 use super::{
     Append, AppendOutcome, EventLog, EventMetadata, Lag, LogFilter, LogPosition, RecordedEvent,
     Snapshot, StreamEvent, StreamId, Wakeups,
@@ -767,62 +767,6 @@ async fn stored_ids(
             )
         })
         .collect())
-}
-
-/// The two stream types of the ledger as postgres-es wants them: its repository is generic over
-/// a cqrs-es `Aggregate` but only uses its `TYPE`, so these carry nothing else.
-mod streams {
-    use super::Infallible;
-    use cqrs_es::event_sink::EventSink;
-    use cqrs_es::{Aggregate, DomainEvent};
-    use serde::{Deserialize, Serialize};
-
-    /// Any stored payload, unread.
-    #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-    #[serde(transparent)]
-    pub struct AnyEvent(serde_json::Value);
-
-    impl DomainEvent for AnyEvent {
-        fn event_type(&self) -> String {
-            String::new()
-        }
-        fn event_version(&self) -> String {
-            String::new()
-        }
-    }
-
-    macro_rules! stream_type {
-        ($name:ident, $type_name:literal) => {
-            #[derive(Debug, Default, Serialize, Deserialize)]
-            pub struct $name;
-
-            impl $name {
-                pub const TYPE_NAME: &'static str = $type_name;
-            }
-
-            impl Aggregate for $name {
-                const TYPE: &'static str = $type_name;
-                type Command = ();
-                type Event = AnyEvent;
-                type Error = Infallible;
-                type Services = ();
-
-                async fn handle(
-                    &mut self,
-                    _command: (),
-                    _services: &(),
-                    _sink: &EventSink<Self>,
-                ) -> Result<(), Infallible> {
-                    Ok(())
-                }
-
-                fn apply(&mut self, _event: AnyEvent) {}
-            }
-        };
-    }
-
-    stream_type!(AccountStream, "account");
-    stream_type!(TransactionStream, "transaction");
 }
 
 /// Up to `limit` events of `events_table` after `after` as the snapshot of `connection`'s

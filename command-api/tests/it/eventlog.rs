@@ -1,7 +1,7 @@
-//! The event log on PostgreSQL: the conformance suite every event log passes, and what is
-//! particular to PostgreSQL: the gap-safe read (NOTES, "Reading the log in commit order") with
-//! writers whose transactions commit out of insert order, lag held back by an open transaction,
-//! and wake-ups of followers in another process through NOTIFY.
+//! The event logs: the conformance suite every event log passes, run against PostgreSQL and
+//! SQLite, and what is particular to PostgreSQL: the gap-safe read (NOTES, "Reading the log in
+//! commit order") with writers whose transactions commit out of insert order, lag held back by
+//! an open transaction, and wake-ups of followers in another process through NOTIFY.
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -50,9 +50,26 @@ async fn fresh_postgres_log() -> (Arc<dyn EventLog>, Scratch) {
     (Arc::new(log), Scratch(Some(database)))
 }
 
-mod conformance {
+mod postgres {
     use super::fresh_postgres_log;
     infra::event_log_conformance!(fresh_postgres_log);
+}
+
+/// A fresh, empty SQLite event log in a temporary directory, removed after the check.
+async fn fresh_sqlite_log() -> (Arc<dyn EventLog>, tempfile::TempDir) {
+    let directory = tempfile::tempdir().expect("a temporary directory");
+    let log = infra::eventlog::sqlite::SqliteEventLog::open_file(
+        &directory.path().join("ledger.sqlite"),
+        4,
+    )
+    .await
+    .expect("the log opens");
+    (Arc::new(log), directory)
+}
+
+mod sqlite {
+    use super::fresh_sqlite_log;
+    infra::event_log_conformance!(fresh_sqlite_log);
 }
 
 /// A log over `pool` that only reads, as another service's would.
