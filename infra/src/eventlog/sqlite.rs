@@ -67,17 +67,16 @@ impl SqliteEventLog {
             crate::sqlite::migrate(&pool, COMPONENT, MIGRATIONS).await?;
         }
         let (wakeups, _) = watch::channel(0_u64);
-        let committer = match writer {
-            Some(options) => Some(GroupCommitter::start(
+        let committer = writer.map(|options| {
+            GroupCommitter::start(
                 SqliteWriter {
                     options,
                     connection: None,
                 },
                 wakeups.clone(),
                 settings,
-            )),
-            None => None,
-        };
+            )
+        });
         Ok(SqliteEventLog {
             repository: SqliteEventRepository::new(pool.clone())
                 .with_tables("events", "sqlite_es_snapshots"),
