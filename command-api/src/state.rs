@@ -3,16 +3,23 @@
 //! again). Kept apart from the event log: with EventStoreDB the log moves, this stays in the
 //! database, and nothing ever needs an append and a checkpoint to commit together.
 //!
-//! [`PgFollowerState`] keeps it in command-api's schema; the embedded mode's lives in its
-//! SQLite file.
+//! [`PgFollowerState`] keeps it in command-api's schema; [`SqliteFollowerState`] in the embedded
+//! mode's SQLite file. Both pass [`conformance`].
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use infra::log::LogPosition;
-use sqlx::PgPool;
+use infra::sqlite::Migration;
+use sqlx::{PgPool, SqlitePool};
 use uuid::Uuid;
 
 use crate::error::{DatabaseContext, Result};
+
+/// How long a failed step waits before its first retry; doubled per attempt up to
+/// [`RETRY_MAX_MS`].
+const RETRY_FIRST_MS: i64 = 1_000;
+/// The longest wait between retries of a failing step.
+const RETRY_MAX_MS: i64 = 60_000;
 
 /// Where a transaction stands after a saga batch.
 #[derive(Debug, Clone, PartialEq)]
@@ -213,4 +220,370 @@ where
     .await
     .context("moving a follower checkpoint")?;
     Ok(())
+}
+
+/// The SQLite tables of the follower state, versioned.
+pub const SQLITE_MIGRATIONS: &[Migration] = &[Migration {
+    version: 1,
+    description: "follower checkpoints and the saga's in-flight table",
+    sql: include_str!("../migrations/sqlite/0001_follower_state.sql"),
+}];
+
+/// The follower state in SQLite (the embedded mode).
+#[derive(Clone)]
+pub struct SqliteFollowerState {
+    pool: SqlitePool,
+}
+
+impl SqliteFollowerState {
+    /// Opens it in the database of `pool`, migrating it.
+    pub async fn open(pool: SqlitePool) -> Result<Self> {
+        infra::sqlite::migrate(&pool, "command_api", SQLITE_MIGRATIONS).await?;
+        Ok(SqliteFollowerState { pool })
+    }
+}
+
+#[async_trait]
+impl FollowerState for SqliteFollowerState {
+    async fn checkpoint(&self, follower: &str) -> Result<LogPosition> {
+        let row: Option<(i64, i64)> =
+            sqlx::query_as("SELECT commit_at, idx FROM follower_checkpoints WHERE name = ?")
+                .bind(follower)
+                .fetch_optional(&self.pool)
+                .await
+                .context("reading a follower checkpoint")?;
+        Ok(
+            row.map_or(LogPosition::START, |(commit, index)| LogPosition {
+                commit,
+                index,
+            }),
+        )
+    }
+
+    async fn store_checkpoint(&self, follower: &str, position: LogPosition) -> Result<()> {
+        store_sqlite_checkpoint(&self.pool, follower, position).await
+    }
+
+    async fn record_saga_batch(
+        &self,
+        checkpoint: Option<LogPosition>,
+        progress: &[SagaProgress],
+    ) -> Result<()> {
+        let now = Utc::now().timestamp_millis();
+        let mut transaction = self
+            .pool
+            .begin_with("BEGIN IMMEDIATE")
+            .await
+            .context("starting a saga batch")?;
+        for item in progress {
+            let id = item.transaction_id.to_string();
+            match &item.state {
+                InFlight::Done => {
+                    sqlx::query("DELETE FROM saga_inflight WHERE transaction_id = ?")
+                        .bind(&id)
+                        .execute(&mut *transaction)
+                        .await
+                        .context("removing a finished transaction")?;
+                }
+                InFlight::Waiting { until } => {
+                    sqlx::query(
+                        "INSERT INTO saga_inflight (transaction_id, correlation_id, due_at_ms) \
+                         VALUES (?1, ?2, ?3) ON CONFLICT (transaction_id) DO UPDATE \
+                         SET due_at_ms = excluded.due_at_ms, attempts = 0, last_error = NULL",
+                    )
+                    .bind(&id)
+                    .bind(&item.correlation_id)
+                    .bind(until.timestamp_millis())
+                    .execute(&mut *transaction)
+                    .await
+                    .context("recording a waiting transaction")?;
+                }
+                InFlight::Failed { error } => {
+                    sqlx::query(
+                        "INSERT INTO saga_inflight \
+                             (transaction_id, correlation_id, due_at_ms, attempts, last_error) \
+                         VALUES (?1, ?2, ?3 + ?4, 1, ?5) ON CONFLICT (transaction_id) DO UPDATE \
+                         SET attempts = saga_inflight.attempts + 1, \
+                             last_error = excluded.last_error, \
+                             due_at_ms = ?3 + min(?4 << min(saga_inflight.attempts, 16), ?6)",
+                    )
+                    .bind(&id)
+                    .bind(&item.correlation_id)
+                    .bind(now)
+                    .bind(RETRY_FIRST_MS)
+                    .bind(error)
+                    .bind(RETRY_MAX_MS)
+                    .execute(&mut *transaction)
+                    .await
+                    .context("recording a failed transaction")?;
+                }
+            }
+        }
+        if let Some(position) = checkpoint {
+            store_sqlite_checkpoint(&mut *transaction, crate::saga::CHECKPOINT, position).await?;
+        }
+        transaction
+            .commit()
+            .await
+            .context("committing a saga batch")?;
+        Ok(())
+    }
+
+    async fn due(&self, max: usize) -> Result<Vec<(Uuid, Option<String>)>> {
+        let rows: Vec<(String, Option<String>)> = sqlx::query_as(
+            "SELECT transaction_id, correlation_id FROM saga_inflight \
+             WHERE due_at_ms <= ? ORDER BY due_at_ms LIMIT ?",
+        )
+        .bind(Utc::now().timestamp_millis())
+        .bind(i64::try_from(max).unwrap_or(i64::MAX))
+        .fetch_all(&self.pool)
+        .await
+        .context("reading due transactions")?;
+        rows.into_iter()
+            .map(|(id, correlation)| {
+                Uuid::parse_str(&id)
+                    .map(|id| (id, correlation))
+                    .map_err(|error| crate::Error::Store {
+                        context: "reading due transactions",
+                        message: format!("{id:?} is not a transaction id: {error}"),
+                    })
+            })
+            .collect()
+    }
+
+    async fn mark_all_due(&self) -> Result<()> {
+        let now = Utc::now().timestamp_millis();
+        sqlx::query("UPDATE saga_inflight SET due_at_ms = ?1 WHERE due_at_ms > ?1")
+            .bind(now)
+            .execute(&self.pool)
+            .await
+            .context("marking in-flight transactions due")?;
+        Ok(())
+    }
+
+    async fn in_flight(&self) -> Result<i64> {
+        sqlx::query_scalar("SELECT count(*) FROM saga_inflight")
+            .fetch_one(&self.pool)
+            .await
+            .context("counting in-flight transactions")
+    }
+}
+
+async fn store_sqlite_checkpoint<'e, E>(
+    executor: E,
+    follower: &str,
+    position: LogPosition,
+) -> Result<()>
+where
+    E: sqlx::SqliteExecutor<'e>,
+{
+    sqlx::query(
+        "INSERT INTO follower_checkpoints (name, commit_at, idx) VALUES (?1, ?2, ?3) \
+         ON CONFLICT (name) DO UPDATE SET commit_at = excluded.commit_at, idx = excluded.idx, \
+             updated_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now') \
+         WHERE (follower_checkpoints.commit_at, follower_checkpoints.idx) \
+             < (excluded.commit_at, excluded.idx)",
+    )
+    .bind(follower)
+    .bind(position.commit)
+    .bind(position.index)
+    .execute(executor)
+    .await
+    .context("moving a follower checkpoint")?;
+    Ok(())
+}
+
+/// The conformance suite of the follower state: every implementation passes it.
+#[cfg(feature = "testing")]
+pub mod conformance {
+    use std::sync::Arc;
+
+    use chrono::{TimeDelta, Utc};
+    use infra::log::LogPosition;
+    use uuid::Uuid;
+
+    use super::{FollowerState, InFlight, SagaProgress};
+
+    /// Instantiates every check as a `#[tokio::test]` on a state from `$fresh`, an
+    /// `async fn() -> (Arc<dyn FollowerState>, G)`.
+    #[macro_export]
+    macro_rules! follower_state_conformance {
+        ($fresh:path) => {
+            $crate::follower_state_conformance!(@checks $fresh;
+                checkpoints_only_move_forward,
+                a_batch_records_progress_and_the_checkpoint_together,
+                failed_steps_back_off_and_waiting_ones_come_due
+            );
+        };
+        (@checks $fresh:path; $($check:ident),*) => {
+            $(
+                #[tokio::test]
+                async fn $check() {
+                    let (state, _keep) = $fresh().await;
+                    $crate::state::conformance::$check(state).await;
+                }
+            )*
+        };
+    }
+
+    fn at(commit: i64, index: i64) -> LogPosition {
+        LogPosition { commit, index }
+    }
+
+    /// A checkpoint starts at the start, moves forward, and never back (a deposed leader's late
+    /// batch cannot undo its successor's progress); followers are independent.
+    pub async fn checkpoints_only_move_forward(state: Arc<dyn FollowerState>) {
+        assert_eq!(
+            state.checkpoint("relay").await.expect("reads"),
+            LogPosition::START
+        );
+        state
+            .store_checkpoint("relay", at(5, 2))
+            .await
+            .expect("stores");
+        state
+            .store_checkpoint("relay", at(5, 1))
+            .await
+            .expect("answered");
+        state
+            .store_checkpoint("relay", at(4, 9))
+            .await
+            .expect("answered");
+        assert_eq!(state.checkpoint("relay").await.expect("reads"), at(5, 2));
+        state
+            .store_checkpoint("relay", at(6, 0))
+            .await
+            .expect("stores");
+        assert_eq!(state.checkpoint("relay").await.expect("reads"), at(6, 0));
+        assert_eq!(
+            state.checkpoint("saga").await.expect("reads"),
+            LogPosition::START
+        );
+    }
+
+    /// A saga batch records which transactions are done, which wait until when, and the
+    /// checkpoint, together; a timer batch leaves the checkpoint alone.
+    pub async fn a_batch_records_progress_and_the_checkpoint_together(
+        state: Arc<dyn FollowerState>,
+    ) {
+        let (waiting, done, later) = (Uuid::new_v4(), Uuid::new_v4(), Uuid::new_v4());
+        let soon = Utc::now() - TimeDelta::seconds(1);
+        let progress = vec![
+            SagaProgress {
+                transaction_id: waiting,
+                correlation_id: "c-waiting".to_owned(),
+                state: InFlight::Waiting { until: soon },
+            },
+            SagaProgress {
+                transaction_id: done,
+                correlation_id: "c-done".to_owned(),
+                state: InFlight::Waiting { until: soon },
+            },
+            SagaProgress {
+                transaction_id: later,
+                correlation_id: "c-later".to_owned(),
+                state: InFlight::Waiting {
+                    until: Utc::now() + TimeDelta::hours(1),
+                },
+            },
+        ];
+        state
+            .record_saga_batch(Some(at(7, 3)), &progress)
+            .await
+            .expect("records");
+        assert_eq!(
+            state
+                .checkpoint(crate::saga::CHECKPOINT)
+                .await
+                .expect("reads"),
+            at(7, 3)
+        );
+        assert_eq!(state.in_flight().await.expect("counts"), 3);
+        let mut due = state.due(10).await.expect("reads");
+        due.sort();
+        let mut expected = vec![
+            (waiting, Some("c-waiting".to_owned())),
+            (done, Some("c-done".to_owned())),
+        ];
+        expected.sort();
+        assert_eq!(due, expected, "only what is due, with its correlation id");
+        state
+            .record_saga_batch(
+                None,
+                &[SagaProgress {
+                    transaction_id: done,
+                    correlation_id: "c-done".to_owned(),
+                    state: InFlight::Done,
+                }],
+            )
+            .await
+            .expect("records");
+        assert_eq!(state.in_flight().await.expect("counts"), 2);
+        assert_eq!(
+            state
+                .checkpoint(crate::saga::CHECKPOINT)
+                .await
+                .expect("reads"),
+            at(7, 3),
+            "a batch without a checkpoint leaves it"
+        );
+        state.mark_all_due().await.expect("marks");
+        assert_eq!(
+            state.due(10).await.expect("reads").len(),
+            2,
+            "everything is due now"
+        );
+        assert_eq!(
+            state.due(1).await.expect("reads").len(),
+            1,
+            "bounded by max"
+        );
+    }
+
+    /// A failed step is retried later, later still if it fails again; waiting resets that.
+    pub async fn failed_steps_back_off_and_waiting_ones_come_due(state: Arc<dyn FollowerState>) {
+        let id = Uuid::new_v4();
+        let failed = |error: &str| SagaProgress {
+            transaction_id: id,
+            correlation_id: "c".to_owned(),
+            state: InFlight::Failed {
+                error: error.to_owned(),
+            },
+        };
+        state
+            .record_saga_batch(None, &[failed("first")])
+            .await
+            .expect("records");
+        assert!(
+            state.due(10).await.expect("reads").is_empty(),
+            "not due at once"
+        );
+        state
+            .record_saga_batch(None, &[failed("second")])
+            .await
+            .expect("records");
+        assert_eq!(state.in_flight().await.expect("counts"), 1);
+        assert!(
+            state.due(10).await.expect("reads").is_empty(),
+            "backed off further"
+        );
+        state
+            .record_saga_batch(
+                None,
+                &[SagaProgress {
+                    transaction_id: id,
+                    correlation_id: "c".to_owned(),
+                    state: InFlight::Waiting {
+                        until: Utc::now() - TimeDelta::seconds(1),
+                    },
+                }],
+            )
+            .await
+            .expect("records");
+        assert_eq!(
+            state.due(10).await.expect("reads").len(),
+            1,
+            "waiting and due"
+        );
+    }
 }

@@ -17,6 +17,12 @@ use crate::support::Harness;
 /// A scratch database, dropped when the check is over.
 pub struct Scratch(Option<ScratchDatabase>);
 
+impl Scratch {
+    pub fn new(database: ScratchDatabase) -> Self {
+        Scratch(Some(database))
+    }
+}
+
 impl Drop for Scratch {
     fn drop(&mut self) {
         if let Some(database) = self.0.take() {

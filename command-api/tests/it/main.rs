@@ -7,5 +7,6 @@ mod eventlog;
 mod messaging;
 mod process;
 mod saga;
+mod state;
 mod store;
 mod support;
