@@ -70,6 +70,8 @@ pub struct Run {
     /// `/proc/loadavg`'s first three fields at the start and the end.
     pub load_start: String,
     pub load_end: String,
+    /// The 1-minute load average as each phase started.
+    pub phase_loads: Vec<(&'static str, String)>,
 }
 
 impl Run {
@@ -183,6 +185,15 @@ pub fn print_run(number: usize, run: &Run) {
     println!(
         "\n### Run {number}: load average {} at start, {} at end (1/5/15 min)\n",
         run.load_start, run.load_end
+    );
+    let loads: Vec<String> = run
+        .phase_loads
+        .iter()
+        .map(|(phase, load)| format!("{phase} {load}"))
+        .collect();
+    println!(
+        "1-minute load average as each phase started: {}\n",
+        loads.join(", ")
     );
     println!("| figure | value | ratio to C1 | target | met |");
     println!("|---|---:|---:|---|---|");

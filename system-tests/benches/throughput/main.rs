@@ -200,17 +200,30 @@ async fn run_once<S: SystemUnderTest>(settings: &Settings) -> anyhow::Result<Run
     Ok(run)
 }
 
+/// Says which phase starts, and notes the load average (1 min) at that moment: other work on
+/// the machine shows up there.
+fn phase(run: &mut Run, name: &'static str) {
+    let load = load_average();
+    eprintln!("  {name} (load average {load})");
+    let one_minute = load
+        .split_whitespace()
+        .next()
+        .unwrap_or("unknown")
+        .to_owned();
+    run.phase_loads.push((name, one_minute));
+}
+
 /// The phases, in order.
 async fn measure<S: SystemUnderTest>(
     run: &mut Run,
     system: &mut S,
     settings: &Settings,
 ) -> anyhow::Result<()> {
-    eprintln!("  setup: a customer, 64 funded accounts");
+    phase(run, "setup");
     let mut workload = phases::set_up(system).await?;
-    eprintln!("  C1 ({})", settings.ceiling_script.display());
+    phase(run, "C1");
     run.c1 = phases::ceiling(settings).await?;
-    eprintln!("  spread");
+    phase(run, "spread");
     let settled = phases::posting_phase(
         run,
         &mut workload,
@@ -219,7 +232,7 @@ async fn measure<S: SystemUnderTest>(
         settings.scaled(phases::SPREAD_DURATION),
     )
     .await?;
-    eprintln!("  hot");
+    phase(run, "hot");
     phases::posting_phase(
         run,
         &mut workload,
@@ -228,14 +241,14 @@ async fn measure<S: SystemUnderTest>(
         settings.scaled(phases::HOT_DURATION),
     )
     .await?;
-    eprintln!("  one transfer");
+    phase(run, "one transfer");
     phases::one_transfer_phase(
         run,
         &mut workload,
         settings.scaled(phases::ONE_TRANSFER_DURATION),
     )
     .await?;
-    eprintln!("  lag");
+    phase(run, "lag");
     phases::lag_phase(
         run,
         system,
@@ -244,14 +257,14 @@ async fn measure<S: SystemUnderTest>(
         settings.scaled(phases::LAG_DURATION),
     )
     .await?;
-    eprintln!("  GET");
+    phase(run, "GET");
     phases::get_phase(run, &workload, settings.scaled(phases::GET_DURATION)).await?;
     phases::any_rejected(run, &workload).await?;
-    eprintln!("  stopping the services; durability");
+    phase(run, "stop and durability");
     system.stop_services().await?;
     phases::durability(run, system, &workload).await?;
     if settings.events > 0 {
-        eprintln!("  rebuild over {} events", settings.events);
+        phase(run, "rebuild");
         phases::rebuild_phase(run, system, settings.events).await?;
     }
     Ok(())
