@@ -7,7 +7,7 @@
 # everything it created, and prints the medians of three runs. See docs/benchmarks.md.
 #
 # usage: bench/throughput.sh
-# env:   BENCH_RUNS (3), BENCH_SCALE (1.0, multiplies every phase's duration), BENCH_EVENTS
+# env:   BENCH_MODE (distributed), BENCH_RUNS (3), BENCH_SCALE (1.0, multiplies every phase's duration), BENCH_EVENTS
 #        (1000000, 0 skips the rebuild), BENCH_KEEP=1, BENCH_KEEP_ON_FAILURE=1,
 #        PG_CEILING_SCRIPT, TEST_DATABASE_URL, TEST_AMQP_URL, TEST_REDIS_URL
 #        e.g. BENCH_RUNS=1 BENCH_SCALE=0.2 BENCH_EVENTS=100000 bench/throughput.sh  (about 2 min)

@@ -10,7 +10,7 @@
 //! seeded log. It prints every figure with its ratio to the run's C1 and the target,
 //! removes everything it created, and after all runs prints the medians.
 //!
-//! Environment: `BENCH_RUNS` (3), `BENCH_SCALE` (1.0: multiplies every phase's duration, for
+//! Environment: `BENCH_MODE` (`distributed`, the only one so far), `BENCH_RUNS` (3), `BENCH_SCALE` (1.0: multiplies every phase's duration, for
 //! development), `BENCH_EVENTS` (1,000,000; 0 skips the rebuild), `BENCH_KEEP=1` (keep
 //! databases, topology, keys and logs; `BENCH_KEEP_ON_FAILURE=1` only when a run fails),
 //! `PG_CEILING_SCRIPT` (the C1 script), and the tests'
@@ -42,9 +42,40 @@ const EVENTS_DEFAULT: usize = 1_000_000;
 pub const CEILING_DURATION: Duration = Duration::from_secs(15);
 /// The shortest a scaled phase runs: below this a closed loop barely starts.
 const PHASE_MIN: Duration = Duration::from_secs(2);
+/// The longest stretch of the phases: ten times the durations is already an hour a run.
+const SCALE_MAX: f64 = 10.0;
+
+/// How the system under test runs. Each mode implements [`SystemUnderTest`]; `ledger serve`
+/// (one process with SQLite) is to come beside the distributed one.
+#[derive(Debug, Clone, Copy)]
+enum Mode {
+    /// The four services behind the gateway over PostgreSQL, RabbitMQ and Redis.
+    Distributed,
+}
+
+impl Mode {
+    fn name(self) -> &'static str {
+        match self {
+            Mode::Distributed => "distributed",
+        }
+    }
+}
+
+impl std::str::FromStr for Mode {
+    type Err = String;
+    fn from_str(text: &str) -> Result<Mode, String> {
+        match text {
+            "distributed" => Ok(Mode::Distributed),
+            other => Err(format!(
+                "BENCH_MODE {other:?} is unknown: only distributed exists so far"
+            )),
+        }
+    }
+}
 
 /// What the command was asked to do.
 pub struct Settings {
+    mode: Mode,
     runs: usize,
     /// Multiplies every phase's duration.
     scale: f64,
@@ -77,9 +108,13 @@ impl Settings {
         );
         let scale = variable("BENCH_SCALE", 1.0_f64)?;
         ensure!(
-            scale > 0.0 && scale <= 10.0,
-            "BENCH_SCALE must be in (0, 10]"
+            scale > 0.0 && scale <= SCALE_MAX,
+            "BENCH_SCALE must be in (0, {SCALE_MAX}]"
         );
+        let mode = match std::env::var("BENCH_MODE") {
+            Ok(text) => text.parse().map_err(anyhow::Error::msg)?,
+            Err(_) => Mode::Distributed,
+        };
         let default_script =
             PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/bench/pg-ceiling.sh");
         let ceiling_script =
@@ -90,6 +125,7 @@ impl Settings {
             ceiling_script.display()
         );
         Ok(Settings {
+            mode,
             runs,
             scale,
             events: variable("BENCH_EVENTS", EVENTS_DEFAULT)?,
@@ -137,7 +173,7 @@ fn main() -> anyhow::Result<()> {
 async fn run_all() -> anyhow::Result<()> {
     let settings = Settings::from_environment()?;
     let repository = concat!(env!("CARGO_MANIFEST_DIR"), "/..");
-    println!("## Throughput benchmark (distributed mode)\n");
+    println!("## Throughput benchmark ({} mode)\n", settings.mode.name());
     println!(
         "- commit {} ({} uncommitted changed files)",
         command_output("git", &["-C", repository, "rev-parse", "--short", "HEAD"]),
@@ -158,7 +194,9 @@ async fn run_all() -> anyhow::Result<()> {
     let mut runs = Vec::new();
     for number in 1..=settings.runs {
         eprintln!("run {number} of {}", settings.runs);
-        let run = run_once::<Distributed>(&settings).await?;
+        let run = match settings.mode {
+            Mode::Distributed => run_once::<Distributed>(&settings).await?,
+        };
         figures::print_run(number, &run);
         runs.push(run);
     }
