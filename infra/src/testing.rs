@@ -2,7 +2,9 @@
 //! (`TEST_DATABASE_URL`, `TEST_AMQP_URL`, `TEST_REDIS_URL`, defaulting to the local ones), the
 //! JWT secret every service's test app signs and verifies with, the bad tokens tests send,
 //! logs on demand (`TEST_LOG=1`), and free ports. Each service's `testing` module re-exports
-//! what its tests use.
+//! what its tests use. [`log_builder`] seeds a large domain-valid log for benchmarks.
+
+pub mod log_builder;
 
 /// The secret every test app signs and verifies tokens with, so that test apps of different
 /// services accept each other's tokens.

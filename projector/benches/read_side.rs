@@ -3,7 +3,8 @@
 //! - **rebuild**: bulk-loads `BENCH_EVENTS` (default 1,000,000) domain-valid events into a
 //!   scratch event store (deposits, then transfers between random accounts, each driven through
 //!   the domain's own `decide`/`apply` and the saga's command lists, so the log is exactly what
-//!   command-api would have written), then rebuilds each projection from it with
+//!   command-api would have written; `infra::testing::log_builder`, shared with the system
+//!   throughput benchmark), then rebuilds each projection from it with
 //!   `projector::rebuild::rebuild` (batches of 5,000) and runs `verify`. Reports events/s.
 //! - **get**: `GET /api/v1/transactions/{id}` by 8 concurrent clients, p50/p99 and requests/s,
 //!   with a warm Redis cache, and with Redis unreachable (the projector pointed at a closed
@@ -14,33 +15,27 @@
 //!
 //! With no argument, all three run. Figures and their meaning: `docs/benchmarks.md`.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, anyhow, ensure};
-use chrono::{TimeDelta, Utc};
+use chrono::Utc;
 use command_api::testing::{TestApp, TestOptions, delete_topology, spawn_app_on_scratch};
-use domain::{
-    Account, AccountCommand, AccountId, Amount, Currency, CustomerId, FraudDecision, FraudOutcome,
-    Transaction, TransactionCommand, TransactionEvent, TransactionId, TransactionKind,
-    TransactionRequest,
-};
+use domain::{FraudDecision, FraudOutcome, TransactionId};
 use hdrhistogram::Histogram;
 use infra::auth::Role;
 use infra::db::ScratchDatabase;
 use infra::eventlog::postgres::{PgEventLog, PgEventLogOptions};
+use infra::testing::log_builder::{build_log, insert_log};
 use projector::model::ProjectionName;
 use projector::rebuild::{RebuildOptions, rebuild};
 use projector::testing::{TestOptions as ProjectorOptions, spawn_projector};
 use serde_json::{Value, json};
-use sqlx::PgPool;
 use uuid::Uuid;
 
 const EVENTS_DEFAULT: usize = 1_000_000;
 const ACCOUNTS: usize = 2_000;
-const INSERT_CHUNK: usize = 5_000;
 const REBUILD_BATCH: usize = 5_000;
 const GET_CLIENTS: usize = 8;
 const GET_REQUESTS: usize = 5_000;
@@ -73,226 +68,6 @@ async fn run() -> anyhow::Result<()> {
 // ---------------------------------------------------------------------------------------------
 // rebuild
 
-/// Generates a domain-valid log: every event comes out of the domain's `decide`.
-struct LogBuilder {
-    rows: Vec<Row>,
-    accounts: HashMap<AccountId, (Account, i64)>,
-    metadata: Value,
-    at: chrono::DateTime<Utc>,
-}
-
-struct Row {
-    aggregate_type: &'static str,
-    aggregate_id: String,
-    sequence: i64,
-    event_type: &'static str,
-    payload: Value,
-}
-
-impl LogBuilder {
-    fn new() -> Self {
-        LogBuilder {
-            rows: Vec::new(),
-            accounts: HashMap::new(),
-            metadata: json!({"correlation_id": "bench", "actor": "bench"}),
-            at: Utc::now() - TimeDelta::days(1),
-        }
-    }
-
-    fn tick(&mut self) -> chrono::DateTime<Utc> {
-        self.at += TimeDelta::microseconds(10);
-        self.at
-    }
-
-    fn account(&mut self, id: AccountId, command: AccountCommand) -> anyhow::Result<()> {
-        let (state, sequence) = self
-            .accounts
-            .remove(&id)
-            .map_or((None, 0), |(account, sequence)| (Some(account), sequence));
-        let events = Account::decide(state.as_ref(), &command).map_err(|e| anyhow!("{e}"))?;
-        let mut state = state;
-        let mut sequence = sequence;
-        for event in events {
-            state = Some(Account::apply(state, &event).map_err(|e| anyhow!("{e}"))?);
-            sequence += 1;
-            self.rows.push(Row {
-                aggregate_type: "account",
-                aggregate_id: id.to_string(),
-                sequence,
-                event_type: event.event_type(),
-                payload: serde_json::to_value(&event)?,
-            });
-        }
-        if let Some(state) = state {
-            self.accounts.insert(id, (state, sequence));
-        }
-        Ok(())
-    }
-
-    fn transaction(&mut self, request: TransactionRequest) -> anyhow::Result<()> {
-        let id = TransactionId(Uuid::new_v4());
-        let mut state: Option<Transaction> = None;
-        let mut sequence = 0;
-        let mut step = |builder: &mut LogBuilder,
-                        state: &mut Option<Transaction>,
-                        command: TransactionCommand|
-         -> anyhow::Result<()> {
-            let events =
-                Transaction::decide(state.as_ref(), &command).map_err(|e| anyhow!("{e}"))?;
-            for event in events {
-                *state =
-                    Some(Transaction::apply(state.take(), &event).map_err(|e| anyhow!("{e}"))?);
-                sequence += 1;
-                builder.rows.push(Row {
-                    aggregate_type: "transaction",
-                    aggregate_id: id.to_string(),
-                    sequence,
-                    event_type: event_type(&event),
-                    payload: serde_json::to_value(&event)?,
-                });
-            }
-            Ok(())
-        };
-        let at = self.tick();
-        step(
-            self,
-            &mut state,
-            TransactionCommand::Create {
-                transaction_id: id,
-                request,
-                initiated_by: CustomerId(Uuid::new_v4()),
-                at,
-            },
-        )?;
-        let created = state.clone().ok_or_else(|| anyhow!("not created"))?;
-        let at = self.tick();
-        for (account, command) in domain::saga::reservation_commands(&created, at) {
-            self.account(account, command)?;
-        }
-        let at = self.tick();
-        step(
-            self,
-            &mut state,
-            TransactionCommand::RecordReservation { at },
-        )?;
-        let at = self.tick();
-        step(
-            self,
-            &mut state,
-            TransactionCommand::RecordFraudDecision {
-                decision: FraudDecision {
-                    outcome: FraudOutcome::Approved,
-                    rule: None,
-                    details: json!({}),
-                },
-                at,
-            },
-        )?;
-        let at = self.tick();
-        step(self, &mut state, TransactionCommand::Confirm { at })?;
-        let confirmed = state.clone().ok_or_else(|| anyhow!("not confirmed"))?;
-        let at = self.tick();
-        for (account, command) in domain::saga::settlement_commands(&confirmed, at) {
-            self.account(account, command)?;
-        }
-        let at = self.tick();
-        step(
-            self,
-            &mut state,
-            TransactionCommand::CompleteSettlement { at },
-        )?;
-        Ok(())
-    }
-}
-
-fn event_type(event: &TransactionEvent) -> &'static str {
-    event.event_type()
-}
-
-/// Builds at least `events` events: accounts, a large deposit into each, then transfers.
-fn build_log(events: usize) -> anyhow::Result<LogBuilder> {
-    let mut builder = LogBuilder::new();
-    let currency = Currency::from_code("USD").map_err(|e| anyhow!("{e}"))?;
-    let ids: Vec<AccountId> = (0..ACCOUNTS).map(|_| AccountId(Uuid::new_v4())).collect();
-    for id in &ids {
-        let at = builder.tick();
-        builder.account(
-            *id,
-            AccountCommand::Open {
-                account_id: *id,
-                owner_id: CustomerId(Uuid::new_v4()),
-                currency,
-                name: None,
-                at,
-            },
-        )?;
-    }
-    let big = Amount::from_minor(1_000_000_000).map_err(|e| anyhow!("{e}"))?;
-    for id in &ids {
-        let request = TransactionRequest::new(
-            TransactionKind::Deposit,
-            big,
-            currency,
-            None,
-            Some(*id),
-            None,
-        )
-        .map_err(|e| anyhow!("{e}"))?;
-        builder.transaction(request)?;
-    }
-    let mut n: usize = 0;
-    while builder.rows.len() < events {
-        n += 1;
-        let source = ids[n % ACCOUNTS];
-        let destination = ids[(n * 7 + 1) % ACCOUNTS];
-        if source == destination {
-            continue;
-        }
-        let amount =
-            Amount::from_minor(i64::try_from(n % 10_000 + 1)?).map_err(|e| anyhow!("{e}"))?;
-        let request = TransactionRequest::new(
-            TransactionKind::Transfer,
-            amount,
-            currency,
-            Some(source),
-            Some(destination),
-            None,
-        )
-        .map_err(|e| anyhow!("{e}"))?;
-        builder.transaction(request)?;
-    }
-    Ok(builder)
-}
-
-async fn insert_log(pool: &PgPool, builder: &LogBuilder) -> anyhow::Result<()> {
-    for chunk in builder.rows.chunks(INSERT_CHUNK) {
-        let types: Vec<&str> = chunk.iter().map(|row| row.aggregate_type).collect();
-        let ids: Vec<&str> = chunk.iter().map(|row| row.aggregate_id.as_str()).collect();
-        let sequences: Vec<i64> = chunk.iter().map(|row| row.sequence).collect();
-        let event_types: Vec<&str> = chunk.iter().map(|row| row.event_type).collect();
-        let versions: Vec<&str> = chunk.iter().map(|_| "1").collect();
-        let payloads: Vec<&Value> = chunk.iter().map(|row| &row.payload).collect();
-        let metadata: Vec<&Value> = chunk.iter().map(|_| &builder.metadata).collect();
-        sqlx::query(
-            "INSERT INTO command_api.events
-                 (aggregate_type, aggregate_id, sequence, event_type, event_version, payload, metadata)
-             SELECT * FROM UNNEST($1::text[], $2::text[], $3::bigint[], $4::text[], $5::text[],
-                                  $6::jsonb[], $7::jsonb[])",
-        )
-        .bind(types)
-        .bind(ids)
-        .bind(sequences)
-        .bind(event_types)
-        .bind(versions)
-        .bind(payloads)
-        .bind(metadata)
-        .execute(pool)
-        .await
-        .context("inserting events")?;
-    }
-    Ok(())
-}
-
 async fn bench_rebuild() -> anyhow::Result<()> {
     let events: usize = match std::env::var("BENCH_EVENTS") {
         Ok(text) => text.parse().context("BENCH_EVENTS must be a number")?,
@@ -303,10 +78,10 @@ async fn bench_rebuild() -> anyhow::Result<()> {
         let events_pool = infra::db::connect(&database.url(), "command_api", 4).await?;
         command_api::startup::migrate(&events_pool).await?;
         let started = Instant::now();
-        let builder = build_log(events)?;
+        let builder = build_log(events, ACCOUNTS);
         let generated = started.elapsed();
         let started = Instant::now();
-        insert_log(&events_pool, &builder).await?;
+        insert_log(&events_pool, "command_api.events", &builder).await?;
         let inserted = started.elapsed();
         let total = builder.rows.len();
         drop(builder);

@@ -3,128 +3,41 @@
 //! to the gateway only. One correlation id sent with a deposit must appear in every service's
 //! log and in the event's metadata; no log may contain the password or the token.
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use infra::db::ScratchDatabase;
 use infra::testing::{admin_url, amqp_url, redis_url};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
+use system_tests::Service;
 use uuid::Uuid;
 
 const SECRET: &str = "system-test-secret-of-at-least-thirty-two-bytes";
 const ADMIN_PASSWORD: &str = "admin-password-for-the-system-test";
 
-/// `target/<profile>/<name>`: this test runs from `target/<profile>/deps/`.
-fn binary(name: &str) -> PathBuf {
-    let exe = std::env::current_exe().expect("the test knows where it runs from");
-    let directory = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("tests run from target/<profile>/deps");
-    let path = directory.join(name);
-    assert!(
-        path.exists(),
-        "{} is missing: build every binary first (cargo build --workspace --bins)",
-        path.display()
-    );
-    path
+/// How long a service may take to log its port.
+const LISTEN_WITHIN: Duration = Duration::from_secs(60);
+/// How long a service gets to stop gracefully before it is killed.
+const STOP_GRACE: Duration = Duration::from_secs(10);
+
+/// Starts a service of the kit with the test's secret and JSON logs at `info`.
+fn start(name: &'static str, logs: &Path, env: &[(&str, String)]) -> Service {
+    let mut all = vec![
+        ("LOG_FORMAT", "json".to_owned()),
+        ("RUST_LOG", "info".to_owned()),
+        ("JWT_SECRET", SECRET.to_owned()),
+    ];
+    all.extend(env.iter().cloned());
+    Service::start(name, logs, &all).unwrap_or_else(|error| panic!("{error}"))
 }
 
-/// A service process, stopped (SIGTERM, then SIGKILL) when dropped.
-struct Service {
-    name: &'static str,
-    child: Child,
-    log: PathBuf,
-}
-
-impl Service {
-    fn start(name: &'static str, logs: &Path, env: &[(&str, String)]) -> Service {
-        let log = logs.join(format!("{name}.log"));
-        let file = std::fs::File::create(&log).expect("a log file");
-        let errors = file.try_clone().expect("the log file again");
-        let mut command = Command::new(binary(name));
-        command
-            .env_clear()
-            .env("PATH", std::env::var("PATH").unwrap_or_default())
-            .env("LOG_FORMAT", "json")
-            .env("RUST_LOG", "info")
-            .env("JWT_SECRET", SECRET)
-            .stdout(Stdio::from(file))
-            .stderr(Stdio::from(errors));
-        for (key, value) in env {
-            command.env(key, value);
-        }
-        let child = command.spawn().expect("the service starts");
-        Service { name, child, log }
-    }
-
-    /// The port the service bound, from its `<name> listening` log line. Services start on
-    /// port 0, so no other test can take a port between our choosing it and the service binding
-    /// it.
-    async fn port(&mut self) -> u16 {
-        let message = format!("{} listening", self.name);
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            let port = self.log().lines().find_map(|line| {
-                let line: Value = serde_json::from_str(line).ok()?;
-                if line["message"] != message.as_str() {
-                    return None;
-                }
-                line["port"]
-                    .as_u64()
-                    .and_then(|port| u16::try_from(port).ok())
-            });
-            if let Some(port) = port {
-                return port;
-            }
-            if let Ok(Some(status)) = self.child.try_wait() {
-                panic!(
-                    "{} exited ({status}) before listening:\n{}",
-                    self.name,
-                    self.log()
-                );
-            }
-            assert!(
-                Instant::now() < deadline,
-                "{} did not log that it listens within 60 s:\n{}",
-                self.name,
-                self.log()
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
-
-    fn stop(&mut self) {
-        if let Ok(Some(_)) = self.child.try_wait() {
-            return;
-        }
-        let _ = Command::new("kill")
-            .arg("-TERM")
-            .arg(self.child.id().to_string())
-            .stderr(Stdio::null())
-            .status();
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-}
-
-impl Drop for Service {
-    fn drop(&mut self) {
-        self.stop();
-    }
+async fn port(service: &mut Service) -> u16 {
+    service
+        .port(LISTEN_WITHIN)
+        .await
+        .unwrap_or_else(|error| panic!("{error}"))
 }
 
 async fn eventually<F, Fut>(what: &str, deadline: Duration, mut check: F)
@@ -152,7 +65,7 @@ async fn one_correlation_id_follows_a_deposit_through_all_four_services() {
     let prefix = format!("test-{}", Uuid::new_v4().simple());
     let url = database.url();
     let any_port = "127.0.0.1:0".to_owned();
-    let mut command_api = Service::start(
+    let mut command_api = start(
         "command-api",
         &logs,
         &[
@@ -162,7 +75,7 @@ async fn one_correlation_id_follows_a_deposit_through_all_four_services() {
             ("LISTEN_ADDR", any_port.clone()),
         ],
     );
-    let mut fraud_worker = Service::start(
+    let mut fraud_worker = start(
         "fraud-worker",
         &logs,
         &[
@@ -173,7 +86,7 @@ async fn one_correlation_id_follows_a_deposit_through_all_four_services() {
             ("LISTEN_ADDR", any_port.clone()),
         ],
     );
-    let mut projector = Service::start(
+    let mut projector = start(
         "projector",
         &logs,
         &[
@@ -185,11 +98,11 @@ async fn one_correlation_id_follows_a_deposit_through_all_four_services() {
     );
     // The gateway needs the others' addresses, so it starts once they listen.
     let (command_port, fraud_port, query_port) = (
-        command_api.port().await,
-        fraud_worker.port().await,
-        projector.port().await,
+        port(&mut command_api).await,
+        port(&mut fraud_worker).await,
+        port(&mut projector).await,
     );
-    let mut gateway_service = Service::start(
+    let mut gateway_service = start(
         "gateway",
         &logs,
         &[
@@ -205,7 +118,7 @@ async fn one_correlation_id_follows_a_deposit_through_all_four_services() {
             ("ADMIN_PASSWORD", ADMIN_PASSWORD.to_owned()),
         ],
     );
-    let gateway_port = gateway_service.port().await;
+    let gateway_port = port(&mut gateway_service).await;
     let mut services = vec![command_api, fraud_worker, projector, gateway_service];
     let gateway = format!("http://127.0.0.1:{gateway_port}");
     let client = reqwest::Client::builder()
@@ -364,7 +277,7 @@ async fn one_correlation_id_follows_a_deposit_through_all_four_services() {
 
     // Stop everything gracefully, then read the logs.
     for service in services.iter_mut().rev() {
-        service.stop();
+        service.stop(STOP_GRACE);
     }
     for service in &services {
         let log = service.log();
@@ -375,16 +288,16 @@ async fn one_correlation_id_follows_a_deposit_through_all_four_services() {
         assert!(
             !lines.is_empty(),
             "{} never logged the correlation id; its log:\n{log}",
-            service.name
+            service.name()
         );
         eprintln!(
             "{}: {} log lines carry the correlation id",
-            service.name,
+            service.name(),
             lines.len()
         );
         for line in &lines {
             serde_json::from_str::<Value>(line)
-                .unwrap_or_else(|_| panic!("{}: not a JSON log line: {line}", service.name));
+                .unwrap_or_else(|_| panic!("{}: not a JSON log line: {line}", service.name()));
         }
         for secret in [
             password.as_str(),
@@ -396,7 +309,7 @@ async fn one_correlation_id_follows_a_deposit_through_all_four_services() {
             assert!(
                 !log.contains(secret),
                 "{} logged a secret or personal data",
-                service.name
+                service.name()
             );
         }
     }
@@ -411,8 +324,9 @@ async fn one_correlation_id_follows_a_deposit_through_all_four_services() {
     infra::amqp::delete_topology(&amqp_url(), &topology)
         .await
         .expect("the topology is deleted");
-    let client = redis_keys_cleanup(&prefix).await;
-    assert!(client, "the test's Redis keys are deleted");
+    system_tests::delete_redis_keys(&redis_url(), &format!("{prefix}:"))
+        .await
+        .expect("the test's Redis keys are deleted");
 }
 
 /// Extracts the walkthrough between its markers in README.md and runs it with bash against
@@ -438,19 +352,4 @@ fn run_readme_walkthrough(gateway: &str) -> std::process::Output {
         .env("LEDGER", gateway)
         .output()
         .expect("bash runs")
-}
-
-/// Deletes the Redis keys this test's services wrote (fraud counters, cache entries).
-async fn redis_keys_cleanup(prefix: &str) -> bool {
-    // No Redis client crate here: redis-cli is on every machine that runs Redis, and the test
-    // must not leave keys behind.
-    let output = Command::new("sh")
-        .arg("-c")
-        .arg(format!(
-            "redis-cli -u {} --scan --pattern '{prefix}:*' | xargs -r redis-cli -u {} DEL",
-            redis_url(),
-            redis_url()
-        ))
-        .output();
-    output.is_ok_and(|output| output.status.success())
 }
