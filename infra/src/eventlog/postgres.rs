@@ -2,22 +2,30 @@
 //! needs (`event_id`, `recorded_at`, `tx_id`, `position`), written by group commit.
 //!
 //! **Commit order.** A `position` is assigned at insert time, but transactions commit in another
-//! order, so "everything after the last position I saw" would skip rows that commit late. Every
-//! row therefore records the id of the transaction that inserted it (`tx_id`,
-//! `pg_current_xact_id()`), and followers only read rows whose transaction is older than the
-//! oldest transaction still running (`tx_id < pg_snapshot_xmin(pg_current_snapshot())`): those
-//! have all committed or aborted, so no row can appear later below a checkpoint. The log is
-//! ordered by `(tx_id, position)`, which is [`LogPosition`]'s `(commit, index)`. The price: one
-//! long transaction anywhere in the cluster holds every follower back, so our pools cap idle
-//! transactions and followers expose their lag.
+//! order, so "everything after the last position I saw" would skip rows that commit late (NOTES,
+//! "Reading the log in commit order"). Here every append goes through a committer, and every
+//! committer's batch takes one advisory lock (`pg_advisory_xact_lock`, keyed by the table) before
+//! it inserts, holding it until it commits: batches that insert events commit one at a time,
+//! across every instance. A transaction id is assigned at a transaction's first write, which here
+//! is its insert, after the lock; so the inserting transaction's id (`tx_id`,
+//! `pg_current_xact_id()`) and then the insert `position` order the log exactly as it committed,
+//! and a follower reading `(tx_id, position) > checkpoint` never misses a row that commits later
+//! below its checkpoint. [`LogPosition`] is `(tx_id, position)`.
+//!
+//! Earlier versions read only below the oldest running transaction of the whole cluster
+//! (`pg_snapshot_xmin`), which made every follower wait for the longest transaction anywhere, a
+//! projection batch or another database's job. The lock makes that bound unnecessary; the price
+//! is that only the committer may insert into the table (it is append-only, and a trigger refuses
+//! updates and deletes), and that batches of several instances do not overlap: one batch is a
+//! millisecond or two, so that costs little next to the fsync each already waits for.
 //!
 //! **Appends.** One committer task per process takes every waiting append and writes them with
 //! one `INSERT … SELECT FROM UNNEST` in one transaction (see [`super::committer`]). A row is
 //! inserted only if its stream holds exactly the expected version; rows that meet an existing
 //! version are skipped (`ON CONFLICT DO NOTHING`), and an append whose rows were all skipped is
-//! a retry if the stored events carry its ids, a conflict otherwise. An append half inserted
-//! (another instance raced for the same stream between the check and the insert) rolls the
-//! batch back and writes it again, where the race now shows as a conflict. The batch's
+//! a retry if the stored events carry its ids, a conflict otherwise. (An append half inserted,
+//! which only a writer bypassing the log lock could cause, rolls the batch back and writes it
+//! again, where the race shows as a conflict.) The batch's
 //! transaction sends one `NOTIFY`, which wakes followers in other processes; followers in this
 //! process are woken by the committer itself.
 //!
@@ -365,6 +373,8 @@ impl EventLog for PgEventLog {
 #[derive(Debug, Clone)]
 struct Sql {
     events_table: String,
+    /// The advisory lock every batch of appends holds until it commits.
+    append_lock: i64,
     /// For postgres-es's repository, which wants one even when snapshots are off.
     snapshots_table: String,
     channel: String,
@@ -395,7 +405,6 @@ impl Sql {
             validate_table(table)?;
         }
         let table = events_table;
-        let visible = "e.tx_id < pg_snapshot_xmin(pg_current_snapshot())";
         // $1, $2: the checkpoint; $3: the limit; filters come before them.
         let after = |first: usize| {
             format!(
@@ -406,13 +415,14 @@ impl Sql {
         let order = "ORDER BY e.tx_id, e.position";
         let read = |filters: &str, first: usize| {
             format!(
-                "SELECT {COLUMNS} FROM {table} e WHERE {filters}{} AND {visible} {order} LIMIT ${}",
+                "SELECT {COLUMNS} FROM {table} e WHERE {filters}{} {order} LIMIT ${}",
                 after(first),
                 first + 2
             )
         };
         Ok(Sql {
             events_table: table.to_owned(),
+            append_lock: crate::db::advisory_key(&format!("event-log/{table}")),
             snapshots_table: snapshots_table.unwrap_or("aggregate_snapshots").to_owned(),
             channel: table.replace('.', "_"),
             insert: format!(
@@ -445,14 +455,11 @@ impl Sql {
             read_all_of_type: read("e.aggregate_type = $1 AND ", 2),
             read_all_of_event: read("e.aggregate_type = $1 AND e.event_type = $2 AND ", 3),
             read_all_of_event_any: read("e.event_type = $1 AND ", 2),
-            // The last committed event, visible to followers or not yet: a position a client
-            // holds may be beyond what followers can read, but never beyond this.
+            // The last committed event: no position a client holds is beyond it.
             head: format!(
                 "SELECT e.tx_id::text::bigint, e.position FROM {table} e \
                  ORDER BY e.tx_id DESC, e.position DESC LIMIT 1"
             ),
-            // Lag counts every committed event, beyond the visibility bound too: events held
-            // back by a long transaction elsewhere are waiting as much as any.
             oldest_unread: format!(
                 "SELECT extract(epoch FROM clock_timestamp() - e.recorded_at)::float8 \
                  FROM {table} e WHERE (e.tx_id, e.position) > ($1::text::xid8, $2) \
@@ -637,6 +644,13 @@ async fn write_once(
         .begin()
         .await
         .context("starting an event log batch")?;
+    // Before the insert, so this transaction's id is assigned after every earlier batch
+    // committed: commit order is (tx_id, position) order.
+    sqlx::query("SELECT pg_advisory_xact_lock($1)")
+        .bind(sql.append_lock)
+        .execute(&mut *transaction)
+        .await
+        .context("taking the event log's append lock")?;
     let inserted: Vec<(String, String, i64, i64, i64)> = sqlx::query_as(&sql.insert)
         .bind(&rows.aggregate_type)
         .bind(&rows.aggregate_id)
