@@ -21,7 +21,9 @@
 //!
 //! **Appends.** One committer task per process takes every waiting append and writes them with
 //! one `INSERT … SELECT FROM UNNEST` in one transaction (see [`super::committer`]). A row is
-//! inserted only if its stream holds exactly the expected version; rows that meet an existing
+//! inserted only if its stream holds exactly the expected version (a correlated `max(sequence)`,
+//! one index probe per row: an `EXISTS` under an `OR` let the planner hash the whole table
+//! instead, once per batch); rows that meet an existing
 //! version are skipped (`ON CONFLICT DO NOTHING`), and an append whose rows were all skipped is
 //! a retry if the stored events carry its ids, a conflict otherwise. (An append half inserted,
 //! which only a writer bypassing the log lock could cause, rolls the batch back and writes it
@@ -434,12 +436,9 @@ impl Sql {
                      $6::text[], $7::text[], $8::text[], $9::uuid[], $10::int[])
                      AS i(aggregate_type, aggregate_id, expected, sequence, event_type,
                           event_version, payload, metadata, event_id, ordinal)
-                 WHERE NOT EXISTS (SELECT 1 FROM {table} e
+                 WHERE coalesce((SELECT max(e.sequence) FROM {table} e
                          WHERE e.aggregate_type = i.aggregate_type
-                           AND e.aggregate_id = i.aggregate_id AND e.sequence > i.expected)
-                   AND (i.expected = 0 OR EXISTS (SELECT 1 FROM {table} e
-                         WHERE e.aggregate_type = i.aggregate_type
-                           AND e.aggregate_id = i.aggregate_id AND e.sequence = i.expected))
+                           AND e.aggregate_id = i.aggregate_id), 0) = i.expected
                  ORDER BY i.ordinal
                  ON CONFLICT DO NOTHING
                  RETURNING aggregate_type, aggregate_id, sequence, tx_id::text::bigint, position"

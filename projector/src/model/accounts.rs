@@ -111,8 +111,9 @@ impl Model for AccountsModel {
         }
         let table = TABLES[0].table(generation);
         let rows = sqlx::query(&format!(
-            "SELECT {}, state::text AS state FROM {table} WHERE id = ANY($1)",
-            AccountRecord::columns()
+            "SELECT {}, t.state::text AS state FROM UNNEST($1::uuid[]) AS k(id) \
+             JOIN {table} t ON t.id = k.id",
+            AccountRecord::qualified_columns("t")
         ))
         .bind(&ids)
         .fetch_all(connection)

@@ -95,8 +95,9 @@ impl Model for HistoryModel {
         }
         let table = TABLES[0].table(generation);
         let rows = sqlx::query(&format!(
-            "SELECT {} FROM {table} WHERE transaction_id = ANY($1)",
-            HistoryRecord::columns()
+            "SELECT {} FROM UNNEST($1::uuid[]) AS k(id) \
+             JOIN {table} t ON t.transaction_id = k.id",
+            HistoryRecord::qualified_columns("t")
         ))
         .bind(&ids)
         .fetch_all(connection)

@@ -3,6 +3,10 @@
 //! the batched upsert (one `INSERT … SELECT FROM UNNEST … ON CONFLICT DO UPDATE` per batch).
 //! Adding a column is one line; the SELECTs, the decoding, the casts and the conflict clause
 //! cannot drift apart.
+//!
+//! Rows a batch touches are loaded by joining the table with `UNNEST` of their keys, not with
+//! `= ANY`: for a long key list PostgreSQL may scan the whole table with a hashed filter, which
+//! grows with the table, where the join probes the primary key for each key.
 
 use chrono::{DateTime, Utc};
 use uuid::Uuid;
@@ -48,6 +52,15 @@ macro_rules! projection_row {
                 static COLUMNS: std::sync::LazyLock<String> =
                     std::sync::LazyLock::new(|| $name::NAMES.join(", "));
                 &COLUMNS
+            }
+
+            /// `t.a AS a, t.b AS b, …`: the column list of a SELECT over `alias`.
+            pub fn qualified_columns(alias: &str) -> String {
+                Self::NAMES
+                    .iter()
+                    .map(|name| format!("{alias}.{name} AS {name}"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
             }
 
             /// `a uuid NOT NULL, b text, …`: the column definitions of a CREATE TABLE.

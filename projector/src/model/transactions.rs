@@ -172,8 +172,9 @@ impl Model for TransactionsModel {
         if !ids.is_empty() {
             let table = TABLES[0].table(generation);
             let rows = sqlx::query(&format!(
-                "SELECT {}, state::text AS state FROM {table} WHERE id = ANY($1)",
-                TransactionRecord::columns()
+                "SELECT {}, t.state::text AS state FROM UNNEST($1::uuid[]) AS k(id) \
+                 JOIN {table} t ON t.id = k.id",
+                TransactionRecord::qualified_columns("t")
             ))
             .bind(&ids)
             .fetch_all(&mut *connection)
@@ -191,7 +192,8 @@ impl Model for TransactionsModel {
         if !accounts.is_empty() {
             let table = TABLES[1].table(generation);
             let owners: Vec<(Uuid, Uuid)> = sqlx::query_as(&format!(
-                "SELECT account_id, owner_id FROM {table} WHERE account_id = ANY($1)"
+                "SELECT t.account_id, t.owner_id FROM UNNEST($1::uuid[]) AS k(id) \
+                 JOIN {table} t ON t.account_id = k.id"
             ))
             .bind(&accounts)
             .fetch_all(&mut *connection)
