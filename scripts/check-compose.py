@@ -8,18 +8,21 @@ What it proves (each failure names the service and the rule):
   - a service that talks to PostgreSQL, RabbitMQ, Redis or another service (by the host its URLs
     name) waits for it to be healthy;
   - every environment variable a service is given is one its crate's `src/config.rs` reads
-    (`env = "..."`), or RUST_LOG, which infra's tracing set-up reads;
+    (`env = "..."`, also in the shared blocks it flattens: `#[command(flatten)]` of infra's
+    `TokenConfig` and `HttpLimits`), or RUST_LOG, which infra's tracing set-up reads;
   - every variable with no default is given (JWT_SECRET), and so is every variable whose default
     names localhost, which is wrong inside a container (DATABASE_URL, AMQP_URL, ...);
   - JWT_SECRET is the same everywhere and compose refuses to start without it (`${JWT_SECRET:?}`);
   - URLs name a compose service, the right port, and the credentials and database that service
     is given;
-  - LISTEN_ADDR's port is the published container port and the healthcheck's port, and the
-    gateway's upstream URLs use each upstream's LISTEN_ADDR port;
+  - LISTEN_ADDR's port is the published container port (beside METRICS_ADDR's, for the
+    gateway's metrics listener) and the healthcheck's port, and the gateway's upstream URLs use
+    each upstream's LISTEN_ADDR port;
   - each service runs a binary of the workspace that the Dockerfile builds (`cargo build
     --release --locked --bins`) and copies into the runtime image;
   - docs/operations.md's configuration table of each binary lists exactly the variables its
-    config.rs (or the CLI's main.rs) reads, with the same defaults.
+    config.rs (or the CLI's main.rs) reads, flattened blocks included, with the same defaults (a
+    default named by a constant is compared with the constant's value).
 
 Then, if a compose tool is at hand (`docker compose`, `docker-compose`, or COMPOSE_BIN), it runs
 `config -q` for a schema check. Exit status 0 when every check passes, 1 otherwise.
@@ -87,9 +90,28 @@ class Checker:
         return condition
 
 
-def read_config_variables(crate: str, path: str = "src/config.rs") -> dict[str, dict]:
-    """The variables a crate's config.rs reads: name -> {default, optional, field}."""
-    text = (ROOT / crate / path).read_text()
+# Where the shared configuration blocks a Config flattens (`#[command(flatten)]`) are declared.
+SHARED_SOURCES = ("infra/src",)
+
+FLATTEN_FIELD = re.compile(r"#\[command\(flatten\)\]\s*(?:pub\s+)?\w+\s*:\s*(?:[\w:]+::)?(?P<type>\w+)\s*,")
+
+
+def struct_body(text: str, name: str) -> str | None:
+    """The text of `struct name { ... }` (up to the first line that is only `}`)."""
+    match = re.search(rf"\bstruct\s+{name}\s*\{{(?P<body>.*?)^\}}", text, re.S | re.M)
+    return match["body"] if match else None
+
+
+def constant_value(name: str, sources: list[Path]) -> str | None:
+    """The integer literal a `const NAME: T = 1_234;` names, in any of `sources`."""
+    for source in sources:
+        match = re.search(rf"\bconst\s+{name}\s*:\s*\w+\s*=\s*([0-9_]+)\s*;", source.read_text())
+        if match:
+            return match[1]
+    return None
+
+
+def parse_arg_fields(text: str, sources: list[Path]) -> dict[str, dict]:
     variables = {}
     for match in ARG_FIELD.finditer(text):
         attributes = match["attributes"]
@@ -98,11 +120,34 @@ def read_config_variables(crate: str, path: str = "src/config.rs") -> dict[str, 
             continue
         default = re.search(r'\bdefault_value\s*=\s*"((?:[^"\\]|\\.)*)"', attributes)
         default_t = re.search(r"\bdefault_value(?:_t)?\s*=\s*([^,\"]+?)\s*(?:,|$)", attributes)
+        value = default[1] if default else (default_t[1].strip() if default_t else None)
+        if value is not None and re.fullmatch(r"(?:[\w]+::)*[A-Z][A-Z0-9_]*", value):
+            # A named constant: compared by its value when it is a plain literal.
+            value = constant_value(value.rsplit("::", 1)[-1], sources) or value
         variables[env[1]] = {
             "field": match["field"],
-            "default": default[1] if default else (default_t[1].strip() if default_t else None),
+            "default": value,
             "optional": match["type"].strip().startswith("Option<"),
         }
+    return variables
+
+
+def read_config_variables(crate: str, path: str = "src/config.rs") -> dict[str, dict]:
+    """The variables a crate's config.rs reads (flattened shared blocks included):
+    name -> {default, optional, field}."""
+    text = (ROOT / crate / path).read_text()
+    shared = [source for folder in SHARED_SOURCES for source in sorted((ROOT / folder).glob("*.rs"))]
+    own = sorted((ROOT / crate / "src").rglob("*.rs"))
+    sources = own + shared
+    variables = parse_arg_fields(text, sources)
+    for flattened in FLATTEN_FIELD.finditer(text):
+        for source in own + shared:
+            body = struct_body(source.read_text(), flattened["type"])
+            if body is not None:
+                variables.update(parse_arg_fields(body, sources))
+                break
+        else:
+            raise SystemExit(f"check-compose: {crate}/{path} flattens {flattened['type']}, found neither in {crate}/src nor in {SHARED_SOURCES}")
     return variables
 
 
@@ -464,9 +509,12 @@ def main() -> int:
                 f"{name}: JWT_SECRET must be `${{JWT_SECRET:?message}}` (required, never defaulted)",
             )
         port = listen_port(given, name)
+        metrics = given.get("METRICS_ADDR")
+        metrics_port = int(str(metrics).rsplit(":", 1)[-1]) if metrics else None
         checker.check(
-            not service.get("ports") or container_ports(service) == {port},
-            f"{name}: publishes container ports {sorted(container_ports(service))}, but listens on {port}",
+            not service.get("ports") or container_ports(service) - {metrics_port} == {port},
+            f"{name}: publishes container ports {sorted(container_ports(service))}, but listens on {port}"
+            + (f" (and {metrics_port} for metrics)" if metrics_port else ""),
         )
         checker.check(
             healthcheck_ports(service) == {port},

@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
-"""Mints an HS256 ledger token with JWT_SECRET, for trying the API before the gateway exists.
+"""Mints an HS256 ledger token with JWT_SECRET (and JWT_ISSUER, JWT_AUDIENCE, defaulting to
+`ledger` and `ledger-api`, which every service checks), for trying a service directly.
 
-Standard library only. The `ledger token` CLI (issue #4) replaces this for operators.
+Standard library only. The `ledger token` CLI does the same for operators.
 """
 import argparse
 import base64
@@ -21,7 +22,7 @@ def b64(data: bytes) -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--sub", required=True, help="customer id (UUID)")
-    parser.add_argument("--role", action="append", choices=["customer", "admin", "auditor"], required=True)
+    parser.add_argument("--role", action="append", choices=["customer", "operator", "admin", "auditor"], required=True)
     parser.add_argument("--ttl", type=int, default=3600, help="seconds of validity")
     args = parser.parse_args()
     secret = os.environ.get("JWT_SECRET")
@@ -31,7 +32,16 @@ def main() -> int:
     uuid.UUID(args.sub)
     now = int(time.time())
     header = b64(json.dumps({"alg": "HS256", "typ": "JWT"}).encode())
-    claims = {"sub": args.sub, "roles": args.role, "iat": now, "exp": now + args.ttl, "jti": str(uuid.uuid4())}
+    claims = {
+        "sub": args.sub,
+        "roles": args.role,
+        "iss": os.environ.get("JWT_ISSUER", "ledger"),
+        "aud": os.environ.get("JWT_AUDIENCE", "ledger-api"),
+        "iat": now,
+        "nbf": now,
+        "exp": now + args.ttl,
+        "jti": str(uuid.uuid4()),
+    }
     payload = b64(json.dumps(claims).encode())
     signature = b64(hmac.new(secret.encode(), f"{header}.{payload}".encode(), hashlib.sha256).digest())
     print(f"{header}.{payload}.{signature}")

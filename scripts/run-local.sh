@@ -24,6 +24,8 @@ cd "$(dirname "$0")/.."
 # and the gateway checks the other three in its own /health, so it starts last.
 SERVICES=(command-api projector fraud-worker gateway)
 PORTS=(8081 8082 8083 8080)
+# The gateway's metrics listener (METRICS_ADDR): never on its public port.
+METRICS_ADDR=${METRICS_ADDR:-127.0.0.1:9080}
 PIDS=()
 LOG_OFFSETS=() # the size of each log when its service started: failures show only this run's lines
 
@@ -127,6 +129,10 @@ validate_operator_values() {
     if [ -n "${JWT_SECRET:-}" ] && [ $(($(printf '%s' "$JWT_SECRET" | wc -c))) -lt 32 ]; then
         fail "JWT_SECRET must be at least 32 bytes (docs/decisions.md §7)"
     fi
+    if [ -n "${JWT_SECRET:-}" ] &&
+        [ $(($(printf '%s' "$JWT_SECRET" | od -An -v -tx1 | tr -s ' ' '\n' | sed '/^$/d' | sort -u | wc -l))) -lt 16 ]; then
+        fail "JWT_SECRET must have at least 16 distinct bytes (use a random one: openssl rand -hex 32)"
+    fi
     if [ -n "${ADMIN_USERNAME:-}" ] && ! [[ $ADMIN_USERNAME =~ ^[a-z0-9_.-]{3,32}$ ]]; then
         fail "ADMIN_USERNAME must be 3-32 characters of [a-z0-9_.-]"
     fi
@@ -168,6 +174,10 @@ require_free_ports() {
             fail "port $port (${SERVICES[$i]}) is already in use${holder:+ by $holder}; stop that process first"
         fi
     done
+    local metrics_host=${METRICS_ADDR%:*} metrics_port=${METRICS_ADDR##*:}
+    if reachable "${metrics_host:-127.0.0.1}" "$metrics_port"; then
+        fail "port $metrics_port (the gateway's METRICS_ADDR) is already in use; stop that process or set METRICS_ADDR"
+    fi
 }
 
 # Starts a service in the background, in a process group of its own: job control is on only
@@ -182,6 +192,7 @@ start_service() { # start_service <index>
     set -m
     if [ "$name" = gateway ]; then
         LISTEN_ADDR="$LISTEN_HOST:$port" \
+            METRICS_ADDR="$METRICS_ADDR" \
             COMMAND_API_URL="http://127.0.0.1:${PORTS[0]}" \
             QUERY_API_URL="http://127.0.0.1:${PORTS[1]}" \
             FRAUD_WORKER_URL="http://127.0.0.1:${PORTS[2]}" \
@@ -314,6 +325,7 @@ main() {
     say ""
     say "The ledger is running (logs under logs/; Ctrl-C stops it):"
     say "  gateway       http://127.0.0.1:${PORTS[3]}   the public API, /api/v1/openapi.json"
+    say "                http://$METRICS_ADDR   the gateway's /metrics"
     say "  command-api   http://127.0.0.1:${PORTS[0]}   /health, /metrics"
     say "  projector     http://127.0.0.1:${PORTS[1]}   /health, /metrics"
     say "  fraud-worker  http://127.0.0.1:${PORTS[2]}   /health, /metrics"
@@ -326,6 +338,8 @@ main() {
     say "  curl -s -X POST http://127.0.0.1:${PORTS[3]}/api/v1/auth/token -H 'Content-Type: application/json' \\"
     say "       -d \"{\\\"username\\\":\\\"$ADMIN_USERNAME\\\",\\\"password\\\":\\\"$password_shown\\\"}\""
     say "or register a customer first with POST /api/v1/auth/register {\"username\",\"password\"} (12+ characters)."
+    say "Customers cannot deposit: money enters through an operator (the payment rail) or the admin."
+    say "An operator token: ./target/release/ledger token --sub \$(uuidgen) --role operator (with JWT_SECRET exported)."
     say "Operator tools: ./target/release/ledger --help (verify, rebuild, replay, token); runbook: docs/operations.md"
 
     # Supervise: a service that exits on its own takes the others down with it.

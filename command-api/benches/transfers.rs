@@ -131,6 +131,8 @@ struct Api {
     address: String,
     /// A customer's token: that customer owns every account, so every transfer is allowed.
     token: String,
+    /// The payment rail's token: money enters through it (SPEC §5).
+    operator_token: String,
 }
 
 /// The funded accounts transfers move money between.
@@ -242,6 +244,7 @@ async fn measure(
             .context("building the HTTP client")?,
         address: app.address.clone(),
         token: app.token(Uuid::new_v4(), &[Role::Customer]),
+        operator_token: app.token(Uuid::new_v4(), &[Role::Operator]),
     };
     eprintln!("funding {} accounts…", SPREAD_ACCOUNTS + 1);
     let accounts = Arc::new(fund_accounts(app, &api).await?);
@@ -265,8 +268,9 @@ async fn measure(
 async fn fund_accounts(app: &TestApp, api: &Api) -> anyhow::Result<Accounts> {
     let funded = (0..=SPREAD_ACCOUNTS).map(|_| async {
         let account = open_account(api).await?;
-        let deposit = post_transaction(
+        let deposit = post_transaction_as(
             api,
+            &api.operator_token,
             &json!({"type": "deposit", "amount": FUNDING_AMOUNT, "currency": CURRENCY,
                     "destination_account_id": account}),
         )
@@ -304,12 +308,18 @@ async fn open_account(api: &Api) -> anyhow::Result<Uuid> {
     id_of(response.json().await.context("reading an opened account")?)
 }
 
-/// Posts one transaction with a fresh idempotency key and returns its id (202 expected).
+/// Posts one transaction as the customer with a fresh idempotency key and returns its id (202
+/// expected).
 async fn post_transaction(api: &Api, body: &Value) -> anyhow::Result<Uuid> {
+    post_transaction_as(api, &api.token, body).await
+}
+
+/// [`post_transaction`] with another caller's token.
+async fn post_transaction_as(api: &Api, token: &str, body: &Value) -> anyhow::Result<Uuid> {
     let response = api
         .client
         .post(format!("{}/api/v1/transactions", api.address))
-        .bearer_auth(&api.token)
+        .bearer_auth(token)
         .header("Idempotency-Key", Uuid::new_v4().to_string())
         .json(body)
         .send()

@@ -6,8 +6,9 @@ use std::time::Duration;
 
 use chrono::TimeDelta;
 use clap::Parser;
+use infra::auth::TokenConfig;
+use infra::server::HttpLimits;
 use infra::telemetry::{LogFormat, redact_url};
-use secrecy::SecretString;
 
 use infra::follow::FollowSettings;
 
@@ -54,9 +55,18 @@ pub struct Config {
     #[arg(long, env = "LISTEN_ADDR", default_value = "0.0.0.0:8081")]
     pub listen_addr: SocketAddr,
 
-    /// HS256 secret shared with the gateway; at least 32 bytes.
-    #[arg(long, env = "JWT_SECRET", hide_env_values = true, value_parser = infra::auth::parse_secret)]
-    pub jwt_secret: SecretString,
+    /// The token secret, issuer and audience shared with the gateway.
+    #[command(flatten)]
+    pub token: TokenConfig,
+
+    /// The listener's header, body and idle timeouts and its connection bound.
+    #[command(flatten)]
+    pub http: HttpLimits,
+
+    /// `enabled` lets customers deposit into their own accounts ("simulated top-ups", for
+    /// sandboxes); `disabled` leaves deposits to operators and admins (SPEC §5).
+    #[arg(long, env = "CUSTOMER_TOP_UPS", default_value = "disabled", value_parser = parse_top_ups)]
+    pub customer_top_ups: bool,
 
     /// Seconds without a fraud decision before a transaction is rejected (`fraud_check_timeout`).
     #[arg(long, env = "FRAUD_DECISION_TIMEOUT_SECONDS", default_value_t = 300,
@@ -115,7 +125,7 @@ impl Config {
         format!(
             "database_url={} amqp_url={} amqp_prefix={} listen_addr={} fraud_decision_timeout_seconds={} \
              database_max_connections={} background_max_connections={} saga_concurrency={} \
-             saga_batch_size={} relay_window={} log_poll_interval_ms={}",
+             saga_batch_size={} relay_window={} log_poll_interval_ms={} customer_top_ups={} {} {}",
             redact_url(&self.database_url),
             redact_url(&self.amqp_url),
             self.amqp_prefix,
@@ -127,6 +137,13 @@ impl Config {
             self.saga_batch_size,
             self.relay_window,
             self.log_poll_interval_ms,
+            if self.customer_top_ups {
+                "enabled"
+            } else {
+                "disabled"
+            },
+            self.token.describe(),
+            self.http.describe(),
         )
     }
 }
@@ -137,6 +154,15 @@ fn parse_count<const MAX: usize>(text: &str) -> Result<usize, String> {
         .ok()
         .filter(|count| (1..=MAX).contains(count))
         .ok_or_else(|| format!("must be a whole number from 1 to {MAX}"))
+}
+
+/// `CUSTOMER_TOP_UPS`: `enabled` or `disabled`.
+fn parse_top_ups(text: &str) -> Result<bool, String> {
+    match text {
+        "enabled" => Ok(true),
+        "disabled" => Ok(false),
+        _ => Err("must be enabled or disabled".to_owned()),
+    }
 }
 
 #[cfg(test)]
@@ -160,5 +186,29 @@ mod tests {
             error.to_string().contains("fraud-decision-timeout-seconds"),
             "{error}"
         );
+        let error = Config::try_parse_from([
+            "command-api",
+            "--jwt-secret",
+            "a-secret-that-is-long-enough-for-hs256-signing",
+            "--customer-top-ups",
+            "yes",
+        ])
+        .expect_err("only enabled or disabled");
+        assert!(error.to_string().contains("customer-top-ups"), "{error}");
+    }
+
+    #[test]
+    fn customer_top_ups_are_off_unless_enabled() {
+        // Proves the SPEC §5 default: customers cannot create money unless a sandbox says so.
+        let config = Config::try_parse_from([
+            "command-api",
+            "--jwt-secret",
+            "a-secret-that-is-long-enough-for-hs256-signing",
+        ])
+        .expect("defaults parse");
+        assert!(!config.customer_top_ups);
+        assert_eq!(config.token.jwt_issuer, "ledger");
+        assert_eq!(config.token.jwt_audience, "ledger-api");
+        assert_eq!(config.http, HttpLimits::default());
     }
 }

@@ -13,6 +13,9 @@ pub enum Error {
     /// 403: the caller's roles do not allow this.
     #[error("{0}")]
     Forbidden(String),
+    /// 403 `top_ups_disabled`: a customer deposit while `CUSTOMER_TOP_UPS` is `disabled`.
+    #[error("customers cannot deposit here: money enters through an operator (the payment rail)")]
+    TopUpsDisabled,
     /// 404: the resource does not exist, or belongs to someone else.
     #[error("{detail}")]
     NotFound { code: &'static str, detail: String },
@@ -91,6 +94,11 @@ impl From<Error> for Problem {
                 Problem::new(StatusCode::BAD_REQUEST, code, detail)
             }
             Error::Forbidden(detail) => Problem::new(StatusCode::FORBIDDEN, "forbidden", detail),
+            Error::TopUpsDisabled => Problem::new(
+                StatusCode::FORBIDDEN,
+                "top_ups_disabled",
+                Error::TopUpsDisabled.to_string(),
+            ),
             Error::NotFound { code, detail } => Problem::new(StatusCode::NOT_FOUND, code, detail),
             Error::Unprocessable { code, detail } => {
                 Problem::new(StatusCode::UNPROCESSABLE_ENTITY, code, detail)

@@ -10,6 +10,7 @@ use infra::eventlog::EventLog;
 use infra::eventlog::postgres::{PgEventLog, PgEventLogOptions};
 use infra::follow::{FollowSettings, follow};
 use infra::leader::{Leadership, PgLeadership};
+use infra::server::HttpLimits;
 use infra::tasks::{Workers, serve_until_stopped};
 use sqlx::PgPool;
 use sqlx::migrate::Migrator;
@@ -38,6 +39,8 @@ static MIGRATOR: Migrator = sqlx::migrate!("./migrations");
 
 pub struct App {
     listener: TcpListener,
+    /// The listener's bounds (`infra::server`).
+    limits: HttpLimits,
     state: AppState,
     saga: Arc<Saga>,
     relay: Arc<Relay>,
@@ -111,8 +114,9 @@ impl App {
             accounts,
             transactions,
             log,
-            verifier: Arc::new(JwtVerifier::new(&config.jwt_secret)?),
+            verifier: Arc::new(JwtVerifier::new(&config.token)?),
             broker_connected: consumer.connection_flag(),
+            customer_top_ups: config.customer_top_ups,
         };
         let listener = TcpListener::bind(config.listen_addr)
             .await
@@ -121,6 +125,7 @@ impl App {
             })?;
         Ok(App {
             listener,
+            limits: config.http,
             state,
             saga,
             relay,
@@ -207,8 +212,14 @@ impl App {
                 cancel.clone(),
             ),
         );
-        let served =
-            serve_until_stopped(self.listener, router(self.state), workers, shutdown).await;
+        let served = serve_until_stopped(
+            self.listener,
+            self.limits,
+            router(self.state),
+            workers,
+            shutdown,
+        )
+        .await;
         for pool in self.pools {
             pool.close().await;
         }

@@ -5,7 +5,6 @@ use std::sync::Arc;
 
 use infra::auth::{JwtSigner, Role};
 use infra::db::ScratchDatabase;
-use secrecy::SecretString;
 use sqlx::PgPool;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
@@ -36,6 +35,8 @@ pub struct TestOptions {
     /// Events per saga batch: the kill tests also run with large ones.
     pub saga_batch_size: usize,
     pub database_max_connections: u32,
+    /// `CUSTOMER_TOP_UPS`: off, as in production, unless a test is about the sandbox.
+    pub customer_top_ups: bool,
 }
 
 impl Default for TestOptions {
@@ -46,6 +47,7 @@ impl Default for TestOptions {
             saga_concurrency: 16,
             saga_batch_size: 512,
             database_max_connections: 8,
+            customer_top_ups: false,
         }
     }
 }
@@ -73,7 +75,8 @@ pub fn test_config(database_url: &str, options: &TestOptions) -> Config {
         relay_window: 512,
         decision_prefetch: 64,
         listen_addr: "127.0.0.1:0".parse().expect("a literal socket address"),
-        jwt_secret: SecretString::from(TEST_JWT_SECRET),
+        token: infra::testing::test_token_config(),
+        http: infra::server::HttpLimits::default(),
         fraud_decision_timeout_seconds: options.decision_timeout_seconds,
         log_format: infra::telemetry::LogFormat::Pretty,
         database_max_connections: options.database_max_connections,
@@ -82,6 +85,7 @@ pub fn test_config(database_url: &str, options: &TestOptions) -> Config {
         saga_batch_size: options.saga_batch_size,
         // Tests do not wait a production poll interval when a wake-up is missed.
         log_poll_interval_ms: 20,
+        customer_top_ups: options.customer_top_ups,
     }
 }
 
@@ -107,7 +111,7 @@ pub async fn spawn_app(database_url: &str, options: &TestOptions) -> Result<Test
         saga,
         log,
         pools,
-        signer: JwtSigner::new(&SecretString::from(TEST_JWT_SECRET))?,
+        signer: JwtSigner::new(&infra::testing::test_token_config())?,
         shutdown: Some(shutdown),
         handle: Some(handle),
     })

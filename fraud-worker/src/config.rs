@@ -8,8 +8,9 @@ use std::str::FromStr;
 use clap::Parser;
 use domain::Currency;
 use infra::amqp::Topology;
+use infra::auth::TokenConfig;
+use infra::server::HttpLimits;
 use infra::telemetry::{LogFormat, redact_url};
-use secrecy::SecretString;
 
 use crate::rules::{
     MAJOR_UNITS_MAX, PerCurrency, RuleName, Rules, ThresholdRule, VELOCITY_WINDOW_SECONDS_MAX,
@@ -58,9 +59,13 @@ pub struct Config {
     #[arg(long, env = "REDIS_KEY_PREFIX", default_value = "ledger:fraud", value_parser = parse_redis_key_prefix)]
     pub redis_key_prefix: String,
 
-    /// HS256 secret shared with the gateway; at least 32 bytes.
-    #[arg(long, env = "JWT_SECRET", hide_env_values = true, value_parser = infra::auth::parse_secret)]
-    pub jwt_secret: SecretString,
+    /// The token secret, issuer and audience shared with the gateway.
+    #[command(flatten)]
+    pub token: TokenConfig,
+
+    /// The listener's header, body and idle timeouts and its connection bound.
+    #[command(flatten)]
+    pub http: HttpLimits,
 
     /// Where the HTTP API (`/api/v1/fraud/rules`, `/health`, `/metrics`) listens.
     #[arg(long, env = "LISTEN_ADDR", default_value = "0.0.0.0:8083")]
@@ -158,7 +163,7 @@ impl Config {
             "amqp_url={} amqp_prefix={} redis_url={} redis_key_prefix={} listen_addr={} \
              fraud_amount_threshold={} fraud_amount_thresholds={} fraud_velocity_limit={} \
              fraud_velocity_limits={} fraud_velocity_window_seconds={} fraud_rules_disabled={} \
-             fraud_prefetch={}",
+             fraud_prefetch={} {} {}",
             redact_url(&self.amqp_url),
             self.amqp_prefix,
             redact_url(&self.redis_url),
@@ -171,6 +176,8 @@ impl Config {
             self.fraud_velocity_window_seconds,
             disabled.join(","),
             self.fraud_prefetch,
+            self.token.describe(),
+            self.http.describe(),
         )
     }
 }

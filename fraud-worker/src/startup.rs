@@ -6,6 +6,7 @@ use std::future::Future;
 use std::sync::Arc;
 
 use infra::auth::JwtVerifier;
+use infra::server::HttpLimits;
 use infra::tasks::{Workers, serve_until_stopped};
 use lapin::Connection;
 use tokio::net::TcpListener;
@@ -20,6 +21,8 @@ use crate::velocity::VelocityCounter;
 
 pub struct App {
     listener: TcpListener,
+    /// The listener's bounds (`infra::server`).
+    limits: HttpLimits,
     state: AppState,
     worker: Arc<Worker>,
     connection: Connection,
@@ -58,7 +61,7 @@ impl App {
         ));
         let state = AppState {
             rules,
-            verifier: Arc::new(JwtVerifier::new(&config.jwt_secret)?),
+            verifier: Arc::new(JwtVerifier::new(&config.token)?),
             broker,
             queue: topology.fraud_queue(),
             counter,
@@ -70,6 +73,7 @@ impl App {
             })?;
         Ok(App {
             listener,
+            limits: config.http,
             state,
             worker,
             connection,
@@ -98,9 +102,15 @@ impl App {
         );
         // The consumer only ends by itself if it failed: serving then stops too, so the process
         // exits instead of looking healthy while evaluating nothing.
-        serve_until_stopped(self.listener, router(self.state), workers, shutdown)
-            .await
-            .map_err(Error::Infra)
+        serve_until_stopped(
+            self.listener,
+            self.limits,
+            router(self.state),
+            workers,
+            shutdown,
+        )
+        .await
+        .map_err(Error::Infra)
     }
 }
 

@@ -18,7 +18,6 @@ use infra::messages::{DecisionMessage, EVENT_MESSAGE_SCHEMA, EventMessage};
 use lapin::options::{BasicConsumeOptions, BasicGetOptions, QueueDeclareOptions};
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Channel, Connection};
-use secrecy::SecretString;
 use serde_json::json;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
@@ -85,7 +84,8 @@ pub fn test_config(prefix: &str, redis_key_prefix: &str, options: &TestOptions) 
         amqp_prefix: prefix.to_owned(),
         redis_url: options.redis_url.clone().unwrap_or_else(redis_url),
         redis_key_prefix: redis_key_prefix.to_owned(),
-        jwt_secret: SecretString::from(TEST_JWT_SECRET),
+        token: infra::testing::test_token_config(),
+        http: infra::server::HttpLimits::default(),
         listen_addr: "127.0.0.1:0".parse().expect("a literal socket address"),
         fraud_amount_threshold: options.amount_threshold,
         fraud_amount_thresholds: currency_amounts(&options.amount_thresholds),
@@ -168,7 +168,7 @@ pub async fn spawn_app(options: &TestOptions) -> Result<TestApp> {
         channel,
         decisions,
         pending: Vec::new(),
-        signer: JwtSigner::new(&SecretString::from(TEST_JWT_SECRET))?,
+        signer: JwtSigner::new(&infra::testing::test_token_config())?,
         shutdown: Some(shutdown),
         handle: Some(handle),
         cleaned: false,

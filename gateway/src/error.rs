@@ -13,6 +13,12 @@ pub enum Error {
     /// 401 `invalid_credentials`: unknown user or wrong password (one answer for both).
     #[error("the username or the password is wrong")]
     InvalidCredentials,
+    /// 401 `invalid_refresh_token`: unknown, expired or ended session.
+    #[error("the refresh token is unknown or has expired; log in again")]
+    InvalidRefreshToken,
+    /// 403 `user_disabled`: the user's role list is empty.
+    #[error("this user is disabled")]
+    UserDisabled,
     /// 401 or 403 from the token check at the edge, already rendered by `infra::auth`.
     #[error("{}", .0.detail)]
     Refused(Problem),
@@ -25,20 +31,37 @@ pub enum Error {
     /// 409 `username_taken`.
     #[error("the username is taken")]
     UsernameTaken,
+    /// 408 `request_timeout`: the client did not send its body in time.
+    #[error("the request body did not arrive in time")]
+    RequestTimeout,
+    /// 400 `invalid_body`: the client's body broke off or was malformed (a bad chunk).
+    #[error("the request body could not be read")]
+    UnreadableBody,
     /// 413 `payload_too_large`: the body is over 1 MiB.
     #[error("the request body is too large")]
     PayloadTooLarge,
     /// 429 `too_many_login_failures`, with `Retry-After`.
     #[error("too many failed logins; retry in {retry_after_seconds} s")]
     TooManyLoginFailures { retry_after_seconds: u64 },
+    /// 429 `too_many_login_attempts`, with `Retry-After`: logins per address, successes too.
+    #[error("too many logins from this address; retry in {retry_after_seconds} s")]
+    TooManyLoginAttempts { retry_after_seconds: u64 },
+    /// 429 `too_many_registrations`, with `Retry-After`.
+    #[error("too many registrations from this address; retry in {retry_after_seconds} s")]
+    TooManyRegistrations { retry_after_seconds: u64 },
+    /// 503 `hashing_busy`, with `Retry-After`: password hashing is saturated.
+    #[error("the server is busy checking passwords; retry in a second")]
+    HashingBusy,
     /// 502 `bad_gateway`: the upstream answered something unusable or broke the connection.
-    #[error("{upstream} failed: {detail}")]
+    /// `detail` (the client's error, URL redacted) is logged, never sent.
+    #[error("{upstream} broke the exchange")]
     BadGateway {
         upstream: &'static str,
         detail: String,
     },
-    /// 503 `upstream_unavailable`: the upstream refused or did not accept the connection.
-    #[error("{upstream} is unavailable: {detail}")]
+    /// 503 `upstream_unavailable`: the upstream refused or did not accept the connection, or
+    /// every slot to it stayed busy. `detail` is logged, never sent.
+    #[error("{upstream} is unavailable")]
     UpstreamUnavailable {
         upstream: &'static str,
         detail: String,
@@ -86,6 +109,29 @@ impl Error {
     }
 }
 
+impl From<crate::limiter::Refusal> for Error {
+    fn from(refusal: crate::limiter::Refusal) -> Self {
+        use crate::limiter::Refusal;
+        match refusal {
+            Refusal::LoginFailures {
+                retry_after_seconds,
+            } => Error::TooManyLoginFailures {
+                retry_after_seconds,
+            },
+            Refusal::LoginAttempts {
+                retry_after_seconds,
+            } => Error::TooManyLoginAttempts {
+                retry_after_seconds,
+            },
+            Refusal::Registrations {
+                retry_after_seconds,
+            } => Error::TooManyRegistrations {
+                retry_after_seconds,
+            },
+        }
+    }
+}
+
 impl From<Problem> for Error {
     fn from(problem: Problem) -> Self {
         Error::Refused(problem)
@@ -111,6 +157,12 @@ impl From<Error> for Problem {
             Error::InvalidCredentials => {
                 Problem::new(StatusCode::UNAUTHORIZED, "invalid_credentials", detail)
             }
+            Error::InvalidRefreshToken => {
+                Problem::new(StatusCode::UNAUTHORIZED, "invalid_refresh_token", detail)
+            }
+            Error::UserDisabled => Problem::new(StatusCode::FORBIDDEN, "user_disabled", detail),
+            Error::RequestTimeout => infra::http::request_timeout(),
+            Error::UnreadableBody => Problem::bad_request("invalid_body", detail),
             Error::Refused(problem) => problem,
             Error::NotFound { code, detail } => Problem::new(StatusCode::NOT_FOUND, code, detail),
             Error::MethodNotAllowed => {
@@ -126,6 +178,26 @@ impl From<Error> for Problem {
                 detail,
             )
             .with_header(header::RETRY_AFTER, HeaderValue::from(retry_after_seconds)),
+            Error::TooManyLoginAttempts {
+                retry_after_seconds,
+            } => Problem::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "too_many_login_attempts",
+                detail,
+            )
+            .with_header(header::RETRY_AFTER, HeaderValue::from(retry_after_seconds)),
+            Error::TooManyRegistrations {
+                retry_after_seconds,
+            } => Problem::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "too_many_registrations",
+                detail,
+            )
+            .with_header(header::RETRY_AFTER, HeaderValue::from(retry_after_seconds)),
+            Error::HashingBusy => {
+                Problem::new(StatusCode::SERVICE_UNAVAILABLE, "hashing_busy", detail)
+                    .with_header(header::RETRY_AFTER, HeaderValue::from_static("1"))
+            }
             Error::BadGateway { .. } => {
                 Problem::new(StatusCode::BAD_GATEWAY, "bad_gateway", detail)
             }

@@ -1,14 +1,31 @@
-//! Identities (SPEC §5 "Identity"): the rules for usernames, passwords and names, and the
-//! `users` table of the schema `gateway`. Passwords never reach this module unhashed except to
-//! be validated; names and passwords are never logged.
+//! Identities (SPEC §5 "Identity"): the rules for usernames, passwords and names, the `users`
+//! table of the schema `gateway`, and the sessions (refresh tokens) of logged-in users.
+//! Passwords never reach this module unhashed except to be validated; names, passwords and
+//! refresh tokens are never logged, and a refresh token is stored only as its SHA-256.
+
+use std::time::Duration;
 
 use infra::auth::Role;
+use rand::RngCore;
 use secrecy::{ExposeSecret, SecretString};
 use serde::Serialize;
+use sha2::{Digest, Sha256};
 use sqlx::PgPool;
 use uuid::Uuid;
 
 use crate::error::{DatabaseContext, Error, Result};
+
+/// Random bytes in a refresh token: 256 bits, beyond guessing, so a fast hash (SHA-256) is
+/// enough to store it.
+const REFRESH_TOKEN_BYTES: usize = 32;
+
+/// Sessions kept per user: a user logged in on more devices than this loses its oldest login.
+/// It bounds what one account (or a script logging it in) can make the table hold.
+const SESSIONS_PER_USER_MAX: i64 = 32;
+
+/// Expired sessions deleted per login, of anyone's: enough to keep up with the logins that make
+/// them, in a statement that stays short.
+const EXPIRED_SESSIONS_SWEPT_PER_LOGIN: i64 = 100;
 
 /// Usernames are 3–32 characters of `[a-z0-9_.-]`.
 const USERNAME_CHARS_MIN: usize = 3;
@@ -80,6 +97,36 @@ pub struct Credentials {
     pub roles: Vec<Role>,
 }
 
+/// A session opened by a login.
+pub struct NewSession {
+    /// The refresh token, shown to the client once. No `Debug`: it is a credential.
+    pub refresh_token: SecretString,
+    pub expires_in: Duration,
+}
+
+/// What a refresh token stands for now.
+#[derive(Debug, Clone)]
+pub struct Refreshed {
+    pub customer_id: Uuid,
+    /// The user's roles now, not at login.
+    pub roles: Vec<Role>,
+    /// Seconds until the session ends.
+    pub expires_in_seconds: i64,
+}
+
+/// Why the admin of `ADMIN_USERNAME` could not be ensured.
+#[derive(Debug)]
+pub enum AdminEnsured {
+    Ensured {
+        admin: User,
+        created: bool,
+    },
+    /// The name belongs to a user the gateway did not create as its bootstrap admin.
+    Conflict {
+        customer_id: Uuid,
+    },
+}
+
 /// The `users` table.
 #[derive(Clone)]
 pub struct Users {
@@ -122,6 +169,16 @@ impl Users {
         }
     }
 
+    /// Whether `username` is taken: checked before a registration's password is hashed, so a
+    /// taken name costs a 409 and no argon2 work. (The insert still catches a race.)
+    pub async fn username_taken(&self, username: &str) -> Result<bool> {
+        sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM users WHERE username = $1)")
+            .bind(username)
+            .fetch_one(&self.pool)
+            .await
+            .context("looking up a username")
+    }
+
     pub async fn credentials(&self, username: &str) -> Result<Option<Credentials>> {
         let row: Option<(Uuid, String, Vec<String>)> = sqlx::query_as(
             "SELECT customer_id, password_hash, roles FROM users WHERE username = $1",
@@ -152,29 +209,122 @@ impl Users {
         Ok(row.map(user_of))
     }
 
-    /// Makes sure `username` exists with `password_hash` and the admin role (keeping any other
-    /// roles it has). Returns the user and whether it was created. One statement, so several
-    /// instances starting together agree.
-    pub async fn ensure_admin(&self, username: &str, password_hash: &str) -> Result<(User, bool)> {
-        let (customer_id, username, roles, created): (Uuid, String, Vec<String>, bool) =
-            sqlx::query_as(
-                "INSERT INTO users (customer_id, username, password_hash, roles) \
-                 VALUES ($1, $2, $3, ARRAY['admin']) \
-                 ON CONFLICT (username) DO UPDATE SET \
-                   password_hash = EXCLUDED.password_hash, \
-                   roles = CASE WHEN 'admin' = ANY(users.roles) THEN users.roles \
-                                ELSE array_append(users.roles, 'admin') END, \
-                   updated_at = now() \
-                 RETURNING customer_id, username, roles, (xmax = 0) AS created",
-            )
-            .bind(Uuid::new_v4())
-            .bind(username)
-            .bind(password_hash)
-            .fetch_one(&self.pool)
-            .await
-            .context("ensuring the admin user")?;
-        Ok((user_of((customer_id, username, roles)), created))
+    /// Makes sure the bootstrap admin `username` exists with `password_hash` and the admin role
+    /// (keeping any other roles it has). Returns the user and whether it was created, or the
+    /// conflict when the name belongs to a user the gateway did not create as its bootstrap
+    /// admin: that user is left untouched. One statement, so several instances starting
+    /// together agree.
+    pub async fn ensure_admin(&self, username: &str, password_hash: &str) -> Result<AdminEnsured> {
+        let ensured: Option<(Uuid, String, Vec<String>, bool)> = sqlx::query_as(
+            "INSERT INTO users (customer_id, username, password_hash, roles, bootstrap_admin) \
+             VALUES ($1, $2, $3, ARRAY['admin'], true) \
+             ON CONFLICT (username) DO UPDATE SET \
+               password_hash = EXCLUDED.password_hash, \
+               roles = CASE WHEN 'admin' = ANY(users.roles) THEN users.roles \
+                            ELSE array_append(users.roles, 'admin') END, \
+               updated_at = now() \
+             WHERE users.bootstrap_admin \
+             RETURNING customer_id, username, roles, (xmax = 0) AS created",
+        )
+        .bind(Uuid::new_v4())
+        .bind(username)
+        .bind(password_hash)
+        .fetch_optional(&self.pool)
+        .await
+        .context("ensuring the admin user")?;
+        if let Some((customer_id, username, roles, created)) = ensured {
+            return Ok(AdminEnsured::Ensured {
+                admin: user_of((customer_id, username, roles)),
+                created,
+            });
+        }
+        let customer_id: Uuid =
+            sqlx::query_scalar("SELECT customer_id FROM users WHERE username = $1")
+                .bind(username)
+                .fetch_one(&self.pool)
+                .await
+                .context("naming the user that holds the admin's name")?;
+        Ok(AdminEnsured::Conflict { customer_id })
     }
+
+    /// Opens a session for `customer_id` lasting `lifetime`: a new refresh token, stored as its
+    /// SHA-256. Keeps the user's sessions bounded and sweeps some expired ones.
+    pub async fn open_session(&self, customer_id: Uuid, lifetime: Duration) -> Result<NewSession> {
+        let mut secret = [0_u8; REFRESH_TOKEN_BYTES];
+        rand::rng().fill_bytes(&mut secret);
+        let token = hex::encode(secret);
+        let seconds = i64::try_from(lifetime.as_secs()).unwrap_or(i64::MAX);
+        let mut transaction = self.pool.begin().await.context("opening a session")?;
+        sqlx::query(
+            "DELETE FROM sessions WHERE id IN ( \
+               SELECT id FROM sessions WHERE customer_id = $1 \
+               ORDER BY created_at DESC OFFSET $2)",
+        )
+        .bind(customer_id)
+        .bind(SESSIONS_PER_USER_MAX - 1)
+        .execute(&mut *transaction)
+        .await
+        .context("bounding a user's sessions")?;
+        sqlx::query(
+            "DELETE FROM sessions WHERE id IN ( \
+               SELECT id FROM sessions WHERE expires_at <= now() LIMIT $1)",
+        )
+        .bind(EXPIRED_SESSIONS_SWEPT_PER_LOGIN)
+        .execute(&mut *transaction)
+        .await
+        .context("sweeping expired sessions")?;
+        sqlx::query(
+            "INSERT INTO sessions (id, customer_id, token_hash, expires_at) \
+             VALUES ($1, $2, $3, now() + make_interval(secs => $4))",
+        )
+        .bind(Uuid::now_v7())
+        .bind(customer_id)
+        .bind(token_hash(&token))
+        .bind(seconds as f64)
+        .execute(&mut *transaction)
+        .await
+        .context("storing a session")?;
+        transaction.commit().await.context("opening a session")?;
+        Ok(NewSession {
+            refresh_token: SecretString::from(token),
+            expires_in: lifetime,
+        })
+    }
+
+    /// The user and current roles behind a refresh token, if it names a live session.
+    pub async fn refresh(&self, refresh_token: &SecretString) -> Result<Option<Refreshed>> {
+        let row: Option<(Uuid, Vec<String>, f64)> = sqlx::query_as(
+            "SELECT u.customer_id, u.roles, \
+                    extract(epoch FROM s.expires_at - now())::float8 \
+             FROM sessions s JOIN users u ON u.customer_id = s.customer_id \
+             WHERE s.token_hash = $1 AND s.expires_at > now()",
+        )
+        .bind(token_hash(refresh_token.expose_secret()))
+        .fetch_optional(&self.pool)
+        .await
+        .context("reading a session")?;
+        Ok(row.map(|(customer_id, roles, seconds)| Refreshed {
+            customer_id,
+            roles: roles_of(&roles),
+            // Whole seconds, rounded down: the session ends no later than said.
+            expires_in_seconds: seconds.floor() as i64,
+        }))
+    }
+
+    /// Ends the session of a refresh token, if any.
+    pub async fn end_session(&self, refresh_token: &SecretString) -> Result<()> {
+        sqlx::query("DELETE FROM sessions WHERE token_hash = $1")
+            .bind(token_hash(refresh_token.expose_secret()))
+            .execute(&self.pool)
+            .await
+            .context("ending a session")?;
+        Ok(())
+    }
+}
+
+/// What the table stores of a refresh token.
+fn token_hash(token: &str) -> Vec<u8> {
+    Sha256::digest(token.as_bytes()).to_vec()
 }
 
 fn user_of((customer_id, username, roles): UserRow) -> User {
@@ -190,11 +340,7 @@ fn roles_of(names: &[String]) -> Vec<Role> {
 }
 
 pub fn role_name(role: Role) -> &'static str {
-    match role {
-        Role::Customer => "customer",
-        Role::Admin => "admin",
-        Role::Auditor => "auditor",
-    }
+    role.name()
 }
 
 #[cfg(test)]

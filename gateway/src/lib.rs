@@ -6,6 +6,7 @@
 //! are checked at the edge. The services behind verify tokens themselves as well. `main.rs`
 //! only wires [`startup::App`] up; tests and the benchmark reuse everything here.
 
+pub mod clients;
 pub mod config;
 pub mod error;
 pub mod http;

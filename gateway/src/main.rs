@@ -13,6 +13,7 @@ async fn main() -> anyhow::Result<()> {
     tracing::info!(config = %config.redacted(), "gateway starting");
     let app = App::build(config).await?;
     tracing::info!(port = app.port(), "gateway listening");
+    tracing::info!(port = app.metrics_port(), "gateway metrics listening");
     app.run_until_stopped(shutdown_signal()).await?;
     tracing::info!("gateway stopped");
     Ok(())

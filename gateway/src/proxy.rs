@@ -7,6 +7,11 @@
 //! among them `Authorization`, `Idempotency-Key` and `X-Ledger-Position` up and
 //! `X-Ledger-Position`, `Location`, `X-Cache` and `Idempotent-Replayed` back. The gateway adds
 //! `X-Forwarded-For`, `X-Forwarded-Proto` and the request's resolved `X-Correlation-ID`.
+//!
+//! No answer names an internal address: the HTTP client's errors (which quote the upstream URL)
+//! go to the log, query secrets redacted, and the client gets a fixed sentence. A request body
+//! that breaks off, is malformed or arrives too late is the client's fault (400, 408), not the
+//! upstream's. At most `UPSTREAM_CONNECTIONS_MAX` requests are in flight to one upstream.
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
@@ -22,6 +27,9 @@ use futures::StreamExt;
 use infra::http::{BODY_BYTES_MAX, CORRELATION_HEADER};
 use reqwest::Url;
 
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+use crate::clients::{TrustedProxies, X_FORWARDED_FOR};
 use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::routes::Upstream;
@@ -33,7 +41,6 @@ pub const UPSTREAM_HEALTH_TIMEOUT: Duration = Duration::from_secs(2);
 /// reuse connections instead of opening new ones.
 const IDLE_CONNECTIONS_PER_UPSTREAM: usize = 64;
 
-const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
@@ -50,19 +57,33 @@ const HOP_BY_HOP: [HeaderName; 8] = [
     header::UPGRADE,
 ];
 
+/// How the client's request body ended, when it did not end well: the upstream exchange
+/// fails then, and the client, not the upstream, is answered for.
+#[derive(Debug, Default)]
+struct BodyTrouble {
+    over_limit: AtomicBool,
+    timed_out: AtomicBool,
+    broken: AtomicBool,
+}
+
 /// The HTTP client and the upstreams' addresses.
 #[derive(Clone)]
 pub struct Proxy {
     client: reqwest::Client,
     health_client: reqwest::Client,
     upstreams: Arc<BTreeMap<Upstream, Url>>,
+    /// One slot per request in flight to an upstream.
+    slots: Arc<BTreeMap<Upstream, Arc<Semaphore>>>,
+    trusted_proxies: Arc<TrustedProxies>,
     timeout: Duration,
+    connect_timeout: Duration,
 }
 
 impl Proxy {
     pub fn new(config: &Config) -> Result<Proxy> {
         let timeout = Duration::from_secs(config.upstream_timeout_seconds);
         let connect_timeout = Duration::from_millis(config.upstream_connect_timeout_ms);
+        let idle_timeout = Duration::from_secs(config.upstream_idle_timeout_seconds);
         let build = |builder: reqwest::ClientBuilder| {
             builder
                 .connect_timeout(connect_timeout)
@@ -71,6 +92,7 @@ impl Proxy {
                 // HTTP_PROXY and friends are for outgoing traffic, not for our own services.
                 .no_proxy()
                 .pool_max_idle_per_host(IDLE_CONNECTIONS_PER_UPSTREAM)
+                .pool_idle_timeout(idle_timeout)
                 .tcp_nodelay(true)
                 .build()
                 .map_err(|error| Error::config(format!("cannot build the HTTP client: {error}")))
@@ -81,11 +103,21 @@ impl Proxy {
             .into_iter()
             .map(|upstream| (upstream, config.upstream_url(upstream).clone()))
             .collect();
+        let slots = Upstream::ALL
+            .into_iter()
+            .map(|upstream| {
+                let slots = usize::try_from(config.upstream_connections_max).unwrap_or(1);
+                (upstream, Arc::new(Semaphore::new(slots)))
+            })
+            .collect();
         Ok(Proxy {
             client,
             health_client,
             upstreams: Arc::new(upstreams),
+            slots: Arc::new(slots),
+            trusted_proxies: Arc::new(config.trusted_proxies.clone()),
             timeout,
+            connect_timeout,
         })
     }
 
@@ -95,7 +127,25 @@ impl Proxy {
             .get(&upstream)
             .ok_or_else(|| Error::config(format!("no address for {}", upstream.name())))?;
         base.join(path_and_query)
-            .map_err(|error| Error::bad_request("invalid_path", format!("unusable path: {error}")))
+            .map_err(|_| Error::bad_request("invalid_path", "the path is not usable"))
+    }
+
+    /// A slot to `upstream`, waiting up to the connect timeout for one to free up.
+    async fn slot(&self, upstream: Upstream) -> Result<OwnedSemaphorePermit> {
+        let unavailable = |detail: &str| Error::UpstreamUnavailable {
+            upstream: upstream.name(),
+            detail: detail.to_owned(),
+        };
+        let slots = self
+            .slots
+            .get(&upstream)
+            .ok_or_else(|| unavailable("no slots are configured"))?
+            .clone();
+        match tokio::time::timeout(self.connect_timeout, slots.acquire_owned()).await {
+            Ok(Ok(permit)) => Ok(permit),
+            Ok(Err(_closed)) => Err(unavailable("its slots are closed")),
+            Err(_waited) => Err(unavailable("every connection to it stayed busy")),
+        }
     }
 
     /// Whether `upstream` answers 200 on `/health` within [`UPSTREAM_HEALTH_TIMEOUT`].
@@ -115,19 +165,22 @@ impl Proxy {
         &self,
         upstream: Upstream,
         request: Request,
-        client_address: Option<IpAddr>,
+        peer: Option<IpAddr>,
         correlation_id: &str,
     ) -> Response {
         let started = Instant::now();
-        let response = match self
-            .exchange(upstream, request, client_address, correlation_id)
-            .await
-        {
+        let response = match self.exchange(upstream, request, peer, correlation_id).await {
             Ok(response) => response,
             Err(error) => {
+                let detail = match &error {
+                    Error::BadGateway { detail, .. }
+                    | Error::UpstreamUnavailable { detail, .. } => detail.as_str(),
+                    _ => "",
+                };
                 tracing::warn!(
                     upstream = upstream.name(),
                     error.message = %error,
+                    error.detail = %infra::telemetry::redact_secrets(detail),
                     "the upstream gave no answer"
                 );
                 error.into_response()
@@ -147,7 +200,7 @@ impl Proxy {
         &self,
         upstream: Upstream,
         request: Request,
-        client_address: Option<IpAddr>,
+        peer: Option<IpAddr>,
         correlation_id: &str,
     ) -> Result<Response> {
         let (parts, body) = request.into_parts();
@@ -162,11 +215,13 @@ impl Proxy {
             .path_and_query()
             .map_or_else(|| parts.uri.path(), |path| path.as_str());
         let url = self.url(upstream, path_and_query)?;
-        let headers = upstream_headers(&parts.headers, client_address, correlation_id);
-        let over_limit = Arc::new(AtomicBool::new(false));
+        let trusted = peer.is_some_and(|peer| self.trusted_proxies.trusts(peer));
+        let headers = upstream_headers(&parts.headers, peer, trusted, correlation_id);
+        let slot = self.slot(upstream).await?;
+        let trouble = Arc::new(BodyTrouble::default());
         let mut outgoing = self.client.request(parts.method, url).headers(headers);
         if has_body {
-            outgoing = outgoing.body(limited_body(body, over_limit.clone()));
+            outgoing = outgoing.body(limited_body(body, trouble.clone()));
         }
         let name = upstream.name();
         let answered = tokio::time::timeout(self.timeout, outgoing.send()).await;
@@ -177,22 +232,37 @@ impl Proxy {
                     timeout_seconds: self.timeout.as_secs(),
                 });
             }
-            Ok(Err(_)) if over_limit.load(Ordering::Relaxed) => return Err(Error::PayloadTooLarge),
-            Ok(Err(error)) => return Err(classify(name, &error, self.timeout)),
+            Ok(Err(_)) if trouble.over_limit.load(Ordering::Relaxed) => {
+                return Err(Error::PayloadTooLarge);
+            }
+            Ok(Err(_)) if trouble.timed_out.load(Ordering::Relaxed) => {
+                return Err(Error::RequestTimeout);
+            }
+            Ok(Err(_)) if trouble.broken.load(Ordering::Relaxed) => {
+                return Err(Error::UnreadableBody);
+            }
+            Ok(Err(error)) => return Err(classify(name, error, self.timeout)),
             Ok(Ok(response)) => response,
         };
         let status = upstream_response.status();
         let mut headers = upstream_response.headers().clone();
         strip_hop_by_hop(&mut headers);
-        let mut response = Response::new(Body::from_stream(upstream_response.bytes_stream()));
+        // The slot is held until the response body has been streamed to the client: until then
+        // the upstream connection is busy.
+        let body = upstream_response.bytes_stream().map(move |chunk| {
+            let _slot = &slot;
+            chunk
+        });
+        let mut response = Response::new(Body::from_stream(body));
         *response.status_mut() = status;
         *response.headers_mut() = headers;
         Ok(response)
     }
 }
 
-fn classify(upstream: &'static str, error: &reqwest::Error, timeout: Duration) -> Error {
-    let detail = infra::problem::cause_chain(error);
+fn classify(upstream: &'static str, error: reqwest::Error, timeout: Duration) -> Error {
+    let error = error.without_url();
+    let detail = infra::problem::cause_chain(&error);
     if error.is_connect() {
         Error::UpstreamUnavailable { upstream, detail }
     } else if error.is_timeout() {
@@ -221,15 +291,24 @@ fn content_length(headers: &HeaderMap) -> Result<Option<u64>> {
         .transpose()
 }
 
-/// The request body as a stream that fails (and raises `over_limit`) past [`BODY_BYTES_MAX`]
-/// bytes, for bodies without a declared length.
-fn limited_body(body: Body, over_limit: Arc<AtomicBool>) -> reqwest::Body {
+/// The request body as a stream that fails past [`BODY_BYTES_MAX`] bytes (for bodies without a
+/// declared length), and records in `trouble` why the client's body failed, if it did.
+fn limited_body(body: Body, trouble: Arc<BodyTrouble>) -> reqwest::Body {
     let mut seen: usize = 0;
     let stream = body.into_data_stream().map(move |chunk| {
-        let chunk = chunk.map_err(std::io::Error::other)?;
+        let chunk = chunk.map_err(|error| {
+            let timed_out = infra::server::is_body_timeout(&error);
+            let flag = if timed_out {
+                &trouble.timed_out
+            } else {
+                &trouble.broken
+            };
+            flag.store(true, Ordering::Relaxed);
+            std::io::Error::other(error)
+        })?;
         seen = seen.saturating_add(chunk.len());
         if seen > BODY_BYTES_MAX {
-            over_limit.store(true, Ordering::Relaxed);
+            trouble.over_limit.store(true, Ordering::Relaxed);
             return Err(std::io::Error::other("the request body is over 1 MiB"));
         }
         Ok(chunk)
@@ -252,24 +331,31 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
 }
 
 /// The headers sent upstream: the client's end-to-end headers, without `Host` (the client sets
-/// the upstream's), plus the forwarding headers and the correlation id.
+/// the upstream's), plus the forwarding headers and the correlation id. A trusted proxy's
+/// `X-Forwarded-For` and `X-Forwarded-Proto` are passed on (the peer appended); anyone else's
+/// are replaced, so an upstream never reads a forged hop.
 fn upstream_headers(
     incoming: &HeaderMap,
-    client_address: Option<IpAddr>,
+    peer: Option<IpAddr>,
+    peer_trusted: bool,
     correlation_id: &str,
 ) -> HeaderMap {
     let mut headers = incoming.clone();
     strip_hop_by_hop(&mut headers);
     let host = headers.remove(header::HOST);
     headers.remove(header::CONTENT_LENGTH);
-    let mut forwarded_for: Vec<String> = incoming
-        .get_all(&X_FORWARDED_FOR)
-        .iter()
-        .filter_map(|value| value.to_str().ok())
-        .map(str::to_owned)
-        .collect();
-    if let Some(address) = client_address {
-        forwarded_for.push(address.to_string());
+    let mut forwarded_for: Vec<String> = if peer_trusted {
+        incoming
+            .get_all(&X_FORWARDED_FOR)
+            .iter()
+            .filter_map(|value| value.to_str().ok())
+            .map(str::to_owned)
+            .collect()
+    } else {
+        Vec::new()
+    };
+    if let Some(address) = peer {
+        forwarded_for.push(address.to_canonical().to_string());
     }
     headers.remove(&X_FORWARDED_FOR);
     if let Ok(value) = HeaderValue::from_str(&forwarded_for.join(", "))
@@ -277,8 +363,13 @@ fn upstream_headers(
     {
         headers.insert(X_FORWARDED_FOR, value);
     }
-    // The gateway serves plain HTTP; behind a TLS terminator that one sets the header.
-    headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static("http"));
+    // The gateway serves plain HTTP; behind a TLS terminator (a trusted proxy) that one says.
+    let proto = incoming
+        .get(&X_FORWARDED_PROTO)
+        .filter(|value| peer_trusted && matches!(value.as_bytes(), b"http" | b"https"))
+        .cloned()
+        .unwrap_or(HeaderValue::from_static("http"));
+    headers.insert(X_FORWARDED_PROTO, proto);
     if let Some(host) = host {
         headers.insert(X_FORWARDED_HOST, host);
     }
@@ -316,7 +407,8 @@ mod tests {
                 HeaderValue::from_static(value),
             );
         }
-        let headers = upstream_headers(&incoming, Some(IpAddr::from([127, 0, 0, 1])), "abc-1");
+        let headers =
+            upstream_headers(&incoming, Some(IpAddr::from([127, 0, 0, 1])), true, "abc-1");
         for gone in [
             "connection",
             "keep-alive",
@@ -334,6 +426,16 @@ mod tests {
         assert_eq!(headers["x-forwarded-proto"], "http");
         assert_eq!(headers["x-forwarded-host"], "gateway.example");
         assert_eq!(headers["x-correlation-id"], "abc-1");
+        let untrusted = upstream_headers(
+            &incoming,
+            Some(IpAddr::from([198, 51, 100, 7])),
+            false,
+            "abc-1",
+        );
+        assert_eq!(
+            untrusted["x-forwarded-for"], "198.51.100.7",
+            "a client's own X-Forwarded-For is not passed on"
+        );
     }
 
     #[test]

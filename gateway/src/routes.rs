@@ -164,6 +164,28 @@ impl RoutingTable {
             .map_or(Resolution::MethodNotAllowed, Resolution::Route)
     }
 
+    /// The methods the entries of `path`'s longest matching prefix take, for a 405's `Allow`.
+    pub fn allowed_methods(&self, path: &str) -> Vec<Method> {
+        let Some(longest) = self
+            .routes
+            .iter()
+            .filter(|route| route.matches_path(path))
+            .map(|route| route.prefix.len())
+            .max()
+        else {
+            return Vec::new();
+        };
+        let mut methods: Vec<Method> = self
+            .routes
+            .iter()
+            .filter(|route| route.prefix.len() == longest && route.matches_path(path))
+            .flat_map(|route| route.methods.clone().unwrap_or_else(|| METHODS.to_vec()))
+            .collect();
+        methods.sort_by(|a, b| a.as_str().cmp(b.as_str()));
+        methods.dedup();
+        methods
+    }
+
     /// The upstreams some entry sends requests to: the ones `/health` checks.
     pub fn upstreams(&self) -> BTreeSet<Upstream> {
         self.routes
@@ -213,11 +235,7 @@ impl fmt::Display for RoutingTable {
 }
 
 fn role_name(role: Role) -> &'static str {
-    match role {
-        Role::Customer => "customer",
-        Role::Admin => "admin",
-        Role::Auditor => "auditor",
-    }
+    role.name()
 }
 
 fn methods_text(methods: &Option<Vec<Method>>) -> String {
@@ -278,19 +296,25 @@ fn parse_entry(entry: &str) -> Result<Route, String> {
     })
 }
 
+/// The methods an entry may name; an entry without methods takes all of them.
+const METHODS: [Method; 7] = [
+    Method::GET,
+    Method::HEAD,
+    Method::POST,
+    Method::PUT,
+    Method::PATCH,
+    Method::DELETE,
+    Method::OPTIONS,
+];
+
 fn parse_methods(text: &str) -> Result<Vec<Method>, String> {
     let mut methods = Vec::new();
     for name in text.split(',') {
-        let method = match name {
-            "GET" => Method::GET,
-            "HEAD" => Method::HEAD,
-            "POST" => Method::POST,
-            "PUT" => Method::PUT,
-            "PATCH" => Method::PATCH,
-            "DELETE" => Method::DELETE,
-            "OPTIONS" => Method::OPTIONS,
-            other => return Err(format!("unknown method {other:?}")),
-        };
+        let method = METHODS
+            .iter()
+            .find(|method| method.as_str() == name)
+            .cloned()
+            .ok_or_else(|| format!("unknown method {name:?}"))?;
         if !methods.contains(&method) {
             methods.push(method);
         }
@@ -326,7 +350,7 @@ fn parse_roles(text: &str) -> Result<Vec<Role>, String> {
     let mut roles = Vec::new();
     for name in list.split(',') {
         let role = Role::parse(name)
-            .ok_or_else(|| format!("unknown role {name:?}; roles are customer, admin, auditor"))?;
+            .ok_or_else(|| format!("unknown role {name:?}; roles are {}", Role::list()))?;
         if !roles.contains(&role) {
             roles.push(role);
         }
@@ -381,6 +405,10 @@ mod tests {
             Resolution::NotFound
         );
         assert_eq!(
+            table.allowed_methods("/api/v1/accounts/42"),
+            vec![Method::GET, Method::HEAD, Method::POST]
+        );
+        assert_eq!(
             table.resolve(&Method::GET, "/api/v2/x"),
             Resolution::NotFound
         );
@@ -390,6 +418,13 @@ mod tests {
         };
         assert_eq!(route.roles, vec![Role::Admin, Role::Auditor]);
         assert_eq!(table.upstreams().len(), 3);
+        let operator =
+            RoutingTable::parse("POST /api/v1/transactions -> command-api roles=operator")
+                .expect("the operator role is known to the table");
+        assert!(
+            operator.to_string().contains("roles=operator"),
+            "{operator}"
+        );
     }
 
     #[test]

@@ -39,9 +39,19 @@ pub struct TestOptions {
     pub admin: Option<(String, String)>,
     pub login_failures_per_username: u32,
     pub login_failures_per_address: u32,
+    pub login_attempts_per_address: u32,
     pub login_failure_window_seconds: u64,
+    pub registrations_per_address: u32,
     pub upstream_timeout_seconds: u64,
+    pub upstream_connections_max: u32,
+    /// Access tokens of the gateway's own minting: a long life by default, so that a slow test
+    /// machine never sees a token expire mid-test; tests of role changes set the real bound.
+    pub access_token_ttl_seconds: u64,
+    pub trusted_proxies: crate::clients::TrustedProxies,
+    pub http: infra::server::HttpLimits,
     pub clock: Clock,
+    /// Password hashing with other bounds; the default ones when `None`.
+    pub passwords: Option<crate::passwords::Passwords>,
 }
 
 impl Default for TestOptions {
@@ -54,9 +64,16 @@ impl Default for TestOptions {
             admin: None,
             login_failures_per_username: 10,
             login_failures_per_address: 100,
+            login_attempts_per_address: crate::config::LOGIN_ATTEMPTS_PER_ADDRESS,
             login_failure_window_seconds: 60,
+            registrations_per_address: crate::config::REGISTRATIONS_PER_ADDRESS,
             upstream_timeout_seconds: 30,
+            upstream_connections_max: crate::config::UPSTREAM_CONNECTIONS_MAX,
+            access_token_ttl_seconds: 600,
+            trusted_proxies: crate::clients::TrustedProxies::default(),
+            http: infra::server::HttpLimits::default(),
             clock: Clock::System,
+            passwords: None,
         }
     }
 }
@@ -70,18 +87,27 @@ pub fn test_config(database_url: &str, options: &TestOptions) -> Result<Config> 
     Ok(Config {
         database_url: database_url.to_owned(),
         database_max_connections: 4,
-        jwt_secret: SecretString::from(TEST_JWT_SECRET),
+        token: infra::testing::test_token_config(),
         jwt_ttl_seconds: 900,
+        access_token_ttl_seconds: options.access_token_ttl_seconds,
         listen_addr: "127.0.0.1:0".parse().expect("a literal socket address"),
+        metrics_addr: "127.0.0.1:0".parse().expect("a literal socket address"),
+        http: options.http,
+        trusted_proxies: options.trusted_proxies.clone(),
         command_api_url: url(&options.command_api_url)?,
         query_api_url: url(&options.query_api_url)?,
         fraud_worker_url: url(&options.fraud_worker_url)?,
         gateway_routes: options.routes.clone(),
         upstream_timeout_seconds: options.upstream_timeout_seconds,
         upstream_connect_timeout_ms: 2_000,
+        upstream_idle_timeout_seconds: crate::config::UPSTREAM_IDLE_TIMEOUT_SECONDS,
+        upstream_connections_max: options.upstream_connections_max,
         login_failures_per_username: options.login_failures_per_username,
         login_failures_per_address: options.login_failures_per_address,
+        login_attempts_per_address: options.login_attempts_per_address,
         login_failure_window_seconds: options.login_failure_window_seconds,
+        registrations_per_address: options.registrations_per_address,
+        registration_window_seconds: crate::config::REGISTRATION_WINDOW_SECONDS,
         admin_username: options.admin.as_ref().map(|(username, _)| username.clone()),
         admin_password: options
             .admin
@@ -95,6 +121,8 @@ pub fn test_config(database_url: &str, options: &TestOptions) -> Result<Config> 
 pub struct TestApp {
     /// `http://127.0.0.1:PORT`.
     pub address: String,
+    /// The metrics listener, `http://127.0.0.1:PORT`.
+    pub metrics_address: String,
     pub pool: PgPool,
     signer: JwtSigner,
     shutdown: Option<oneshot::Sender<()>>,
@@ -105,8 +133,9 @@ pub struct TestApp {
 pub async fn spawn_app(database_url: &str, options: &TestOptions) -> Result<TestApp> {
     init_test_logging();
     let config = test_config(database_url, options)?;
-    let app = App::build_with_clock(config, options.clock.clone()).await?;
+    let app = App::build_with(config, options.clock.clone(), options.passwords.clone()).await?;
     let address = format!("http://127.0.0.1:{}", app.port());
+    let metrics_address = format!("http://127.0.0.1:{}", app.metrics_port());
     let pool = app.pool();
     let (shutdown, stopped) = oneshot::channel::<()>();
     let handle = tokio::spawn(app.run_until_stopped(async {
@@ -114,8 +143,9 @@ pub async fn spawn_app(database_url: &str, options: &TestOptions) -> Result<Test
     }));
     Ok(TestApp {
         address,
+        metrics_address,
         pool,
-        signer: JwtSigner::new(&SecretString::from(TEST_JWT_SECRET))?,
+        signer: JwtSigner::new(&infra::testing::test_token_config())?,
         shutdown: Some(shutdown),
         handle: Some(handle),
     })

@@ -1,11 +1,14 @@
-//! JWT verification (SPEC §5): HS256 pinned, `exp` required, at most 60 s of leeway, claims
-//! `sub` (the customer id), `roles`, `iat`, `exp`, `jti`. Every service verifies tokens itself, so
-//! a request that bypasses the gateway is still refused.
+//! JWT verification and signing (SPEC §5): HS256 pinned; `exp`, `iat`, `nbf`, `sub`, `iss` and
+//! `aud` required; `iss` and `aud` checked against `JWT_ISSUER` and `JWT_AUDIENCE`; at most
+//! [`CLOCK_LEEWAY_SECONDS`] of leeway. Every service verifies tokens itself, so a request that
+//! bypasses the gateway is still refused.
 //!
 //! [`Caller`] is an axum extractor: a handler that takes one answers 401 (with
-//! `WWW-Authenticate`) to a missing, malformed, expired, wrongly signed, `alg:none` or
-//! other-algorithm token before it runs.
+//! `WWW-Authenticate`) to a missing, malformed, expired, not-yet-valid, wrongly signed,
+//! wrongly issued, `alg:none` or other-algorithm token before it runs. The 401 never says which
+//! check failed (that would coach a forger); the log line does.
 
+use std::collections::BTreeSet;
 use std::sync::Arc;
 
 use axum::extract::{FromRef, FromRequestParts};
@@ -19,29 +22,98 @@ use uuid::Uuid;
 use crate::error::{Error, Result};
 use crate::problem::Problem;
 
-/// Leeway for `exp`, `iat` and `nbf` against clock skew between services (SPEC §5: at most 60 s).
-const CLOCK_LEEWAY_SECONDS: u64 = 60;
+/// Leeway for `exp`, `nbf` and `iat` against clock skew between the gateway and the services:
+/// 15 s. Servers kept by NTP differ by milliseconds; the leeway also lengthens every token's
+/// life, and an access token must lose its roles within 60 s of a role change (SPEC §5), so
+/// it stays small: the gateway's access tokens live at most 60 s minus this.
+pub const CLOCK_LEEWAY_SECONDS: u64 = 15;
+
+/// Longest access token lifetime that keeps a role change effective within 60 s everywhere
+/// (SPEC §5): the lifetime plus the verifiers' leeway.
+pub const ACCESS_TOKEN_TTL_SECONDS_MAX: u64 = 60 - CLOCK_LEEWAY_SECONDS;
 
 /// Shortest accepted `JWT_SECRET`, in bytes: HS256 wants a key at least as long as its hash.
 pub const JWT_SECRET_BYTES_MIN: usize = 32;
 
+/// Fewest distinct byte values in `JWT_SECRET`: a secret of 32 `a`s or `0123456789` repeated
+/// is long and guessable. Random hex (16 symbols) and base64 pass; typed phrases of 32
+/// characters usually do too.
+pub const JWT_SECRET_DISTINCT_BYTES_MIN: usize = 16;
+
+/// Longest accepted `JWT_ISSUER` or `JWT_AUDIENCE`.
+const CLAIM_TEXT_BYTES_MAX: usize = 128;
+
 /// A role of SPEC §5.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Role {
+    /// Owns accounts: opens them, moves money out of them, reads them.
     Customer,
+    /// The payment rail's service identity: deposits and withdrawals on any account, and reads
+    /// accounts and transactions to see their outcomes; nothing else.
+    Operator,
+    /// Everything.
     Admin,
+    /// Reads everything, changes nothing.
     Auditor,
 }
 
 impl Role {
+    pub const ALL: [Role; 4] = [Role::Customer, Role::Operator, Role::Admin, Role::Auditor];
+
     pub fn parse(text: &str) -> Option<Role> {
-        match text {
-            "customer" => Some(Role::Customer),
-            "admin" => Some(Role::Admin),
-            "auditor" => Some(Role::Auditor),
-            _ => None,
+        Role::ALL.into_iter().find(|role| role.name() == text)
+    }
+
+    /// The name in tokens, the API and the gateway's `users` table.
+    pub fn name(self) -> &'static str {
+        match self {
+            Role::Customer => "customer",
+            Role::Operator => "operator",
+            Role::Admin => "admin",
+            Role::Auditor => "auditor",
         }
+    }
+
+    /// `customer, operator, admin, auditor`, for messages.
+    pub fn list() -> String {
+        Role::ALL.map(Role::name).join(", ")
+    }
+}
+
+/// The token settings every verifier and signer shares (flattened into each `Config`).
+#[derive(Debug, Clone, clap::Args)]
+pub struct TokenConfig {
+    /// HS256 secret shared by the gateway and every service: at least 32 bytes, of at least 16
+    /// distinct values.
+    #[arg(long, env = "JWT_SECRET", hide_env_values = true, value_parser = parse_secret)]
+    pub jwt_secret: SecretString,
+
+    /// The `iss` claim tokens carry and verifiers require.
+    #[arg(long, env = "JWT_ISSUER", default_value = "ledger", value_parser = parse_claim_text)]
+    pub jwt_issuer: String,
+
+    /// The `aud` claim tokens carry and verifiers require.
+    #[arg(long, env = "JWT_AUDIENCE", default_value = "ledger-api", value_parser = parse_claim_text)]
+    pub jwt_audience: String,
+}
+
+impl TokenConfig {
+    /// The settings with the default issuer and audience.
+    pub fn with_secret(secret: &str) -> Self {
+        TokenConfig {
+            jwt_secret: SecretString::from(secret.to_owned()),
+            jwt_issuer: "ledger".to_owned(),
+            jwt_audience: "ledger-api".to_owned(),
+        }
+    }
+
+    /// As it may be logged: no secret.
+    pub fn describe(&self) -> String {
+        format!(
+            "jwt_issuer={} jwt_audience={}",
+            self.jwt_issuer, self.jwt_audience
+        )
     }
 }
 
@@ -52,7 +124,10 @@ pub struct Claims {
     /// Role names; names this version does not know are ignored rather than refused.
     #[serde(default)]
     pub roles: Vec<String>,
+    pub iss: String,
+    pub aud: String,
     pub iat: i64,
+    pub nbf: i64,
     pub exp: i64,
     pub jti: String,
 }
@@ -90,21 +165,24 @@ impl Caller {
     }
 }
 
-/// Verifies tokens with the shared secret.
+/// Verifies tokens with the shared secret, issuer and audience.
 pub struct JwtVerifier {
     key: DecodingKey,
     validation: Validation,
 }
 
 impl JwtVerifier {
-    pub fn new(secret: &SecretString) -> Result<Self> {
-        check_secret(secret)?;
+    pub fn new(config: &TokenConfig) -> Result<Self> {
+        check_secret(&config.jwt_secret)?;
         let mut validation = Validation::new(Algorithm::HS256);
         validation.leeway = CLOCK_LEEWAY_SECONDS;
         validation.validate_exp = true;
-        validation.set_required_spec_claims(&["exp", "iat", "sub"]);
+        validation.validate_nbf = true;
+        validation.set_issuer(&[&config.jwt_issuer]);
+        validation.set_audience(&[&config.jwt_audience]);
+        validation.set_required_spec_claims(&["exp", "nbf", "iat", "sub", "iss", "aud"]);
         Ok(JwtVerifier {
-            key: DecodingKey::from_secret(secret.expose_secret().as_bytes()),
+            key: DecodingKey::from_secret(config.jwt_secret.expose_secret().as_bytes()),
             validation,
         })
     }
@@ -116,13 +194,14 @@ impl JwtVerifier {
         let claims = data.claims;
         let subject = Uuid::parse_str(&claims.sub)
             .map_err(|_| AuthError::InvalidToken("sub is not a customer id".into()))?;
+        let roles: BTreeSet<Role> = claims
+            .roles
+            .iter()
+            .filter_map(|name| Role::parse(name))
+            .collect();
         Ok(Caller {
             subject,
-            roles: claims
-                .roles
-                .iter()
-                .filter_map(|name| Role::parse(name))
-                .collect(),
+            roles: roles.into_iter().collect(),
             token_id: claims.jti,
         })
     }
@@ -131,13 +210,17 @@ impl JwtVerifier {
 /// Mints tokens: the gateway's job, also used by `ledger token` and the tests.
 pub struct JwtSigner {
     key: EncodingKey,
+    issuer: String,
+    audience: String,
 }
 
 impl JwtSigner {
-    pub fn new(secret: &SecretString) -> Result<Self> {
-        check_secret(secret)?;
+    pub fn new(config: &TokenConfig) -> Result<Self> {
+        check_secret(&config.jwt_secret)?;
         Ok(JwtSigner {
-            key: EncodingKey::from_secret(secret.expose_secret().as_bytes()),
+            key: EncodingKey::from_secret(config.jwt_secret.expose_secret().as_bytes()),
+            issuer: config.jwt_issuer.clone(),
+            audience: config.jwt_audience.clone(),
         })
     }
 
@@ -151,16 +234,11 @@ impl JwtSigner {
     ) -> Result<String> {
         let claims = Claims {
             sub: subject.to_string(),
-            roles: roles
-                .iter()
-                .map(|role| {
-                    serde_json::to_value(role)
-                        .ok()
-                        .and_then(|value| value.as_str().map(str::to_owned))
-                        .unwrap_or_default()
-                })
-                .collect(),
+            roles: roles.iter().map(|role| role.name().to_owned()).collect(),
+            iss: self.issuer.clone(),
+            aud: self.audience.clone(),
             iat: now,
+            nbf: now,
             exp: now.saturating_add(ttl_seconds),
             jti: Uuid::new_v4().to_string(),
         };
@@ -169,26 +247,50 @@ impl JwtSigner {
     }
 }
 
-/// Parses `JWT_SECRET` for a clap `value_parser`: at least [`JWT_SECRET_BYTES_MIN`] bytes.
+/// Parses `JWT_SECRET` for a clap `value_parser`: at least [`JWT_SECRET_BYTES_MIN`] bytes of at
+/// least [`JWT_SECRET_DISTINCT_BYTES_MIN`] distinct values.
 pub fn parse_secret(text: &str) -> Result<SecretString, String> {
+    secret_problem(text).map_or_else(|| Ok(SecretString::from(text.to_owned())), Err)
+}
+
+fn secret_problem(text: &str) -> Option<String> {
+    let distinct: BTreeSet<u8> = text.bytes().collect();
     if text.len() < JWT_SECRET_BYTES_MIN {
-        return Err(format!(
-            "must be at least {JWT_SECRET_BYTES_MIN} bytes long"
-        ));
+        Some(format!(
+            "must be at least {JWT_SECRET_BYTES_MIN} bytes long (e.g. openssl rand -hex 32)"
+        ))
+    } else if distinct.len() < JWT_SECRET_DISTINCT_BYTES_MIN {
+        Some(format!(
+            "must have at least {JWT_SECRET_DISTINCT_BYTES_MIN} distinct bytes; this one has {} \
+             (use a random secret, e.g. openssl rand -hex 32)",
+            distinct.len()
+        ))
+    } else {
+        None
     }
-    Ok(SecretString::from(text.to_owned()))
 }
 
 fn check_secret(secret: &SecretString) -> Result<()> {
-    if secret.expose_secret().len() < JWT_SECRET_BYTES_MIN {
-        return Err(Error::Config(format!(
-            "JWT_SECRET must be at least {JWT_SECRET_BYTES_MIN} bytes long"
-        )));
+    match secret_problem(secret.expose_secret()) {
+        Some(problem) => Err(Error::Config(format!("JWT_SECRET {problem}"))),
+        None => Ok(()),
     }
-    Ok(())
 }
 
-/// Why a request is not authenticated.
+/// Parses `JWT_ISSUER` and `JWT_AUDIENCE`: 1–128 visible ASCII characters.
+pub fn parse_claim_text(text: &str) -> Result<String, String> {
+    if (1..=CLAIM_TEXT_BYTES_MAX).contains(&text.len())
+        && text.bytes().all(|b| b.is_ascii_graphic())
+    {
+        Ok(text.to_owned())
+    } else {
+        Err(format!(
+            "must be 1 to {CLAIM_TEXT_BYTES_MAX} visible ASCII characters"
+        ))
+    }
+}
+
+/// Why a request is not authenticated. The message is for the logs; the 401 says less.
 #[derive(Debug, thiserror::Error)]
 pub enum AuthError {
     #[error("a bearer token is required")]
@@ -201,13 +303,14 @@ pub enum AuthError {
 
 impl From<AuthError> for Problem {
     fn from(error: AuthError) -> Problem {
-        let challenge = match &error {
-            AuthError::Missing => r#"Bearer realm="ledger""#,
-            _ => r#"Bearer realm="ledger", error="invalid_token""#,
+        let (challenge, detail) = match &error {
+            AuthError::Missing => (r#"Bearer realm="ledger""#, "a bearer token is required"),
+            _ => (
+                r#"Bearer realm="ledger", error="invalid_token""#,
+                "the bearer token is invalid or has expired",
+            ),
         };
-        // The verifier's message says which check failed (expired, signature, algorithm); it
-        // names no secret and no claim value.
-        Problem::new(StatusCode::UNAUTHORIZED, "unauthorized", error.to_string()).with_header(
+        Problem::new(StatusCode::UNAUTHORIZED, "unauthorized", detail).with_header(
             header::WWW_AUTHENTICATE,
             HeaderValue::from_static(challenge),
         )
@@ -223,70 +326,102 @@ where
 
     async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
         let verifier = Arc::<JwtVerifier>::from_ref(state);
-        let header = parts
-            .headers
-            .get(header::AUTHORIZATION)
-            .ok_or(AuthError::Missing)?;
-        let text = header.to_str().map_err(|_| AuthError::NotBearer)?;
-        let token = text
-            .strip_prefix("Bearer ")
-            .or_else(|| text.strip_prefix("bearer "))
-            .ok_or(AuthError::NotBearer)?
-            .trim();
-        Ok(verifier.verify(token)?)
+        bearer_caller(&verifier, &parts.headers).map_err(|error| {
+            // Which check failed (expired, signature, issuer...) names no secret or claim value;
+            // it is logged for the operator and withheld from the caller.
+            tracing::info!(reason = %error, "request refused: no valid token");
+            Problem::from(error)
+        })
     }
+}
+
+fn bearer_caller(
+    verifier: &JwtVerifier,
+    headers: &axum::http::HeaderMap,
+) -> Result<Caller, AuthError> {
+    let header = headers
+        .get(header::AUTHORIZATION)
+        .ok_or(AuthError::Missing)?;
+    let text = header.to_str().map_err(|_| AuthError::NotBearer)?;
+    let token = text
+        .strip_prefix("Bearer ")
+        .or_else(|| text.strip_prefix("bearer "))
+        .ok_or(AuthError::NotBearer)?
+        .trim();
+    verifier.verify(token)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn secret() -> SecretString {
-        SecretString::from("a-test-secret-that-is-long-enough-for-hs256")
+    const SECRET: &str = "a-test-secret-that-is-long-enough-for-hs256";
+
+    fn config() -> TokenConfig {
+        TokenConfig::with_secret(SECRET)
     }
 
     fn now() -> i64 {
         chrono::Utc::now().timestamp()
     }
 
-    #[test]
-    fn a_minted_token_verifies_with_its_roles() {
-        let signer = JwtSigner::new(&secret()).expect("secret is long enough");
-        let verifier = JwtVerifier::new(&secret()).expect("secret is long enough");
-        let subject = Uuid::new_v4();
-        let token = signer
-            .mint(subject, &[Role::Customer, Role::Auditor], now(), 300)
-            .expect("signing works");
-        let caller = verifier.verify(&token).expect("a fresh token verifies");
-        assert_eq!(caller.subject, subject);
-        assert_eq!(caller.roles, vec![Role::Customer, Role::Auditor]);
+    fn sign(claims: &serde_json::Value, secret: &str) -> String {
+        jsonwebtoken::encode(
+            &Header::new(Algorithm::HS256),
+            claims,
+            &EncodingKey::from_secret(secret.as_bytes()),
+        )
+        .expect("signs")
+    }
+
+    fn claims(now: i64) -> serde_json::Value {
+        serde_json::json!({
+            "sub": Uuid::new_v4().to_string(), "roles": ["customer"], "iss": "ledger",
+            "aud": "ledger-api", "iat": now, "nbf": now, "exp": now + 300, "jti": "j",
+        })
     }
 
     #[test]
-    fn expired_wrongly_signed_and_unsigned_tokens_are_refused() {
-        let signer = JwtSigner::new(&secret()).expect("secret is long enough");
-        let verifier = JwtVerifier::new(&secret()).expect("secret is long enough");
+    fn a_minted_token_verifies_with_its_roles_issuer_and_audience() {
+        // Proves a round trip: the signer sets iss, aud and nbf, and the verifier accepts them.
+        let signer = JwtSigner::new(&config()).expect("a good secret");
+        let verifier = JwtVerifier::new(&config()).expect("a good secret");
         let subject = Uuid::new_v4();
-        // Expired beyond the 60 s leeway.
+        let token = signer
+            .mint(subject, &[Role::Operator, Role::Auditor], now(), 30)
+            .expect("signing works");
+        let caller = verifier.verify(&token).expect("a fresh token verifies");
+        assert_eq!(caller.subject, subject);
+        assert_eq!(caller.roles, vec![Role::Operator, Role::Auditor]);
+    }
+
+    #[test]
+    fn expired_early_wrongly_signed_and_unsigned_tokens_are_refused() {
+        // Proves every token check: expiry beyond the leeway, nbf in the future, another secret,
+        // alg:none.
+        let signer = JwtSigner::new(&config()).expect("a good secret");
+        let verifier = JwtVerifier::new(&config()).expect("a good secret");
+        let subject = Uuid::new_v4();
         let expired = signer
             .mint(subject, &[Role::Customer], now() - 1000, 100)
             .expect("signs");
         assert!(verifier.verify(&expired).is_err());
-        // Expired within the leeway still passes.
+        let leeway = i64::try_from(CLOCK_LEEWAY_SECONDS).expect("small");
         let recent = signer
-            .mint(subject, &[Role::Customer], now() - 130, 100)
+            .mint(subject, &[Role::Customer], now() - 100 - leeway + 5, 100)
             .expect("signs");
-        assert!(verifier.verify(&recent).is_ok());
-        // Signed with another secret.
-        let other = JwtSigner::new(&SecretString::from(
-            "another-secret-that-is-long-enough-too!!",
-        ))
-        .expect("long enough");
-        let forged = other
-            .mint(subject, &[Role::Admin], now(), 100)
-            .expect("signs");
+        assert!(
+            verifier.verify(&recent).is_ok(),
+            "expired within the leeway"
+        );
+        let mut early = claims(now());
+        early["nbf"] = serde_json::json!(now() + 3600);
+        assert!(
+            verifier.verify(&sign(&early, SECRET)).is_err(),
+            "nbf in the future"
+        );
+        let forged = sign(&claims(now()), "another-secret-that-is-long-enough-too!!");
         assert!(verifier.verify(&forged).is_err());
-        // alg:none: the same claims, no signature.
         let payload = forged.split('.').nth(1).expect("a JWT has three parts");
         let unsigned = format!("eyJhbGciOiJub25lIiwidHlwIjoiSldUIn0.{payload}.");
         assert!(verifier.verify(&unsigned).is_err());
@@ -294,7 +429,49 @@ mod tests {
     }
 
     #[test]
-    fn short_secrets_are_a_configuration_error() {
-        assert!(JwtVerifier::new(&SecretString::from("short")).is_err());
+    fn the_issuer_and_the_audience_are_required_and_checked() {
+        // Proves iss and aud are checked: missing, or naming another issuer or audience, is 401.
+        let verifier = JwtVerifier::new(&config()).expect("a good secret");
+        assert!(verifier.verify(&sign(&claims(now()), SECRET)).is_ok());
+        for (field, value) in [("iss", "someone-else"), ("aud", "another-api")] {
+            let mut wrong = claims(now());
+            wrong[field] = serde_json::json!(value);
+            assert!(verifier.verify(&sign(&wrong, SECRET)).is_err(), "{field}");
+        }
+        for field in ["iss", "aud", "nbf"] {
+            let mut missing = claims(now());
+            missing.as_object_mut().expect("an object").remove(field);
+            assert!(verifier.verify(&sign(&missing, SECRET)).is_err(), "{field}");
+        }
+    }
+
+    #[test]
+    fn the_401_does_not_say_which_check_failed() {
+        // Proves the answer is generic: the verifier's reason stays in the logs.
+        let problem = Problem::from(AuthError::InvalidToken("InvalidSignature".to_owned()));
+        assert_eq!(problem.status, StatusCode::UNAUTHORIZED);
+        assert!(!problem.detail.contains("Signature"), "{}", problem.detail);
+    }
+
+    #[test]
+    fn short_and_repetitive_secrets_are_a_configuration_error() {
+        // Proves JWT_SECRET's two rules: 32 bytes, 16 distinct byte values.
+        for bad in ["short", &"a".repeat(64), &"0123456789".repeat(4)] {
+            assert!(parse_secret(bad).is_err(), "{bad}");
+            assert!(
+                JwtVerifier::new(&TokenConfig::with_secret(bad)).is_err(),
+                "{bad}"
+            );
+        }
+        assert!(parse_secret(SECRET).is_ok());
+        assert!(parse_secret(&"0123456789abcdef".repeat(2)).is_ok(), "hex");
+    }
+
+    #[test]
+    fn every_role_parses_from_its_name() {
+        for role in Role::ALL {
+            assert_eq!(Role::parse(role.name()), Some(role));
+        }
+        assert_eq!(Role::parse("root"), None);
     }
 }

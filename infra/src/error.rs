@@ -17,8 +17,6 @@ pub enum Error {
         #[source]
         source: sqlx::migrate::MigrateError,
     },
-    #[error("the HTTP server failed")]
-    Serve(#[source] std::io::Error),
     #[error("RabbitMQ error while {context}: {message}")]
     Broker {
         context: &'static str,

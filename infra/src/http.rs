@@ -60,8 +60,11 @@ where
             .map_err(|rejection| {
                 if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
                     payload_too_large()
+                } else if crate::server::is_body_timeout(&rejection) {
+                    request_timeout()
                 } else {
-                    Problem::bad_request("invalid_body", rejection.body_text())
+                    // The reader's own words name hyper's internals; the caller needs only this.
+                    Problem::bad_request("invalid_body", "the request body could not be read")
                 }
             })?;
         parse_json(&bytes).map(ApiJson)
@@ -87,6 +90,15 @@ pub fn payload_too_large() -> Problem {
         StatusCode::PAYLOAD_TOO_LARGE,
         "payload_too_large",
         format!("request bodies are limited to {BODY_BYTES_MAX} bytes"),
+    )
+}
+
+/// 408 for a body that did not arrive within the listener's body timeout (`crate::server`).
+pub fn request_timeout() -> Problem {
+    Problem::new(
+        StatusCode::REQUEST_TIMEOUT,
+        "request_timeout",
+        "the request body did not arrive in time",
     )
 }
 
@@ -224,13 +236,66 @@ pub async fn metrics_endpoint() -> Response {
         .into_response()
 }
 
-/// The layers every service's router gets, innermost first: request observation (correlation
-/// id, log line, metrics), panics turned into an opaque problem+json 500, the 1 MiB body limit.
-/// Add them after the routes and fallbacks, before `with_state`.
+/// Longest plain-text error body [`problem_json_everywhere`] turns into a problem's detail.
+const PLAIN_ERROR_BYTES_MAX: usize = 1024;
+
+/// Makes every error answer problem+json (SPEC §5). The routes' own errors already are; what is
+/// left are axum's extractor rejections (a path that is not UTF-8 once decoded, a query string
+/// that does not parse), which answer `text/plain`. Their text becomes the problem's detail,
+/// with a code by status.
+pub async fn problem_json_everywhere(request: Request, next: Next) -> Response {
+    let response = next.run(request).await;
+    let status = response.status();
+    let plain = response
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|value| value.to_str().ok())
+        .is_none_or(|value| value.starts_with("text/plain"));
+    if !(status.is_client_error() || status.is_server_error()) || !plain {
+        return response;
+    }
+    let (parts, body) = response.into_parts();
+    let text = axum::body::to_bytes(body, PLAIN_ERROR_BYTES_MAX)
+        .await
+        .map(|bytes| String::from_utf8_lossy(&bytes).trim().to_owned())
+        .unwrap_or_default();
+    let code = match status {
+        StatusCode::BAD_REQUEST => "invalid_request",
+        StatusCode::NOT_FOUND => "not_found",
+        StatusCode::METHOD_NOT_ALLOWED => "method_not_allowed",
+        StatusCode::REQUEST_TIMEOUT => "request_timeout",
+        StatusCode::PAYLOAD_TOO_LARGE => "payload_too_large",
+        StatusCode::UNSUPPORTED_MEDIA_TYPE => "unsupported_media_type",
+        StatusCode::UNPROCESSABLE_ENTITY => "unprocessable",
+        _ if status.is_server_error() => "internal_error",
+        _ => "invalid_request",
+    };
+    let detail = if text.is_empty() || status.is_server_error() {
+        status
+            .canonical_reason()
+            .unwrap_or("the request failed")
+            .to_owned()
+    } else {
+        text
+    };
+    let mut problem = Problem::new(status, code, detail).into_response();
+    for (name, value) in &parts.headers {
+        if name != header::CONTENT_TYPE && name != header::CONTENT_LENGTH {
+            problem.headers_mut().append(name, value.clone());
+        }
+    }
+    problem
+}
+
+/// The layers every service's router gets, innermost first: every error as problem+json,
+/// request observation (correlation id, log line, metrics), panics turned into an opaque
+/// problem+json 500, the 1 MiB body limit. Add them after the routes and fallbacks, before
+/// `with_state`.
 pub fn service_layers<S: Clone + Send + Sync + 'static>(
     router: axum::Router<S>,
 ) -> axum::Router<S> {
     router
+        .layer(axum::middleware::from_fn(problem_json_everywhere))
         .layer(axum::middleware::from_fn(observe_requests))
         .layer(tower_http::catch_panic::CatchPanicLayer::custom(|_panic| {
             Problem::new(

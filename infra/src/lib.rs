@@ -17,6 +17,7 @@ pub mod log;
 pub mod messages;
 pub mod problem;
 pub mod replay;
+pub mod server;
 pub mod sqlite;
 pub mod tasks;
 pub mod telemetry;

@@ -101,24 +101,20 @@ impl Drop for Workers {
     }
 }
 
-/// Serves `router` on `listener` until `shutdown` resolves or a worker stops on its own; then
-/// stops taking connections, lets in-flight requests finish, and stops the workers. Handlers may
-/// read the client's socket address (`axum::extract::ConnectInfo<std::net::SocketAddr>`), as the
-/// gateway's login limits do.
+/// Serves `router` on `listener` under `limits` (`crate::server`) until `shutdown` resolves or a
+/// worker stops on its own; then stops taking connections, lets in-flight requests finish, and
+/// stops the workers. Handlers may read the client's socket address
+/// (`axum::extract::ConnectInfo<std::net::SocketAddr>`), as the gateway's login limits do.
 pub async fn serve_until_stopped(
     listener: tokio::net::TcpListener,
+    limits: crate::server::HttpLimits,
     router: axum::Router,
     workers: Workers,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<()> {
     let stop = workers.cancel.clone();
-    let service = router.into_make_service_with_connect_info::<std::net::SocketAddr>();
-    let served = axum::serve(listener, service)
-        .with_graceful_shutdown(stopping(shutdown, stop))
-        .await;
-    let stopped = workers.stop().await;
-    served.map_err(Error::Serve)?;
-    stopped
+    crate::server::serve(listener, limits, router, stopping(shutdown, stop)).await;
+    workers.stop().await
 }
 
 /// Resolves when `shutdown` does or a worker cancelled the service.

@@ -88,6 +88,53 @@ pub fn redact_url(url: &str) -> String {
     }
 }
 
+/// Query parameters whose values are secrets wherever they appear: a client that puts a
+/// password or a token in a URL must not get it written to the logs too.
+const SECRET_QUERY_KEYS: [&str; 9] = [
+    "password",
+    "passwd",
+    "pwd",
+    "secret",
+    "token",
+    "access_token",
+    "refresh_token",
+    "api_key",
+    "apikey",
+];
+
+/// Hides the values of secret-looking query parameters (`password=***`) in a URL, a path with
+/// a query string, or text that quotes one (an HTTP client's error message), and a connection
+/// URL's password ([`redact_url`]). For anything about to be logged that carries a URL.
+pub fn redact_secrets(text: &str) -> String {
+    let mut redacted = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(index) = rest.find(['?', '&']) {
+        let (before, after) = rest.split_at(index + 1);
+        redacted.push_str(before);
+        let end = after
+            .find(|c: char| c == '&' || c == '#' || c == ')' || c.is_whitespace())
+            .unwrap_or(after.len());
+        let (pair, remainder) = after.split_at(end);
+        match pair.split_once('=') {
+            Some((key, _value)) if is_secret_key(key) => {
+                redacted.push_str(key);
+                redacted.push_str("=***");
+            }
+            _ => redacted.push_str(pair),
+        }
+        rest = remainder;
+    }
+    redacted.push_str(rest);
+    redact_url(&redacted)
+}
+
+fn is_secret_key(key: &str) -> bool {
+    let key = key.to_ascii_lowercase();
+    SECRET_QUERY_KEYS
+        .iter()
+        .any(|secret| key == *secret || key.ends_with(&format!("_{secret}")))
+}
+
 /// Resolves on Ctrl-C or SIGTERM: the start of a graceful shutdown.
 pub async fn shutdown_signal() {
     let ctrl_c = async {
@@ -116,6 +163,26 @@ pub async fn shutdown_signal() {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn secrets_in_query_strings_are_hidden() {
+        // Proves a password or token sent in a query string never reaches a log line.
+        assert_eq!(
+            redact_secrets("/api/v1/accounts?password=hunter2&page_size=5"),
+            "/api/v1/accounts?password=***&page_size=5"
+        );
+        assert_eq!(
+            redact_secrets(
+                "error sending request for url (http://127.0.0.1:8081/x?a=1&Access_Token=abc#f)"
+            ),
+            "error sending request for url (http://127.0.0.1:8081/x?a=1&Access_Token=***#f)"
+        );
+        assert_eq!(redact_secrets("/plain/path"), "/plain/path");
+        assert_eq!(
+            redact_secrets("/x?user_password=p&token"),
+            "/x?user_password=***&token"
+        );
+    }
 
     #[test]
     fn passwords_are_hidden_in_logged_urls() {

@@ -10,6 +10,11 @@ pub mod log_builder;
 /// services accept each other's tokens.
 pub const TEST_JWT_SECRET: &str = "integration-test-secret-of-at-least-32-bytes";
 
+/// The token settings of every test app: [`TEST_JWT_SECRET`], the default issuer and audience.
+pub fn test_token_config() -> crate::auth::TokenConfig {
+    crate::auth::TokenConfig::with_secret(TEST_JWT_SECRET)
+}
+
 /// The server that holds the scratch databases: `TEST_DATABASE_URL`, or the local one.
 pub fn admin_url() -> String {
     std::env::var("TEST_DATABASE_URL")
@@ -72,7 +77,10 @@ pub fn customer_claims(subject: uuid::Uuid, expires_in: i64) -> crate::auth::Cla
     crate::auth::Claims {
         sub: subject.to_string(),
         roles: vec!["customer".to_owned()],
+        iss: "ledger".to_owned(),
+        aud: "ledger-api".to_owned(),
         iat: now,
+        nbf: now,
         exp: now + expires_in,
         jti: uuid::Uuid::new_v4().to_string(),
     }

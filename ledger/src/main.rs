@@ -17,11 +17,10 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
-use infra::auth::{JwtSigner, Role};
+use infra::auth::{JwtSigner, Role, TokenConfig};
 use infra::eventlog::postgres::{PgEventLog, PgEventLogOptions};
 use projector::model::ProjectionName;
 use projector::rebuild::{RebuildOptions, RebuildProgress};
-use secrecy::SecretString;
 use uuid::Uuid;
 
 use crate::error::{Error, Result};
@@ -128,22 +127,21 @@ enum Command {
         /// The subject: a customer id (the accounts' owner_id).
         #[arg(long)]
         sub: Uuid,
-        /// A role: customer, admin or auditor; repeat for several.
+        /// A role: customer, operator, admin or auditor; repeat for several.
         #[arg(long = "role", required = true, value_parser = parse_role)]
         roles: Vec<Role>,
         /// Lifetime in seconds.
         #[arg(long, env = "JWT_TTL_SECONDS", default_value_t = 900,
               value_parser = clap::value_parser!(i64).range(1..=31_536_000))]
         ttl: i64,
-        /// The HS256 secret shared with the services; at least 32 bytes.
-        #[arg(long, env = "JWT_SECRET", hide_env_values = true,
-              value_parser = infra::auth::parse_secret)]
-        jwt_secret: SecretString,
+        /// The secret, issuer and audience the services verify tokens with.
+        #[command(flatten)]
+        token: TokenConfig,
     },
 }
 
 fn parse_role(text: &str) -> std::result::Result<Role, String> {
-    Role::parse(text).ok_or_else(|| format!("unknown role {text:?}: customer, admin or auditor"))
+    Role::parse(text).ok_or_else(|| format!("unknown role {text:?}: {}", Role::list()))
 }
 
 fn main() -> ExitCode {
@@ -194,9 +192,9 @@ async fn run(command: Command) -> Result<bool> {
             sub,
             roles,
             ttl,
-            jwt_secret,
+            token,
         } => {
-            let signer = JwtSigner::new(&jwt_secret)?;
+            let signer = JwtSigner::new(&token)?;
             let token = signer.mint(sub, &roles, chrono::Utc::now().timestamp(), ttl)?;
             println!("{token}");
             Ok(true)

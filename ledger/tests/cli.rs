@@ -11,7 +11,6 @@ use infra::eventlog::EventLog;
 use infra::eventlog::postgres::{PgEventLog, PgEventLogOptions};
 use infra::log::LogPosition;
 use projector::testing::{TestOptions as ProjectorOptions, spawn_projector};
-use secrecy::SecretString;
 use serde_json::{Value, json};
 use uuid::Uuid;
 
@@ -123,10 +122,12 @@ async fn an_operator_verifies_replays_repairs_and_mints_tokens() {
     let client = reqwest::Client::new();
     let customer = Uuid::new_v4();
     let token = app.token(customer, &[Role::Customer]);
-    let post = |path: &str, body: Value| {
+    // Money enters through the payment rail (SPEC §5).
+    let operator = app.token(Uuid::new_v4(), &[Role::Operator]);
+    let post = |token: &str, path: &str, body: Value| {
         let request = client
             .post(format!("{}{path}", app.address))
-            .bearer_auth(&token)
+            .bearer_auth(token)
             .header("Idempotency-Key", Uuid::new_v4().to_string())
             .json(&body);
         async move {
@@ -143,9 +144,10 @@ async fn an_operator_verifies_replays_repairs_and_mints_tokens() {
             (id, position)
         }
     };
-    let (first, _) = post("/api/v1/accounts", json!({"currency": "USD"})).await;
-    let (second, _) = post("/api/v1/accounts", json!({"currency": "USD"})).await;
+    let (first, _) = post(&token, "/api/v1/accounts", json!({"currency": "USD"})).await;
+    let (second, _) = post(&token, "/api/v1/accounts", json!({"currency": "USD"})).await;
     let (deposit, deposit_position) = post(
+        &operator,
         "/api/v1/transactions",
         json!({"type": "deposit", "amount": "100.00", "currency": "USD", "destination_account_id": first}),
     )
@@ -181,6 +183,7 @@ async fn an_operator_verifies_replays_repairs_and_mints_tokens() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let (transfer, _) = post(
+        &token,
         "/api/v1/transactions",
         json!({"type": "transfer", "amount": "40.00", "currency": "USD", "source_account_id": first, "destination_account_id": second}),
     )
@@ -356,15 +359,21 @@ async fn an_operator_verifies_replays_repairs_and_mints_tokens() {
             "auditor",
             "--role",
             "customer",
+            "--role",
+            "operator",
         ],
     );
     assert_succeeded(&output);
-    let verifier = JwtVerifier::new(&SecretString::from(SECRET)).expect("a long secret");
+    let verifier =
+        JwtVerifier::new(&infra::auth::TokenConfig::with_secret(SECRET)).expect("a long secret");
     let caller = verifier
         .verify(stdout(&output).trim())
         .expect("the minted token verifies");
     assert_eq!(caller.subject, customer);
-    assert_eq!(caller.roles, vec![Role::Auditor, Role::Customer]);
+    assert_eq!(
+        caller.roles,
+        vec![Role::Customer, Role::Operator, Role::Auditor]
+    );
     let output = ledger(
         &url,
         &["token", "--sub", &customer.to_string(), "--role", "root"],

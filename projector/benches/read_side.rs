@@ -292,11 +292,12 @@ async fn bench_get() -> anyhow::Result<()> {
         .await?;
         let owner = Uuid::new_v4();
         let token = system.app.token(owner, &[Role::Customer]);
+        let operator = system.app.token(Uuid::new_v4(), &[Role::Operator]);
         let account = id_of(&system.post(&token, "/api/v1/accounts", json!({"currency": "USD"})).await?)?;
         let mut ids = Vec::new();
         for _ in 0..GET_TRANSACTIONS {
             let body = system
-                .post(&token, "/api/v1/transactions", json!({"type": "deposit", "amount": "1.00", "currency": "USD", "destination_account_id": account}))
+                .post(&operator, "/api/v1/transactions", json!({"type": "deposit", "amount": "1.00", "currency": "USD", "destination_account_id": account}))
                 .await?;
             let id = id_of(&body)?;
             system.approve(id).await?;
@@ -367,11 +368,12 @@ async fn bench_lag() -> anyhow::Result<()> {
         let mut projector = spawn_projector(&system.url(), &ProjectorOptions::default()).await?;
         let owner = Uuid::new_v4();
         let token = system.app.token(owner, &[Role::Customer]);
+        let operator = system.app.token(Uuid::new_v4(), &[Role::Operator]);
         let mut accounts = Vec::new();
         for _ in 0..64 {
             let account = id_of(&system.post(&token, "/api/v1/accounts", json!({"currency": "USD"})).await?)?;
             let id = id_of(&system
-                .post(&token, "/api/v1/transactions", json!({"type": "deposit", "amount": "1000000.00", "currency": "USD", "destination_account_id": account}))
+                .post(&operator, "/api/v1/transactions", json!({"type": "deposit", "amount": "1000000.00", "currency": "USD", "destination_account_id": account}))
                 .await?)?;
             system.approve(id).await?;
             accounts.push(account);

@@ -5,8 +5,9 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use clap::Parser;
+use infra::auth::TokenConfig;
+use infra::server::HttpLimits;
 use infra::telemetry::{LogFormat, redact_url};
-use secrecy::SecretString;
 
 use infra::follow::FollowSettings;
 
@@ -52,9 +53,13 @@ pub struct Config {
     #[arg(long, env = "LISTEN_ADDR", default_value = "0.0.0.0:8082")]
     pub listen_addr: SocketAddr,
 
-    /// HS256 secret shared with the gateway; at least 32 bytes.
-    #[arg(long, env = "JWT_SECRET", hide_env_values = true, value_parser = infra::auth::parse_secret)]
-    pub jwt_secret: SecretString,
+    /// The token secret, issuer and audience shared with the gateway.
+    #[command(flatten)]
+    pub token: TokenConfig,
+
+    /// The listener's header, body and idle timeouts and its connection bound.
+    #[command(flatten)]
+    pub http: HttpLimits,
 
     /// `json` or `pretty`.
     #[arg(long, env = "LOG_FORMAT", default_value = "json", value_parser = LogFormat::parse_arg)]
@@ -81,6 +86,12 @@ pub struct Config {
     #[arg(long, env = "LOG_POLL_INTERVAL_MS", default_value_t = 250,
           value_parser = clap::value_parser!(u64).range(1..=10_000))]
     pub log_poll_interval_ms: u64,
+
+    /// Reads waiting at once for the read side to reach their `X-Ledger-Position`; further
+    /// ones are answered 503 at once.
+    #[arg(long, env = "POSITION_WAITERS_MAX", default_value_t = crate::http::positions::WAITERS_MAX,
+          value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    pub position_waiters_max: u32,
 }
 
 /// Checks a `schema.table` name, since it is spliced into SQL.
@@ -116,7 +127,8 @@ impl Config {
         format!(
             "database_url={} read_database_url={} events_table={} redis_url={} redis_key_prefix={} \
              cache_ttl_seconds={} listen_addr={} database_max_connections={} \
-             background_max_connections={} projector_batch_size={} log_poll_interval_ms={}",
+             background_max_connections={} projector_batch_size={} log_poll_interval_ms={} \
+             position_waiters_max={} {} {}",
             redact_url(&self.database_url),
             redact_url(self.read_database_url()),
             self.events_table,
@@ -128,6 +140,9 @@ impl Config {
             self.background_max_connections,
             self.projector_batch_size,
             self.log_poll_interval_ms,
+            self.position_waiters_max,
+            self.token.describe(),
+            self.http.describe(),
         )
     }
 }

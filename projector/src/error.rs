@@ -16,6 +16,16 @@ pub enum Error {
     /// 404: the resource does not exist, or belongs to someone else.
     #[error("{0}")]
     NotFound(String),
+    /// 400 `position_unreachable`: the position is beyond the log's head, so no projection
+    /// will ever reach it; refused at once instead of waited for.
+    #[error(
+        "X-Ledger-Position {wanted} is beyond the head of the log: no write of this ledger returned it"
+    )]
+    PositionUnreachable { wanted: String },
+    /// 503 `too_many_waiting_reads` (with `Retry-After`): the bound on reads waiting for a
+    /// position is reached.
+    #[error("too many reads are waiting for the read side; retry shortly")]
+    TooManyWaitingReads,
     /// 503: the read side did not reach the position the caller asked for in time.
     #[error("the read side has not reached position {wanted} yet (it is at {reached})")]
     PositionNotReached { wanted: String, reached: String },
@@ -59,6 +69,15 @@ impl IntoResponse for Error {
             Error::BadRequest { code, detail } => Problem::bad_request(code, detail),
             Error::Forbidden(detail) => Problem::new(StatusCode::FORBIDDEN, "forbidden", detail),
             Error::NotFound(detail) => Problem::not_found(detail),
+            Error::PositionUnreachable { .. } => {
+                Problem::bad_request("position_unreachable", self.to_string())
+            }
+            Error::TooManyWaitingReads => Problem::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "too_many_waiting_reads",
+                self.to_string(),
+            )
+            .with_header(header::RETRY_AFTER, HeaderValue::from_static("1")),
             Error::PositionNotReached { .. } => Problem::new(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "position_not_reached",

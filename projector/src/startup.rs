@@ -9,6 +9,7 @@ use infra::eventlog::EventLog;
 use infra::eventlog::postgres::{PgEventLog, PgEventLogOptions};
 use infra::follow::{FollowSettings, follow};
 use infra::leader::{Leadership, PgLeadership};
+use infra::server::HttpLimits;
 use infra::tasks::{Workers, serve_until_stopped};
 use sqlx::PgPool;
 use sqlx::migrate::Migrator;
@@ -19,7 +20,7 @@ use crate::cache::Cache;
 use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::generations;
-use crate::http::{AppState, router};
+use crate::http::{AppState, Positions, router};
 use crate::model::ProjectionName;
 use crate::runner::Projector;
 use infra::error::DatabaseContext;
@@ -89,6 +90,8 @@ pub async fn open_read_models(url: &str, max_connections: u32) -> Result<PgPool>
 
 pub struct App {
     listener: TcpListener,
+    /// The listener's bounds (`infra::server`).
+    limits: HttpLimits,
     state: AppState,
     projector: Arc<Projector>,
     log: Arc<dyn EventLog>,
@@ -129,6 +132,30 @@ impl App {
             &config.redis_key_prefix,
             config.cache_ttl_seconds,
         )?);
+        // Reads waiting for their position use small read-only pools of their own (checkpoints,
+        // and the log's head), never the queries' or the projector's connections.
+        let positions_pool = infra::db::connect_read_only(
+            config.read_database_url(),
+            SCHEMA,
+            crate::http::positions::POOL_CONNECTIONS,
+        )
+        .await?;
+        let positions_events = infra::db::connect_read_only(
+            &config.database_url,
+            SCHEMA,
+            crate::http::positions::POOL_CONNECTIONS,
+        )
+        .await?;
+        let positions_log: Arc<dyn EventLog> = Arc::new(
+            PgEventLog::open(
+                positions_events.clone(),
+                PgEventLogOptions {
+                    listen: false,
+                    ..PgEventLogOptions::reader(&config.events_table)
+                },
+            )
+            .await?,
+        );
         // The projector follows the log, woken by command-api's NOTIFY.
         let log: Arc<dyn EventLog> = Arc::new(
             PgEventLog::open(
@@ -148,9 +175,14 @@ impl App {
             events_pool: events_pool.clone(),
             events_table: config.events_table.as_str().into(),
             cache: Some(cache),
-            verifier: Arc::new(JwtVerifier::new(&config.jwt_secret)?),
+            verifier: Arc::new(JwtVerifier::new(&config.token)?),
             runners_healthy: vec![projector.health_flag()],
-            applied: Some(projector.applied()),
+            positions: Arc::new(Positions::new(
+                positions_pool.clone(),
+                positions_log,
+                Some(projector.applied()),
+                config.position_waiters_max,
+            )),
         };
         let listener = TcpListener::bind(config.listen_addr)
             .await
@@ -164,7 +196,10 @@ impl App {
                 background.clone(),
                 events_pool,
                 background_events,
+                positions_pool,
+                positions_events,
             ],
+            limits: config.http,
             state,
             projector,
             log,
@@ -212,8 +247,14 @@ impl App {
             "lag reporter",
             crate::runner::report_lag(self.background.clone(), self.log.clone(), cancel.clone()),
         );
-        let served =
-            serve_until_stopped(self.listener, router(self.state), workers, shutdown).await;
+        let served = serve_until_stopped(
+            self.listener,
+            self.limits,
+            router(self.state),
+            workers,
+            shutdown,
+        )
+        .await;
         for pool in self.pools {
             pool.close().await;
         }

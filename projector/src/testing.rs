@@ -2,7 +2,6 @@
 //! database (the one its command-api writes), its own Redis key prefix, on `127.0.0.1:0`.
 //! Logs print only with `TEST_LOG=1`.
 
-use secrecy::SecretString;
 use sqlx::PgPool;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
@@ -22,6 +21,8 @@ pub struct TestOptions {
     /// Another Redis (e.g. a closed port, for "Redis is down").
     pub redis_url: Option<String>,
     pub batch_size: usize,
+    /// `POSITION_WAITERS_MAX`.
+    pub position_waiters_max: u32,
 }
 
 impl Default for TestOptions {
@@ -30,6 +31,7 @@ impl Default for TestOptions {
             redis_key_prefix: format!("test-{}", Uuid::new_v4().simple()),
             redis_url: None,
             batch_size: 1_000,
+            position_waiters_max: crate::http::positions::WAITERS_MAX,
         }
     }
 }
@@ -43,13 +45,15 @@ pub fn test_config(database_url: &str, options: &TestOptions) -> Config {
         redis_key_prefix: options.redis_key_prefix.clone(),
         cache_ttl_seconds: 60,
         listen_addr: "127.0.0.1:0".parse().expect("a literal socket address"),
-        jwt_secret: SecretString::from(TEST_JWT_SECRET),
+        token: infra::testing::test_token_config(),
+        http: infra::server::HttpLimits::default(),
         log_format: infra::telemetry::LogFormat::Pretty,
         database_max_connections: 8,
         background_max_connections: 4,
         projector_batch_size: options.batch_size,
         // Tests do not wait a production poll interval when a wake-up is missed.
         log_poll_interval_ms: 20,
+        position_waiters_max: options.position_waiters_max,
     }
 }
 

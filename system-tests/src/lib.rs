@@ -1,166 +1,150 @@
-//! The kit of the tests and benchmarks that cross services: the real `gateway`, `command-api`,
-//! `projector` and `fraud-worker` binaries started as processes (build them first:
-//! `cargo build --workspace --bins`, or `--release` for the benchmark), the ports they bound
-//! read from their logs, graceful stops, and the deletion of the Redis keys they wrote.
-//! The tests are in `tests/`, the throughput benchmark in `benches/throughput/`.
+//! The system tests' kit: the four service binaries (`gateway`, `command-api`, `projector`,
+//! `fraud-worker`) started as processes on a scratch database, with their own RabbitMQ topology
+//! and Redis prefixes, JSON logs to files; stopped, and everything they made deleted, when the
+//! [`System`] is finished (or dropped by a failing test). Plus what a hostile client needs that
+//! an HTTP library will not do: raw bytes on a socket. Build the binaries first
+//! (`cargo build --workspace --bins`); the tests are in `tests/`.
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+use infra::auth::{JwtSigner, Role, TokenConfig};
+use infra::db::ScratchDatabase;
+use infra::testing::{admin_url, amqp_url, redis_url};
 use serde_json::Value;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use uuid::Uuid;
 
-/// How often a start or a stop looks at the process and its log again.
-const POLL_INTERVAL: Duration = Duration::from_millis(20);
+/// The secret every service of a test system shares.
+pub const SECRET: &str = "system-test-secret-of-at-least-thirty-two-bytes";
 
-/// Lines of a service's log an error quotes: enough for the reason it exited, short enough to
-/// read.
-const LOG_TAIL_LINES: usize = 40;
+/// The bootstrap admin of a test system.
+pub const ADMIN_USERNAME: &str = "ledger-admin";
+pub const ADMIN_PASSWORD: &str = "admin-password-for-the-system-test";
 
-/// Keys deleted per Redis `DEL`: bounded so one command never blocks Redis for long.
-const REDIS_DELETE_BATCH: usize = 500;
+/// How long a service may take to say it listens.
+const START_DEADLINE: Duration = Duration::from_secs(60);
 
-/// What can go wrong starting, reading or stopping a service.
-#[derive(Debug, thiserror::Error)]
-pub enum Error {
-    /// A binary is not built.
-    #[error("{0} is missing: build every binary first (cargo build --workspace --bins)")]
-    MissingBinary(PathBuf),
-    /// The process could not be spawned, or its log file written.
-    #[error("starting {name}: {source}")]
-    Spawn {
-        name: &'static str,
-        #[source]
-        source: std::io::Error,
-    },
-    /// The process ended before it logged its port.
-    #[error("{name} exited ({status}) before listening; its log ends:\n{log_tail}")]
-    Exited {
-        name: &'static str,
-        status: std::process::ExitStatus,
-        log_tail: String,
-    },
-    /// The process did not log its port in time.
-    #[error("{name} did not log that it listens within {waited:?}; its log ends:\n{log_tail}")]
-    NotListening {
-        name: &'static str,
-        waited: Duration,
-        log_tail: String,
-    },
-    /// Redis refused a command of the clean-up.
-    #[error("deleting Redis keys: {0}")]
-    Redis(#[from] redis::RedisError),
-}
+/// How long a stopped service gets before SIGKILL.
+const STOP_GRACE: Duration = Duration::from_secs(10);
 
-pub type Result<T, E = Error> = std::result::Result<T, E>;
-
-/// The directory holding the binaries of the profile the calling test or benchmark was built
-/// with: it runs from `target/<profile>/deps/`, the binaries sit in `target/<profile>/`.
-pub fn binary_directory() -> PathBuf {
-    let exe = std::env::current_exe().expect("a process knows its own executable");
-    exe.parent()
-        .and_then(Path::parent)
-        .map(Path::to_path_buf)
-        .expect("tests and benchmarks run from target/<profile>/deps")
-}
-
-/// `target/<profile>/<name>`, if it is built.
-pub fn binary(name: &str) -> Result<PathBuf> {
-    let path = binary_directory().join(name);
-    if path.exists() {
-        Ok(path)
-    } else {
-        Err(Error::MissingBinary(path))
+/// `target/<profile>/<name>`: tests run from `target/<profile>/deps/`, this crate's binaries
+/// from `target/<profile>/`.
+pub fn binary(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("the test knows where it runs from");
+    let mut directory = exe.parent().expect("an executable has a directory");
+    if directory.ends_with("deps") {
+        directory = directory.parent().expect("deps is inside target/<profile>");
     }
+    let path = directory.join(name);
+    assert!(
+        path.exists(),
+        "{} is missing: build every binary first (cargo build --workspace --bins)",
+        path.display()
+    );
+    path
 }
 
-/// A service process writing its log to a file; stopped (SIGTERM, then SIGKILL) when dropped.
+/// A service process, stopped (SIGTERM, then SIGKILL) when dropped.
 pub struct Service {
-    name: &'static str,
+    pub name: &'static str,
     child: Child,
     log: PathBuf,
 }
 
 impl Service {
-    /// Starts `target/<profile>/<name>` with only `PATH` and `env` in its environment, its
-    /// stdout and stderr appended to `<logs>/<name>.log`.
-    pub fn start(name: &'static str, logs: &Path, env: &[(&str, String)]) -> Result<Service> {
-        let spawn = |source| Error::Spawn { name, source };
-        let program = binary(name)?;
-        let log = logs.join(format!("{name}.log"));
-        let file = std::fs::File::create(&log).map_err(spawn)?;
-        let errors = file.try_clone().map_err(spawn)?;
-        let mut command = Command::new(program);
+    /// Starts binary `name` with only `PATH`, JSON logs, [`SECRET`] and `env`; output to
+    /// `<logs>/<name>.log`.
+    pub fn start(name: &'static str, logs: &Path, env: &[(&str, String)]) -> Service {
+        Service::start_as(name, name, logs, env)
+    }
+
+    /// [`Service::start`] with a log file of another name (a second instance of a binary).
+    pub fn start_as(
+        name: &'static str,
+        log_name: &str,
+        logs: &Path,
+        env: &[(&str, String)],
+    ) -> Service {
+        let log = logs.join(format!("{log_name}.log"));
+        let file = std::fs::File::create(&log).expect("a log file");
+        let errors = file.try_clone().expect("the log file again");
+        let mut command = Command::new(binary(name));
         command
             .env_clear()
             .env("PATH", std::env::var("PATH").unwrap_or_default())
-            .stdin(Stdio::null())
+            .env("LOG_FORMAT", "json")
+            .env("RUST_LOG", "info")
+            .env("JWT_SECRET", SECRET)
             .stdout(Stdio::from(file))
             .stderr(Stdio::from(errors));
         for (key, value) in env {
             command.env(key, value);
         }
-        let child = command.spawn().map_err(spawn)?;
-        Ok(Service { name, child, log })
+        let child = command.spawn().expect("the service starts");
+        Service { name, child, log }
     }
 
-    pub fn name(&self) -> &'static str {
-        self.name
-    }
-
-    pub fn id(&self) -> u32 {
-        self.child.id()
-    }
-
-    /// The port the service bound, from its `<name> listening` JSON log line. Services start on
-    /// port 0, so nothing else can take a port between our choosing it and the service binding
-    /// it.
-    pub async fn port(&mut self, within: Duration) -> Result<u16> {
-        let message = format!("{} listening", self.name);
-        let started = Instant::now();
+    /// The port of the log line `message` (`"<name> listening"` by default): services bind
+    /// port 0, so no other test can take a port between our choosing it and the bind.
+    pub async fn port_of(&mut self, message: &str) -> u16 {
+        let deadline = Instant::now() + START_DEADLINE;
         loop {
-            if let Some(port) = self.logged_port(&message) {
-                return Ok(port);
+            let port = self.log().lines().find_map(|line| {
+                let line: Value = serde_json::from_str(line).ok()?;
+                if line["message"] != message {
+                    return None;
+                }
+                line["port"]
+                    .as_u64()
+                    .and_then(|port| u16::try_from(port).ok())
+            });
+            if let Some(port) = port {
+                return port;
             }
             if let Ok(Some(status)) = self.child.try_wait() {
-                return Err(Error::Exited {
-                    name: self.name,
-                    status,
-                    log_tail: self.log_tail(),
-                });
+                panic!(
+                    "{} exited ({status}) before listening:\n{}",
+                    self.name,
+                    self.log()
+                );
             }
-            if started.elapsed() > within {
-                return Err(Error::NotListening {
-                    name: self.name,
-                    waited: within,
-                    log_tail: self.log_tail(),
-                });
-            }
-            tokio::time::sleep(POLL_INTERVAL).await;
+            assert!(
+                Instant::now() < deadline,
+                "{} did not log {message:?} within {START_DEADLINE:?}:\n{}",
+                self.name,
+                self.log()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
 
-    fn logged_port(&self, message: &str) -> Option<u16> {
-        self.log().lines().find_map(|line| {
-            let line: Value = serde_json::from_str(line).ok()?;
-            if line["message"] != message {
-                return None;
+    pub async fn port(&mut self) -> u16 {
+        let message = format!("{} listening", self.name);
+        self.port_of(&message).await
+    }
+
+    /// Waits for the process to exit by itself and returns its status code.
+    pub async fn exit_code(&mut self, deadline: Duration) -> Option<i32> {
+        let started = Instant::now();
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return status.code();
             }
-            line["port"]
-                .as_u64()
-                .and_then(|port| u16::try_from(port).ok())
-        })
+            assert!(
+                started.elapsed() < deadline,
+                "{} did not exit within {deadline:?}:\n{}",
+                self.name,
+                self.log()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
 
-    /// Whether the process is still running.
-    pub fn is_running(&mut self) -> bool {
-        matches!(self.child.try_wait(), Ok(None))
-    }
-
-    /// Asks the service to stop (SIGTERM: it drains, as on a deploy), waits up to `grace`, then
-    /// kills it.
-    pub fn stop(&mut self, grace: Duration) {
-        if !self.is_running() {
+    pub fn stop(&mut self) {
+        if let Ok(Some(_)) = self.child.try_wait() {
             return;
         }
         let _ = Command::new("kill")
@@ -168,69 +152,337 @@ impl Service {
             .arg(self.child.id().to_string())
             .stderr(Stdio::null())
             .status();
-        let started = Instant::now();
-        while started.elapsed() < grace {
-            if !self.is_running() {
+        let deadline = Instant::now() + STOP_GRACE;
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
                 return;
             }
-            std::thread::sleep(POLL_INTERVAL);
+            std::thread::sleep(Duration::from_millis(20));
         }
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
 
-    /// The whole log so far.
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
-
-    /// The last [`LOG_TAIL_LINES`] lines of the log.
-    pub fn log_tail(&self) -> String {
-        let log = self.log();
-        let lines: Vec<&str> = log.lines().collect();
-        lines[lines.len().saturating_sub(LOG_TAIL_LINES)..].join("\n")
-    }
 }
-
-/// How long a dropped service gets to stop before it is killed.
-const DROP_GRACE: Duration = Duration::from_secs(10);
 
 impl Drop for Service {
     fn drop(&mut self) {
-        self.stop(DROP_GRACE);
+        self.stop();
     }
 }
 
-/// Deletes every key of `redis_url` that starts with `prefix` and returns how many there were.
-/// `prefix` must be one a test or benchmark made up itself: this deletes whatever matches.
-pub async fn delete_redis_keys(redis_url: &str, prefix: &str) -> Result<usize> {
-    let client = redis::Client::open(redis_url)?;
-    let mut connection = client.get_multiplexed_async_connection().await?;
-    let pattern = format!("{prefix}*");
-    let mut keys: Vec<String> = Vec::new();
-    let mut cursor: u64 = 0;
-    loop {
-        let (next, batch): (u64, Vec<String>) = redis::cmd("SCAN")
-            .arg(cursor)
-            .arg("MATCH")
-            .arg(&pattern)
-            .arg("COUNT")
-            .arg(REDIS_DELETE_BATCH)
-            .query_async(&mut connection)
-            .await?;
-        keys.extend(batch);
-        if next == 0 {
-            break;
+/// Polls `check` every 50 ms until it holds, failing the test after `deadline`.
+pub async fn eventually<F, Fut>(what: &str, deadline: Duration, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let started = Instant::now();
+    while !check().await {
+        assert!(
+            started.elapsed() < deadline,
+            "{what}: not within {deadline:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Extra environment per service, on top of what [`System::start`] sets.
+#[derive(Debug, Default, Clone)]
+pub struct Overrides {
+    pub gateway: Vec<(&'static str, String)>,
+    pub command_api: Vec<(&'static str, String)>,
+    pub projector: Vec<(&'static str, String)>,
+    pub fraud_worker: Vec<(&'static str, String)>,
+    /// Every service.
+    pub all: Vec<(&'static str, String)>,
+}
+
+/// The four services, started as an operator would start them.
+pub struct System {
+    /// command-api, fraud-worker, projector, gateway.
+    pub services: Vec<Service>,
+    /// `http://127.0.0.1:<port>` of each.
+    pub gateway: String,
+    pub gateway_metrics: String,
+    pub command_api: String,
+    pub projector: String,
+    pub fraud_worker: String,
+    pub logs: PathBuf,
+    pub prefix: String,
+    pub client: reqwest::Client,
+    database: Option<ScratchDatabase>,
+}
+
+impl System {
+    /// Starts the system and waits until the gateway reports every service ok.
+    pub async fn start(overrides: Overrides) -> System {
+        let database = ScratchDatabase::create(&admin_url())
+            .await
+            .expect("a scratch database");
+        let logs = std::env::temp_dir().join(format!("ledger-system-{}", Uuid::new_v4().simple()));
+        std::fs::create_dir_all(&logs).expect("a log directory");
+        let prefix = format!("test-{}", Uuid::new_v4().simple());
+        let url = database.url();
+        let any_port = "127.0.0.1:0".to_owned();
+        let with = |base: Vec<(&'static str, String)>, own: &[(&'static str, String)]| {
+            let mut env = base;
+            env.extend(overrides.all.iter().cloned());
+            env.extend(own.iter().cloned());
+            env
+        };
+        let mut command_api = Service::start(
+            "command-api",
+            &logs,
+            &with(
+                vec![
+                    ("DATABASE_URL", url.clone()),
+                    ("AMQP_URL", amqp_url()),
+                    ("AMQP_PREFIX", prefix.clone()),
+                    ("LISTEN_ADDR", any_port.clone()),
+                ],
+                &overrides.command_api,
+            ),
+        );
+        let mut fraud_worker = Service::start(
+            "fraud-worker",
+            &logs,
+            &with(
+                vec![
+                    ("AMQP_URL", amqp_url()),
+                    ("AMQP_PREFIX", prefix.clone()),
+                    ("REDIS_URL", redis_url()),
+                    ("REDIS_KEY_PREFIX", format!("{prefix}:fraud")),
+                    ("LISTEN_ADDR", any_port.clone()),
+                ],
+                &overrides.fraud_worker,
+            ),
+        );
+        let mut projector = Service::start(
+            "projector",
+            &logs,
+            &with(
+                vec![
+                    ("DATABASE_URL", url.clone()),
+                    ("REDIS_URL", redis_url()),
+                    ("REDIS_KEY_PREFIX", format!("{prefix}:cache")),
+                    ("LISTEN_ADDR", any_port.clone()),
+                ],
+                &overrides.projector,
+            ),
+        );
+        // The gateway needs the others' addresses, so it starts once they listen.
+        let (command_port, fraud_port, query_port) = (
+            command_api.port().await,
+            fraud_worker.port().await,
+            projector.port().await,
+        );
+        let mut gateway = Service::start(
+            "gateway",
+            &logs,
+            &with(
+                vec![
+                    ("DATABASE_URL", url.clone()),
+                    ("LISTEN_ADDR", any_port.clone()),
+                    ("METRICS_ADDR", any_port),
+                    (
+                        "COMMAND_API_URL",
+                        format!("http://127.0.0.1:{command_port}"),
+                    ),
+                    ("QUERY_API_URL", format!("http://127.0.0.1:{query_port}")),
+                    ("FRAUD_WORKER_URL", format!("http://127.0.0.1:{fraud_port}")),
+                    ("ADMIN_USERNAME", ADMIN_USERNAME.to_owned()),
+                    ("ADMIN_PASSWORD", ADMIN_PASSWORD.to_owned()),
+                ],
+                &overrides.gateway,
+            ),
+        );
+        let gateway_port = gateway.port().await;
+        let metrics_port = gateway.port_of("gateway metrics listening").await;
+        let system = System {
+            services: vec![command_api, fraud_worker, projector, gateway],
+            gateway: format!("http://127.0.0.1:{gateway_port}"),
+            gateway_metrics: format!("http://127.0.0.1:{metrics_port}"),
+            command_api: format!("http://127.0.0.1:{command_port}"),
+            projector: format!("http://127.0.0.1:{query_port}"),
+            fraud_worker: format!("http://127.0.0.1:{fraud_port}"),
+            logs,
+            prefix,
+            client: reqwest::Client::builder()
+                .timeout(Duration::from_secs(10))
+                .build()
+                .expect("a client"),
+            database: Some(database),
+        };
+        let (client, gateway) = (&system.client, &system.gateway);
+        eventually(
+            "the gateway reports every service ok",
+            Duration::from_secs(60),
+            || async move {
+                let Ok(response) = client.get(format!("{gateway}/health")).send().await else {
+                    return false;
+                };
+                let body: Value = response.json().await.unwrap_or_default();
+                body["status"] == "ok"
+            },
+        )
+        .await;
+        system
+    }
+
+    /// The scratch database's URL (to start a second instance of a binary on it).
+    pub fn database_url(&self) -> String {
+        self.database
+            .as_ref()
+            .expect("the database lives until the system is finished")
+            .url()
+    }
+
+    pub fn service(&mut self, name: &str) -> &mut Service {
+        self.services
+            .iter_mut()
+            .find(|service| service.name == name)
+            .expect("a service of the system")
+    }
+
+    /// A token minted with the system's secret, as `ledger token` would.
+    pub fn token(&self, subject: Uuid, roles: &[Role]) -> String {
+        JwtSigner::new(&TokenConfig::with_secret(SECRET))
+            .expect("the test secret is valid")
+            .mint(subject, roles, chrono::Utc::now().timestamp(), 600)
+            .expect("the test secret signs")
+    }
+
+    /// Stops every service (the gateway first), then deletes the database, the topology, the
+    /// Redis keys and the logs.
+    pub async fn finish(mut self) {
+        for service in self.services.iter_mut().rev() {
+            service.stop();
         }
-        cursor = next;
+        self.clean_up().await;
     }
-    keys.sort_unstable();
-    keys.dedup();
-    for batch in keys.chunks(REDIS_DELETE_BATCH) {
-        redis::cmd("DEL")
-            .arg(batch)
-            .query_async::<()>(&mut connection)
-            .await?;
+
+    async fn clean_up(&mut self) {
+        self.services.clear();
+        if let Some(database) = self.database.take() {
+            database
+                .drop_database()
+                .await
+                .expect("the scratch database drops");
+        }
+        let topology = infra::amqp::Topology::new(&self.prefix).expect("a valid prefix");
+        infra::amqp::delete_topology(&amqp_url(), &topology)
+            .await
+            .expect("the topology is deleted");
+        assert!(
+            delete_redis_keys(&self.prefix),
+            "the test's Redis keys are deleted"
+        );
+        let _ = std::fs::remove_dir_all(&self.logs);
     }
-    Ok(keys.len())
+}
+
+impl Drop for System {
+    /// A test that failed before `finish` still cleans up, on a runtime of its own.
+    fn drop(&mut self) {
+        for service in self.services.iter_mut().rev() {
+            service.stop();
+        }
+        self.services.clear();
+        let database = self.database.take();
+        let prefix = self.prefix.clone();
+        let logs = self.logs.clone();
+        if database.is_none() {
+            return;
+        }
+        infra::tasks::block_on_own_runtime(async move {
+            if let Some(database) = database {
+                let _ = database.drop_database().await;
+            }
+            if let Ok(topology) = infra::amqp::Topology::new(&prefix) {
+                let _ = infra::amqp::delete_topology(&amqp_url(), &topology).await;
+            }
+            let _ = delete_redis_keys(&prefix);
+            let _ = std::fs::remove_dir_all(&logs);
+        });
+    }
+}
+
+/// Deletes the Redis keys a system of `prefix` wrote (fraud counters, cache entries).
+fn delete_redis_keys(prefix: &str) -> bool {
+    // No Redis client crate here: redis-cli is on every machine that runs Redis, and the test
+    // must not leave keys behind.
+    let output = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "redis-cli -u {} --scan --pattern '{prefix}:*' | xargs -r redis-cli -u {} DEL",
+            redis_url(),
+            redis_url()
+        ))
+        .output();
+    output.is_ok_and(|output| output.status.success())
+}
+
+/// Runs a command and returns its output (for `bash` and the binaries).
+pub fn run(command: &mut Command) -> Output {
+    command.output().expect("the command runs")
+}
+
+/// An answer read off a raw socket: its status and its head, and its body (as far as the
+/// server sent it before closing or the deadline).
+pub struct RawAnswer {
+    pub status: u16,
+    pub head: String,
+    pub body: String,
+}
+
+/// Sends `bytes` on a new connection to `address` (`http://host:port`) and reads the answer
+/// until the server closes or 10 s pass.
+pub async fn raw(address: &str, bytes: &[u8]) -> RawAnswer {
+    let mut stream = connect(address).await;
+    stream.write_all(bytes).await.expect("writes");
+    let received = read_until_closed(&mut stream, Duration::from_secs(10)).await;
+    parse_answer(&received)
+}
+
+pub async fn connect(address: &str) -> TcpStream {
+    TcpStream::connect(address.trim_start_matches("http://"))
+        .await
+        .expect("connects")
+}
+
+/// Everything the server sends until it closes the connection (or `deadline` passes, which
+/// fails the test: every bound under test closes the connection well before).
+pub async fn read_until_closed(stream: &mut TcpStream, deadline: Duration) -> Vec<u8> {
+    let mut received = Vec::new();
+    let mut buffer = [0_u8; 4096];
+    let until = tokio::time::Instant::now() + deadline;
+    loop {
+        match tokio::time::timeout_at(until, stream.read(&mut buffer)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => return received,
+            Ok(Ok(read)) => received.extend_from_slice(&buffer[..read]),
+            Err(_) => panic!(
+                "the server kept the connection open beyond {deadline:?}; received: {}",
+                String::from_utf8_lossy(&received)
+            ),
+        }
+    }
+}
+
+fn parse_answer(received: &[u8]) -> RawAnswer {
+    let text = String::from_utf8_lossy(received).into_owned();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .unwrap_or(0);
+    RawAnswer {
+        status,
+        head: head.to_owned(),
+        body: body.to_owned(),
+    }
 }

@@ -11,7 +11,7 @@ use infra::http::{ApiJson, CorrelationId};
 use serde::Deserialize;
 use uuid::Uuid;
 
-use super::{AppState, command_headers};
+use super::{AppState, command_headers, reject_control};
 use crate::error::{Error, Result};
 use crate::metadata;
 use crate::store::Executed;
@@ -48,6 +48,7 @@ pub async fn open_account(
     };
     let currency = Currency::from_code(&body.currency)
         .map_err(|error| Error::bad_request("unknown_currency", error.to_string()))?;
+    reject_control("name", "invalid_name", body.name.as_deref())?;
     let account_id = AccountId(Uuid::now_v7());
     let command = AccountCommand::Open {
         account_id,

@@ -31,6 +31,8 @@ pub struct AppState {
     pub verifier: Arc<JwtVerifier>,
     /// Whether the decision consumer holds a live broker connection.
     pub broker_connected: Arc<AtomicBool>,
+    /// `CUSTOMER_TOP_UPS=enabled`: customers may deposit into their own accounts (sandboxes).
+    pub customer_top_ups: bool,
 }
 
 impl FromRef<AppState> for Arc<JwtVerifier> {
@@ -59,6 +61,39 @@ async fn health(State(state): State<AppState>) -> HealthReport {
     HealthReport::default()
         .required("database", database)
         .required("broker", broker)
+}
+
+/// Refuses U+0000 in a description: PostgreSQL cannot store it in `text` or `jsonb`, so it would
+/// otherwise surface as a 500, and no description needs it (line breaks are fine).
+fn reject_nul(
+    field: &'static str,
+    code: &'static str,
+    text: Option<&str>,
+) -> crate::error::Result<()> {
+    if text.is_some_and(|text| text.contains('\0')) {
+        return Err(crate::error::Error::bad_request(
+            code,
+            format!("{field} must not contain U+0000"),
+        ));
+    }
+    Ok(())
+}
+
+/// Refuses control characters (U+0000–U+001F, U+007F–U+009F) in a name: a name is one line of
+/// text, as the gateway's user names are; U+0000 would otherwise be a 500 (PostgreSQL cannot
+/// store it), and the rest only garble statements and logs.
+fn reject_control(
+    field: &'static str,
+    code: &'static str,
+    text: Option<&str>,
+) -> crate::error::Result<()> {
+    if text.is_some_and(|text| text.chars().any(char::is_control)) {
+        return Err(crate::error::Error::bad_request(
+            code,
+            format!("{field} must not contain control characters"),
+        ));
+    }
+    Ok(())
 }
 
 /// Headers of a command response: where the resource lives and how far the log has to be read

@@ -21,7 +21,7 @@ use serde::Deserialize;
 use serde_json::value::RawValue;
 use uuid::Uuid;
 
-use super::{AppState, command_headers};
+use super::{AppState, command_headers, reject_nul};
 use crate::error::{Error, Result};
 use crate::metadata;
 use crate::store::Executed;
@@ -58,14 +58,16 @@ pub async fn create_transaction(
     ApiJson(body): ApiJson<CreateTransactionBody>,
 ) -> Result<Response> {
     caller
-        .require_any(&[Role::Customer, Role::Admin])
+        .require_any(&[Role::Customer, Role::Operator, Role::Admin])
         .map_err(|problem| Error::Forbidden(problem.detail))?;
     let key = idempotency_key(&headers)?;
     let request = parse_request(body)?;
+    let reach = reach(&caller, request.kind, state.customer_top_ups)?;
     let transaction_id = TransactionId::from_idempotency_key(CustomerId(caller.subject), key);
     let stream = transaction_id.to_string();
 
-    if let Err(refused) = check_accounts(&state, &caller, &request).await {
+    if let Err(refused) = check_accounts(&state, reach, CustomerId(caller.subject), &request).await
+    {
         // A key seen before is answered from its stream whatever the accounts say now: the
         // first request was checked when it was accepted.
         let (existing, version) = state.transactions.load_fresh(&stream).await?;
@@ -185,6 +187,34 @@ fn idempotency_key(headers: &HeaderMap) -> Result<&str> {
         })
 }
 
+/// Whose accounts a request may name where ownership matters: the source of a withdrawal or
+/// transfer, the destination of a deposit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Reach {
+    AnyAccount,
+    OwnAccounts,
+}
+
+/// Who may move money how (SPEC §5): admins anything; operators (the payment rail) deposits
+/// and withdrawals on any account; customers withdrawals and transfers from their own accounts,
+/// and deposits into them only where `CUSTOMER_TOP_UPS=enabled`, so that no customer can create
+/// money in production.
+fn reach(caller: &Caller, kind: TransactionKind, customer_top_ups: bool) -> Result<Reach> {
+    if caller.has(Role::Admin) || (caller.has(Role::Operator) && kind != TransactionKind::Transfer)
+    {
+        return Ok(Reach::AnyAccount);
+    }
+    if caller.has(Role::Customer) {
+        if kind != TransactionKind::Deposit || customer_top_ups {
+            return Ok(Reach::OwnAccounts);
+        }
+        return Err(Error::TopUpsDisabled);
+    }
+    Err(Error::Forbidden(
+        "operators post deposits and withdrawals only".to_owned(),
+    ))
+}
+
 /// Parses the body into a domain request: every 400 (and the 422 for the same account on both
 /// sides) is decided here, before any account is looked at.
 fn parse_request(body: CreateTransactionBody) -> Result<TransactionRequest> {
@@ -202,6 +232,11 @@ fn parse_request(body: CreateTransactionBody) -> Result<TransactionRequest> {
     let currency = Currency::from_code(&body.currency)
         .map_err(|error| Error::bad_request("unknown_currency", error.to_string()))?;
     let amount = parse_amount(&body.amount, currency)?;
+    reject_nul(
+        "description",
+        "invalid_description",
+        body.description.as_deref(),
+    )?;
     TransactionRequest::new(
         kind,
         amount,
@@ -232,16 +267,17 @@ fn parse_amount(raw: &RawValue, currency: Currency) -> Result<Amount> {
         .map_err(|error| Error::bad_request("invalid_amount", error.to_string()))
 }
 
-/// The accounts must exist, be in the transaction's currency, and the caller must own the
-/// account money leaves from (or that a deposit tops up). Someone else's account is a 404, as
-/// if it did not exist. Admins act on any account.
+/// The accounts must exist, be in the transaction's currency, and, within [`Reach::OwnAccounts`],
+/// belong to the caller where money leaves (or where a deposit tops up). Someone else's account
+/// is a 404, as if it did not exist. A currency mismatch names only the transaction's currency:
+/// the other account's is not the caller's business.
 async fn check_accounts(
     state: &AppState,
-    caller: &Caller,
+    reach: Reach,
+    owner: CustomerId,
     request: &TransactionRequest,
 ) -> Result<()> {
-    let admin = caller.has(Role::Admin);
-    let owner = CustomerId(caller.subject);
+    let any_account = reach == Reach::AnyAccount;
     let sides = [
         (request.source_account_id, true),
         (
@@ -256,7 +292,7 @@ async fn check_accounts(
         let account = load_account(state, account_id).await?;
         let visible = account
             .as_ref()
-            .filter(|account| admin || !must_own || account.owner_id == owner);
+            .filter(|account| any_account || !must_own || account.owner_id == owner);
         let Some(account) = visible else {
             return Err(Error::not_found(
                 "account_not_found",
@@ -267,8 +303,8 @@ async fn check_accounts(
             return Err(Error::unprocessable(
                 "currency_mismatch",
                 format!(
-                    "account {account_id} holds {}, the transaction is in {}",
-                    account.currency, request.currency
+                    "account {account_id} is not in {}, the transaction's currency",
+                    request.currency
                 ),
             ));
         }
@@ -313,6 +349,46 @@ mod tests {
 
     fn usd() -> Currency {
         Currency::from_code("USD").expect("known")
+    }
+
+    fn caller(roles: &[Role]) -> Caller {
+        Caller {
+            subject: Uuid::new_v4(),
+            roles: roles.to_vec(),
+            token_id: "test".to_owned(),
+        }
+    }
+
+    #[test]
+    fn only_operators_and_admins_create_money_unless_top_ups_are_enabled() {
+        // Proves SPEC §5's table: who may post which kind on whose accounts.
+        use TransactionKind::{Deposit, Transfer, Withdrawal};
+        let customer = caller(&[Role::Customer]);
+        let operator = caller(&[Role::Operator]);
+        let admin = caller(&[Role::Admin]);
+        let auditor = caller(&[Role::Auditor]);
+        assert!(matches!(
+            reach(&customer, Deposit, false),
+            Err(Error::TopUpsDisabled)
+        ));
+        assert_eq!(
+            reach(&customer, Deposit, true).ok(),
+            Some(Reach::OwnAccounts)
+        );
+        for kind in [Withdrawal, Transfer] {
+            assert_eq!(reach(&customer, kind, false).ok(), Some(Reach::OwnAccounts));
+        }
+        for kind in [Deposit, Withdrawal] {
+            assert_eq!(reach(&operator, kind, false).ok(), Some(Reach::AnyAccount));
+        }
+        assert!(matches!(
+            reach(&operator, Transfer, false),
+            Err(Error::Forbidden(_))
+        ));
+        for kind in [Deposit, Withdrawal, Transfer] {
+            assert_eq!(reach(&admin, kind, false).ok(), Some(Reach::AnyAccount));
+            assert!(reach(&auditor, kind, true).is_err());
+        }
     }
 
     #[test]

@@ -318,8 +318,18 @@ async fn bad_transaction_requests_get_a_4xx_and_append_nothing() {
         ),
         (
             json!({"type": "deposit", "amount": "1.00", "currency": "USD", "destination_account_id": missing}),
+            StatusCode::FORBIDDEN,
+            "top_ups_disabled",
+        ),
+        (
+            json!({"type": "withdrawal", "amount": "1.00", "currency": "USD", "source_account_id": missing}),
             StatusCode::NOT_FOUND,
             "account_not_found",
+        ),
+        (
+            json!({"type": "withdrawal", "amount": "1.00", "currency": "USD", "source_account_id": usd, "description": "a\u{0}b"}),
+            StatusCode::BAD_REQUEST,
+            "invalid_description",
         ),
         (
             json!({"type": "withdrawal", "amount": "1.00", "currency": "USD", "source_account_id": bobs}),
@@ -328,8 +338,8 @@ async fn bad_transaction_requests_get_a_4xx_and_append_nothing() {
         ),
         (
             json!({"type": "deposit", "amount": "1.00", "currency": "USD", "destination_account_id": bobs}),
-            StatusCode::NOT_FOUND,
-            "account_not_found",
+            StatusCode::FORBIDDEN,
+            "top_ups_disabled",
         ),
         (
             json!({"type": "transfer", "amount": "1.00", "currency": "USD", "source_account_id": bobs, "destination_account_id": usd}),
@@ -350,6 +360,11 @@ async fn bad_transaction_requests_get_a_4xx_and_append_nothing() {
         );
         let problem: Value = response.json().await.expect("problem+json");
         assert_eq!(problem["code"], *code, "{body}");
+        if *code == "currency_mismatch" {
+            // Finding 9: the other account's currency is not the caller's business.
+            let detail = problem["detail"].as_str().expect("a detail");
+            assert!(!detail.contains("EUR"), "{detail}");
+        }
     }
     // Missing and malformed idempotency keys.
     let deposit = json!({"type": "deposit", "amount": "1.00", "currency": "USD", "destination_account_id": usd});
@@ -444,6 +459,132 @@ async fn a_customer_moves_only_their_own_money() {
 }
 
 #[tokio::test]
+async fn only_operators_and_admins_create_money() {
+    // Proves finding 1 (SPEC §5): a customer cannot deposit (403 top_ups_disabled) nor open
+    // accounts to multiply its velocity limit with money it made up; an operator deposits and
+    // withdraws on anyone's account but transfers nothing and opens nothing; nothing refused
+    // appends an event.
+    let harness = Harness::start().await;
+    let (_, alice) = harness.customer();
+    let (_, bob) = harness.customer();
+    let alices = harness.open_account(&alice, "USD").await;
+    let bobs = harness.open_account(&bob, "USD").await;
+    let rail = harness.operator();
+    let before = harness.request_event_count().await;
+    let top_up = json!({"type": "deposit", "amount": "100.00", "currency": "USD", "destination_account_id": alices});
+    let response = harness
+        .post("/api/v1/transactions", Some(&alice), Some("t"), &top_up)
+        .await;
+    assert_eq!(response.status(), StatusCode::FORBIDDEN);
+    let problem: Value = response.json().await.expect("problem+json");
+    assert_eq!(problem["code"], "top_ups_disabled");
+    let transfer = json!({"type": "transfer", "amount": "1.00", "currency": "USD", "source_account_id": alices, "destination_account_id": bobs});
+    let response = harness
+        .post("/api/v1/transactions", Some(&rail), Some("x"), &transfer)
+        .await;
+    assert_eq!(
+        response.status(),
+        StatusCode::FORBIDDEN,
+        "operators move no money between customers"
+    );
+    let response = harness
+        .post(
+            "/api/v1/accounts",
+            Some(&rail),
+            None,
+            &json!({"currency": "USD"}),
+        )
+        .await;
+    assert_eq!(
+        response.status(),
+        StatusCode::FORBIDDEN,
+        "operators open no accounts"
+    );
+    assert_eq!(harness.request_event_count().await, before);
+    for (key, body) in [
+        ("d", top_up.clone()),
+        (
+            "w",
+            json!({"type": "withdrawal", "amount": "1.00", "currency": "USD", "source_account_id": bobs}),
+        ),
+    ] {
+        let response = harness
+            .post("/api/v1/transactions", Some(&rail), Some(key), &body)
+            .await;
+        assert_eq!(response.status(), StatusCode::ACCEPTED, "{body}");
+    }
+    harness.finish().await;
+}
+
+#[tokio::test]
+async fn customer_top_ups_exist_only_where_a_sandbox_enables_them() {
+    // Proves CUSTOMER_TOP_UPS=enabled: a customer tops up its own account, never someone else's.
+    let harness = Harness::start_with(command_api::testing::TestOptions {
+        customer_top_ups: true,
+        ..Default::default()
+    })
+    .await;
+    let (_, alice) = harness.customer();
+    let (_, bob) = harness.customer();
+    let alices = harness.open_account(&alice, "USD").await;
+    let bobs = harness.open_account(&bob, "USD").await;
+    let own = json!({"type": "deposit", "amount": "5.00", "currency": "USD", "destination_account_id": alices});
+    let response = harness
+        .post("/api/v1/transactions", Some(&alice), Some("own"), &own)
+        .await;
+    assert_eq!(response.status(), StatusCode::ACCEPTED);
+    let others = json!({"type": "deposit", "amount": "5.00", "currency": "USD", "destination_account_id": bobs});
+    let response = harness
+        .post("/api/v1/transactions", Some(&alice), Some("other"), &others)
+        .await;
+    assert_eq!(response.status(), StatusCode::NOT_FOUND);
+    harness.finish().await;
+}
+
+#[tokio::test]
+async fn a_nul_in_a_name_or_description_is_a_400_not_a_500() {
+    // Proves finding 9: U+0000, which PostgreSQL cannot store, is refused as bad input (and
+    // names refuse every control character).
+    let harness = Harness::start().await;
+    let (_, alice) = harness.customer();
+    let response = harness
+        .post(
+            "/api/v1/accounts",
+            Some(&alice),
+            None,
+            &json!({"currency": "USD", "name": "wal\u{0}let"}),
+        )
+        .await;
+    assert_eq!(response.status(), StatusCode::BAD_REQUEST);
+    let problem: Value = response.json().await.expect("problem+json");
+    assert_eq!(problem["code"], "invalid_name");
+    // A name is one line: no control character at all (the OpenAPI document says so too).
+    let response = harness
+        .post(
+            "/api/v1/accounts",
+            Some(&alice),
+            None,
+            &json!({"currency": "USD", "name": "bell\u{7}"}),
+        )
+        .await;
+    assert_eq!(response.status(), StatusCode::BAD_REQUEST);
+    let account = harness.open_account(&alice, "USD").await;
+    let response = harness
+        .post(
+            "/api/v1/transactions",
+            Some(&harness.operator()),
+            Some("nul"),
+            &json!({"type": "deposit", "amount": "1.00", "currency": "USD",
+                    "destination_account_id": account, "description": "\u{0}"}),
+        )
+        .await;
+    assert_eq!(response.status(), StatusCode::BAD_REQUEST);
+    let problem: Value = response.json().await.expect("problem+json");
+    assert_eq!(problem["code"], "invalid_description");
+    harness.finish().await;
+}
+
+#[tokio::test]
 async fn a_repeated_key_replays_and_a_different_body_is_refused() {
     // Proves idempotency (SPEC §5): same key and body → 200 with Idempotent-Replayed and no new
     // event; different body → 422 idempotency_key_reused; a JSON number amount is read exactly
@@ -453,9 +594,12 @@ async fn a_repeated_key_replays_and_a_different_body_is_refused() {
     let (_, bob) = harness.customer();
     let account = harness.open_account(&alice, "USD").await;
     let bobs = harness.open_account(&bob, "USD").await;
+    // Two payment rails (operators), each with its own keys.
+    let rail = harness.operator();
+    let other_rail = harness.operator();
     let body = json!({"type": "deposit", "amount": "0.29", "currency": "USD", "destination_account_id": account});
     let first = harness
-        .post("/api/v1/transactions", Some(&alice), Some("k-1"), &body)
+        .post("/api/v1/transactions", Some(&rail), Some("k-1"), &body)
         .await;
     assert_eq!(first.status(), StatusCode::ACCEPTED);
     let first_position = first.headers()["x-ledger-position"].clone();
@@ -466,12 +610,7 @@ async fn a_repeated_key_replays_and_a_different_body_is_refused() {
 
     let as_number = json!({"type": "deposit", "amount": 0.29, "currency": "USD", "destination_account_id": account});
     let again = harness
-        .post(
-            "/api/v1/transactions",
-            Some(&alice),
-            Some("k-1"),
-            &as_number,
-        )
+        .post("/api/v1/transactions", Some(&rail), Some("k-1"), &as_number)
         .await;
     assert_eq!(again.status(), StatusCode::OK);
     assert_eq!(again.headers()["idempotent-replayed"], "true");
@@ -494,22 +633,22 @@ async fn a_repeated_key_replays_and_a_different_body_is_refused() {
 
     let different = json!({"type": "deposit", "amount": "0.30", "currency": "USD", "destination_account_id": account});
     let refused = harness
-        .post(
-            "/api/v1/transactions",
-            Some(&alice),
-            Some("k-1"),
-            &different,
-        )
+        .post("/api/v1/transactions", Some(&rail), Some("k-1"), &different)
         .await;
     assert_eq!(refused.status(), StatusCode::UNPROCESSABLE_ENTITY);
     let problem: Value = refused.json().await.expect("problem+json");
     assert_eq!(problem["code"], "idempotency_key_reused");
     assert_eq!(harness.request_event_count().await, events);
 
-    // Bob's "k-1" is his own key: a new transaction.
+    // The other rail's "k-1" is its own key: a new transaction.
     let bobs_body = json!({"type": "deposit", "amount": "0.29", "currency": "USD", "destination_account_id": bobs});
     let response = harness
-        .post("/api/v1/transactions", Some(&bob), Some("k-1"), &bobs_body)
+        .post(
+            "/api/v1/transactions",
+            Some(&other_rail),
+            Some("k-1"),
+            &bobs_body,
+        )
         .await;
     assert_eq!(response.status(), StatusCode::ACCEPTED);
     harness.finish().await;
@@ -522,15 +661,10 @@ async fn one_key_sent_sixteen_times_at_once_makes_one_transaction() {
     let harness = Harness::start().await;
     let (_, alice) = harness.customer();
     let account = harness.open_account(&alice, "USD").await;
+    let rail = harness.operator();
     let body = json!({"type": "deposit", "amount": "10.00", "currency": "USD", "destination_account_id": account});
-    let requests = (0..16).map(|_| {
-        harness.post(
-            "/api/v1/transactions",
-            Some(&alice),
-            Some("same-key"),
-            &body,
-        )
-    });
+    let requests =
+        (0..16).map(|_| harness.post("/api/v1/transactions", Some(&rail), Some("same-key"), &body));
     let responses = futures::future::join_all(requests).await;
     let mut ids = std::collections::HashSet::new();
     let (mut accepted, mut replayed) = (0, 0);

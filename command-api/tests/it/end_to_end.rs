@@ -15,7 +15,6 @@ use lapin::options::QueueDeclareOptions;
 use lapin::types::FieldTable;
 use rand::Rng;
 use reqwest::StatusCode;
-use secrecy::SecretString;
 use serde_json::{Value, json};
 use tokio::sync::{Mutex, oneshot};
 use uuid::Uuid;
@@ -65,13 +64,14 @@ impl FraudWorker {
     }
 }
 
-/// Funds `account` with approved deposits below the fraud threshold.
-async fn fund(harness: &Harness, token: &str, account: Uuid, deposits: usize) -> Vec<Uuid> {
+/// Funds `account` with operator deposits below the fraud threshold.
+async fn fund(harness: &Harness, account: Uuid, deposits: usize) -> Vec<Uuid> {
+    let operator = harness.operator();
     let mut ids = Vec::new();
     for _ in 0..deposits {
         ids.push(
             harness
-                .transact(token, json!({"type": "deposit", "amount": "9000.00", "currency": "USD", "destination_account_id": account}))
+                .transact(&operator, json!({"type": "deposit", "amount": "9000.00", "currency": "USD", "destination_account_id": account}))
                 .await,
         );
     }
@@ -89,7 +89,7 @@ async fn transfers_go_from_pending_to_confirmed_or_rejected_through_rabbitmq() {
     let (_, bob) = harness.customer();
     let source = harness.open_account(&alice, "USD").await;
     let destination = harness.open_account(&bob, "USD").await;
-    fund(&harness, &alice, source, 2).await;
+    fund(&harness, source, 2).await;
     let mut outcomes = Vec::new();
     for amount in ["500.00", "10000.00"] {
         let response = harness
@@ -160,7 +160,7 @@ async fn every_message_delivered_twice_still_yields_one_decision_and_one_settlem
     let (_, bob) = harness.customer();
     let source = harness.open_account(&alice, "USD").await;
     let destination = harness.open_account(&bob, "USD").await;
-    fund(&harness, &alice, source, 1).await;
+    fund(&harness, source, 1).await;
     let body = json!({"type": "transfer", "amount": "100.00", "currency": "USD", "source_account_id": source, "destination_account_id": destination});
     let ids =
         futures::future::join_all((0..20).map(|_| harness.transact(&alice, body.clone()))).await;
@@ -298,7 +298,7 @@ async fn with_the_fraud_worker_stopped_transactions_time_out_and_release_their_h
     let source = harness.open_account(&alice, "USD").await;
     let destination = harness.open_account(&bob, "USD").await;
     // Funded with a decision recorded directly: no fraud worker runs in this test.
-    harness.fund(&alice, source, "9000.00", "USD").await;
+    harness.fund(source, "9000.00", "USD").await;
     let id = harness
         .transact(&alice, json!({"type": "transfer", "amount": "40.00", "currency": "USD", "source_account_id": source, "destination_account_id": destination}))
         .await;
@@ -397,11 +397,20 @@ async fn killing_command_api_or_the_fraud_worker_mid_traffic_leaves_nothing_stuc
     let worker = Arc::new(Mutex::new(Running(processes.fraud_worker())));
     let base = format!("http://127.0.0.1:{}", processes.port);
     let client = reqwest::Client::new();
-    let signer = JwtSigner::new(&SecretString::from(TEST_JWT_SECRET)).expect("signs");
+    let signer = JwtSigner::new(&infra::testing::test_token_config()).expect("signs");
     let token = signer
         .mint(
             Uuid::new_v4(),
             &[Role::Customer],
+            chrono::Utc::now().timestamp(),
+            3600,
+        )
+        .expect("mints");
+    // The payment rail funds the accounts; the customer moves money between them.
+    let operator = signer
+        .mint(
+            Uuid::new_v4(),
+            &[Role::Operator],
             chrono::Utc::now().timestamp(),
             3600,
         )
@@ -418,9 +427,9 @@ async fn killing_command_api_or_the_fraud_worker_mid_traffic_leaves_nothing_stuc
         .await;
         accounts.push(Uuid::parse_str(body["id"].as_str().expect("id")).expect("uuid"));
     }
-    let mut planned: Vec<Value> = accounts
+    let mut planned: Vec<(&str, Value)> = accounts
         .iter()
-        .map(|account| json!({"type": "deposit", "amount": "5000.00", "currency": "USD", "destination_account_id": account}))
+        .map(|account| (operator.as_str(), json!({"type": "deposit", "amount": "5000.00", "currency": "USD", "destination_account_id": account})))
         .collect();
     while planned.len() < accounts.len() + KILL_TEST_TRANSFERS {
         let (from, to) = {
@@ -436,7 +445,7 @@ async fn killing_command_api_or_the_fraud_worker_mid_traffic_leaves_nothing_stuc
                 rand::rng().random_range(1..10),
                 rand::rng().random_range(0..100)
             );
-            planned.push(json!({"type": "transfer", "amount": amount, "currency": "USD", "source_account_id": accounts[from], "destination_account_id": accounts[to]}));
+            planned.push((token.as_str(), json!({"type": "transfer", "amount": amount, "currency": "USD", "source_account_id": accounts[from], "destination_account_id": accounts[to]})));
         }
     }
 
@@ -470,8 +479,8 @@ async fn killing_command_api_or_the_fraud_worker_mid_traffic_leaves_nothing_stuc
     };
     let url = format!("{base}/api/v1/transactions");
     let ids: Vec<Uuid> = futures::stream::iter(planned.iter().enumerate())
-        .map(|(index, body)| {
-            let (client, url, token, accepted) = (&client, &url, &token, &accepted);
+        .map(|(index, (token, body))| {
+            let (client, url, accepted) = (&client, &url, &accepted);
             async move {
                 let answer =
                     post_until_accepted(client, url, token, &format!("transfer-{index}"), body)

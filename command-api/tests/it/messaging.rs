@@ -68,7 +68,7 @@ async fn the_relay_publishes_every_consumed_event_once_with_its_identity() {
     let mut ids = Vec::new();
     for amount in ["12.00", "13.00"] {
         let id = harness
-            .transact(&alice, json!({"type": "deposit", "amount": amount, "currency": "USD", "destination_account_id": account}))
+            .transact(&harness.operator(), json!({"type": "deposit", "amount": amount, "currency": "USD", "destination_account_id": account}))
             .await;
         harness.decide(id, FraudOutcome::Approved).await;
         ids.push(id);
@@ -186,7 +186,7 @@ async fn decisions_arrive_once_however_often_they_are_delivered_and_poison_is_de
     let (_, alice) = harness.customer();
     let account = harness.open_account(&alice, "USD").await;
     let id = harness
-        .transact(&alice, json!({"type": "deposit", "amount": "7.00", "currency": "USD", "destination_account_id": account}))
+        .transact(&harness.operator(), json!({"type": "deposit", "amount": "7.00", "currency": "USD", "destination_account_id": account}))
         .await;
     publish_decision(&channel, &topology, b"{not json", "poison-1").await;
     publish_decision(

@@ -15,7 +15,6 @@ use futures::StreamExt;
 use infra::auth::{JwtSigner, Role};
 use infra::db::ScratchDatabase;
 use rand::Rng;
-use secrecy::SecretString;
 use serde_json::json;
 use tokio::sync::Mutex;
 
@@ -78,7 +77,7 @@ async fn killed_mid_traffic(saga_batch_size: usize) {
         saga_batch_size,
     ))));
     let client = reqwest::Client::new();
-    let signer = JwtSigner::new(&SecretString::from(TEST_JWT_SECRET)).expect("signs");
+    let signer = JwtSigner::new(&infra::testing::test_token_config()).expect("signs");
     let now = chrono::Utc::now().timestamp();
     let customers: Vec<(Uuid, String)> = (0..2)
         .map(|_| {
@@ -145,9 +144,13 @@ async fn killed_mid_traffic(saga_batch_size: usize) {
                 .expect("recorded");
         }
     };
+    // The payment rail funds the accounts; the customers move money between them.
+    let operator = signer
+        .mint(Uuid::new_v4(), &[Role::Operator], now, 3600)
+        .expect("mints");
     let mut planned = Vec::new();
-    for (token, account) in &accounts {
-        planned.push((token.clone(), json!({"type": "deposit", "amount": "1000.00", "currency": "USD", "destination_account_id": account})));
+    for (_, account) in &accounts {
+        planned.push((operator.clone(), json!({"type": "deposit", "amount": "1000.00", "currency": "USD", "destination_account_id": account})));
     }
     for _ in 0..TRANSFERS {
         let (from, to) = {

@@ -30,7 +30,7 @@ async fn approved_rejected_and_timed_out_transactions_end_as_spec_section_4_says
     let (_, bob) = harness.customer();
     let source = harness.open_account(&alice, "USD").await;
     let destination = harness.open_account(&bob, "USD").await;
-    harness.fund(&alice, source, "500.00", "USD").await;
+    harness.fund(source, "500.00", "USD").await;
     let transfer = |amount: &str| json!({"type": "transfer", "amount": amount, "currency": "USD", "source_account_id": source, "destination_account_id": destination});
     let approved = harness.transact(&alice, transfer("100.00")).await;
     let rejected = harness.transact(&alice, transfer("50.00")).await;
@@ -77,7 +77,7 @@ async fn fifty_concurrent_transfers_from_three_hundred_confirm_exactly_thirty() 
     let (_, bob) = harness.customer();
     let source = harness.open_account(&alice, "USD").await;
     let destination = harness.open_account(&bob, "USD").await;
-    harness.fund(&alice, source, "300.00", "USD").await;
+    harness.fund(source, "300.00", "USD").await;
     let body = json!({"type": "transfer", "amount": "10.00", "currency": "USD", "source_account_id": source, "destination_account_id": destination});
     let posts = (0..50).map(|_| harness.transact(&alice, body.clone()));
     let ids = futures::future::join_all(posts).await;
@@ -127,7 +127,7 @@ async fn every_saga_step_run_twice_changes_nothing() {
     let (_, bob) = harness.customer();
     let source = harness.open_account(&alice, "EUR").await;
     let destination = harness.open_account(&bob, "EUR").await;
-    harness.fund(&alice, source, "100.00", "EUR").await;
+    harness.fund(source, "100.00", "EUR").await;
     let mut ids = Vec::new();
     for (amount, outcome) in [
         ("30.00", FraudOutcome::Approved),
@@ -402,7 +402,7 @@ async fn a_saga_killed_between_any_two_steps_finishes_every_transaction_on_resta
         let (_, bob) = harness.customer();
         let source = harness.open_account(&alice, "USD").await;
         let destination = harness.open_account(&bob, "USD").await;
-        harness.fund(&alice, source, "100.00", "USD").await;
+        harness.fund(source, "100.00", "USD").await;
         harness.app.kill().await;
 
         let url = harness.app.database_url.clone();
@@ -483,11 +483,11 @@ async fn two_instances_share_one_saga() {
         .expect("starts");
     let (_, alice) = first.customer();
     let account = first.open_account(&alice, "GBP").await;
-    first.fund(&alice, account, "10.00", "GBP").await;
+    first.fund(account, "10.00", "GBP").await;
     first.app.stop().await;
     let old = std::mem::replace(&mut first.app, second_app);
     drop(old);
-    first.fund(&alice, account, "5.00", "GBP").await;
+    first.fund(account, "5.00", "GBP").await;
     let report = first.assert_invariants().await;
     assert_eq!(balance_of(&report, account), (1_500, 1_500));
     first.finish().await;

@@ -75,6 +75,11 @@ impl Harness {
         self.app.token(Uuid::new_v4(), &[Role::Admin])
     }
 
+    /// A payment rail's token: money enters and leaves through it (SPEC §5).
+    pub fn operator(&self) -> String {
+        self.app.token(Uuid::new_v4(), &[Role::Operator])
+    }
+
     pub async fn post(
         &self,
         path: &str,
@@ -130,11 +135,12 @@ impl Harness {
         Uuid::parse_str(body["id"].as_str().expect("an id")).expect("a UUID")
     }
 
-    /// Deposits `amount` into `account` and approves it, waiting until it is settled.
-    pub async fn fund(&self, token: &str, account: Uuid, amount: &str, currency: &str) {
+    /// Deposits `amount` into `account` through an operator (the payment rail: customers do not
+    /// create money) and approves it, waiting until it is settled.
+    pub async fn fund(&self, account: Uuid, amount: &str, currency: &str) {
         let id = self
             .transact(
-                token,
+                &self.operator(),
                 json!({"type": "deposit", "amount": amount, "currency": currency, "destination_account_id": account}),
             )
             .await;

@@ -8,7 +8,6 @@ use fraud_worker::rules::RuleName;
 use fraud_worker::testing::{TestOptions, TestPayment, spawn_app};
 use infra::auth::{JwtSigner, Role};
 use reqwest::StatusCode;
-use secrecy::SecretString;
 use serde_json::Value;
 use uuid::Uuid;
 
@@ -43,8 +42,8 @@ async fn the_rules_are_listed_to_admins_and_auditors_only() {
     };
     let app = spawn_app(&options).await.expect("the worker starts");
     let url = format!("{}/api/v1/fraud/rules", app.address);
-    let forged = JwtSigner::new(&SecretString::from(
-        "another-secret-that-is-long-enough-too!!",
+    let forged = JwtSigner::new(&infra::auth::TokenConfig::with_secret(
+        "another-secret-that-is-long-enough-too!!XYZ",
     ))
     .expect("long enough")
     .mint(

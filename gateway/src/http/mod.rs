@@ -1,10 +1,13 @@
-//! The gateway's HTTP surface. Its own routes: `/health`, `/metrics`, the OpenAPI document, the
-//! two identity routes (public) and the roles route (admin). Every other request goes through
-//! the edge ([`edge`]): the routing table names its upstream, the bearer token is verified
-//! (401) and the table's roles checked (403) before it is forwarded.
+//! The gateway's HTTP surface. Its own routes: `/health`, the OpenAPI document, the identity
+//! routes (public) and the roles route (admin). Every other request goes through the edge
+//! ([`edge`]): the routing table names its upstream, the bearer token is verified (401) and the
+//! table's roles checked (403) before it is forwarded. Before any of that, the path guard
+//! ([`paths`]) refuses every path that could mean two things. `/metrics` is not here: it is
+//! served on its own listener ([`metrics_router`], `METRICS_ADDR`).
 
 mod edge;
 mod identity;
+pub mod paths;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -15,17 +18,25 @@ use axum::http::header;
 use axum::response::IntoResponse;
 use axum::routing::{get, post, put};
 use infra::auth::{JwtSigner, JwtVerifier};
-use infra::http::{HealthReport, method_not_allowed, metrics_endpoint, service_layers};
+use infra::http::{HealthReport, method_not_allowed, metrics_endpoint, not_found, service_layers};
 use sqlx::PgPool;
+use tokio::sync::Mutex;
+use tokio::time::Instant;
 
+use crate::clients::TrustedProxies;
 use crate::identity::Users;
 use crate::limiter::LoginLimiter;
 use crate::passwords::Passwords;
 use crate::proxy::Proxy;
-use crate::routes::RoutingTable;
+use crate::routes::{RoutingTable, Upstream};
 
 /// How long `/health` waits for the database before calling it down.
 const HEALTH_CHECK_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// How long one `/health` answer is reused: a second. `/health` is public and unauthenticated
+/// and asks the database and every upstream; cached, a flood of it costs at most one such
+/// round a second, and a load balancer probing every few seconds still sees fresh news.
+pub const HEALTH_CACHE_TTL: Duration = Duration::from_secs(1);
 
 /// The OpenAPI 3.1 document of the whole public API (SPEC §5), kept true by a test.
 pub const OPENAPI_DOCUMENT: &str = include_str!("../../openapi.json");
@@ -39,9 +50,14 @@ pub struct AppState {
     pub limiter: Arc<LoginLimiter>,
     pub signer: Arc<JwtSigner>,
     pub verifier: Arc<JwtVerifier>,
-    pub token_ttl_seconds: i64,
+    /// Lifetime of the access tokens the gateway mints.
+    pub access_token_ttl_seconds: i64,
+    /// Lifetime of a session (its refresh token).
+    pub session_lifetime: Duration,
+    pub trusted_proxies: Arc<TrustedProxies>,
     pub routes: Arc<RoutingTable>,
     pub proxy: Proxy,
+    pub health: Arc<HealthCache>,
 }
 
 impl FromRef<AppState> for Arc<JwtVerifier> {
@@ -50,20 +66,33 @@ impl FromRef<AppState> for Arc<JwtVerifier> {
     }
 }
 
+/// The public listener's router.
 pub fn router(state: AppState) -> Router {
     let routes = Router::new()
         .route("/api/v1/auth/register", post(identity::register))
         .route("/api/v1/auth/token", post(identity::token))
+        .route("/api/v1/auth/refresh", post(identity::refresh))
         .route(
             "/api/v1/admin/users/{customer_id}/roles",
             put(identity::set_roles),
         )
         .route("/api/v1/openapi.json", get(openapi))
         .route("/health", get(health))
-        .route("/metrics", get(metrics_endpoint))
         .fallback(edge::forward)
         .method_not_allowed_fallback(method_not_allowed);
-    service_layers(routes).with_state(state)
+    service_layers(routes)
+        .layer(axum::middleware::from_fn(paths::refuse_ambiguous_paths))
+        .with_state(state)
+}
+
+/// The metrics listener's router (`METRICS_ADDR`): `/metrics` only.
+pub fn metrics_router() -> Router {
+    service_layers(
+        Router::new()
+            .route("/metrics", get(metrics_endpoint))
+            .fallback(not_found)
+            .method_not_allowed_fallback(method_not_allowed),
+    )
 }
 
 /// `GET /api/v1/openapi.json`.
@@ -74,10 +103,41 @@ async fn openapi() -> impl IntoResponse {
     )
 }
 
+/// The last `/health` round: when it started, whether the database answered, and each upstream.
+type HealthRound = (Instant, bool, Vec<(Upstream, bool)>);
+
+/// One `/health` round at a time, reused for [`HEALTH_CACHE_TTL`].
+#[derive(Default)]
+pub struct HealthCache {
+    last: Mutex<Option<HealthRound>>,
+}
+
 /// `GET /health`: the gateway's database is required (identity and tokens need it); each
 /// upstream the routing table uses is reported, and one that is down makes the gateway
-/// `degraded`, not down (docs/decisions.md §13).
+/// `degraded`, not down (docs/decisions.md §13). Answered from the last round if it is younger
+/// than [`HEALTH_CACHE_TTL`]; concurrent callers share one round.
 async fn health(State(state): State<AppState>) -> HealthReport {
+    let mut last = state.health.last.lock().await;
+    let fresh = last
+        .as_ref()
+        .filter(|(started, _, _)| started.elapsed() < HEALTH_CACHE_TTL);
+    let (database, upstreams) = match fresh {
+        Some((_, database, upstreams)) => (*database, upstreams.clone()),
+        None => {
+            let started = Instant::now();
+            let (database, upstreams) = health_round(&state).await;
+            *last = Some((started, database, upstreams.clone()));
+            (database, upstreams)
+        }
+    };
+    drop(last);
+    upstreams.iter().fold(
+        HealthReport::default().required("database", database),
+        |report, (upstream, up)| report.optional(upstream.name(), *up),
+    )
+}
+
+async fn health_round(state: &AppState) -> (bool, Vec<(Upstream, bool)>) {
     let upstreams: Vec<_> = state.routes.upstreams().into_iter().collect();
     let database = infra::db::ping(&state.pool, HEALTH_CHECK_TIMEOUT);
     let checks = futures::future::join_all(
@@ -86,8 +146,5 @@ async fn health(State(state): State<AppState>) -> HealthReport {
             .map(|upstream| state.proxy.healthy(*upstream)),
     );
     let (database, checks) = tokio::join!(database, checks);
-    upstreams.iter().zip(checks).fold(
-        HealthReport::default().required("database", database),
-        |report, (upstream, up)| report.optional(upstream.name(), up),
-    )
+    (database, upstreams.into_iter().zip(checks).collect())
 }

@@ -119,16 +119,31 @@ async fn unknown_paths_get_404_and_unrouted_methods_405() {
         .send()
         .await
         .expect("answers");
+    assert_eq!(
+        response.headers()["allow"],
+        "GET, HEAD, POST",
+        "a 405 says what the prefix takes (RFC 9110)"
+    );
     assert_problem(
         response,
         StatusCode::METHOD_NOT_ALLOWED,
         "method_not_allowed",
     )
     .await;
-    for path in ["/health", "/metrics", "/api/v1/openapi.json"] {
+    for path in ["/health", "/api/v1/openapi.json"] {
         let response = harness.get(path, None).await;
         assert_eq!(response.status(), StatusCode::OK, "{path}");
     }
+    // Metrics are on their own listener (METRICS_ADDR), never on the public one.
+    let response = harness.get("/metrics", None).await;
+    assert_problem(response, StatusCode::NOT_FOUND, "not_found").await;
+    let response = harness
+        .client
+        .get(format!("{}/metrics", harness.gateway.metrics_address))
+        .send()
+        .await
+        .expect("the metrics listener answers");
+    assert_eq!(response.status(), StatusCode::OK);
     harness.finish().await;
 }
 

@@ -7,7 +7,6 @@ use gateway::testing::TEST_JWT_SECRET;
 use infra::auth::{Claims, JwtVerifier, Role};
 use jsonwebtoken::{DecodingKey, Validation};
 use reqwest::StatusCode;
-use secrecy::SecretString;
 use serde_json::{Value, json};
 use uuid::Uuid;
 
@@ -45,22 +44,41 @@ async fn a_registered_customer_gets_a_token_naming_it_with_the_customer_role() {
     assert_eq!(response.status(), StatusCode::OK);
     let body: Value = response.json().await.expect("JSON");
     assert_eq!(body["token_type"], "Bearer");
-    assert_eq!(body["expires_in"], 900);
+    assert_eq!(
+        body["expires_in"], 600,
+        "the test gateway's access token lifetime"
+    );
+    assert_eq!(
+        body["refresh_expires_in"], 900,
+        "a login lasts JWT_TTL_SECONDS"
+    );
+    assert!(
+        body["refresh_token"]
+            .as_str()
+            .is_some_and(|token| token.len() == 64)
+    );
     let token = body["access_token"].as_str().expect("a token");
-    let verifier = JwtVerifier::new(&SecretString::from(TEST_JWT_SECRET)).expect("a verifier");
+    let verifier = JwtVerifier::new(&infra::testing::test_token_config()).expect("a verifier");
     let caller = verifier
         .verify(token)
         .expect("the gateway's token verifies");
     assert_eq!(caller.subject, customer_id);
     assert_eq!(caller.roles, vec![Role::Customer]);
+    let mut validation = Validation::new(jsonwebtoken::Algorithm::HS256);
+    validation.set_audience(&["ledger-api"]);
     let claims = jsonwebtoken::decode::<Claims>(
         token,
         &DecodingKey::from_secret(TEST_JWT_SECRET.as_bytes()),
-        &Validation::new(jsonwebtoken::Algorithm::HS256),
+        &validation,
     )
     .expect("decodes")
     .claims;
-    assert_eq!(claims.exp - claims.iat, 900);
+    assert_eq!(claims.exp - claims.iat, 600);
+    assert_eq!(
+        (claims.iss.as_str(), claims.aud.as_str()),
+        ("ledger", "ledger-api")
+    );
+    assert_eq!(claims.nbf, claims.iat);
     assert!(!claims.jti.is_empty());
     harness.finish().await;
 }
@@ -157,7 +175,8 @@ async fn an_unknown_user_and_a_wrong_password_get_the_same_401() {
 
 #[tokio::test]
 async fn failed_logins_per_username_are_limited_until_the_window_ends() {
-    // Proves 10 failures per username per minute: the 11th attempt is 429 with Retry-After,
+    // Proves 10 failures per username (from one address) per minute: the 11th attempt is 429
+    // with Retry-After,
     // even with the right password, other usernames are unaffected, and the limit lifts when
     // the window ends (the limiter's clock is moved, not waited for).
     let harness = Harness::start().await;
@@ -247,7 +266,7 @@ async fn admins_set_roles_and_everyone_else_is_refused() {
         json!({"customer_id": customer_id, "username": username, "roles": ["auditor", "customer"]})
     );
     let token = harness.token(&username, PASSWORD).await;
-    let verifier = JwtVerifier::new(&SecretString::from(TEST_JWT_SECRET)).expect("a verifier");
+    let verifier = JwtVerifier::new(&infra::testing::test_token_config()).expect("a verifier");
     let caller = verifier.verify(&token).expect("verifies");
     assert!(caller.has(Role::Auditor) && caller.has(Role::Customer));
 
@@ -308,7 +327,7 @@ async fn the_configured_admin_is_ensured_at_every_start() {
     // one stops working), and that an admin role taken away in between is given back.
     let mut harness = Harness::start_with(with_admin()).await;
     let admin = harness.token(ADMIN_USERNAME, ADMIN_PASSWORD).await;
-    let verifier = JwtVerifier::new(&SecretString::from(TEST_JWT_SECRET)).expect("a verifier");
+    let verifier = JwtVerifier::new(&infra::testing::test_token_config()).expect("a verifier");
     let admin_id = verifier.verify(&admin).expect("verifies").subject;
     assert!(verifier.verify(&admin).expect("verifies").has(Role::Admin));
     sqlx::query("UPDATE gateway.users SET roles = ARRAY['auditor'] WHERE customer_id = $1")

@@ -7,4 +7,5 @@ mod health;
 mod identity;
 mod openapi;
 mod proxy;
+mod security;
 mod support;

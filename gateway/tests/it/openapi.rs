@@ -14,11 +14,12 @@ use uuid::Uuid;
 
 use crate::support::{Harness, PASSWORD, unique_username};
 
-/// SPEC §5's table, as (method, path) pairs.
-const SPEC_ROUTES: [(&str, &str); 15] = [
+/// SPEC §5's table, as (method, path) pairs, and the refresh route of issue 11.
+const SPEC_ROUTES: [(&str, &str); 16] = [
     ("GET", "/health"),
     ("POST", "/api/v1/auth/register"),
     ("POST", "/api/v1/auth/token"),
+    ("POST", "/api/v1/auth/refresh"),
     ("PUT", "/api/v1/admin/users/{customer_id}/roles"),
     ("POST", "/api/v1/accounts"),
     ("GET", "/api/v1/accounts"),
@@ -34,11 +35,12 @@ const SPEC_ROUTES: [(&str, &str); 15] = [
 ];
 
 /// Routes the gateway serves itself rather than through the table's upstreams.
-const GATEWAY_ROUTES: [&str; 5] = [
+const GATEWAY_ROUTES: [&str; 6] = [
     "/health",
     "/api/v1/openapi.json",
     "/api/v1/auth/register",
     "/api/v1/auth/token",
+    "/api/v1/auth/refresh",
     "/api/v1/admin/users/{customer_id}/roles",
 ];
 

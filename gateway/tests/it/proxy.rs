@@ -179,11 +179,13 @@ async fn commands_pass_through_to_command_api_with_position_location_and_correla
 
     let deposit = json!({"type": "deposit", "amount": "25.00", "currency": "EUR",
                          "destination_account_id": account_id});
+    // Money enters through the payment rail (SPEC §5).
+    let operator = harness.gateway.token(Uuid::new_v4(), &[Role::Operator]);
     let send = || {
         harness
             .client
             .post(harness.url("/api/v1/transactions"))
-            .bearer_auth(&token)
+            .bearer_auth(&operator)
             .header("Idempotency-Key", "deposit-1")
             .header("X-Correlation-ID", &correlation_id)
             .json(&deposit)
@@ -250,10 +252,11 @@ async fn a_customer_cannot_read_or_move_someone_elses_money_through_any_route() 
     };
     let account_a = open(token_a.clone()).await;
     let account_b = open(token_b.clone()).await;
+    let operator = harness.gateway.token(Uuid::new_v4(), &[Role::Operator]);
     let response = harness
         .client
         .post(harness.url("/api/v1/transactions"))
-        .bearer_auth(&token_a)
+        .bearer_auth(&operator)
         .header("Idempotency-Key", "top-up-a")
         .json(
             &json!({"type": "deposit", "amount": "10.00", "currency": "USD",
@@ -337,11 +340,6 @@ async fn a_customer_cannot_read_or_move_someone_elses_money_through_any_route() 
             json!({"type": "transfer", "amount": "1.00", "currency": "USD",
                             "source_account_id": account_a, "destination_account_id": account_b}),
         ),
-        (
-            "steal-3",
-            json!({"type": "deposit", "amount": "1.00", "currency": "USD",
-                            "destination_account_id": account_a}),
-        ),
     ] {
         let response = harness
             .client
@@ -354,6 +352,20 @@ async fn a_customer_cannot_read_or_move_someone_elses_money_through_any_route() 
             .expect("answers");
         assert_eq!(response.status(), StatusCode::NOT_FOUND, "{body}");
     }
+    // Nor can B make money for A (or anyone): deposits are the payment rail's.
+    let response = harness
+        .client
+        .post(harness.url("/api/v1/transactions"))
+        .bearer_auth(&token_b)
+        .header("Idempotency-Key", "steal-3")
+        .json(
+            &json!({"type": "deposit", "amount": "1.00", "currency": "USD",
+                      "destination_account_id": account_a}),
+        )
+        .send()
+        .await
+        .expect("answers");
+    assert_problem(response, StatusCode::FORBIDDEN, "top_ups_disabled").await;
     harness.finish().await;
 }
 

@@ -276,16 +276,19 @@ pub struct EchoUpstream {
     pub url: String,
     /// Requests received, `/health` excepted.
     pub requests: Arc<AtomicUsize>,
+    /// `/health` requests received.
+    pub health_checks: Arc<AtomicUsize>,
     shutdown: Option<oneshot::Sender<()>>,
 }
 
 impl EchoUpstream {
     pub async fn start() -> EchoUpstream {
         let requests = Arc::new(AtomicUsize::new(0));
-        let counter = requests.clone();
+        let health_checks = Arc::new(AtomicUsize::new(0));
+        let (counter, health) = (requests.clone(), health_checks.clone());
         let router = axum::Router::new().fallback(move |request: Request| {
-            let counter = counter.clone();
-            async move { echo(request, counter).await }
+            let (counter, health) = (counter.clone(), health.clone());
+            async move { echo(request, counter, health).await }
         });
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
@@ -302,6 +305,7 @@ impl EchoUpstream {
         EchoUpstream {
             url,
             requests,
+            health_checks,
             shutdown: Some(shutdown),
         }
     }
@@ -319,9 +323,10 @@ impl Drop for EchoUpstream {
     }
 }
 
-async fn echo(request: Request, counter: Arc<AtomicUsize>) -> Response {
+async fn echo(request: Request, counter: Arc<AtomicUsize>, health: Arc<AtomicUsize>) -> Response {
     let path = request.uri().path().to_owned();
     if path == "/health" {
+        health.fetch_add(1, Ordering::SeqCst);
         return axum::Json(json!({"status": "ok", "checks": {}})).into_response();
     }
     counter.fetch_add(1, Ordering::SeqCst);

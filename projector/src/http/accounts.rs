@@ -11,7 +11,7 @@ use infra::error::DatabaseContext;
 use serde_json::{Value, json};
 use uuid::Uuid;
 
-use super::{AppState, Reader, WantedPosition, page_and_filters, paged, path_id, reach};
+use super::{AppState, Reader, WantedPosition, page_and_filters, paged, path_id};
 use crate::error::{Error, Result};
 use crate::model::accounts::AccountRecord;
 use crate::model::history;
@@ -81,7 +81,7 @@ pub async fn one(
     Path(id): Path<String>,
 ) -> Result<(HeaderMap, Json<Value>)> {
     Reader::of(&caller)?;
-    let headers = reach(&state, &wanted).await?;
+    let headers = state.positions.reach(&wanted).await?;
     let record = visible(&state, &caller, &id).await?;
     Ok((headers, Json(view(&record)?)))
 }
@@ -93,7 +93,7 @@ pub async fn balance(
     Path(id): Path<String>,
 ) -> Result<(HeaderMap, Json<Value>)> {
     Reader::of(&caller)?;
-    let headers = reach(&state, &wanted).await?;
+    let headers = state.positions.reach(&wanted).await?;
     let record = visible(&state, &caller, &id).await?;
     let currency = record.currency.as_str();
     Ok((
@@ -132,7 +132,7 @@ pub async fn list(
             ));
         }
     };
-    let headers = reach(&state, &wanted).await?;
+    let headers = state.positions.reach(&wanted).await?;
     let columns = AccountRecord::columns();
     let rows = match owner {
         Some(owner) => {
@@ -177,7 +177,7 @@ pub async fn history(
 ) -> Result<(HeaderMap, Json<Value>)> {
     Reader::of(&caller)?;
     let (page, _) = page_and_filters(query, &[])?;
-    let headers = reach(&state, &wanted).await?;
+    let headers = state.positions.reach(&wanted).await?;
     let account = visible(&state, &caller, &id).await?;
     let rows = sqlx::query(&format!(
         "SELECT {} FROM account_history WHERE account_id = $1 AND created_position < $2

@@ -4,17 +4,19 @@
 //! through `X-Ledger-Position`.
 
 mod accounts;
+mod audit;
+pub mod positions;
 mod transactions;
 
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use axum::Router;
 use axum::extract::{FromRef, FromRequestParts, Query, State};
+use axum::http::HeaderName;
 use axum::http::request::Parts;
-use axum::http::{HeaderMap, HeaderName, HeaderValue};
 use axum::routing::get;
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
@@ -23,12 +25,10 @@ use infra::http::{HealthReport, method_not_allowed, metrics_endpoint, not_found,
 use infra::log::LogPosition;
 use serde_json::{Value, json};
 use sqlx::PgPool;
-use tokio::sync::watch;
 use uuid::Uuid;
 
 use crate::cache::Cache;
 use crate::error::{Error, Result};
-use crate::generations;
 
 /// How long `/health` waits for a dependency before calling it down.
 const HEALTH_CHECK_TIMEOUT: Duration = Duration::from_secs(2);
@@ -36,13 +36,7 @@ const HEALTH_CHECK_TIMEOUT: Duration = Duration::from_secs(2);
 /// The read-your-writes header (SPEC §5).
 pub const POSITION_HEADER: HeaderName = HeaderName::from_static("x-ledger-position");
 
-/// How long a read waits for the read side to reach the caller's position.
-pub const POSITION_WAIT: Duration = Duration::from_secs(2);
-
-/// How often a waiting read looks at the checkpoints: first soon, then less and less often, so
-/// that many waiting reads (or forged far-away positions) do not flood the database.
-const POSITION_POLL_FIRST: Duration = Duration::from_millis(2);
-const POSITION_POLL_MAX: Duration = Duration::from_millis(50);
+pub use positions::{POSITION_WAIT, Positions};
 
 /// Page size when the caller names none, and the largest allowed.
 const PAGE_SIZE_DEFAULT: i64 = 20;
@@ -59,9 +53,8 @@ pub struct AppState {
     pub verifier: Arc<JwtVerifier>,
     /// One flag per projection runner: false while its last batch failed.
     pub runners_healthy: Vec<Arc<AtomicBool>>,
-    /// Where this instance's projector stands, when it runs here: waiting reads wake on it
-    /// instead of polling the database.
-    pub applied: Option<watch::Receiver<LogPosition>>,
+    /// Read-your-writes waits, bounded and on connections of their own.
+    pub positions: Arc<Positions>,
 }
 
 impl FromRef<AppState> for Arc<JwtVerifier> {
@@ -112,22 +105,39 @@ async fn health(State(state): State<AppState>) -> HealthReport {
     }
 }
 
-/// Who may read what: customers their own, admins and auditors everything.
-#[derive(Debug, Clone, Copy)]
+/// Who may read what: customers their own, admins and auditors everything, operators (the
+/// payment rail) every account and transaction, to see the outcomes of what they posted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Reader {
     Everything,
     Owner(Uuid),
 }
 
 impl Reader {
+    /// Accounts, balances, histories and transactions.
     pub fn of(caller: &Caller) -> Result<Reader> {
+        if caller.has_any(&[Role::Admin, Role::Auditor, Role::Operator]) {
+            Ok(Reader::Everything)
+        } else if caller.has(Role::Customer) {
+            Ok(Reader::Owner(caller.subject))
+        } else {
+            Err(Error::Forbidden(
+                "reading needs the customer, operator, admin or auditor role".to_owned(),
+            ))
+        }
+    }
+
+    /// A transaction's audit trail (its events): admins and auditors all of it, a customer
+    /// party its own side (`audit::customer_view`); an operator sees outcomes through the
+    /// transaction itself, not the trail.
+    pub fn of_audit_trail(caller: &Caller) -> Result<Reader> {
         if caller.has_any(&[Role::Admin, Role::Auditor]) {
             Ok(Reader::Everything)
         } else if caller.has(Role::Customer) {
             Ok(Reader::Owner(caller.subject))
         } else {
             Err(Error::Forbidden(
-                "reading needs the customer, admin or auditor role".to_owned(),
+                "the audit trail is for the parties, admins and auditors".to_owned(),
             ))
         }
     }
@@ -157,63 +167,6 @@ impl<S: Send + Sync> FromRequestParts<S> for WantedPosition {
         text.parse::<LogPosition>()
             .map(|position| WantedPosition(Some(position)))
             .map_err(|detail| Error::bad_request("invalid_position", detail))
-    }
-}
-
-/// Waits (up to [`POSITION_WAIT`]) until every projection has applied the log up to `wanted`,
-/// and returns the headers that say so. Without a wanted position, reads at once.
-///
-/// When this instance runs the projector, its progress wakes the wait at once; the database's
-/// checkpoints are also read, at a slowing rate, since another instance may be the one running
-/// it.
-pub async fn reach(state: &AppState, wanted: &WantedPosition) -> Result<HeaderMap> {
-    let mut headers = HeaderMap::new();
-    let Some(wanted) = wanted.0 else {
-        return Ok(headers);
-    };
-    let started = Instant::now();
-    let deadline = tokio::time::Instant::now() + POSITION_WAIT;
-    let mut applied = state.applied.clone();
-    let mut poll = POSITION_POLL_FIRST;
-    let mut next_look = tokio::time::Instant::now();
-    let mut reached = LogPosition::START;
-    loop {
-        if let Some(applied) = &applied {
-            reached = reached.max(*applied.borrow());
-        }
-        if reached < wanted && tokio::time::Instant::now() >= next_look {
-            reached = reached.max(generations::read_position(&state.pool).await?);
-            next_look = tokio::time::Instant::now() + poll;
-            poll = (poll * 2).min(POSITION_POLL_MAX);
-        }
-        if reached >= wanted {
-            if let Ok(value) = HeaderValue::from_str(&reached.to_string()) {
-                headers.insert(POSITION_HEADER, value);
-            }
-            metrics::histogram!("read_your_writes_wait_seconds")
-                .record(started.elapsed().as_secs_f64());
-            return Ok(headers);
-        }
-        if tokio::time::Instant::now() >= deadline {
-            return Err(Error::PositionNotReached {
-                wanted: wanted.to_string(),
-                reached: reached.to_string(),
-            });
-        }
-        let wake = next_look.min(deadline);
-        match applied.as_mut() {
-            Some(receiver) => {
-                tokio::select! {
-                    changed = receiver.changed() => {
-                        if changed.is_err() {
-                            applied = None;
-                        }
-                    }
-                    () = tokio::time::sleep_until(wake) => {}
-                }
-            }
-            None => tokio::time::sleep_until(wake).await,
-        }
     }
 }
 

@@ -13,7 +13,7 @@ use sqlx::Row;
 use uuid::Uuid;
 
 use super::accounts::money;
-use super::{AppState, Reader, WantedPosition, page_and_filters, paged, path_id, reach};
+use super::{AppState, Reader, WantedPosition, audit, page_and_filters, paged, path_id};
 use crate::cache::Lookup;
 use crate::error::{Error, Result};
 use crate::model::timestamp;
@@ -66,7 +66,7 @@ pub async fn one(
 ) -> Result<(HeaderMap, Json<Value>)> {
     let reader = Reader::of(&caller)?;
     let id = path_id(&id, "transaction")?;
-    let mut headers = reach(&state, &wanted).await?;
+    let mut headers = state.positions.reach(&wanted).await?;
     let lookup = match &state.cache {
         Some(cache) => cache.get(id).await,
         None => Lookup::Unavailable,
@@ -132,7 +132,7 @@ pub async fn list(
                 .map_err(|_| Error::bad_request("invalid_account_id", "account_id must be a UUID"))
         })
         .transpose()?;
-    let headers = reach(&state, &wanted).await?;
+    let headers = state.positions.reach(&wanted).await?;
     if let (Some(account), Reader::Owner(me)) = (account, reader) {
         let owner: Option<Option<Uuid>> =
             sqlx::query_scalar("SELECT owner_id FROM accounts WHERE id = $1")
@@ -189,16 +189,17 @@ pub async fn list(
     Ok((headers, Json(paged(items, page.size))))
 }
 
-/// The audit trail: every event of the transaction's stream, as stored.
+/// The audit trail: every event of the transaction's stream, as stored for admins and
+/// auditors, and reduced to the caller's own side for a customer party (`super::audit`).
 pub async fn events(
     State(state): State<AppState>,
     caller: Caller,
     wanted: WantedPosition,
     Path(id): Path<String>,
 ) -> Result<(HeaderMap, Json<Value>)> {
-    let reader = Reader::of(&caller)?;
+    let reader = Reader::of_audit_trail(&caller)?;
     let id = path_id(&id, "transaction")?;
-    let headers = reach(&state, &wanted).await?;
+    let headers = state.positions.reach(&wanted).await?;
     let record = from_database(&state, id)
         .await?
         .ok_or_else(|| not_found(id))?;
@@ -219,14 +220,23 @@ pub async fn events(
         .iter()
         .map(|row| {
             let recorded_at: DateTime<Utc> = row.try_get("recorded_at")?;
+            let event_type: String = row.try_get("event_type")?;
+            let payload: Value = row.try_get("payload")?;
+            let metadata: Value = row.try_get("metadata")?;
+            let (payload, metadata) = match reader {
+                Reader::Everything => (payload, metadata),
+                Reader::Owner(me) => {
+                    audit::customer_view(me, &record, &event_type, &payload, &metadata)
+                }
+            };
             Ok(json!({
                 "sequence": row.try_get::<i64, _>("sequence")?,
-                "type": row.try_get::<String, _>("event_type")?,
+                "type": event_type,
                 "event_version": row.try_get::<String, _>("event_version")?,
                 "event_id": row.try_get::<Uuid, _>("event_id")?,
                 "recorded_at": timestamp(recorded_at),
-                "payload": row.try_get::<Value, _>("payload")?,
-                "metadata": row.try_get::<Value, _>("metadata")?,
+                "payload": payload,
+                "metadata": metadata,
             }))
         })
         .collect::<Result<Vec<_>, sqlx::Error>>()

@@ -4,6 +4,7 @@
 use std::time::Duration;
 
 use domain::FraudOutcome;
+use infra::auth::Role;
 use projector::testing::TestOptions;
 use reqwest::StatusCode;
 use serde_json::Value;
@@ -46,7 +47,7 @@ async fn the_cache_is_refilled_on_a_miss_and_never_behind_the_read_model() {
     let (_, stranger) = harness.customer();
     let source = harness.open_account(&token, "USD").await;
     let destination = harness.open_account(&token, "USD").await;
-    harness.fund(&token, source, "100.00", "USD").await;
+    harness.fund(source, "100.00", "USD").await;
     let (transfer, position) = harness
         .transact(
             &token,
@@ -123,7 +124,7 @@ async fn with_redis_down_reads_come_from_postgres_and_health_is_degraded() {
     .await;
     let (_, token) = harness.customer();
     let account = harness.open_account(&token, "EUR").await;
-    let deposit = harness.fund(&token, account, "10.00", "EUR").await;
+    let deposit = harness.fund(account, "10.00", "EUR").await;
     harness.caught_up().await;
     for _ in 0..3 {
         let (status, cache, body) = get_transaction(&harness, deposit, &token).await;
@@ -154,7 +155,7 @@ async fn an_entry_that_missed_a_write_during_an_outage_is_not_served_afterwards(
     let account = harness.open_account(&token, "USD").await;
     let (deposit, position) = harness
         .transact(
-            &token,
+            &harness.token_with(Role::Operator),
             serde_json::json!({"type": "deposit", "amount": "3.00", "currency": "USD",
                 "destination_account_id": account}),
         )

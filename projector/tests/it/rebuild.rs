@@ -182,7 +182,7 @@ async fn a_rebuild_during_traffic_loses_nothing_at_the_switch() {
     let (_, token) = harness.customer();
     let source = harness.open_account(&token, "USD").await;
     let destination = harness.open_account(&token, "USD").await;
-    harness.fund(&token, source, "1000.00", "USD").await;
+    harness.fund(source, "1000.00", "USD").await;
     let rebuilt = AtomicBool::new(false);
 
     let traffic = async {

@@ -29,7 +29,7 @@ async fn a_projector_killed_mid_batch_neither_loses_nor_doubles_a_row() {
     let bob = harness.open_account(&token, "EUR").await;
     let mut transactions: Vec<Uuid> = Vec::new();
     let mut history_rows = 0;
-    transactions.push(harness.fund(&token, alice, "500.00", "EUR").await);
+    transactions.push(harness.fund(alice, "500.00", "EUR").await);
     history_rows += 1;
 
     for round in 0..KILLS {
@@ -39,7 +39,7 @@ async fn a_projector_killed_mid_batch_neither_loses_nor_doubles_a_row() {
             transactions.push(id);
             history_rows += 2;
         }
-        let id = harness.deposit(&token, bob, "3.00", "EUR").await;
+        let id = harness.deposit(bob, "3.00", "EUR").await;
         harness.decide(id, FraudOutcome::Approved).await;
         transactions.push(id);
         history_rows += 1;
@@ -101,7 +101,7 @@ async fn a_standby_instance_takes_over_when_the_leader_dies() {
     .expect("a second instance starts");
     let (_, token) = harness.customer();
     let account = harness.open_account(&token, "USD").await;
-    let first = harness.fund(&token, account, "10.00", "USD").await;
+    let first = harness.fund(account, "10.00", "USD").await;
     harness.caught_up().await;
     let via_standby = harness
         .client
@@ -115,7 +115,7 @@ async fn a_standby_instance_takes_over_when_the_leader_dies() {
     harness.projector.kill().await;
     // The standby is the projector now; the killed one's sessions are closed.
     std::mem::swap(&mut harness.projector, &mut standby);
-    let second = harness.fund(&token, account, "5.00", "USD").await;
+    let second = harness.fund(account, "5.00", "USD").await;
     harness.caught_up().await;
     let body = harness
         .client
@@ -150,7 +150,7 @@ async fn lag_is_measured_from_the_checkpoints_while_no_runner_moves() {
     let account = harness.open_account(&token, "USD").await;
     harness.caught_up().await;
     harness.projector.kill().await;
-    harness.fund(&token, account, "10.00", "USD").await;
+    harness.fund(account, "10.00", "USD").await;
 
     let pool = projector::startup::open_read_models(&harness.database_url(), 2)
         .await

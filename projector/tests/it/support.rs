@@ -139,10 +139,14 @@ impl Harness {
         (uuid_of(&body["id"]), position)
     }
 
-    pub async fn deposit(&self, token: &str, account: Uuid, amount: &str, currency: &str) -> Uuid {
+    /// Deposits into `account` through an operator (the payment rail: customers do not create
+    /// money).
+    pub async fn deposit(&self, account: Uuid, amount: &str, currency: &str) -> Uuid {
         let body = json!({"type": "deposit", "amount": amount, "currency": currency,
             "destination_account_id": account});
-        self.transact(token, body).await.0
+        self.transact(&self.token_with(Role::Operator), body)
+            .await
+            .0
     }
 
     pub async fn transfer(
@@ -164,9 +168,9 @@ impl Harness {
         self.transact(token, body).await.0
     }
 
-    /// Deposits into `account`, approves it and waits until it settled.
-    pub async fn fund(&self, token: &str, account: Uuid, amount: &str, currency: &str) -> Uuid {
-        let id = self.deposit(token, account, amount, currency).await;
+    /// Deposits into `account` (an operator's deposit), approves it and waits until it settled.
+    pub async fn fund(&self, account: Uuid, amount: &str, currency: &str) -> Uuid {
+        let id = self.deposit(account, amount, currency).await;
         self.decide(id, FraudOutcome::Approved).await;
         self.wait_settled(&[id]).await;
         id
@@ -390,9 +394,9 @@ impl Harness {
         let (_, alice, alice_usd, alice_jpy) = customers[0].clone();
         let (_, bob, bob_usd, bob_jpy) = customers[1].clone();
         let mut transactions = vec![
-            self.fund(&alice, alice_usd, "1000.00", "USD").await,
-            self.fund(&alice, alice_jpy, "50000", "JPY").await,
-            self.fund(&bob, bob_usd, "20.00", "USD").await,
+            self.fund(alice_usd, "1000.00", "USD").await,
+            self.fund(alice_jpy, "50000", "JPY").await,
+            self.fund(bob_usd, "20.00", "USD").await,
         ];
         let approved = [
             self.transfer(&alice, alice_usd, bob_usd, "125.50", "USD")

@@ -133,6 +133,29 @@ impl Api {
         Api::login(base, client, login).await
     }
 
+    /// The same identity with a token of `ttl_seconds` minted with `config` (the claims the
+    /// gateway put in its short access token): a benchmark's runs outlast access tokens.
+    pub fn lengthen(
+        self,
+        config: &infra::auth::TokenConfig,
+        ttl_seconds: i64,
+    ) -> anyhow::Result<Api> {
+        let caller = infra::auth::JwtVerifier::new(config)
+            .context("a verifier")?
+            .verify(&self.token)
+            .map_err(|error| anyhow::anyhow!("the gateway's token does not verify: {error}"))?;
+        let token = infra::auth::JwtSigner::new(config)
+            .context("a signer")?
+            .mint(
+                caller.subject,
+                &caller.roles,
+                chrono::Utc::now().timestamp(),
+                ttl_seconds,
+            )
+            .context("minting a long token")?;
+        Ok(Api { token, ..self })
+    }
+
     /// The same identity on other connections.
     pub fn with_client(&self, client: reqwest::Client) -> Api {
         Api {

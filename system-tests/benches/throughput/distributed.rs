@@ -11,13 +11,13 @@ use std::collections::HashSet;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
+use crate::service::Service;
 use anyhow::{Context, bail, ensure};
 use infra::db::ScratchDatabase;
 use infra::testing::{admin_url, amqp_url, redis_url};
 use serde_json::Value;
 use sqlx::PgPool;
 use sqlx::postgres::PgPoolOptions;
-use system_tests::Service;
 use uuid::Uuid;
 
 use crate::system::{CleanUp, Login, SeededLog, SystemUnderTest};
@@ -91,6 +91,7 @@ pub struct Distributed {
     prefix: String,
     base_url: String,
     admin: Login,
+    tokens: infra::auth::TokenConfig,
 }
 
 /// A secret of 64 random hex digits, for the JWT secret and the admin's password.
@@ -192,6 +193,7 @@ impl SystemUnderTest for Distributed {
             .await
             .context("creating the scratch database")?;
         let url = database.url();
+        let secret = random_secret();
         let probe = PgPoolOptions::new()
             .max_connections(PROBE_CONNECTIONS)
             .connect(&url)
@@ -209,8 +211,8 @@ impl SystemUnderTest for Distributed {
                 username: "bench-admin".to_owned(),
                 password: random_secret(),
             },
+            tokens: infra::auth::TokenConfig::with_secret(&secret),
         };
-        let secret = random_secret();
         if let Err(error) = system.start_services(&url, &secret).await {
             let cleaned = system.clean_up(false).await;
             for failure in cleaned.failures {
@@ -227,6 +229,10 @@ impl SystemUnderTest for Distributed {
 
     fn funding_login(&self) -> &Login {
         &self.admin
+    }
+
+    fn token_config(&self) -> &infra::auth::TokenConfig {
+        &self.tokens
     }
 
     async fn oldest_unprojected_age(&self) -> anyhow::Result<Duration> {
@@ -366,7 +372,7 @@ impl SystemUnderTest for Distributed {
                 .push(format!("AMQP topology {}: {error}", self.prefix));
         }
         let prefix = format!("{}:", self.prefix);
-        if let Err(error) = system_tests::delete_redis_keys(&redis_url(), &prefix).await {
+        if let Err(error) = crate::service::delete_redis_keys(&redis_url(), &prefix).await {
             report
                 .failures
                 .push(format!("Redis keys {prefix}*: {error}"));

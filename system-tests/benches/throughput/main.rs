@@ -21,6 +21,7 @@ mod api;
 mod distributed;
 mod figures;
 mod phases;
+mod service;
 mod system;
 
 use std::path::PathBuf;

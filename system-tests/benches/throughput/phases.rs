@@ -18,6 +18,9 @@ use crate::api::{self, Api, Position, Posted};
 use crate::figures::{Figure, Run, Target, Unit};
 use crate::system::{Login, SystemUnderTest};
 
+/// Lifetime of the benchmark's tokens: longer than a slow run with its drains.
+const TOKEN_TTL_SECONDS: i64 = 3_600;
+
 /// Accounts the customer opens and the spread phase moves money between.
 const ACCOUNTS: usize = 64;
 /// The hot phase's accounts: the first 16 of them.
@@ -132,8 +135,12 @@ pub async fn set_up<S: SystemUnderTest>(system: &S) -> anyhow::Result<Workload> 
         username: "bench-customer".to_owned(),
         password: format!("{}", Uuid::new_v4().simple()),
     };
-    let customer = Api::register(system.base_url(), client.clone(), &customer_login).await?;
-    let funder = Api::login(system.base_url(), client, system.funding_login()).await?;
+    let customer = Api::register(system.base_url(), client.clone(), &customer_login)
+        .await?
+        .lengthen(system.token_config(), TOKEN_TTL_SECONDS)?;
+    let funder = Api::login(system.base_url(), client, system.funding_login())
+        .await?
+        .lengthen(system.token_config(), TOKEN_TTL_SECONDS)?;
     let mut accounts = Vec::with_capacity(ACCOUNTS);
     for number in 0..ACCOUNTS {
         accounts.push(customer.open_account(&format!("bench {number}")).await?);
@@ -826,7 +833,7 @@ async fn ledger(
     arguments: &[&str],
     environment: &[(&'static str, String)],
 ) -> anyhow::Result<(Duration, Option<i32>, String)> {
-    let program = system_tests::binary("ledger")?;
+    let program = crate::service::binary("ledger")?;
     let started = Instant::now();
     let output = tokio::process::Command::new(program)
         .args(arguments)

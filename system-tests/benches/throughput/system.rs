@@ -51,9 +51,13 @@ pub trait SystemUnderTest: Sized {
     /// The one base URL every request goes to (`http://127.0.0.1:<port>`).
     fn base_url(&self) -> &str;
 
-    /// The identity that funds the benchmark's accounts with deposits. Today the bootstrap
-    /// admin; this is the single place to change when an `operator` role takes that job.
+    /// The identity that funds the benchmark's accounts with deposits (an admin or an
+    /// operator may deposit).
     fn funding_login(&self) -> &Login;
+
+    /// The system's token settings: access tokens live 30 s, so the benchmark turns each
+    /// login's token into a long one with the same claims, as `ledger token` would mint.
+    fn token_config(&self) -> &infra::auth::TokenConfig;
 
     /// The age of the oldest committed event that some live projection has not applied yet;
     /// zero when every projection is caught up.
