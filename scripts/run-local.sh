@@ -188,7 +188,8 @@ require_free_ports() {
 start_service() { # start_service <index>
     local name=${SERVICES[$1]} port=${PORTS[$1]}
     say "starting $name on $LISTEN_HOST:$port (log: logs/$name.log)"
-    LOG_OFFSETS[$1]=$(($(wc -c <"logs/$name.log" 2>/dev/null || echo 0)))
+    LOG_OFFSETS[$1]=0 # a first run has no log yet: measure only one that exists
+    if [ -f "logs/$name.log" ]; then LOG_OFFSETS[$1]=$(($(wc -c <"logs/$name.log"))); fi
     set -m
     if [ "$name" = gateway ]; then
         LISTEN_ADDR="$LISTEN_HOST:$port" \

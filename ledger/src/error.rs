@@ -9,6 +9,9 @@ pub enum Error {
     Infra(#[from] infra::Error),
     #[error("{0}")]
     Usage(String),
+    /// What the command needs is held by another process (the data directory's lock).
+    #[error("{0}")]
+    Busy(String),
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -11,6 +11,7 @@
 
 mod error;
 mod replay;
+mod serve;
 
 use std::process::ExitCode;
 use std::time::Duration;
@@ -87,6 +88,9 @@ impl Databases {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Run the whole ledger in one process on a data directory (SQLite, in-process bus and
+    /// cache): the public API of SPEC §5 on --listen, /metrics on --metrics-listen.
+    Serve(serve::ServeArgs),
     /// Replay the log through the domain for an audit: the whole log, one transaction or one
     /// account, up to a position or a time. Events that break an invariant are reported.
     Replay(replay::ReplayArgs),
@@ -175,6 +179,7 @@ fn main() -> ExitCode {
 /// Runs a command; `Ok(false)` means it ran and found problems.
 async fn run(command: Command) -> Result<bool> {
     match command {
+        Command::Serve(args) => serve::run(args).await,
         Command::Replay(args) => replay::run(args).await,
         Command::Rebuild {
             databases,

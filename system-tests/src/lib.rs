@@ -17,6 +17,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use uuid::Uuid;
 
+pub mod embedded;
+
 /// The secret every service of a test system shares.
 pub const SECRET: &str = "system-test-secret-of-at-least-thirty-two-bytes";
 
@@ -68,11 +70,23 @@ impl Service {
         logs: &Path,
         env: &[(&str, String)],
     ) -> Service {
+        Service::start_with_args(name, log_name, logs, env, &[])
+    }
+
+    /// [`Service::start_as`] with arguments (`ledger serve`).
+    pub fn start_with_args(
+        name: &'static str,
+        log_name: &str,
+        logs: &Path,
+        env: &[(&str, String)],
+        args: &[&str],
+    ) -> Service {
         let log = logs.join(format!("{log_name}.log"));
         let file = std::fs::File::create(&log).expect("a log file");
         let errors = file.try_clone().expect("the log file again");
         let mut command = Command::new(binary(name));
         command
+            .args(args)
             .env_clear()
             .env("PATH", std::env::var("PATH").unwrap_or_default())
             .env("LOG_FORMAT", "json")
@@ -159,6 +173,12 @@ impl Service {
             }
             std::thread::sleep(Duration::from_millis(20));
         }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// `kill -9`: no shutdown of any kind, as a crash or the OOM killer would.
+    pub fn kill(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }

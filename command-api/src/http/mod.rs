@@ -41,13 +41,19 @@ impl FromRef<AppState> for Arc<JwtVerifier> {
     }
 }
 
-pub fn router(state: AppState) -> Router {
-    let routes = Router::new()
+/// The command endpoints of SPEC §5, without `/health`, `/metrics`, fallbacks or layers: what
+/// `ledger serve` mounts beside the other services' routes.
+pub fn routes() -> Router<AppState> {
+    Router::new()
         .route("/api/v1/accounts", post(accounts::open_account))
         .route(
             "/api/v1/transactions",
             post(transactions::create_transaction),
         )
+}
+
+pub fn router(state: AppState) -> Router {
+    let routes = routes()
         .route("/health", get(health))
         .route("/metrics", get(metrics_endpoint))
         .fallback(not_found)
