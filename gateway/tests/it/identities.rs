@@ -274,4 +274,24 @@ async fn the_edge_mounts_in_front_of_an_in_process_router_on_sqlite_identities()
 
     let (status, _, _) = call(&router, Method::GET, "/health", None, None).await;
     assert_eq!(status, StatusCode::OK);
+
+    // A declared body over the limit is refused at the edge, as the proxy refuses it.
+    let oversized = Request::builder()
+        .method(Method::POST)
+        .uri("/api/v1/accounts")
+        .header("authorization", format!("Bearer {token}"))
+        .header("content-type", "application/json")
+        .header(
+            "content-length",
+            (infra::http::BODY_BYTES_MAX + 1).to_string(),
+        )
+        .body(Body::empty())
+        .expect("a request");
+    let response = router.clone().oneshot(oversized).await.expect("infallible");
+    assert_eq!(response.status(), StatusCode::PAYLOAD_TOO_LARGE);
+    assert_eq!(
+        seen.calls.load(Ordering::SeqCst),
+        1,
+        "refused before the inner router"
+    );
 }
