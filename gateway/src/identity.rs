@@ -1,10 +1,23 @@
-//! Identities (SPEC §5 "Identity"): the rules for usernames, passwords and names, the `users`
-//! table of the schema `gateway`, and the sessions (refresh tokens) of logged-in users.
-//! Passwords never reach this module unhashed except to be validated; names, passwords and
-//! refresh tokens are never logged, and a refresh token is stored only as its SHA-256.
+//! Identities (SPEC §5 "Identity"): the rules for usernames, passwords and names, the users and
+//! the sessions (refresh tokens) of logged-in users. Passwords never reach this module unhashed
+//! except to be validated; names, passwords and refresh tokens are never logged, and a refresh
+//! token is stored only as its SHA-256.
+//!
+//! [`Identities`] is the seam (SPEC §10): [`PgIdentities`] keeps them in the schema `gateway` of
+//! PostgreSQL for the services, [`SqliteIdentities`] in the data directory's SQLite file for
+//! `ledger serve`. Both keep the same rules, checked by
+//! [`identity_conformance!`](crate::identity_conformance) against both. The login limiter is
+//! not part of it: it stays in memory in both modes (`crate::limiter`).
+
+#[cfg(feature = "testing")]
+pub mod conformance;
+mod sqlite;
+
+pub use sqlite::SqliteIdentities;
 
 use std::time::Duration;
 
+use async_trait::async_trait;
 use infra::auth::Role;
 use rand::RngCore;
 use secrecy::{ExposeSecret, SecretString};
@@ -21,11 +34,11 @@ const REFRESH_TOKEN_BYTES: usize = 32;
 
 /// Sessions kept per user: a user logged in on more devices than this loses its oldest login.
 /// It bounds what one account (or a script logging it in) can make the table hold.
-const SESSIONS_PER_USER_MAX: i64 = 32;
+pub const SESSIONS_PER_USER_MAX: i64 = 32;
 
 /// Expired sessions deleted per login, of anyone's: enough to keep up with the logins that make
 /// them, in a statement that stays short.
-const EXPIRED_SESSIONS_SWEPT_PER_LOGIN: i64 = 100;
+pub const EXPIRED_SESSIONS_SWEPT_PER_LOGIN: i64 = 100;
 
 /// Usernames are 3–32 characters of `[a-z0-9_.-]`.
 const USERNAME_CHARS_MIN: usize = 3;
@@ -127,21 +140,69 @@ pub enum AdminEnsured {
     },
 }
 
-/// The `users` table.
+/// The users and their sessions, wherever they are kept.
+#[async_trait]
+pub trait Identities: Send + Sync {
+    /// Inserts a customer; [`Error::UsernameTaken`] if the username exists.
+    async fn register(
+        &self,
+        username: &str,
+        password_hash: &str,
+        name: Option<&str>,
+    ) -> Result<User>;
+
+    /// Whether `username` is taken: checked before a registration's password is hashed, so a
+    /// taken name costs a 409 and no argon2 work. (The insert still catches a race.)
+    async fn username_taken(&self, username: &str) -> Result<bool>;
+
+    /// The password hash and roles of `username`, if it exists.
+    async fn credentials(&self, username: &str) -> Result<Option<Credentials>>;
+
+    /// Replaces a user's roles (none disables it); `None` if there is no such user.
+    async fn set_roles(&self, customer_id: Uuid, roles: &[Role]) -> Result<Option<User>>;
+
+    /// Makes sure the bootstrap admin `username` exists with `password_hash` and the admin role
+    /// (keeping any other roles it has). Returns the user and whether it was created, or the
+    /// conflict when the name belongs to a user not created as the bootstrap admin: that user
+    /// is left untouched. Atomic, so several instances starting together agree.
+    async fn ensure_admin(&self, username: &str, password_hash: &str) -> Result<AdminEnsured>;
+
+    /// Opens a session for `customer_id` lasting `lifetime`: a new refresh token, stored as its
+    /// SHA-256. Keeps the user's sessions to [`SESSIONS_PER_USER_MAX`] (the oldest goes) and
+    /// sweeps some expired ones of anyone's.
+    async fn open_session(&self, customer_id: Uuid, lifetime: Duration) -> Result<NewSession>;
+
+    /// The user and current roles behind a refresh token, if it names a live session.
+    async fn refresh(&self, refresh_token: &SecretString) -> Result<Option<Refreshed>>;
+
+    /// Ends the session of a refresh token, if any.
+    async fn end_session(&self, refresh_token: &SecretString) -> Result<()>;
+
+    /// Whether the store answers within `timeout` (for `/health`).
+    async fn ping(&self, timeout: Duration) -> bool;
+
+    /// How an operator marks `customer_id` as the bootstrap admin, for the message that refuses
+    /// to start when `ADMIN_USERNAME` names it.
+    fn how_to_mark_bootstrap_admin(&self, customer_id: Uuid) -> String;
+}
+
+/// The identities in the schema `gateway` of PostgreSQL.
 #[derive(Clone)]
-pub struct Users {
+pub struct PgIdentities {
     pool: PgPool,
 }
 
 type UserRow = (Uuid, String, Vec<String>);
 
-impl Users {
+impl PgIdentities {
     pub fn new(pool: PgPool) -> Self {
-        Users { pool }
+        PgIdentities { pool }
     }
+}
 
-    /// Inserts a customer; [`Error::UsernameTaken`] if the username exists.
-    pub async fn register(
+#[async_trait]
+impl Identities for PgIdentities {
+    async fn register(
         &self,
         username: &str,
         password_hash: &str,
@@ -171,7 +232,7 @@ impl Users {
 
     /// Whether `username` is taken: checked before a registration's password is hashed, so a
     /// taken name costs a 409 and no argon2 work. (The insert still catches a race.)
-    pub async fn username_taken(&self, username: &str) -> Result<bool> {
+    async fn username_taken(&self, username: &str) -> Result<bool> {
         sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM users WHERE username = $1)")
             .bind(username)
             .fetch_one(&self.pool)
@@ -179,7 +240,7 @@ impl Users {
             .context("looking up a username")
     }
 
-    pub async fn credentials(&self, username: &str) -> Result<Option<Credentials>> {
+    async fn credentials(&self, username: &str) -> Result<Option<Credentials>> {
         let row: Option<(Uuid, String, Vec<String>)> = sqlx::query_as(
             "SELECT customer_id, password_hash, roles FROM users WHERE username = $1",
         )
@@ -195,7 +256,7 @@ impl Users {
     }
 
     /// Replaces a user's roles; `None` if there is no such user.
-    pub async fn set_roles(&self, customer_id: Uuid, roles: &[Role]) -> Result<Option<User>> {
+    async fn set_roles(&self, customer_id: Uuid, roles: &[Role]) -> Result<Option<User>> {
         let names: Vec<&str> = roles.iter().map(|role| role_name(*role)).collect();
         let row: Option<UserRow> = sqlx::query_as(
             "UPDATE users SET roles = $2, updated_at = now() WHERE customer_id = $1 \
@@ -214,7 +275,7 @@ impl Users {
     /// conflict when the name belongs to a user the gateway did not create as its bootstrap
     /// admin: that user is left untouched. One statement, so several instances starting
     /// together agree.
-    pub async fn ensure_admin(&self, username: &str, password_hash: &str) -> Result<AdminEnsured> {
+    async fn ensure_admin(&self, username: &str, password_hash: &str) -> Result<AdminEnsured> {
         let ensured: Option<(Uuid, String, Vec<String>, bool)> = sqlx::query_as(
             "INSERT INTO users (customer_id, username, password_hash, roles, bootstrap_admin) \
              VALUES ($1, $2, $3, ARRAY['admin'], true) \
@@ -249,10 +310,8 @@ impl Users {
 
     /// Opens a session for `customer_id` lasting `lifetime`: a new refresh token, stored as its
     /// SHA-256. Keeps the user's sessions bounded and sweeps some expired ones.
-    pub async fn open_session(&self, customer_id: Uuid, lifetime: Duration) -> Result<NewSession> {
-        let mut secret = [0_u8; REFRESH_TOKEN_BYTES];
-        rand::rng().fill_bytes(&mut secret);
-        let token = hex::encode(secret);
+    async fn open_session(&self, customer_id: Uuid, lifetime: Duration) -> Result<NewSession> {
+        let token = new_refresh_token();
         let seconds = i64::try_from(lifetime.as_secs()).unwrap_or(i64::MAX);
         let mut transaction = self.pool.begin().await.context("opening a session")?;
         sqlx::query(
@@ -292,7 +351,7 @@ impl Users {
     }
 
     /// The user and current roles behind a refresh token, if it names a live session.
-    pub async fn refresh(&self, refresh_token: &SecretString) -> Result<Option<Refreshed>> {
+    async fn refresh(&self, refresh_token: &SecretString) -> Result<Option<Refreshed>> {
         let row: Option<(Uuid, Vec<String>, f64)> = sqlx::query_as(
             "SELECT u.customer_id, u.roles, \
                     extract(epoch FROM s.expires_at - now())::float8 \
@@ -312,7 +371,7 @@ impl Users {
     }
 
     /// Ends the session of a refresh token, if any.
-    pub async fn end_session(&self, refresh_token: &SecretString) -> Result<()> {
+    async fn end_session(&self, refresh_token: &SecretString) -> Result<()> {
         sqlx::query("DELETE FROM sessions WHERE token_hash = $1")
             .bind(token_hash(refresh_token.expose_secret()))
             .execute(&self.pool)
@@ -320,9 +379,19 @@ impl Users {
             .context("ending a session")?;
         Ok(())
     }
+
+    async fn ping(&self, timeout: Duration) -> bool {
+        infra::db::ping(&self.pool, timeout).await
+    }
+
+    fn how_to_mark_bootstrap_admin(&self, customer_id: Uuid) -> String {
+        format!(
+            "UPDATE gateway.users SET bootstrap_admin = true WHERE customer_id = '{customer_id}'"
+        )
+    }
 }
 
-/// What the table stores of a refresh token.
+/// What is stored of a refresh token.
 fn token_hash(token: &str) -> Vec<u8> {
     Sha256::digest(token.as_bytes()).to_vec()
 }
@@ -333,6 +402,13 @@ fn user_of((customer_id, username, roles): UserRow) -> User {
         username,
         roles: roles_of(&roles),
     }
+}
+
+/// A new refresh token: 256 random bits, hex.
+fn new_refresh_token() -> String {
+    let mut secret = [0_u8; REFRESH_TOKEN_BYTES];
+    rand::rng().fill_bytes(&mut secret);
+    hex::encode(secret)
 }
 
 fn roles_of(names: &[String]) -> Vec<Role> {

@@ -260,6 +260,29 @@ impl Proxy {
     }
 }
 
+/// A routed request for a router in this process (`ledger serve`), as the proxy would send it:
+/// refused on a declared length over the limit, with the forwarding headers and the correlation
+/// id set the same way (a client's forged hops dropped), and its `Host` kept.
+pub(crate) fn in_process_request(
+    request: Request,
+    peer: Option<IpAddr>,
+    trusted_proxies: &TrustedProxies,
+    correlation_id: &str,
+) -> Result<Request> {
+    let (mut parts, body) = request.into_parts();
+    if content_length(&parts.headers)?.is_some_and(|length| length > BODY_BYTES_MAX as u64) {
+        return Err(Error::PayloadTooLarge);
+    }
+    let trusted = peer.is_some_and(|peer| trusted_proxies.trusts(peer));
+    let host = parts.headers.get(header::HOST).cloned();
+    let mut headers = upstream_headers(&parts.headers, peer, trusted, correlation_id);
+    if let Some(host) = host {
+        headers.insert(header::HOST, host);
+    }
+    parts.headers = headers;
+    Ok(Request::from_parts(parts, body))
+}
+
 fn classify(upstream: &'static str, error: reqwest::Error, timeout: Duration) -> Error {
     let error = error.without_url();
     let detail = infra::problem::cause_chain(&error);

@@ -6,7 +6,6 @@
 use std::future::Future;
 use std::sync::Arc;
 
-use infra::auth::{JwtSigner, JwtVerifier};
 use infra::server::HttpLimits;
 use infra::tasks::{Workers, serve_until_stopped};
 use secrecy::SecretString;
@@ -17,9 +16,9 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
 use crate::error::{Error, Result};
-use crate::http::{AppState, HealthCache, metrics_router, router};
-use crate::identity::{AdminEnsured, Users};
-use crate::limiter::{Clock, LoginLimiter};
+use crate::http::{AppState, Upstreams, metrics_router, router};
+use crate::identity::{AdminEnsured, Identities, PgIdentities};
+use crate::limiter::Clock;
 use crate::passwords::Passwords;
 use crate::proxy::Proxy;
 
@@ -32,6 +31,7 @@ pub struct App {
     listener: TcpListener,
     metrics_listener: TcpListener,
     limits: HttpLimits,
+    pool: PgPool,
     state: AppState,
 }
 
@@ -57,33 +57,27 @@ impl App {
         )
         .await?;
         migrate(&pool).await?;
-        let users = Users::new(pool.clone());
+        let identities = PgIdentities::new(pool.clone());
         let passwords = match passwords {
             Some(passwords) => passwords,
             None => Passwords::new().await?,
         };
-        ensure_admin(&config, &users, &passwords).await?;
-        let state = AppState {
-            pool,
-            users,
-            passwords,
-            limiter: Arc::new(LoginLimiter::new(config.login_limits(), clock)),
-            signer: Arc::new(JwtSigner::new(&config.token)?),
-            verifier: Arc::new(JwtVerifier::new(&config.token)?),
-            access_token_ttl_seconds: i64::try_from(config.access_token_ttl_seconds)
-                .map_err(|_| Error::config("ACCESS_TOKEN_TTL_SECONDS is out of range"))?,
-            session_lifetime: std::time::Duration::from_secs(config.jwt_ttl_seconds),
-            trusted_proxies: Arc::new(config.trusted_proxies.clone()),
-            routes: Arc::new(config.gateway_routes.clone()),
-            proxy: Proxy::new(&config)?,
-            health: Arc::new(HealthCache::default()),
-        };
+        ensure_admin(
+            &identities,
+            &passwords,
+            config.admin_username.as_deref(),
+            config.admin_password.as_ref(),
+        )
+        .await?;
+        let upstreams = Upstreams::Proxy(Proxy::new(&config)?);
+        let state = AppState::new(&config, Arc::new(identities), passwords, clock, upstreams)?;
         let listener = bind(config.listen_addr, "LISTEN_ADDR").await?;
         let metrics_listener = bind(config.metrics_addr, "METRICS_ADDR").await?;
         Ok(App {
             listener,
             metrics_listener,
             limits: config.http,
+            pool,
             state,
         })
     }
@@ -105,7 +99,7 @@ impl App {
     }
 
     pub fn pool(&self) -> PgPool {
-        self.state.pool.clone()
+        self.pool.clone()
     }
 
     /// Serves both listeners until `shutdown` resolves, then stops taking connections, lets
@@ -123,7 +117,7 @@ impl App {
         ));
         // The gateway has no background workers; the empty set keeps the shared shutdown path.
         let workers = Workers::new(CancellationToken::new());
-        let pool = self.state.pool.clone();
+        let pool = self.pool;
         let served = serve_until_stopped(
             self.listener,
             self.limits,
@@ -151,18 +145,23 @@ pub async fn migrate(pool: &PgPool) -> Result<()> {
     Ok(())
 }
 
-/// With `ADMIN_USERNAME` and `ADMIN_PASSWORD`, makes sure that bootstrap admin exists with that
-/// password and the admin role; logs what it did, never the password. When the name belongs to
-/// a user the gateway did not create as its bootstrap admin (a customer who registered it
-/// first), refuses to start and names the conflict: granting it admin would hand the ledger to
-/// whoever registered the name.
-async fn ensure_admin(config: &Config, users: &Users, passwords: &Passwords) -> Result<()> {
-    let (Some(username), Some(password)) = (&config.admin_username, &config.admin_password) else {
+/// With `ADMIN_USERNAME` and `ADMIN_PASSWORD` (`username`, `password`), makes sure that
+/// bootstrap admin exists with that password and the admin role; logs what it did, never the
+/// password. When the name belongs to a user the gateway did not create as its bootstrap admin
+/// (a customer who registered it first), refuses to start and names the conflict: granting it
+/// admin would hand the ledger to whoever registered the name. `ledger serve` calls it too.
+pub async fn ensure_admin(
+    identities: &dyn Identities,
+    passwords: &Passwords,
+    username: Option<&str>,
+    password: Option<&SecretString>,
+) -> Result<()> {
+    let (Some(username), Some(password)) = (username, password) else {
         tracing::info!("no ADMIN_USERNAME/ADMIN_PASSWORD: no admin user is ensured");
         return Ok(());
     };
     let hash = passwords.hash(SecretString::clone(password)).await?;
-    match users.ensure_admin(username, &hash).await? {
+    match identities.ensure_admin(username, &hash).await? {
         AdminEnsured::Ensured { admin, created } => {
             tracing::info!(
                 customer_id = %admin.customer_id,
@@ -176,7 +175,8 @@ async fn ensure_admin(config: &Config, users: &Users, passwords: &Passwords) -> 
             "ADMIN_USERNAME {username:?} belongs to user {customer_id}, which this gateway did \
              not create as its bootstrap admin; refusing to start rather than make it an admin. \
              Choose another ADMIN_USERNAME, or, if that user is the intended admin, mark it: \
-             UPDATE gateway.users SET bootstrap_admin = true WHERE customer_id = '{customer_id}'"
+             {}",
+            identities.how_to_mark_bootstrap_admin(customer_id)
         ))),
     }
 }

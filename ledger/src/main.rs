@@ -303,7 +303,8 @@ async fn rebuild(
 /// Deletes the projector's cached transactions after their projection was rebuilt. Redis being
 /// away is a warning, not a failure: the entries expire within the cache TTL anyway.
 async fn flush_cache(url: &str, prefix: &str) {
-    let flushed = match projector::cache::Cache::new(url, prefix, 60) {
+    use projector::cache::TransactionCache;
+    let flushed = match projector::cache::RedisCache::new(url, prefix, 60) {
         Ok(cache) => tokio::time::timeout(Duration::from_secs(30), cache.flush())
             .await
             .map_err(|_| "timed out".to_owned())

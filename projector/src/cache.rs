@@ -1,12 +1,20 @@
-//! The Redis cache of `GET /api/v1/transactions/{id}` (SPEC §5): TTL 60 s, written through by
-//! the projector on every change with a version guard, refilled from PostgreSQL on a miss.
+//! The cache of `GET /api/v1/transactions/{id}` (SPEC §5): TTL 60 s, written through by the
+//! projector on every change with a version guard, refilled from the read model on a miss.
+//!
+//! [`TransactionCache`] is the seam (SPEC §10): [`RedisCache`] here for the services,
+//! [`MemoryCache`] (`moka`, in-process, bounded) for `ledger serve`. Both keep the same rules,
+//! checked by [`cache_conformance!`](crate::cache_conformance) against both: an entry is
+//! written only if its stored version is not newer, so a refill that read an older row never
+//! overwrites the projector's newer write and a cached PENDING never hides a CONFIRMED; entries
+//! expire after the TTL; a flush empties the cache.
+//!
+//! ## Redis
 //!
 //! Each transaction is a hash `{prefix}:tx:{id}` with its stream version `v` and the row `b`
 //! (JSON, owners included so that authorization is checked on a hit). One Lua script writes it
-//! only if the stored version is not newer: a refill that read an older row from PostgreSQL
-//! never overwrites the projector's newer write, and a cached PENDING never hides a CONFIRMED.
-//! The projector writes through *before* its batch commits, so the cache is never behind the
-//! read model (it may be ahead by one batch, which is the log's truth anyway).
+//! only if the stored version is not newer. The projector writes through *before* its batch
+//! commits, so the cache is never behind the read model (it may be ahead by one batch, which is
+//! the log's truth anyway).
 //!
 //! Redis is optional: every call has a short deadline, and after a failure the cache is skipped
 //! for a second instead of being tried by every request (answers come from PostgreSQL,
@@ -17,11 +25,18 @@
 //! transaction, so a hanging Redis holds that transaction (and the log's visibility horizon)
 //! open for at most [`REDIS_TIMEOUT`] per batch.
 
+#[cfg(feature = "testing")]
+pub mod conformance;
+mod memory;
+
+pub use memory::{MEMORY_CACHE_ENTRIES, MemoryCache};
+
 use std::collections::HashSet;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::time::Duration;
 
+use async_trait::async_trait;
 use redis::Script;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use uuid::Uuid;
@@ -53,7 +68,43 @@ redis.call('EXPIRE', KEYS[1], ARGV[3])
 return 1
 ";
 
-pub struct Cache {
+/// The transaction cache as the projector and the query API hold it: `Arc<Cache>` is an
+/// `Arc<dyn TransactionCache>`.
+pub type Cache = dyn TransactionCache;
+
+/// The cache of single transactions (SPEC §5, §10): one implementation per mode, the same rules.
+#[async_trait]
+pub trait TransactionCache: Send + Sync {
+    /// The cached row of `id`.
+    async fn get(&self, id: Uuid) -> Lookup;
+
+    /// Writes the rows a batch changed, each only if the stored version is not newer. Failures
+    /// are the implementation's to remember, not the caller's: an entry that missed a write
+    /// must never be served afterwards.
+    async fn write_through(&self, records: &[&TransactionRecord]);
+
+    /// Fills the entry of a row read from the read model after a miss (version guard too).
+    async fn refill(&self, record: &TransactionRecord);
+
+    /// Deletes every entry; returns how many there were (as far as the cache can tell).
+    async fn flush(&self) -> Result<u64>;
+
+    /// Whether the cache answers now (for `/health`).
+    async fn ping(&self) -> bool;
+}
+
+impl dyn TransactionCache {
+    /// [`TransactionCache::write_through`] of any iterator of rows (the projector's batches).
+    pub async fn put_all<'a>(&self, records: impl IntoIterator<Item = &'a TransactionRecord>) {
+        let records: Vec<&TransactionRecord> = records.into_iter().collect();
+        if !records.is_empty() {
+            self.write_through(&records).await;
+        }
+    }
+}
+
+/// The cache in Redis, shared by every projector and query instance.
+pub struct RedisCache {
     redis: ConnectionManager,
     prefix: String,
     ttl_seconds: u64,
@@ -78,9 +129,9 @@ fn now_millis() -> i64 {
     chrono::Utc::now().timestamp_millis()
 }
 
-impl Cache {
+impl RedisCache {
     /// A cache on `url`; connects lazily, so a Redis that is down at start only degrades.
-    pub fn new(url: &str, prefix: &str, ttl_seconds: u64) -> Result<Cache> {
+    pub fn new(url: &str, prefix: &str, ttl_seconds: u64) -> Result<RedisCache> {
         let client = redis::Client::open(url).map_err(|error| {
             Error::Infra(infra::Error::Config(format!(
                 "REDIS_URL is not a valid Redis URL: {error}"
@@ -95,7 +146,7 @@ impl Cache {
                 "cannot create the Redis connection manager: {error}"
             )))
         })?;
-        Ok(Cache {
+        Ok(RedisCache {
             redis,
             prefix: prefix.to_owned(),
             ttl_seconds,
@@ -124,8 +175,7 @@ impl Cache {
         }
     }
 
-    /// The cached row of `id`.
-    pub async fn get(&self, id: Uuid) -> Lookup {
+    async fn lookup(&self, id: Uuid) -> Lookup {
         if self.skipping() {
             return Lookup::Unavailable;
         }
@@ -167,8 +217,7 @@ impl Cache {
     /// Writes rows with the version guard. Failures are remembered, not returned: the cache is
     /// optional, but an entry that missed a write must not survive, so its key is deleted as
     /// soon as Redis answers again.
-    pub async fn put_all<'a>(&self, records: impl IntoIterator<Item = &'a TransactionRecord>) {
-        let records: Vec<&TransactionRecord> = records.into_iter().collect();
+    async fn write_rows(&self, records: &[&TransactionRecord]) {
         if records.is_empty() {
             return;
         }
@@ -185,13 +234,6 @@ impl Cache {
             .collect();
         if !failed.is_empty() {
             self.remember_stale(failed);
-        }
-    }
-
-    /// Fills the entry of a row read from PostgreSQL after a miss.
-    pub async fn refill(&self, record: &TransactionRecord) {
-        if !self.skipping() {
-            self.put_one(record).await;
         }
     }
 
@@ -256,7 +298,7 @@ impl Cache {
     /// is left.
     async fn forget_stale(&self) -> bool {
         if self.overflowed.load(Ordering::Relaxed) {
-            match tokio::time::timeout(FLUSH_TIMEOUT, self.flush()).await {
+            match tokio::time::timeout(FLUSH_TIMEOUT, self.delete_all()).await {
                 Ok(Ok(deleted)) => {
                     if let Ok(mut stale) = self.stale.lock() {
                         stale.clear();
@@ -315,7 +357,7 @@ impl Cache {
     }
 
     /// Whether Redis answers `PING` now (for `/health`).
-    pub async fn ping(&self) -> bool {
+    async fn answers(&self) -> bool {
         let mut redis = self.redis.clone();
         let answer = tokio::time::timeout(
             REDIS_TIMEOUT,
@@ -330,7 +372,7 @@ impl Cache {
     }
 
     /// Deletes every key of this cache's prefix.
-    pub async fn flush(&self) -> Result<u64> {
+    async fn delete_all(&self) -> Result<u64> {
         let mut redis = self.redis.clone();
         let pattern = format!("{}:tx:*", self.prefix);
         let mut deleted = 0;
@@ -359,5 +401,30 @@ impl Cache {
             cursor = next;
         }
         Ok(deleted)
+    }
+}
+
+#[async_trait]
+impl TransactionCache for RedisCache {
+    async fn get(&self, id: Uuid) -> Lookup {
+        self.lookup(id).await
+    }
+
+    async fn write_through(&self, records: &[&TransactionRecord]) {
+        self.write_rows(records).await;
+    }
+
+    async fn refill(&self, record: &TransactionRecord) {
+        if !self.skipping() {
+            self.put_one(record).await;
+        }
+    }
+
+    async fn flush(&self) -> Result<u64> {
+        self.delete_all().await
+    }
+
+    async fn ping(&self) -> bool {
+        self.answers().await
     }
 }

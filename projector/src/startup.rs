@@ -16,7 +16,7 @@ use sqlx::migrate::Migrator;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::cache::Cache;
+use crate::cache::{Cache, RedisCache};
 use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::generations;
@@ -127,7 +127,7 @@ impl App {
         )
         .await?;
         let lock_options = infra::db::connect_options(config.read_database_url(), SCHEMA)?;
-        let cache = Arc::new(Cache::new(
+        let cache: Arc<Cache> = Arc::new(RedisCache::new(
             &config.redis_url,
             &config.redis_key_prefix,
             config.cache_ttl_seconds,

@@ -116,7 +116,9 @@ impl TestProjector {
 
     /// Deletes this projector's cache keys.
     pub async fn flush_cache(&self) -> Result<u64> {
-        let cache = crate::cache::Cache::new(&redis_url(), &self.options.redis_key_prefix, 60)?;
+        use crate::cache::TransactionCache;
+        let cache =
+            crate::cache::RedisCache::new(&redis_url(), &self.options.redis_key_prefix, 60)?;
         cache.flush().await
     }
 }

@@ -1,7 +1,8 @@
 //! The edge: every request that is not one of the gateway's own routes. The routing table
 //! names the target (404 or 405 problem+json when it names none); the bearer token is verified
 //! with `infra::auth::Caller` (401 with `WWW-Authenticate`); the entry's roles are required
-//! (403); then the request is forwarded. The services verify the token again themselves.
+//! (403); then the request is forwarded, over HTTP or to a router in this process. The
+//! services verify the token again themselves.
 
 use std::net::SocketAddr;
 
@@ -10,7 +11,9 @@ use axum::response::{IntoResponse, Response};
 use infra::auth::Caller;
 use infra::http::CorrelationId;
 
-use super::AppState;
+use tower::ServiceExt;
+
+use super::{AppState, Upstreams};
 use crate::error::Error;
 use crate::routes::{Resolution, Target};
 
@@ -47,10 +50,28 @@ pub async fn forward(State(state): State<AppState>, request: Request) -> Respons
         .map(|CorrelationId(id)| id.clone())
         .unwrap_or_default();
     let request = Request::from_parts(parts, body);
-    state
-        .proxy
-        .forward(upstream, request, peer, &correlation_id)
-        .await
+    match &state.upstreams {
+        Upstreams::Proxy(proxy) => {
+            proxy
+                .forward(upstream, request, peer, &correlation_id)
+                .await
+        }
+        Upstreams::InProcess(router) => {
+            let request = match crate::proxy::in_process_request(
+                request,
+                peer,
+                &state.trusted_proxies,
+                &correlation_id,
+            ) {
+                Ok(request) => request,
+                Err(problem) => return problem.into_response(),
+            };
+            match router.clone().oneshot(request).await {
+                Ok(response) => response,
+                Err(never) => match never {},
+            }
+        }
+    }
 }
 
 /// 405 with the `Allow` header RFC 9110 asks for: the methods the path's prefix takes.

@@ -53,12 +53,12 @@ pub async fn register(State(state): State<AppState>, request: Request) -> Result
         .limiter
         .begin_registration(client_address)
         .inspect_err(|_| tracing::warn!("registration refused: too many from this address"))?;
-    if state.users.username_taken(&body.username).await? {
+    if state.identities.username_taken(&body.username).await? {
         return Err(Error::UsernameTaken);
     }
     let hash = state.passwords.hash(password).await?;
     let user = state
-        .users
+        .identities
         .register(&body.username, &hash, body.name.as_deref())
         .await?;
     tracing::info!(customer_id = %user.customer_id, "customer registered");
@@ -119,7 +119,7 @@ pub async fn token(State(state): State<AppState>, request: Request) -> Result<Re
         tracing::info!("login failed");
         return Err(Error::InvalidCredentials);
     };
-    let credentials = state.users.credentials(username).await?;
+    let credentials = state.identities.credentials(username).await?;
     let stored = credentials
         .as_ref()
         .map(|found| found.password_hash.clone());
@@ -141,7 +141,7 @@ pub async fn token(State(state): State<AppState>, request: Request) -> Result<Re
         return Err(Error::UserDisabled);
     }
     let session = state
-        .users
+        .identities
         .open_session(credentials.customer_id, state.session_lifetime)
         .await?;
     tracing::info!(customer_id = %credentials.customer_id, "token issued");
@@ -164,12 +164,12 @@ pub async fn refresh(
     if refresh_token.expose_secret().len() > REFRESH_TOKEN_CHARS_MAX {
         return Err(Error::InvalidRefreshToken);
     }
-    let Some(session) = state.users.refresh(&refresh_token).await? else {
+    let Some(session) = state.identities.refresh(&refresh_token).await? else {
         tracing::info!("refresh refused: no such session");
         return Err(Error::InvalidRefreshToken);
     };
     if session.roles.is_empty() {
-        state.users.end_session(&refresh_token).await?;
+        state.identities.end_session(&refresh_token).await?;
         tracing::info!(customer_id = %session.customer_id, "refresh of a disabled user refused");
         return Err(Error::UserDisabled);
     }
@@ -257,7 +257,7 @@ pub async fn set_roles(
         }
     }
     let user = state
-        .users
+        .identities
         .set_roles(customer_id, &roles)
         .await?
         .ok_or_else(|| Error::not_found("user_not_found", "no user has this customer id"))?;

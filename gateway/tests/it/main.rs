@@ -4,6 +4,7 @@
 
 mod edge;
 mod health;
+mod identities;
 mod identity;
 mod openapi;
 mod proxy;

@@ -334,7 +334,8 @@ impl Drop for Harness {
             let _ = database.drop_database().await;
             let _ = command_api::testing::delete_topology(&amqp_prefix).await;
             let redis = projector::testing::redis_url();
-            if let Ok(cache) = projector::cache::Cache::new(&redis, &redis_key_prefix, 60) {
+            if let Ok(cache) = projector::cache::RedisCache::new(&redis, &redis_key_prefix, 60) {
+                use projector::cache::TransactionCache;
                 let _ = cache.flush().await;
             }
         });
