@@ -157,7 +157,7 @@ fn parse_count<const MAX: usize>(text: &str) -> Result<usize, String> {
 }
 
 /// `CUSTOMER_TOP_UPS`: `enabled` or `disabled`.
-fn parse_top_ups(text: &str) -> Result<bool, String> {
+pub fn parse_top_ups(text: &str) -> Result<bool, String> {
     match text {
         "enabled" => Ok(true),
         "disabled" => Ok(false),

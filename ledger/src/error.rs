@@ -12,6 +12,9 @@ pub enum Error {
     /// What the command needs is held by another process (the data directory's lock).
     #[error("{0}")]
     Busy(String),
+    /// A part of `ledger serve` could not start (its error, as that part words it).
+    #[error("{0}")]
+    Start(String),
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
