@@ -29,6 +29,7 @@ use uuid::Uuid;
 
 use crate::cache::Cache;
 use crate::error::{Error, Result};
+use crate::store::{PageQuery, ReadModels};
 
 /// How long `/health` waits for a dependency before calling it down.
 const HEALTH_CHECK_TIMEOUT: Duration = Duration::from_secs(2);
@@ -44,8 +45,8 @@ const PAGE_SIZE_MAX: i64 = 100;
 
 #[derive(Clone)]
 pub struct AppState {
-    /// The read models (schema `projector`).
-    pub pool: PgPool,
+    /// The read models (PostgreSQL schema `projector`, or the embedded mode's SQLite).
+    pub models: Arc<dyn ReadModels>,
     /// The event log, for the audit trail of a transaction.
     pub events_pool: PgPool,
     pub events_table: Arc<str>,
@@ -83,7 +84,7 @@ pub fn router(state: AppState) -> Router {
 }
 
 async fn health(State(state): State<AppState>) -> HealthReport {
-    let read_models = infra::db::ping(&state.pool, HEALTH_CHECK_TIMEOUT).await;
+    let read_models = state.models.ping().await;
     let event_log = tokio::time::timeout(
         HEALTH_CHECK_TIMEOUT,
         sqlx::query(&format!("SELECT 1 FROM {} LIMIT 1", state.events_table))
@@ -175,6 +176,16 @@ pub struct Page {
     pub size: i64,
     /// Rows strictly older than this position (`i64::MAX` on the first page).
     pub before: i64,
+}
+
+impl Page {
+    /// The rows to read: one more than the page, to know whether there is a next one.
+    pub fn query(&self) -> PageQuery {
+        PageQuery {
+            before: self.before,
+            limit: self.size + 1,
+        }
+    }
 }
 
 const CURSOR_PREFIX: &str = "v1:";
