@@ -20,6 +20,7 @@ use crate::cache::Cache;
 use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::generations;
+use crate::http::trail::PgEventTrail;
 use crate::http::{AppState, Positions, router};
 use crate::model::ProjectionName;
 use crate::runner::Projector;
@@ -175,8 +176,7 @@ impl App {
         ));
         let state = AppState {
             models: Arc::new(PgReadModels::new(pool.clone())),
-            events_pool: events_pool.clone(),
-            events_table: config.events_table.as_str().into(),
+            trail: Arc::new(PgEventTrail::new(events_pool.clone(), &config.events_table)),
             cache: Some(cache),
             verifier: Arc::new(JwtVerifier::new(&config.token)?),
             runners_healthy: vec![projector.health_flag()],

@@ -6,12 +6,12 @@
 mod accounts;
 mod audit;
 pub mod positions;
+pub mod trail;
 mod transactions;
 
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
 
 use axum::Router;
 use axum::extract::{FromRef, FromRequestParts, Query, State};
@@ -24,15 +24,11 @@ use infra::auth::{Caller, JwtVerifier, Role};
 use infra::http::{HealthReport, method_not_allowed, metrics_endpoint, not_found, service_layers};
 use infra::log::LogPosition;
 use serde_json::{Value, json};
-use sqlx::PgPool;
 use uuid::Uuid;
 
 use crate::cache::Cache;
 use crate::error::{Error, Result};
 use crate::store::{PageQuery, ReadModels};
-
-/// How long `/health` waits for a dependency before calling it down.
-const HEALTH_CHECK_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// The read-your-writes header (SPEC §5).
 pub const POSITION_HEADER: HeaderName = HeaderName::from_static("x-ledger-position");
@@ -48,8 +44,7 @@ pub struct AppState {
     /// The read models (PostgreSQL schema `projector`, or the embedded mode's SQLite).
     pub models: Arc<dyn ReadModels>,
     /// The event log, for the audit trail of a transaction.
-    pub events_pool: PgPool,
-    pub events_table: Arc<str>,
+    pub trail: Arc<dyn trail::EventTrail>,
     pub cache: Option<Arc<Cache>>,
     pub verifier: Arc<JwtVerifier>,
     /// One flag per projection runner: false while its last batch failed.
@@ -85,13 +80,7 @@ pub fn router(state: AppState) -> Router {
 
 async fn health(State(state): State<AppState>) -> HealthReport {
     let read_models = state.models.ping().await;
-    let event_log = tokio::time::timeout(
-        HEALTH_CHECK_TIMEOUT,
-        sqlx::query(&format!("SELECT 1 FROM {} LIMIT 1", state.events_table))
-            .execute(&state.events_pool),
-    )
-    .await
-    .is_ok_and(|result| result.is_ok());
+    let event_log = state.trail.ping().await;
     let projections = state
         .runners_healthy
         .iter()

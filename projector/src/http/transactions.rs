@@ -5,11 +5,8 @@ use std::collections::HashMap;
 use axum::Json;
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, HeaderName, HeaderValue};
-use chrono::{DateTime, Utc};
 use infra::auth::Caller;
-use infra::error::DatabaseContext;
 use serde_json::{Value, json};
-use sqlx::Row;
 use uuid::Uuid;
 
 use super::accounts::money;
@@ -170,41 +167,33 @@ pub async fn events(
     if !visible(reader, &record) {
         return Err(not_found(id));
     }
-    let rows = sqlx::query(&format!(
-        "SELECT sequence, event_type, event_version, event_id, recorded_at, payload, metadata
-         FROM {} WHERE aggregate_type = $1 AND aggregate_id = $2 ORDER BY sequence",
-        state.events_table
-    ))
-    .bind(infra::replay::TRANSACTION_STREAM)
-    .bind(id.to_string())
-    .fetch_all(&state.events_pool)
-    .await
-    .context("reading a transaction's events")?;
-    let items = rows
-        .iter()
-        .map(|row| {
-            let recorded_at: DateTime<Utc> = row.try_get("recorded_at")?;
-            let event_type: String = row.try_get("event_type")?;
-            let payload: Value = row.try_get("payload")?;
-            let metadata: Value = row.try_get("metadata")?;
+    let items: Vec<Value> = state
+        .trail
+        .transaction_events(id)
+        .await?
+        .into_iter()
+        .map(|event| {
             let (payload, metadata) = match reader {
-                Reader::Everything => (payload, metadata),
-                Reader::Owner(me) => {
-                    audit::customer_view(me, &record, &event_type, &payload, &metadata)
-                }
+                Reader::Everything => (event.payload, event.metadata),
+                Reader::Owner(me) => audit::customer_view(
+                    me,
+                    &record,
+                    &event.event_type,
+                    &event.payload,
+                    &event.metadata,
+                ),
             };
-            Ok(json!({
-                "sequence": row.try_get::<i64, _>("sequence")?,
-                "type": event_type,
-                "event_version": row.try_get::<String, _>("event_version")?,
-                "event_id": row.try_get::<Uuid, _>("event_id")?,
-                "recorded_at": timestamp(recorded_at),
+            json!({
+                "sequence": event.sequence,
+                "type": event.event_type,
+                "event_version": event.event_version,
+                "event_id": event.event_id,
+                "recorded_at": timestamp(event.recorded_at),
                 "payload": payload,
                 "metadata": metadata,
-            }))
+            })
         })
-        .collect::<Result<Vec<_>, sqlx::Error>>()
-        .context("decoding a transaction's events")?;
+        .collect();
     Ok((
         headers,
         Json(json!({ "transaction_id": id, "items": items })),
