@@ -8,6 +8,8 @@
 //! `SQLITE_BUSY` mid-batch). Readers see the last committed state (WAL snapshots), so `verify`
 //! reads its rows and checkpoints in one read transaction.
 
+use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -15,7 +17,6 @@ use infra::error::DatabaseContext;
 use infra::log::LogPosition;
 use infra::sqlite::Migration;
 use sqlx::SqlitePool;
-use std::sync::Arc;
 use tokio::sync::{Mutex, OwnedMutexGuard};
 use uuid::Uuid;
 
@@ -69,6 +70,59 @@ impl SqliteReadModels {
             .await
             .context("committing the generation setup")?;
         Ok(models)
+    }
+
+    /// Opens the read models in the file at `path` (created if missing): a writer of one
+    /// connection and `readers` connections for the queries.
+    pub async fn open_file(path: &Path, readers: u32) -> Result<Self> {
+        let writer = infra::sqlite::pool(infra::sqlite::options(path, true), 1).await?;
+        let readers = infra::sqlite::pool(infra::sqlite::options(path, false), readers).await?;
+        Self::open(writer, readers).await
+    }
+
+    /// Opens read models that `ledger serve` (or a rebuild) already set up, for jobs that only
+    /// read them (`ledger verify --data DIR`, beside a live `serve`): it checks rather than
+    /// creates, and every connection of `pool` should be read-only
+    /// (`SqliteConnectOptions::read_only`), so that nothing it runs can write.
+    pub async fn open_read_only(pool: SqlitePool) -> Result<Self> {
+        let not_set_up = |what: String| {
+            Error::Job(format!(
+                "the read models are not set up ({what}); start `ledger serve` once, or run \
+                 `ledger rebuild`"
+            ))
+        };
+        let applied: Vec<i64> = sqlx::query_scalar(
+            "SELECT version FROM ledger_migrations WHERE component = 'projector'",
+        )
+        .fetch_all(&pool)
+        .await
+        .map_err(|_| not_set_up("no migrations were applied".to_owned()))?;
+        if let Some(missing) = SQLITE_MIGRATIONS
+            .iter()
+            .find(|migration| !applied.contains(&migration.version))
+        {
+            return Err(not_set_up(format!(
+                "migration {} ({}) is not applied",
+                missing.version, missing.description
+            )));
+        }
+        let registered: Vec<String> = sqlx::query_scalar("SELECT name FROM projections")
+            .fetch_all(&pool)
+            .await
+            .context("reading the projections")?;
+        if let Some(missing) = ProjectionName::ALL
+            .into_iter()
+            .find(|name| !registered.iter().any(|known| known == name.as_str()))
+        {
+            return Err(not_set_up(format!(
+                "projection {missing} has no generation"
+            )));
+        }
+        Ok(SqliteReadModels {
+            writer: pool.clone(),
+            readers: pool,
+            rebuilding: Arc::new(Mutex::new(())),
+        })
     }
 
     /// The pool of the writer (tests, the CLI).

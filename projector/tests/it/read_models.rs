@@ -167,6 +167,37 @@ async fn the_projector_runs_on_sqlite_beside_the_sqlite_log() {
         .expect("verify runs");
     assert!(report.is_clean(), "{:#?}", report.differences);
 
+    // `ledger verify --data DIR` beside a live serve: read-only connections, nothing written.
+    let read_only = infra::sqlite::pool(infra::sqlite::options(&path, false).read_only(true), 2)
+        .await
+        .expect("opens read-only");
+    let auditor = SqliteReadModels::open_read_only(read_only)
+        .await
+        .expect("the set-up read models open");
+    let report = projector::verify::verify_in(&auditor, &source, &mut |_| {})
+        .await
+        .expect("verify runs read-only");
+    assert!(report.is_clean(), "{:#?}", report.differences);
+    assert!(
+        auditor
+            .prepare_generation(ProjectionName::Accounts, false)
+            .await
+            .is_err(),
+        "a read-only store cannot write"
+    );
+    let empty = tempfile::tempdir().expect("a temporary directory");
+    let nothing = infra::sqlite::pool(
+        infra::sqlite::options(&empty.path().join("empty.sqlite"), true),
+        1,
+    )
+    .await
+    .expect("opens");
+    let error = SqliteReadModels::open_read_only(nothing)
+        .await
+        .err()
+        .expect("read models never set up are refused");
+    assert!(error.to_string().contains("not set up"), "{error}");
+
     // The audit trail of a transaction, from the log.
     let transaction = builder
         .rows
