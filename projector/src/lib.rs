@@ -15,6 +15,7 @@ pub mod model;
 pub mod rebuild;
 pub mod runner;
 pub mod startup;
+pub mod store;
 pub mod testing;
 pub mod verify;
 

@@ -11,13 +11,14 @@
 use std::time::{Duration, Instant};
 
 use infra::error::DatabaseContext;
-use infra::eventlog::{EventLog, LogFilter, LogPosition};
-use sqlx::{Connection, PgConnection, PgPool};
+use infra::eventlog::{EventLog, LogPosition};
+use sqlx::PgPool;
 
 use crate::error::{Error, Result};
-use crate::generations::{self, Checkpoint};
-use crate::model::{DecodedBatch, ProjectionName};
+use crate::generations::{self, Checkpoint, on};
+use crate::model::{Backend, Db, DecodedBatch, ProjectionName};
 use crate::runner::apply_batch;
+use crate::store::{EventSource, LogSource, PgReadModels, ReadModels};
 
 #[derive(Debug, Clone, Copy)]
 pub struct RebuildOptions {
@@ -57,9 +58,29 @@ pub struct RebuildSummary {
     pub elapsed: Duration,
 }
 
-/// Rebuilds `names` together. Fails at once if another rebuild of one of them is running.
+/// Rebuilds `names` together in the PostgreSQL read models on `pool`. Fails at once if another
+/// rebuild of one of them is running.
 pub async fn rebuild(
     pool: &PgPool,
+    log: &dyn EventLog,
+    names: &[ProjectionName],
+    options: RebuildOptions,
+    progress: impl FnMut(RebuildProgress),
+) -> Result<RebuildSummary> {
+    rebuild_in(
+        &PgReadModels::new(pool.clone()),
+        log,
+        names,
+        options,
+        progress,
+    )
+    .await
+}
+
+/// Rebuilds `names` together in `models` (either store). Fails at once if another rebuild of
+/// one of them is running.
+pub async fn rebuild_in(
+    models: &dyn ReadModels,
     log: &dyn EventLog,
     names: &[ProjectionName],
     options: RebuildOptions,
@@ -69,65 +90,33 @@ pub async fn rebuild(
     let mut names = names.to_vec();
     names.sort();
     names.dedup();
-    // The locks live on a connection of their own, closed (and so released) when we return.
-    let mut lock = pool
-        .acquire()
-        .await
-        .context("acquiring a connection")?
-        .detach();
-    for name in &names {
-        let locked: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
-            .bind(infra::db::advisory_key(&format!(
-                "projector/rebuild/{name}"
-            )))
-            .fetch_one(&mut lock)
-            .await
-            .context("taking the rebuild lock")?;
-        if !locked {
-            return Err(Error::Job(format!(
-                "another rebuild of {name} is running; wait for it or stop it"
-            )));
-        }
-    }
+    let lock = models.lock_rebuilds(&names).await?;
     let mut building = Vec::with_capacity(names.len());
     for name in &names {
-        building.push((*name, prepare(pool, *name, options.restart).await?));
+        building.push((
+            *name,
+            models.prepare_generation(*name, options.restart).await?,
+        ));
     }
-    let mut connection = pool.acquire().await.context("acquiring a connection")?;
-    let mut resumed_at = None;
-    for (name, generation) in &building {
-        let at = generations::checkpoint(&mut connection, *name, *generation)
-            .await?
-            .position;
-        resumed_at = Some(resumed_at.map_or(at, |lowest: LogPosition| lowest.min(at)));
-    }
-    drop(connection);
+    let resumed_at = lowest_checkpoint(models, &building).await?;
     progress(RebuildProgress::Started {
-        resumed_at: resumed_at.unwrap_or(LogPosition::START),
+        resumed_at,
         head: log.head().await?,
     });
+    let source = LogSource(log);
     let mut events = 0u64;
     // Build in bounded batches until a batch comes back short: caught up, near enough.
-    let mut next = read(log, lowest_checkpoint(pool, &building).await?, options).await?;
+    let mut next = read(&source, resumed_at, options).await?;
     while let Some(batch) = next.take() {
         let count = batch.events.len();
         let last = batch.last_position().unwrap_or(LogPosition::START);
         let short = count < options.batch_size;
-        let apply = async {
-            let mut transaction = pool.begin().await.context("starting a rebuild batch")?;
-            let targets = lock_building(&mut transaction, &building).await?;
-            // No cache: the rebuilt rows are the ones the cache already holds.
-            apply_batch(&mut transaction, &targets, &batch, None).await?;
-            transaction
-                .commit()
-                .await
-                .context("committing a rebuild batch")?;
-            Ok::<_, Error>(())
-        };
+        // No cache: the rebuilt rows are the ones the cache already holds.
+        let apply = models.apply_building(&building, &batch);
         if short {
             apply.await?;
         } else {
-            let (applied, read_next) = tokio::join!(apply, read(log, last, options));
+            let (applied, read_next) = tokio::join!(apply, read(&source, last, options));
             applied?;
             next = read_next?;
         }
@@ -138,22 +127,13 @@ pub async fn rebuild(
         });
     }
     progress(RebuildProgress::Switching);
-    let replaced = switch(pool, log, &building, options.batch_size).await?;
+    let replaced = models
+        .switch(&building, &source, options.batch_size)
+        .await?;
     // One transaction: a crash drops all of the old generations or none of them (and the next
     // rebuild finds what is left).
-    let mut transaction = pool.begin().await.context("starting the clean-up")?;
-    for (name, old) in &replaced {
-        generations::drop_tables(&mut transaction, *name, *old).await?;
-    }
-    transaction
-        .commit()
-        .await
-        .context("committing the clean-up")?;
-    sqlx::query("SELECT pg_advisory_unlock_all()")
-        .execute(&mut lock)
-        .await
-        .context("releasing the rebuild lock")?;
-    let _ = lock.close().await;
+    models.drop_generations(&replaced).await?;
+    lock.release().await;
     Ok(RebuildSummary {
         projections: building
             .iter()
@@ -173,13 +153,11 @@ pub async fn rebuild(
 
 /// Reads and decodes the batch after `after`; `None` when nothing is left.
 async fn read(
-    log: &dyn EventLog,
+    source: &dyn EventSource,
     after: LogPosition,
     options: RebuildOptions,
 ) -> Result<Option<DecodedBatch>> {
-    let events = log
-        .read_all(after, options.batch_size, LogFilter::ALL)
-        .await?;
+    let events = source.read_after(after, options.batch_size).await?;
     if events.is_empty() {
         return Ok(None);
     }
@@ -187,104 +165,140 @@ async fn read(
 }
 
 async fn lowest_checkpoint(
-    pool: &PgPool,
+    models: &dyn ReadModels,
     building: &[(ProjectionName, i32)],
 ) -> Result<LogPosition> {
-    let mut connection = pool.acquire().await.context("acquiring a connection")?;
     let mut lowest: Option<LogPosition> = None;
     for (name, generation) in building {
-        let at = generations::checkpoint(&mut connection, *name, *generation)
-            .await?
-            .position;
+        let at = models.checkpoint(*name, *generation).await?.position;
         lowest = Some(lowest.map_or(at, |lowest| lowest.min(at)));
     }
     Ok(lowest.unwrap_or(LogPosition::START))
 }
 
 /// Locks the building generations' checkpoint rows and reads them: a second rebuild cannot get
-/// here (advisory lock), but the lock keeps each read-apply-advance sequence honest regardless.
-async fn lock_building(
-    connection: &mut PgConnection,
+/// here (rebuild lock), but the lock keeps each read-apply-advance sequence honest regardless.
+/// (SQLite: the transaction's write lock covers it.)
+pub(crate) async fn lock_building(
+    db: &mut Db<'_>,
     building: &[(ProjectionName, i32)],
 ) -> Result<Vec<(ProjectionName, i32, Checkpoint)>> {
     let mut targets = Vec::with_capacity(building.len());
     for (name, generation) in building {
-        sqlx::query(
-            "SELECT 1 FROM checkpoints WHERE projection = $1 AND generation = $2 FOR UPDATE",
-        )
-        .bind(name.as_str())
-        .bind(generation)
-        .execute(&mut *connection)
-        .await
-        .context("locking a rebuild checkpoint")?;
-        let checkpoint = generations::checkpoint(connection, *name, *generation).await?;
+        if db.backend() == Backend::Postgres {
+            on!(
+                db,
+                sqlx::query(
+                    "SELECT 1 FROM checkpoints WHERE projection = $1 AND generation = $2 \
+                     FOR UPDATE",
+                )
+                .bind(name.as_str())
+                .bind(generation),
+                execute
+            )
+            .context("locking a rebuild checkpoint")?;
+        }
+        let checkpoint = generations::checkpoint(db, *name, *generation).await?;
         targets.push((*name, *generation, checkpoint));
     }
     Ok(targets)
 }
 
-/// The generation to build: the half-built one (resumed), or a new one.
-async fn prepare(pool: &PgPool, name: ProjectionName, restart: bool) -> Result<i32> {
-    let mut transaction = pool.begin().await.context("starting a rebuild")?;
-    let (building, next): (Option<i32>, i32) = sqlx::query_as(
-        "SELECT building_generation, next_generation FROM projections WHERE name = $1 FOR UPDATE",
-    )
-    .bind(name.as_str())
-    .fetch_one(&mut *transaction)
-    .await
-    .context("reading a projection")?;
-    drop_leftovers(&mut transaction, name).await?;
+/// One rebuild batch inside the store's transaction: lock, apply, advance. The caller commits.
+pub(crate) async fn building_batch(
+    db: &mut Db<'_>,
+    building: &[(ProjectionName, i32)],
+    batch: &DecodedBatch,
+) -> Result<usize> {
+    let targets = lock_building(db, building).await?;
+    apply_batch(db, &targets, batch, None).await
+}
+
+/// The generation to build, inside the store's transaction: the half-built one (resumed), or a
+/// new one. The caller commits.
+pub(crate) async fn prepare_in(
+    db: &mut Db<'_>,
+    name: ProjectionName,
+    restart: bool,
+) -> Result<i32> {
+    let statement = match db.backend() {
+        Backend::Postgres => {
+            "SELECT building_generation, next_generation FROM projections WHERE name = $1 \
+             FOR UPDATE"
+        }
+        Backend::Sqlite => {
+            "SELECT building_generation, next_generation FROM projections WHERE name = $1"
+        }
+    };
+    let (building, next): (Option<i32>, i32) =
+        on!(db, sqlx::query_as(statement).bind(name.as_str()), fetch_one)
+            .context("reading a projection")?;
+    drop_leftovers(db, name).await?;
     if let Some(generation) = building {
         if !restart {
-            transaction.commit().await.context("resuming a rebuild")?;
             tracing::info!(projection = %name, generation, "resuming an unfinished rebuild");
             return Ok(generation);
         }
-        generations::drop_tables(&mut transaction, name, generation).await?;
+        generations::drop_tables(db, name, generation).await?;
     }
-    generations::create_tables(&mut transaction, name, next).await?;
-    sqlx::query(
-        "UPDATE projections SET building_generation = $2, next_generation = $2 + 1 WHERE name = $1",
+    generations::create_tables(db, name, next).await?;
+    on!(
+        db,
+        sqlx::query(
+            "UPDATE projections SET building_generation = $2, next_generation = $2 + 1 \
+             WHERE name = $1",
+        )
+        .bind(name.as_str())
+        .bind(next),
+        execute
     )
-    .bind(name.as_str())
-    .bind(next)
-    .execute(&mut *transaction)
-    .await
     .context("registering a rebuild")?;
-    transaction.commit().await.context("starting a rebuild")?;
     Ok(next)
 }
 
 /// Drops the tables of generations that are neither live nor being built: what a rebuild killed
 /// between its switch and its clean-up left behind.
-async fn drop_leftovers(connection: &mut PgConnection, name: ProjectionName) -> Result<()> {
-    let (live, building): (i32, Option<i32>) = sqlx::query_as(
-        "SELECT live_generation, building_generation FROM projections WHERE name = $1",
+async fn drop_leftovers(db: &mut Db<'_>, name: ProjectionName) -> Result<()> {
+    let (live, building): (i32, Option<i32>) = on!(
+        db,
+        sqlx::query_as(
+            "SELECT live_generation, building_generation FROM projections WHERE name = $1",
+        )
+        .bind(name.as_str()),
+        fetch_one
     )
-    .bind(name.as_str())
-    .fetch_one(&mut *connection)
-    .await
     .context("reading a projection")?;
-    let mut found: Vec<i32> =
+    let mut found: Vec<i32> = on!(
+        db,
         sqlx::query_scalar("SELECT generation FROM checkpoints WHERE projection = $1")
-            .bind(name.as_str())
-            .fetch_all(&mut *connection)
-            .await
-            .context("listing checkpoints")?;
-    for shape in name.tables() {
-        let tables: Vec<String> = sqlx::query_scalar(
+            .bind(name.as_str()),
+        fetch_all
+    )
+    .context("listing checkpoints")?;
+    let tables_statement = match db.backend() {
+        Backend::Postgres => {
             "SELECT table_name::text FROM information_schema.tables
              WHERE table_schema = current_schema() AND table_type = 'BASE TABLE'
-               AND table_name::text ~ ('^' || $1 || '_g[0-9]+$')",
+               AND table_name::text ~ ('^' || $1 || '_g[0-9]+$')"
+        }
+        // GLOB: `_` is no wildcard there; the number is checked below.
+        Backend::Sqlite => {
+            "SELECT name FROM sqlite_master WHERE type = 'table' AND name GLOB ($1 || '_g[0-9]*')"
+        }
+    };
+    for shape in name.tables() {
+        let tables: Vec<String> = on!(
+            db,
+            sqlx::query_scalar(tables_statement).bind(shape.name),
+            fetch_all
         )
-        .bind(shape.name)
-        .fetch_all(&mut *connection)
-        .await
         .context("listing generations")?;
         found.extend(tables.iter().filter_map(|table| {
             table
-                .rsplit_once("_g")
-                .and_then(|(_, number)| number.parse::<i32>().ok())
+                .strip_prefix(shape.name)
+                .and_then(|rest| rest.strip_prefix("_g"))
+                .filter(|number| number.bytes().all(|byte| byte.is_ascii_digit()))
+                .and_then(|number| number.parse::<i32>().ok())
         }));
     }
     found.sort_unstable();
@@ -292,29 +306,32 @@ async fn drop_leftovers(connection: &mut PgConnection, name: ProjectionName) -> 
     for generation in found {
         if generation != live && Some(generation) != building {
             tracing::info!(projection = %name, generation, "dropping a leftover generation");
-            generations::drop_tables(connection, name, generation).await?;
+            generations::drop_tables(db, name, generation).await?;
         }
     }
     Ok(())
 }
 
-/// Catches up under the projections' locks and makes the built generations live; returns the
-/// replaced generations.
-async fn switch(
-    pool: &PgPool,
-    log: &dyn EventLog,
+/// Catches up under the projections' locks and makes the built generations live, inside the
+/// store's transaction; returns the replaced generations. The caller commits.
+pub(crate) async fn switch_in(
+    db: &mut Db<'_>,
+    source: &dyn EventSource,
     building: &[(ProjectionName, i32)],
     batch_size: usize,
 ) -> Result<Vec<(ProjectionName, i32)>> {
-    let mut transaction = pool.begin().await.context("starting the switch")?;
     // Every row in one order, as the live projector locks them.
-    let rows: Vec<(String, i32, Option<i32>)> = sqlx::query_as(
-        "SELECT name, live_generation, building_generation FROM projections \
-         ORDER BY name FOR UPDATE",
-    )
-    .fetch_all(&mut *transaction)
-    .await
-    .context("locking the projections for the switch")?;
+    let statement = match db.backend() {
+        Backend::Postgres => {
+            "SELECT name, live_generation, building_generation FROM projections \
+             ORDER BY name FOR UPDATE"
+        }
+        Backend::Sqlite => {
+            "SELECT name, live_generation, building_generation FROM projections ORDER BY name"
+        }
+    };
+    let rows: Vec<(String, i32, Option<i32>)> = on!(db, sqlx::query_as(statement), fetch_all)
+        .context("locking the projections for the switch")?;
     let mut replaced = Vec::with_capacity(building.len());
     for (name, generation) in building {
         let Some((_, live, now_building)) = rows.iter().find(|(row, _, _)| row == name.as_str())
@@ -332,41 +349,48 @@ async fn switch(
     // The live projector waits on our locks now; apply what it has seen that we have not, so
     // the new generations start exactly where the old ones stand or later.
     loop {
-        let targets = lock_building(&mut transaction, building).await?;
+        let targets = lock_building(db, building).await?;
         let lowest = targets
             .iter()
             .map(|(_, _, checkpoint)| checkpoint.position)
             .min()
             .unwrap_or(LogPosition::START);
-        let events = log.read_all(lowest, batch_size, LogFilter::ALL).await?;
+        let events = source.read_after(lowest, batch_size).await?;
         let count = events.len();
         if count == 0 {
             break;
         }
         let batch = DecodedBatch::new(events)?;
-        apply_batch(&mut transaction, &targets, &batch, None).await?;
+        apply_batch(db, &targets, &batch, None).await?;
         if count < batch_size {
             break;
         }
     }
-    for (name, generation) in building {
-        generations::point_views(&mut transaction, *name, *generation).await?;
-        sqlx::query(
+    let switched = match db.backend() {
+        Backend::Postgres => {
             "UPDATE projections SET live_generation = $2, building_generation = NULL,
-                 switched_at = now() WHERE name = $1",
+                 switched_at = now() WHERE name = $1"
+        }
+        Backend::Sqlite => {
+            "UPDATE projections SET live_generation = $2, building_generation = NULL,
+                 switched_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now') WHERE name = $1"
+        }
+    };
+    for (name, generation) in building {
+        generations::point_views(db, *name, *generation).await?;
+        on!(
+            db,
+            sqlx::query(switched).bind(name.as_str()).bind(generation),
+            execute
         )
-        .bind(name.as_str())
-        .bind(generation)
-        .execute(&mut *transaction)
-        .await
         .context("switching generations")?;
     }
-    transaction
-        .commit()
-        .await
-        .context("committing the switch")?;
-    for ((name, generation), (_, old)) in building.iter().zip(&replaced) {
+    Ok(replaced)
+}
+
+/// Logs what a committed switch did.
+pub(crate) fn log_switch(building: &[(ProjectionName, i32)], replaced: &[(ProjectionName, i32)]) {
+    for ((name, generation), (_, old)) in building.iter().zip(replaced) {
         tracing::info!(projection = %name, generation, replaced = old, "rebuilt projection is live");
     }
-    Ok(replaced)
 }

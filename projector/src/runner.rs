@@ -13,10 +13,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use async_trait::async_trait;
-use infra::error::DatabaseContext;
 use infra::eventlog::{EventLog, Lag, LogFilter, LogPosition};
 use infra::follow::{Follower, Outcome};
-use sqlx::{PgConnection, PgPool};
+use sqlx::PgPool;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
@@ -26,14 +25,19 @@ use crate::generations;
 use crate::model::accounts::AccountsModel;
 use crate::model::history::HistoryModel;
 use crate::model::transactions::TransactionsModel;
-use crate::model::{Decoded, DecodedBatch, Model, ProjectionName};
+use crate::model::{Db, Decoded, DecodedBatch, Model, ProjectionName};
+use crate::store::{EventSource, LogSource, PgReadModels, ReadModels};
 
 /// Publishes `projection_lag_events` and `projection_lag_seconds` for every projection until
 /// `cancel` (see [`infra::log::report_lag`]), from the live checkpoints, whoever leads: a
 /// projector whose batches fail shows as a growing lag.
-pub async fn report_lag(pool: PgPool, log: Arc<dyn EventLog>, cancel: CancellationToken) {
+pub async fn report_lag(
+    models: Arc<dyn ReadModels>,
+    log: Arc<dyn EventLog>,
+    cancel: CancellationToken,
+) {
     infra::log::report_lag("projection_lag", "projection", cancel, || async {
-        let lags = measure_lag(&pool, &*log).await?;
+        let lags = measure_lag_of(&*models, &*log).await?;
         Ok::<_, Error>(
             lags.into_iter()
                 .map(|(name, lag)| (name.as_str(), lag))
@@ -45,9 +49,15 @@ pub async fn report_lag(pool: PgPool, log: Arc<dyn EventLog>, cancel: Cancellati
 
 /// How far each projection's live checkpoint is behind the log.
 pub async fn measure_lag(pool: &PgPool, log: &dyn EventLog) -> Result<Vec<(ProjectionName, Lag)>> {
-    let mut connection = pool.acquire().await.context("acquiring a connection")?;
-    let checkpoints = generations::live_checkpoints(&mut connection).await?;
-    drop(connection);
+    measure_lag_of(&PgReadModels::new(pool.clone()), log).await
+}
+
+/// How far each projection's live checkpoint in `models` is behind the log.
+pub async fn measure_lag_of(
+    models: &dyn ReadModels,
+    log: &dyn EventLog,
+) -> Result<Vec<(ProjectionName, Lag)>> {
+    let checkpoints = models.live_checkpoints().await?;
     let mut lags = Vec::with_capacity(checkpoints.len());
     for (name, _, position) in checkpoints {
         lags.push((name, log.lag(position, LogFilter::ALL).await?));
@@ -58,7 +68,7 @@ pub async fn measure_lag(pool: &PgPool, log: &dyn EventLog) -> Result<Vec<(Proje
 /// Applies decoded events to generation `generation` of `name`, writing changed transactions
 /// through to `cache` (before the caller commits).
 pub async fn apply(
-    connection: &mut PgConnection,
+    db: &mut Db<'_>,
     name: ProjectionName,
     generation: i32,
     events: &[Decoded<'_>],
@@ -66,31 +76,31 @@ pub async fn apply(
 ) -> Result<()> {
     match name {
         ProjectionName::Accounts => {
-            fold_and_store::<AccountsModel>(connection, generation, events).await?;
+            fold_and_store::<AccountsModel>(db, generation, events).await?;
         }
         ProjectionName::Transactions => {
-            let model = fold_and_store::<TransactionsModel>(connection, generation, events).await?;
+            let model = fold_and_store::<TransactionsModel>(db, generation, events).await?;
             if let Some(cache) = cache {
                 cache.put_all(model.changed()).await;
             }
         }
         ProjectionName::AccountHistory => {
-            fold_and_store::<HistoryModel>(connection, generation, events).await?;
+            fold_and_store::<HistoryModel>(db, generation, events).await?;
         }
     }
     Ok(())
 }
 
 async fn fold_and_store<M: Model>(
-    connection: &mut PgConnection,
+    db: &mut Db<'_>,
     generation: i32,
     events: &[Decoded<'_>],
 ) -> Result<M> {
-    let mut model = M::load(connection, generation, events).await?;
+    let mut model = M::load(db, generation, events).await?;
     for event in events {
         model.fold(event)?;
     }
-    model.store(connection, generation).await?;
+    model.store(db, generation).await?;
     Ok(model)
 }
 
@@ -98,7 +108,7 @@ async fn fold_and_store<M: Model>(
 /// checkpoint, moving each checkpoint: the step shared by the live projector and a rebuild.
 /// Returns how many events were applied, all projections together.
 pub async fn apply_batch(
-    connection: &mut PgConnection,
+    db: &mut Db<'_>,
     targets: &[(ProjectionName, i32, generations::Checkpoint)],
     batch: &DecodedBatch,
     cache: Option<&Cache>,
@@ -112,11 +122,38 @@ pub async fn apply_batch(
         if events.is_empty() {
             continue;
         }
-        apply(connection, *name, *generation, &events, cache).await?;
-        generations::advance(connection, *name, *generation, last, events.len()).await?;
+        apply(db, *name, *generation, &events, cache).await?;
+        generations::advance(db, *name, *generation, last, events.len()).await?;
         applied += events.len();
     }
     Ok(applied)
+}
+
+/// The body of one live batch inside the store's transaction (see
+/// [`ReadModels::apply_live`]): lock the projections, read the log after the lowest live
+/// checkpoint, decode once, apply and advance. The caller commits.
+pub async fn live_batch(
+    db: &mut Db<'_>,
+    source: &dyn EventSource,
+    batch_size: usize,
+    cache: Option<&Cache>,
+) -> Result<Option<DecodedBatch>> {
+    let targets = generations::lock_all_live(db).await?;
+    let lowest = targets
+        .iter()
+        .map(|(_, _, checkpoint)| checkpoint.position)
+        .min()
+        .unwrap_or(LogPosition::START);
+    let events = source.read_after(lowest, batch_size).await?;
+    if events.is_empty() {
+        return Ok(None);
+    }
+    if let Some(first) = events.first() {
+        infra::follow::record_event_age("projector", first.recorded_at);
+    }
+    let batch = DecodedBatch::new(events)?;
+    apply_batch(db, &targets, &batch, cache).await?;
+    Ok(Some(batch))
 }
 
 /// How the projector reads.
@@ -126,7 +163,7 @@ pub struct ProjectorSettings {
 }
 
 pub struct Projector {
-    pool: PgPool,
+    models: Arc<dyn ReadModels>,
     log: Arc<dyn EventLog>,
     cache: Option<Arc<Cache>>,
     settings: ProjectorSettings,
@@ -139,13 +176,13 @@ pub struct Projector {
 
 impl Projector {
     pub fn new(
-        pool: PgPool,
+        models: Arc<dyn ReadModels>,
         log: Arc<dyn EventLog>,
         cache: Option<Arc<Cache>>,
         settings: ProjectorSettings,
     ) -> Self {
         Projector {
-            pool,
+            models,
             log,
             cache,
             settings,
@@ -169,18 +206,7 @@ impl Projector {
     /// every follower's read waits on. The locked batch reads the checkpoints again, so a stale
     /// answer here costs one empty batch.
     async fn has_work(&self) -> Result<bool> {
-        let mut connection = self
-            .pool
-            .acquire()
-            .await
-            .context("acquiring a connection")?;
-        let lowest = generations::live_checkpoints(&mut connection)
-            .await?
-            .into_iter()
-            .map(|(_, _, position)| position)
-            .min()
-            .unwrap_or(LogPosition::START);
-        drop(connection);
+        let lowest = self.models.read_position().await?;
         self.applied.send_if_modified(|applied| {
             let moved = *applied < lowest;
             *applied = (*applied).max(lowest);
@@ -200,36 +226,16 @@ impl Projector {
             return Ok(0);
         }
         let started = Instant::now();
-        let mut transaction = self
-            .pool
-            .begin()
-            .await
-            .context("starting a projection batch")?;
-        metrics::histogram!("db_pool_acquire_seconds", "pool" => "projector")
-            .record(started.elapsed().as_secs_f64());
-        let targets = generations::lock_all_live(&mut transaction).await?;
-        let lowest = targets
-            .iter()
-            .map(|(_, _, checkpoint)| checkpoint.position)
-            .min()
-            .unwrap_or(LogPosition::START);
-        let events = self
-            .log
-            .read_all(lowest, self.settings.batch_size, LogFilter::ALL)
-            .await?;
-        let Some(last) = events.last().map(|event| event.position) else {
+        let log = LogSource(&*self.log);
+        let Some(batch) = self
+            .models
+            .apply_live(&log, self.settings.batch_size, self.cache.as_deref())
+            .await?
+        else {
             return Ok(0);
         };
-        let read = events.len();
-        if let Some(first) = events.first() {
-            infra::follow::record_event_age("projector", first.recorded_at);
-        }
-        let batch = DecodedBatch::new(events)?;
-        apply_batch(&mut transaction, &targets, &batch, self.cache.as_deref()).await?;
-        transaction
-            .commit()
-            .await
-            .context("committing a projection batch")?;
+        let read = batch.events.len();
+        let last = batch.last_position().unwrap_or(LogPosition::START);
         self.healthy.store(true, Ordering::Relaxed);
         self.applied
             .send_modify(|applied| *applied = (*applied).max(last));

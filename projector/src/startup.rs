@@ -20,9 +20,11 @@ use crate::cache::{Cache, RedisCache};
 use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::generations;
+use crate::http::trail::PgEventTrail;
 use crate::http::{AppState, Positions, router};
 use crate::model::ProjectionName;
 use crate::runner::Projector;
+use crate::store::PgReadModels;
 use infra::error::DatabaseContext;
 
 /// The projector's own schema (SPEC §2).
@@ -97,6 +99,8 @@ pub struct App {
     log: Arc<dyn EventLog>,
     leadership: Arc<dyn Leadership>,
     background: PgPool,
+    /// The queries' pool of the read models.
+    pool: PgPool,
     pools: Vec<PgPool>,
     follow_settings: FollowSettings,
 }
@@ -165,20 +169,19 @@ impl App {
             .await?,
         );
         let projector = Arc::new(Projector::new(
-            background.clone(),
+            Arc::new(PgReadModels::new(background.clone())),
             log.clone(),
             Some(cache.clone()),
             config.projector_settings(),
         ));
         let state = AppState {
-            pool,
-            events_pool: events_pool.clone(),
-            events_table: config.events_table.as_str().into(),
+            models: Arc::new(PgReadModels::new(pool.clone())),
+            trail: Arc::new(PgEventTrail::new(events_pool.clone(), &config.events_table)),
             cache: Some(cache),
             verifier: Arc::new(JwtVerifier::new(&config.token)?),
             runners_healthy: vec![projector.health_flag()],
             positions: Arc::new(Positions::new(
-                positions_pool.clone(),
+                Arc::new(PgReadModels::new(positions_pool.clone())),
                 positions_log,
                 Some(projector.applied()),
                 config.position_waiters_max,
@@ -191,8 +194,9 @@ impl App {
             })?;
         Ok(App {
             listener,
+            pool: pool.clone(),
             pools: vec![
-                state.pool.clone(),
+                pool,
                 background.clone(),
                 events_pool,
                 background_events,
@@ -217,7 +221,7 @@ impl App {
     }
 
     pub fn pool(&self) -> PgPool {
-        self.state.pool.clone()
+        self.pool.clone()
     }
 
     /// Every pool of the service (a test that kills it closes their sessions).
@@ -245,7 +249,11 @@ impl App {
         );
         workers.spawn(
             "lag reporter",
-            crate::runner::report_lag(self.background.clone(), self.log.clone(), cancel.clone()),
+            crate::runner::report_lag(
+                Arc::new(PgReadModels::new(self.background.clone())),
+                self.log.clone(),
+                cancel.clone(),
+            ),
         );
         let served = serve_until_stopped(
             self.listener,

@@ -8,7 +8,6 @@ use std::fmt::Debug;
 
 use domain::audit::{Audit, AuditReport};
 use infra::codec::DomainEvent;
-use infra::error::DatabaseContext;
 use infra::eventlog::RecordedEvent;
 use infra::log::LogPosition;
 use sqlx::{PgConnection, PgPool};
@@ -18,7 +17,8 @@ use crate::generations;
 use crate::model::accounts::AccountsModel;
 use crate::model::history::HistoryModel;
 use crate::model::transactions::TransactionsModel;
-use crate::model::{Decoded, Model, ProjectionName, unprojectable};
+use crate::model::{Db, Decoded, Model, ProjectionName, unprojectable};
+use crate::store::{EventSource, PgReadModels, ReadModels, Stored, StoredModels};
 
 /// One read-model row that differs from the log.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -51,7 +51,8 @@ impl VerifyReport {
 /// Events folded so far, for progress bars.
 pub type Progress<'a> = &'a mut dyn FnMut(u64);
 
-/// Verifies the log (`events_pool`, `events_table`) and the read models (`read_pool`).
+/// Verifies the log (`events_pool`, `events_table`) and the read models (`read_pool`), both in
+/// PostgreSQL.
 pub async fn verify(
     read_pool: &PgPool,
     events_pool: &PgPool,
@@ -59,112 +60,149 @@ pub async fn verify(
     progress: Progress<'_>,
 ) -> Result<VerifyReport> {
     // 1. The read models and their checkpoints, from one snapshot.
-    let mut snapshot = read_pool
-        .begin()
-        .await
-        .context("starting the read-model snapshot")?;
-    sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
-        .execute(&mut *snapshot)
-        .await
-        .context("starting the read-model snapshot")?;
-    let checkpoints = generations::live_checkpoints(&mut snapshot).await?;
-    let at = |name: ProjectionName| {
-        checkpoints
-            .iter()
-            .find(|(projection, _, _)| *projection == name)
-            .map_or(LogPosition::START, |(_, _, position)| *position)
-    };
-    // The generations' own tables, not the views: catalog lookups do not follow the snapshot,
-    // so a view re-pointed by a switch committing meanwhile would show another generation than
-    // the checkpoint read above.
+    let stored = PgReadModels::new(read_pool.clone()).stored().await?;
+    // 2. The log, folded through the audit and through each projection up to its checkpoint.
+    let mut folding = Folding::new(&stored.checkpoints);
+    infra::replay::for_each_committed(events_pool, events_table, None, |batch| {
+        folding.fold(batch);
+        progress(folding.events);
+    })
+    .await?;
+    // 3. Row by row.
+    Ok(folding.finish(&stored))
+}
+
+/// Events per read of the log when verifying through an [`EventSource`].
+const VERIFY_BATCH: usize = 5_000;
+
+/// Verifies the log (any source: `LogSource(&log)` of any [`infra::eventlog::EventLog`], e.g.
+/// the embedded mode's SQLite log) and the read models in `models` (either store): what
+/// `ledger verify --data DIR` runs.
+pub async fn verify_in(
+    models: &dyn ReadModels,
+    source: &dyn EventSource,
+    progress: Progress<'_>,
+) -> Result<VerifyReport> {
+    let stored = models.stored().await?;
+    let mut folding = Folding::new(&stored.checkpoints);
+    let mut after = LogPosition::START;
+    loop {
+        let batch = source.read_after(after, VERIFY_BATCH).await?;
+        let Some(last) = batch.last() else {
+            break;
+        };
+        after = last.position;
+        folding.fold(&batch);
+        progress(folding.events);
+    }
+    Ok(folding.finish(&stored))
+}
+
+/// Every live projection's rows and hidden state with the checkpoints, inside the store's
+/// snapshot transaction. The generations' own tables are read, not the views: on PostgreSQL,
+/// catalog lookups do not follow the snapshot, so a view re-pointed by a switch committing
+/// meanwhile would show another generation than the checkpoint read first.
+pub(crate) async fn load_stored(db: &mut Db<'_>) -> Result<StoredModels> {
+    let checkpoints = generations::live_checkpoints(db).await?;
     let generation = |name: ProjectionName| {
         checkpoints
             .iter()
             .find(|(projection, _, _)| *projection == name)
             .map_or(1, |(_, generation, _)| *generation)
     };
-    let table = |name: ProjectionName| name.tables()[0].table(generation(name));
-    let stored_accounts = Stored::<AccountsModel>::load(
-        &mut snapshot,
-        generation(ProjectionName::Accounts),
-        &table(ProjectionName::Accounts),
-    )
-    .await?;
-    let stored_transactions = Stored::<TransactionsModel>::load(
-        &mut snapshot,
-        generation(ProjectionName::Transactions),
-        &table(ProjectionName::Transactions),
-    )
-    .await?;
-    let stored_history = Stored::<HistoryModel>::load(
-        &mut snapshot,
-        generation(ProjectionName::AccountHistory),
-        &table(ProjectionName::AccountHistory),
-    )
-    .await?;
-    snapshot
-        .commit()
-        .await
-        .context("ending the read-model snapshot")?;
+    let accounts = load::<AccountsModel>(db, ProjectionName::Accounts, &generation).await?;
+    let transactions =
+        load::<TransactionsModel>(db, ProjectionName::Transactions, &generation).await?;
+    let history = load::<HistoryModel>(db, ProjectionName::AccountHistory, &generation).await?;
+    Ok(StoredModels {
+        checkpoints,
+        accounts,
+        transactions,
+        history,
+    })
+}
 
-    // 2. The log, folded through the audit and through each projection up to its checkpoint.
-    let mut audit = Audit::new();
-    let mut unreadable = Vec::new();
-    let mut accounts = Replay::<AccountsModel>::new(at(ProjectionName::Accounts));
-    let mut transactions = Replay::<TransactionsModel>::new(at(ProjectionName::Transactions));
-    let mut history = Replay::<HistoryModel>::new(at(ProjectionName::AccountHistory));
-    let mut events = 0u64;
-    infra::replay::for_each_committed(events_pool, events_table, None, |batch| {
+async fn load<M: Model>(
+    db: &mut Db<'_>,
+    name: ProjectionName,
+    generation: &impl Fn(ProjectionName) -> i32,
+) -> Result<Stored<M::Record>> {
+    let generation = generation(name);
+    let table = name.tables()[0].table(generation);
+    Ok(Stored {
+        records: M::load_records(db, &table).await?,
+        hidden: M::load_hidden(db, generation).await?,
+    })
+}
+
+/// The log folded through the audit and through each projection up to its checkpoint.
+struct Folding {
+    audit: Audit,
+    unreadable: Vec<domain::audit::Violation>,
+    accounts: Replay<AccountsModel>,
+    transactions: Replay<TransactionsModel>,
+    history: Replay<HistoryModel>,
+    events: u64,
+}
+
+impl Folding {
+    fn new(checkpoints: &[(ProjectionName, i32, LogPosition)]) -> Self {
+        let at = |name: ProjectionName| {
+            checkpoints
+                .iter()
+                .find(|(projection, _, _)| *projection == name)
+                .map_or(LogPosition::START, |(_, _, position)| *position)
+        };
+        Folding {
+            audit: Audit::new(),
+            unreadable: Vec::new(),
+            accounts: Replay::new(at(ProjectionName::Accounts)),
+            transactions: Replay::new(at(ProjectionName::Transactions)),
+            history: Replay::new(at(ProjectionName::AccountHistory)),
+            events: 0,
+        }
+    }
+
+    fn fold(&mut self, batch: &[RecordedEvent]) {
         for event in batch {
             // Decoded once, folded four times.
             let decoded = infra::codec::decode(event);
-            infra::replay::audit_decoded(&mut audit, event, &decoded, &mut unreadable);
-            accounts.fold(event, &decoded);
-            transactions.fold(event, &decoded);
-            history.fold(event, &decoded);
+            infra::replay::audit_decoded(&mut self.audit, event, &decoded, &mut self.unreadable);
+            self.accounts.fold(event, &decoded);
+            self.transactions.fold(event, &decoded);
+            self.history.fold(event, &decoded);
         }
-        events += batch.len() as u64;
-        progress(events);
-    })
-    .await?;
-    let mut report = audit.finish();
-    report.violations.extend(unreadable);
-
-    // 3. Row by row.
-    let mut differences = Vec::new();
-    let mut projections = Vec::new();
-    for (name, generation, position) in &checkpoints {
-        let compared = match name {
-            ProjectionName::Accounts => accounts.compare(*name, &stored_accounts, &mut differences),
-            ProjectionName::Transactions => {
-                transactions.compare(*name, &stored_transactions, &mut differences)
-            }
-            ProjectionName::AccountHistory => {
-                history.compare(*name, &stored_history, &mut differences)
-            }
-        };
-        projections.push((*name, *generation, *position, compared));
+        self.events += batch.len() as u64;
     }
-    Ok(VerifyReport {
-        audit: report,
-        differences,
-        projections,
-        events,
-    })
-}
 
-/// A projection's stored rows and hidden state, read from one generation.
-struct Stored<M: Model> {
-    records: BTreeMap<String, M::Record>,
-    hidden: BTreeMap<String, String>,
-}
-
-impl<M: Model> Stored<M> {
-    async fn load(connection: &mut PgConnection, generation: i32, table: &str) -> Result<Self> {
-        Ok(Stored {
-            records: M::load_records(connection, table).await?,
-            hidden: M::load_hidden(connection, generation).await?,
-        })
+    fn finish(self, stored: &StoredModels) -> VerifyReport {
+        let mut report = self.audit.finish();
+        report.violations.extend(self.unreadable);
+        let mut differences = Vec::new();
+        let mut projections = Vec::new();
+        for (name, generation, position) in &stored.checkpoints {
+            let compared = match name {
+                ProjectionName::Accounts => {
+                    self.accounts
+                        .compare(*name, &stored.accounts, &mut differences)
+                }
+                ProjectionName::Transactions => {
+                    self.transactions
+                        .compare(*name, &stored.transactions, &mut differences)
+                }
+                ProjectionName::AccountHistory => {
+                    self.history
+                        .compare(*name, &stored.history, &mut differences)
+                }
+            };
+            projections.push((*name, *generation, *position, compared));
+        }
+        VerifyReport {
+            audit: report,
+            differences,
+            projections,
+            events: self.events,
+        }
     }
 }
 
@@ -207,7 +245,7 @@ impl<M: Model> Replay<M> {
     fn compare(
         &self,
         name: ProjectionName,
-        stored: &Stored<M>,
+        stored: &Stored<M::Record>,
         differences: &mut Vec<Difference>,
     ) -> usize {
         for failure in &self.failures {
@@ -256,24 +294,5 @@ fn compare_records<R: PartialEq + Debug>(
 /// Every row of a projection's live main table, rendered for comparison: what a rebuild must
 /// reproduce exactly.
 pub async fn live_rows(connection: &mut PgConnection, name: ProjectionName) -> Result<Vec<String>> {
-    let view = name.tables()[0].name;
-    let rows = match name {
-        ProjectionName::Accounts => {
-            debug_rows(AccountsModel::load_records(connection, view).await?)
-        }
-        ProjectionName::Transactions => {
-            debug_rows(TransactionsModel::load_records(connection, view).await?)
-        }
-        ProjectionName::AccountHistory => {
-            debug_rows(HistoryModel::load_records(connection, view).await?)
-        }
-    };
-    Ok(rows)
-}
-
-fn debug_rows<R: Debug>(records: BTreeMap<String, R>) -> Vec<String> {
-    records
-        .into_iter()
-        .map(|(key, record)| format!("{key} {record:?}"))
-        .collect()
+    crate::store::queries::live_rows(&mut Db::Pg(connection), name).await
 }

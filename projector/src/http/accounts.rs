@@ -7,14 +7,12 @@ use axum::extract::{Path, Query, State};
 use axum::http::HeaderMap;
 use domain::{Currency, format_minor};
 use infra::auth::Caller;
-use infra::error::DatabaseContext;
 use serde_json::{Value, json};
 use uuid::Uuid;
 
 use super::{AppState, Reader, WantedPosition, page_and_filters, paged, path_id};
 use crate::error::{Error, Result};
 use crate::model::accounts::AccountRecord;
-use crate::model::history;
 use crate::model::timestamp;
 
 /// Formats minor units in the row's currency (a stored code is always a known one; an unknown
@@ -62,13 +60,7 @@ fn view(record: &AccountRecord) -> Result<Value> {
 async fn visible(state: &AppState, caller: &Caller, id: &str) -> Result<AccountRecord> {
     let reader = Reader::of(caller)?;
     let id = path_id(id, "account")?;
-    let columns = AccountRecord::columns();
-    let row = sqlx::query(&format!("SELECT {columns} FROM accounts WHERE id = $1"))
-        .bind(id)
-        .fetch_optional(&state.pool)
-        .await
-        .context("reading an account")?;
-    let record = row.as_ref().map(AccountRecord::decode).transpose()?;
+    let record = state.models.account(id).await?;
     record
         .filter(|record| reader.may_see(&[record.owner_id]))
         .ok_or_else(|| Error::NotFound(format!("no account {id}")))
@@ -133,37 +125,12 @@ pub async fn list(
         }
     };
     let headers = state.positions.reach(&wanted).await?;
-    let columns = AccountRecord::columns();
-    let rows = match owner {
-        Some(owner) => {
-            sqlx::query(&format!(
-                "SELECT {columns} FROM accounts WHERE owner_id = $1 AND created_position < $2
-             ORDER BY created_position DESC LIMIT $3"
-            ))
-            .bind(owner)
-            .bind(page.before)
-            .bind(page.size + 1)
-            .fetch_all(&state.pool)
-            .await
-        }
-        None => {
-            sqlx::query(&format!(
-                "SELECT {columns} FROM accounts WHERE created_position < $1
-             ORDER BY created_position DESC LIMIT $2"
-            ))
-            .bind(page.before)
-            .bind(page.size + 1)
-            .fetch_all(&state.pool)
-            .await
-        }
-    }
-    .context("listing accounts")?;
-    let items = rows
+    let items = state
+        .models
+        .accounts(owner, page.query())
+        .await?
         .iter()
-        .map(|row| {
-            let record = AccountRecord::decode(row)?;
-            Ok((record.created_position, view(&record)?))
-        })
+        .map(|record| Ok((record.created_position, view(record)?)))
         .collect::<Result<Vec<_>>>()?;
     Ok((headers, Json(paged(items, page.size))))
 }
@@ -179,21 +146,12 @@ pub async fn history(
     let (page, _) = page_and_filters(query, &[])?;
     let headers = state.positions.reach(&wanted).await?;
     let account = visible(&state, &caller, &id).await?;
-    let rows = sqlx::query(&format!(
-        "SELECT {} FROM account_history WHERE account_id = $1 AND created_position < $2
-         ORDER BY created_position DESC LIMIT $3",
-        history::HistoryRecord::columns()
-    ))
-    .bind(account.id)
-    .bind(page.before)
-    .bind(page.size + 1)
-    .fetch_all(&state.pool)
-    .await
-    .context("reading account history")?;
-    let items = rows
+    let items = state
+        .models
+        .history(account.id, page.query())
+        .await?
         .iter()
-        .map(|row| {
-            let record = history::HistoryRecord::decode(row)?;
+        .map(|record| {
             let currency = record.currency.as_str();
             let item = json!({
                 "transaction_id": record.transaction_id,

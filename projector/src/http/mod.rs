@@ -6,12 +6,12 @@
 mod accounts;
 mod audit;
 pub mod positions;
+pub mod trail;
 mod transactions;
 
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
 
 use axum::Router;
 use axum::extract::{FromRef, FromRequestParts, Query, State};
@@ -24,14 +24,11 @@ use infra::auth::{Caller, JwtVerifier, Role};
 use infra::http::{HealthReport, method_not_allowed, metrics_endpoint, not_found, service_layers};
 use infra::log::LogPosition;
 use serde_json::{Value, json};
-use sqlx::PgPool;
 use uuid::Uuid;
 
 use crate::cache::Cache;
 use crate::error::{Error, Result};
-
-/// How long `/health` waits for a dependency before calling it down.
-const HEALTH_CHECK_TIMEOUT: Duration = Duration::from_secs(2);
+use crate::store::{PageQuery, ReadModels};
 
 /// The read-your-writes header (SPEC §5).
 pub const POSITION_HEADER: HeaderName = HeaderName::from_static("x-ledger-position");
@@ -44,11 +41,10 @@ const PAGE_SIZE_MAX: i64 = 100;
 
 #[derive(Clone)]
 pub struct AppState {
-    /// The read models (schema `projector`).
-    pub pool: PgPool,
+    /// The read models (PostgreSQL schema `projector`, or the embedded mode's SQLite).
+    pub models: Arc<dyn ReadModels>,
     /// The event log, for the audit trail of a transaction.
-    pub events_pool: PgPool,
-    pub events_table: Arc<str>,
+    pub trail: Arc<dyn trail::EventTrail>,
     pub cache: Option<Arc<Cache>>,
     pub verifier: Arc<JwtVerifier>,
     /// One flag per projection runner: false while its last batch failed.
@@ -63,8 +59,10 @@ impl FromRef<AppState> for Arc<JwtVerifier> {
     }
 }
 
-pub fn router(state: AppState) -> Router {
-    let routes = Router::new()
+/// The queries of SPEC §5, without `/health`, `/metrics`, fallbacks or layers: what
+/// `ledger serve` mounts beside the other services' routes.
+pub fn routes() -> Router<AppState> {
+    Router::new()
         .route("/api/v1/accounts", get(accounts::list))
         .route("/api/v1/accounts/{id}", get(accounts::one))
         .route("/api/v1/accounts/{id}/balance", get(accounts::balance))
@@ -75,6 +73,10 @@ pub fn router(state: AppState) -> Router {
             "/api/v1/transactions/{id}/events",
             get(transactions::events),
         )
+}
+
+pub fn router(state: AppState) -> Router {
+    let routes = routes()
         .route("/health", get(health))
         .route("/metrics", get(metrics_endpoint))
         .fallback(not_found)
@@ -83,14 +85,8 @@ pub fn router(state: AppState) -> Router {
 }
 
 async fn health(State(state): State<AppState>) -> HealthReport {
-    let read_models = infra::db::ping(&state.pool, HEALTH_CHECK_TIMEOUT).await;
-    let event_log = tokio::time::timeout(
-        HEALTH_CHECK_TIMEOUT,
-        sqlx::query(&format!("SELECT 1 FROM {} LIMIT 1", state.events_table))
-            .execute(&state.events_pool),
-    )
-    .await
-    .is_ok_and(|result| result.is_ok());
+    let read_models = state.models.ping().await;
+    let event_log = state.trail.ping().await;
     let projections = state
         .runners_healthy
         .iter()
@@ -175,6 +171,16 @@ pub struct Page {
     pub size: i64,
     /// Rows strictly older than this position (`i64::MAX` on the first page).
     pub before: i64,
+}
+
+impl Page {
+    /// The rows to read: one more than the page, to know whether there is a next one.
+    pub fn query(&self) -> PageQuery {
+        PageQuery {
+            before: self.before,
+            limit: self.size + 1,
+        }
+    }
 }
 
 const CURSOR_PREFIX: &str = "v1:";

@@ -20,13 +20,12 @@ use std::time::Duration;
 use axum::http::{HeaderMap, HeaderValue};
 use infra::eventlog::EventLog;
 use infra::log::LogPosition;
-use sqlx::PgPool;
 use tokio::sync::{Mutex, Semaphore, watch};
 use tokio::time::Instant;
 
 use super::{POSITION_HEADER, WantedPosition};
 use crate::error::{Error, Result};
-use crate::generations;
+use crate::store::ReadModels;
 
 /// How long a read waits for the read side to reach the caller's position.
 pub const POSITION_WAIT: Duration = Duration::from_secs(2);
@@ -51,8 +50,8 @@ const POLL_MAX: Duration = Duration::from_millis(50);
 
 /// What the waiters share.
 pub struct Positions {
-    /// The read database, for the live checkpoints.
-    checkpoints_pool: PgPool,
+    /// The read models, for the live checkpoints (on connections of the waiters' own).
+    checkpoints: Arc<dyn ReadModels>,
     /// The event log, for its head (on a connection of its own).
     log: Arc<dyn EventLog>,
     /// This instance's projector's progress, when it runs one.
@@ -65,16 +64,16 @@ pub struct Positions {
 }
 
 impl Positions {
-    /// The waiters' state: `checkpoints_pool` and `log` should be the waiters' own (small,
-    /// read-only); `applied` is the projector's progress when this instance runs it.
+    /// The waiters' state: `checkpoints` and `log` should be the waiters' own (small,
+    /// read-only pools); `applied` is the projector's progress when this instance runs it.
     pub fn new(
-        checkpoints_pool: PgPool,
+        checkpoints: Arc<dyn ReadModels>,
         log: Arc<dyn EventLog>,
         applied: Option<watch::Receiver<LogPosition>>,
         waiters_max: u32,
     ) -> Positions {
         Positions {
-            checkpoints_pool,
+            checkpoints,
             log,
             applied,
             waiters: Arc::new(Semaphore::new(
@@ -87,7 +86,7 @@ impl Positions {
 
     /// Closes the waiters' pool.
     pub async fn close(&self) {
-        self.checkpoints_pool.close().await;
+        self.checkpoints.close().await;
     }
 
     /// What this instance's projector has applied, if it runs here.
@@ -170,7 +169,7 @@ impl Positions {
             return Ok(position);
         }
         let read_at = Instant::now();
-        let position = generations::read_position(&self.checkpoints_pool).await?;
+        let position = self.checkpoints.read_position().await?;
         *cached = Some((read_at, position));
         Ok(position)
     }

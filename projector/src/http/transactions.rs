@@ -5,11 +5,8 @@ use std::collections::HashMap;
 use axum::Json;
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, HeaderName, HeaderValue};
-use chrono::{DateTime, Utc};
 use infra::auth::Caller;
-use infra::error::DatabaseContext;
 use serde_json::{Value, json};
-use sqlx::Row;
 use uuid::Uuid;
 
 use super::accounts::money;
@@ -18,6 +15,7 @@ use crate::cache::Lookup;
 use crate::error::{Error, Result};
 use crate::model::timestamp;
 use crate::model::transactions::TransactionRecord;
+use crate::store::TransactionScope;
 
 const CACHE_HEADER: HeaderName = HeaderName::from_static("x-cache");
 
@@ -41,13 +39,7 @@ pub fn view(record: &TransactionRecord) -> Result<Value> {
 }
 
 async fn from_database(state: &AppState, id: Uuid) -> Result<Option<TransactionRecord>> {
-    let columns = TransactionRecord::columns();
-    let row = sqlx::query(&format!("SELECT {columns} FROM transactions WHERE id = $1"))
-        .bind(id)
-        .fetch_optional(&state.pool)
-        .await
-        .context("reading a transaction")?;
-    row.as_ref().map(TransactionRecord::decode).transpose()
+    state.models.transaction(id).await
 }
 
 fn not_found(id: Uuid) -> Error {
@@ -134,57 +126,26 @@ pub async fn list(
         .transpose()?;
     let headers = state.positions.reach(&wanted).await?;
     if let (Some(account), Reader::Owner(me)) = (account, reader) {
-        let owner: Option<Option<Uuid>> =
-            sqlx::query_scalar("SELECT owner_id FROM accounts WHERE id = $1")
-                .bind(account)
-                .fetch_optional(&state.pool)
-                .await
-                .context("reading an account's owner")?;
-        if owner.flatten() != Some(me) {
+        let owner = state
+            .models
+            .account(account)
+            .await?
+            .and_then(|record| record.owner_id);
+        if owner != Some(me) {
             return Err(Error::NotFound(format!("no account {account}")));
         }
     }
-    // Both sides of a transaction, each through its own index, merged newest first.
-    let (left, right, key) = match (account, reader) {
-        (Some(account), _) => ("source_account_id", "destination_account_id", Some(account)),
-        (None, Reader::Owner(me)) => ("source_owner_id", "destination_owner_id", Some(me)),
-        (None, Reader::Everything) => ("", "", None),
+    let scope = match (account, reader) {
+        (Some(account), _) => TransactionScope::Account(account),
+        (None, Reader::Owner(me)) => TransactionScope::Owner(me),
+        (None, Reader::Everything) => TransactionScope::All,
     };
-    let status_filter = if status.is_some() {
-        "AND status = $4"
-    } else {
-        "AND $4::text IS NULL"
-    };
-    let columns = TransactionRecord::columns();
-    let sql = match key {
-        Some(_) => format!(
-            "SELECT {columns} FROM (
-                 (SELECT {columns} FROM transactions WHERE {left} = $1 AND created_position < $2
-                  {status_filter} ORDER BY created_position DESC LIMIT $3)
-                 UNION
-                 (SELECT {columns} FROM transactions WHERE {right} = $1 AND created_position < $2
-                  {status_filter} ORDER BY created_position DESC LIMIT $3)
-             ) AS both_sides ORDER BY created_position DESC LIMIT $3"
-        ),
-        None => format!(
-            "SELECT {columns} FROM transactions WHERE ($1::uuid IS NULL) AND created_position < $2
-             {status_filter} ORDER BY created_position DESC LIMIT $3"
-        ),
-    };
-    let rows = sqlx::query(&sql)
-        .bind(key)
-        .bind(page.before)
-        .bind(page.size + 1)
-        .bind(status)
-        .fetch_all(&state.pool)
-        .await
-        .context("listing transactions")?;
-    let items = rows
+    let items = state
+        .models
+        .transactions(scope, status.as_deref(), page.query())
+        .await?
         .iter()
-        .map(|row| {
-            let record = TransactionRecord::decode(row)?;
-            Ok((record.created_position, view(&record)?))
-        })
+        .map(|record| Ok((record.created_position, view(record)?)))
         .collect::<Result<Vec<_>>>()?;
     Ok((headers, Json(paged(items, page.size))))
 }
@@ -206,41 +167,33 @@ pub async fn events(
     if !visible(reader, &record) {
         return Err(not_found(id));
     }
-    let rows = sqlx::query(&format!(
-        "SELECT sequence, event_type, event_version, event_id, recorded_at, payload, metadata
-         FROM {} WHERE aggregate_type = $1 AND aggregate_id = $2 ORDER BY sequence",
-        state.events_table
-    ))
-    .bind(infra::replay::TRANSACTION_STREAM)
-    .bind(id.to_string())
-    .fetch_all(&state.events_pool)
-    .await
-    .context("reading a transaction's events")?;
-    let items = rows
-        .iter()
-        .map(|row| {
-            let recorded_at: DateTime<Utc> = row.try_get("recorded_at")?;
-            let event_type: String = row.try_get("event_type")?;
-            let payload: Value = row.try_get("payload")?;
-            let metadata: Value = row.try_get("metadata")?;
+    let items: Vec<Value> = state
+        .trail
+        .transaction_events(id)
+        .await?
+        .into_iter()
+        .map(|event| {
             let (payload, metadata) = match reader {
-                Reader::Everything => (payload, metadata),
-                Reader::Owner(me) => {
-                    audit::customer_view(me, &record, &event_type, &payload, &metadata)
-                }
+                Reader::Everything => (event.payload, event.metadata),
+                Reader::Owner(me) => audit::customer_view(
+                    me,
+                    &record,
+                    &event.event_type,
+                    &event.payload,
+                    &event.metadata,
+                ),
             };
-            Ok(json!({
-                "sequence": row.try_get::<i64, _>("sequence")?,
-                "type": event_type,
-                "event_version": row.try_get::<String, _>("event_version")?,
-                "event_id": row.try_get::<Uuid, _>("event_id")?,
-                "recorded_at": timestamp(recorded_at),
+            json!({
+                "sequence": event.sequence,
+                "type": event.event_type,
+                "event_version": event.event_version,
+                "event_id": event.event_id,
+                "recorded_at": timestamp(event.recorded_at),
                 "payload": payload,
                 "metadata": metadata,
-            }))
+            })
         })
-        .collect::<Result<Vec<_>, sqlx::Error>>()
-        .context("decoding a transaction's events")?;
+        .collect();
     Ok((
         headers,
         Json(json!({ "transaction_id": id, "items": items })),

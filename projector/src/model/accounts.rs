@@ -7,22 +7,21 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use chrono::{DateTime, SubsecRound, Utc};
 use domain::{Account, AccountId, TransactionEvent};
 use infra::codec::DomainEvent;
-use infra::error::DatabaseContext;
-use sqlx::{PgConnection, Row};
 use uuid::Uuid;
 
 use super::row::projection_row;
-use super::{Decoded, Model, TableShape, unprojectable};
+use super::{Backend, Db, Decoded, Model, TableShape, unprojectable};
 use crate::error::{Error, Result};
 
 pub const TABLES: &[TableShape] = &[TableShape {
     name: "accounts",
-    statements: |table| {
+    statements: |table, backend| {
+        let (columns, json) = match backend {
+            Backend::Postgres => (AccountRecord::column_definitions(), "jsonb"),
+            Backend::Sqlite => (AccountRecord::sqlite_column_definitions(), "TEXT"),
+        };
         vec![
-            format!(
-                "CREATE TABLE {table} ({}, state jsonb, PRIMARY KEY (id))",
-                AccountRecord::column_definitions()
-            ),
+            format!("CREATE TABLE {table} ({columns}, state {json}, PRIMARY KEY (id))"),
             format!("CREATE INDEX {table}_by_owner ON {table} (owner_id, created_position DESC)"),
             format!("CREATE INDEX {table}_by_position ON {table} (created_position DESC)"),
         ]
@@ -94,11 +93,7 @@ fn touched(event: &Decoded<'_>, into: &mut Vec<Uuid>) {
 impl Model for AccountsModel {
     type Record = AccountRecord;
 
-    async fn load(
-        connection: &mut PgConnection,
-        generation: i32,
-        events: &[Decoded<'_>],
-    ) -> Result<Self> {
+    async fn load(db: &mut Db<'_>, generation: i32, events: &[Decoded<'_>]) -> Result<Self> {
         let mut ids = Vec::new();
         for event in events {
             touched(event, &mut ids);
@@ -110,18 +105,8 @@ impl Model for AccountsModel {
             return Ok(model);
         }
         let table = TABLES[0].table(generation);
-        let rows = sqlx::query(&format!(
-            "SELECT {}, t.state::text AS state FROM UNNEST($1::uuid[]) AS k(id) \
-             JOIN {table} t ON t.id = k.id",
-            AccountRecord::qualified_columns("t")
-        ))
-        .bind(&ids)
-        .fetch_all(connection)
-        .await
-        .context("loading account rows")?;
-        for row in rows {
-            let record = AccountRecord::decode(&row)?;
-            let state: Option<String> = row.try_get("state").map_err(corrupt)?;
+        let rows = AccountRecord::load_by_keys(db, &table, "id", &ids, Some("state")).await?;
+        for (record, state) in rows {
             let state = state
                 .map(|state| serde_json::from_str::<Account>(&state))
                 .transpose()
@@ -192,7 +177,7 @@ impl Model for AccountsModel {
         Ok(())
     }
 
-    async fn store(&mut self, connection: &mut PgConnection, generation: i32) -> Result<()> {
+    async fn store(&mut self, db: &mut Db<'_>, generation: i32) -> Result<()> {
         let mut rows = Vec::with_capacity(self.dirty.len());
         for id in self.dirty.drain() {
             let Some(row) = self.rows.get(&id) else {
@@ -206,14 +191,7 @@ impl Model for AccountsModel {
                 .map_err(|error| Error::Job(format!("cannot serialise account {id}: {error}")))?;
             rows.push((&row.record, state));
         }
-        AccountRecord::upsert(
-            connection,
-            &TABLES[0].table(generation),
-            "id",
-            &rows,
-            Some("state"),
-        )
-        .await
+        AccountRecord::upsert(db, &TABLES[0].table(generation), "id", &rows, Some("state")).await
     }
 
     fn hidden(&self) -> BTreeMap<String, String> {
@@ -226,21 +204,17 @@ impl Model for AccountsModel {
             .collect()
     }
 
-    async fn load_hidden(
-        connection: &mut PgConnection,
-        generation: i32,
-    ) -> Result<BTreeMap<String, String>> {
+    async fn load_hidden(db: &mut Db<'_>, generation: i32) -> Result<BTreeMap<String, String>> {
         let table = TABLES[0].table(generation);
-        let rows: Vec<(Uuid, serde_json::Value)> = sqlx::query_as(&format!(
-            "SELECT id, state FROM {table} WHERE state IS NOT NULL"
-        ))
-        .fetch_all(connection)
-        .await
-        .context("reading account states")?;
-        Ok(rows
-            .into_iter()
-            .map(|(id, state)| (format!("state {id}"), state.to_string()))
-            .collect())
+        let rows = AccountRecord::load_all(db, &table, Some("state")).await?;
+        rows.into_iter()
+            .filter_map(|(record, state)| Some((record.id, state?)))
+            .map(|(id, state)| {
+                // Canonical JSON, whatever the database kept of its spacing.
+                let state: serde_json::Value = serde_json::from_str(&state).map_err(corrupt)?;
+                Ok((format!("state {id}"), state.to_string()))
+            })
+            .collect()
     }
 
     fn records(&self) -> BTreeMap<String, AccountRecord> {
@@ -251,19 +225,14 @@ impl Model for AccountsModel {
     }
 
     async fn load_records(
-        connection: &mut PgConnection,
+        db: &mut Db<'_>,
         relation: &str,
     ) -> Result<BTreeMap<String, AccountRecord>> {
-        let rows = sqlx::query(&format!(
-            "SELECT {} FROM {relation}",
-            AccountRecord::columns()
-        ))
-        .fetch_all(connection)
-        .await
-        .context("reading account rows")?;
-        rows.iter()
-            .map(|row| AccountRecord::decode(row).map(|record| (record.id.to_string(), record)))
-            .collect()
+        Ok(AccountRecord::load_all(db, relation, None)
+            .await?
+            .into_iter()
+            .map(|(record, _)| (record.id.to_string(), record))
+            .collect())
     }
 }
 

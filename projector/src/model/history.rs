@@ -8,22 +8,21 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use chrono::{DateTime, SubsecRound, Utc};
 use domain::{AccountEvent, TransactionEvent, TransactionStatus};
 use infra::codec::DomainEvent;
-use infra::error::DatabaseContext;
-use sqlx::PgConnection;
 use uuid::Uuid;
 
 use super::row::projection_row;
-use super::{Decoded, Model, TableShape, unprojectable};
+use super::{Backend, Db, Decoded, Model, TableShape, unprojectable};
 use crate::error::Result;
 
 pub const TABLES: &[TableShape] = &[TableShape {
     name: "account_history",
-    statements: |table| {
+    statements: |table, backend| {
+        let columns = match backend {
+            Backend::Postgres => HistoryRecord::column_definitions(),
+            Backend::Sqlite => HistoryRecord::sqlite_column_definitions(),
+        };
         vec![
-            format!(
-                "CREATE TABLE {table} ({}, PRIMARY KEY (account_id, transaction_id))",
-                HistoryRecord::column_definitions()
-            ),
+            format!("CREATE TABLE {table} ({columns}, PRIMARY KEY (account_id, transaction_id))"),
             format!(
                 "CREATE INDEX {table}_by_account ON {table} (account_id, created_position DESC)"
             ),
@@ -81,11 +80,7 @@ fn transaction_of(event: &Decoded<'_>) -> Option<Uuid> {
 impl Model for HistoryModel {
     type Record = HistoryRecord;
 
-    async fn load(
-        connection: &mut PgConnection,
-        generation: i32,
-        events: &[Decoded<'_>],
-    ) -> Result<Self> {
+    async fn load(db: &mut Db<'_>, generation: i32, events: &[Decoded<'_>]) -> Result<Self> {
         let mut ids: Vec<Uuid> = events.iter().filter_map(transaction_of).collect();
         ids.sort_unstable();
         ids.dedup();
@@ -94,17 +89,9 @@ impl Model for HistoryModel {
             return Ok(model);
         }
         let table = TABLES[0].table(generation);
-        let rows = sqlx::query(&format!(
-            "SELECT {} FROM UNNEST($1::uuid[]) AS k(id) \
-             JOIN {table} t ON t.transaction_id = k.id",
-            HistoryRecord::qualified_columns("t")
-        ))
-        .bind(&ids)
-        .fetch_all(connection)
-        .await
-        .context("loading history rows")?;
-        for row in &rows {
-            model.insert(HistoryRecord::decode(row)?);
+        let rows = HistoryRecord::load_by_keys(db, &table, "transaction_id", &ids, None).await?;
+        for (record, _) in rows {
+            model.insert(record);
         }
         Ok(model)
     }
@@ -192,14 +179,14 @@ impl Model for HistoryModel {
         Ok(())
     }
 
-    async fn store(&mut self, connection: &mut PgConnection, generation: i32) -> Result<()> {
+    async fn store(&mut self, db: &mut Db<'_>, generation: i32) -> Result<()> {
         let rows: Vec<(&HistoryRecord, Option<String>)> = self
             .dirty
             .drain()
             .filter_map(|key| self.rows.get(&key).map(|record| (record, None)))
             .collect();
         HistoryRecord::upsert(
-            connection,
+            db,
             &TABLES[0].table(generation),
             "account_id, transaction_id",
             &rows,
@@ -216,25 +203,18 @@ impl Model for HistoryModel {
     }
 
     async fn load_records(
-        connection: &mut PgConnection,
+        db: &mut Db<'_>,
         relation: &str,
     ) -> Result<BTreeMap<String, HistoryRecord>> {
-        let rows = sqlx::query(&format!(
-            "SELECT {} FROM {relation}",
-            HistoryRecord::columns()
-        ))
-        .fetch_all(connection)
-        .await
-        .context("reading history rows")?;
-        rows.iter()
-            .map(|row| {
-                HistoryRecord::decode(row).map(|record| {
-                    (
-                        format!("{}/{}", record.account_id, record.transaction_id),
-                        record,
-                    )
-                })
+        Ok(HistoryRecord::load_all(db, relation, None)
+            .await?
+            .into_iter()
+            .map(|(record, _)| {
+                (
+                    format!("{}/{}", record.account_id, record.transaction_id),
+                    record,
+                )
             })
-            .collect()
+            .collect())
     }
 }

@@ -1,6 +1,8 @@
 //! A read-model row declared once: [`projection_row!`] takes the row's fields with their SQL
-//! types and generates the struct, its column list and DDL, its decoding from a query row, and
-//! the batched upsert (one `INSERT … SELECT FROM UNNEST … ON CONFLICT DO UPDATE` per batch).
+//! types and generates the struct, its column list and DDL (PostgreSQL and SQLite), its decoding
+//! from a query row of either, the loads, and the batched upsert (PostgreSQL: one
+//! `INSERT … SELECT FROM UNNEST … ON CONFLICT DO UPDATE` per batch; SQLite: the same upsert over
+//! multi-row `VALUES`).
 //! Adding a column is one line; the SELECTs, the decoding, the casts and the conflict clause
 //! cannot drift apart.
 //!
@@ -24,6 +26,22 @@ macro_rules! not_null {
     ($($ty:ty),*) => { $(impl Nullable for $ty { const NULLABLE: bool = false; })* };
 }
 not_null!(Uuid, String, i64, DateTime<Utc>, serde_json::Value);
+
+/// Parameters of one SQLite statement at most: well under its limit (32,766 since 3.32).
+pub const SQLITE_PARAMETERS_PER_STATEMENT: usize = 16_000;
+
+/// Keys of one SQLite `IN` list.
+pub const SQLITE_KEYS_PER_STATEMENT: usize = 500;
+
+/// The SQLite type storing what a PostgreSQL type stores, as sqlx encodes it.
+pub fn sqlite_type(postgres: &str) -> &'static str {
+    match postgres {
+        "uuid" => "BLOB",
+        "bigint" | "integer" => "INTEGER",
+        // timestamptz (RFC 3339 text), text, jsonb (JSON text).
+        _ => "TEXT",
+    }
+}
 
 /// Declares a read-model row. Each field names its PostgreSQL type; `Option` fields are
 /// nullable. See the module documentation for what it generates.
@@ -80,9 +98,32 @@ macro_rules! projection_row {
                     .join(", ")
             }
 
-            /// Reads a row selected with [`Self::columns`].
-            pub fn decode(row: &sqlx::postgres::PgRow) -> $crate::error::Result<Self> {
-                use sqlx::Row;
+            /// `a BLOB NOT NULL, b TEXT, …`: the same columns in SQLite's types (uuids as
+            /// 16-byte blobs, timestamps as RFC 3339 text, JSON as text: sqlx's encodings).
+            pub fn sqlite_column_definitions() -> String {
+                Self::NAMES
+                    .iter()
+                    .zip(Self::SQL_TYPES)
+                    .zip(Self::NULLABLE)
+                    .map(|((name, sql), nullable)| {
+                        let sql = $crate::model::row::sqlite_type(sql);
+                        if *nullable {
+                            format!("{name} {sql}")
+                        } else {
+                            format!("{name} {sql} NOT NULL")
+                        }
+                    })
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            }
+
+            /// Reads a row selected with [`Self::columns`], from either database.
+            pub fn decode<'r, R>(row: &'r R) -> $crate::error::Result<Self>
+            where
+                R: sqlx::Row,
+                for<'e> &'e str: sqlx::ColumnIndex<R>,
+                $( $ty: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>, )+
+            {
                 let corrupt = |error: sqlx::Error| $crate::error::Error::CorruptRow {
                     table: $table,
                     problem: error.to_string(),
@@ -92,10 +133,165 @@ macro_rules! projection_row {
                 })
             }
 
-            /// Inserts or replaces `rows` in `table` (a generation's table) in one statement,
-            /// keyed by `key` (`"id"`, `"a, b"`). With `extra`, each row also stores a JSON text
-            /// in that `jsonb` column (the folded state a model keeps for the next event).
+            /// Reads a row and its `extra` JSON text column, if one was selected.
+            fn decode_with_extra<'r, R>(
+                row: &'r R,
+                extra: Option<&str>,
+            ) -> $crate::error::Result<(Self, Option<String>)>
+            where
+                R: sqlx::Row,
+                for<'e> &'e str: sqlx::ColumnIndex<R>,
+                Option<String>: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+                $( $ty: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>, )+
+            {
+                let record = Self::decode(row)?;
+                let extra = match extra {
+                    Some(column) => row.try_get::<Option<String>, _>(column).map_err(|error| {
+                        $crate::error::Error::CorruptRow {
+                            table: $table,
+                            problem: error.to_string(),
+                        }
+                    })?,
+                    None => None,
+                };
+                Ok((record, extra))
+            }
+
+            /// The rows of `relation` (a generation's table, or the live view) whose
+            /// `key_column` is one of `keys`, each with its `extra` JSON text column if named.
+            /// On PostgreSQL one join with `UNNEST` of the keys (see the module documentation);
+            /// on SQLite `IN` lists in chunks, each probing the index.
+            pub async fn load_by_keys(
+                db: &mut $crate::model::Db<'_>,
+                relation: &str,
+                key_column: &str,
+                keys: &[uuid::Uuid],
+                extra: Option<&str>,
+            ) -> $crate::error::Result<Vec<(Self, Option<String>)>> {
+                use infra::error::DatabaseContext;
+                if keys.is_empty() {
+                    return Ok(Vec::new());
+                }
+                let context = concat!("loading ", $table, " rows");
+                match db {
+                    $crate::model::Db::Pg(connection) => {
+                        let extra_column = extra
+                            .map(|name| format!(", t.{name}::text AS {name}"))
+                            .unwrap_or_default();
+                        let rows = sqlx::query(&format!(
+                            "SELECT {}{extra_column} FROM UNNEST($1::uuid[]) AS k(id) \
+                             JOIN {relation} t ON t.{key_column} = k.id",
+                            Self::qualified_columns("t")
+                        ))
+                        .bind(keys)
+                        .fetch_all(&mut **connection)
+                        .await
+                        .context(context)?;
+                        rows.iter().map(|row| Self::decode_with_extra(row, extra)).collect()
+                    }
+                    $crate::model::Db::Sqlite(connection) => {
+                        let extra_column = extra
+                            .map(|name| format!(", {name}"))
+                            .unwrap_or_default();
+                        let mut found = Vec::with_capacity(keys.len());
+                        for chunk in keys.chunks($crate::model::row::SQLITE_KEYS_PER_STATEMENT) {
+                            let placeholders = vec!["?"; chunk.len()].join(", ");
+                            let statement = format!(
+                                "SELECT {}{extra_column} FROM {relation} \
+                                 WHERE {key_column} IN ({placeholders})",
+                                Self::columns()
+                            );
+                            let mut query = sqlx::query(&statement);
+                            for key in chunk {
+                                query = query.bind(*key);
+                            }
+                            let rows = query.fetch_all(&mut **connection).await.context(context)?;
+                            for row in &rows {
+                                found.push(Self::decode_with_extra(row, extra)?);
+                            }
+                        }
+                        Ok(found)
+                    }
+                }
+            }
+
+            /// Every row of `relation`, each with its `extra` JSON text column if named.
+            pub async fn load_all(
+                db: &mut $crate::model::Db<'_>,
+                relation: &str,
+                extra: Option<&str>,
+            ) -> $crate::error::Result<Vec<(Self, Option<String>)>> {
+                use infra::error::DatabaseContext;
+                let context = concat!("reading ", $table, " rows");
+                match db {
+                    $crate::model::Db::Pg(connection) => {
+                        let extra_column = extra
+                            .map(|name| format!(", {name}::text AS {name}"))
+                            .unwrap_or_default();
+                        let rows = sqlx::query(&format!(
+                            "SELECT {}{extra_column} FROM {relation}",
+                            Self::columns()
+                        ))
+                        .fetch_all(&mut **connection)
+                        .await
+                        .context(context)?;
+                        rows.iter().map(|row| Self::decode_with_extra(row, extra)).collect()
+                    }
+                    $crate::model::Db::Sqlite(connection) => {
+                        let extra_column = extra
+                            .map(|name| format!(", {name}"))
+                            .unwrap_or_default();
+                        let rows = sqlx::query(&format!(
+                            "SELECT {}{extra_column} FROM {relation}",
+                            Self::columns()
+                        ))
+                        .fetch_all(&mut **connection)
+                        .await
+                        .context(context)?;
+                        rows.iter().map(|row| Self::decode_with_extra(row, extra)).collect()
+                    }
+                }
+            }
+
+            /// Inserts or replaces `rows` in `table` (a generation's table), keyed by `key`
+            /// (`"id"`, `"a, b"`). With `extra`, each row also stores a JSON text in that column
+            /// (the folded state a model keeps for the next event). PostgreSQL: one statement
+            /// per batch, `INSERT … SELECT FROM UNNEST … ON CONFLICT DO UPDATE`. SQLite: the same
+            /// upsert over multi-row `VALUES`, in chunks under its parameter limit.
             pub async fn upsert(
+                db: &mut $crate::model::Db<'_>,
+                table: &str,
+                key: &str,
+                rows: &[(&$name, Option<String>)],
+                extra: Option<&str>,
+            ) -> $crate::error::Result<()> {
+                if rows.is_empty() {
+                    return Ok(());
+                }
+                match db {
+                    $crate::model::Db::Pg(connection) => {
+                        Self::upsert_pg(connection, table, key, rows, extra).await
+                    }
+                    $crate::model::Db::Sqlite(connection) => {
+                        Self::upsert_sqlite(connection, table, key, rows, extra).await
+                    }
+                }
+            }
+
+            /// The columns an upsert writes, and `a = EXCLUDED.a, …` for every one but the key's.
+            fn upsert_columns<'e>(key: &str, extra: Option<&'e str>) -> (Vec<&'e str>, String) {
+                let keys: Vec<&str> = key.split(',').map(str::trim).collect();
+                let mut columns: Vec<&str> = Self::NAMES.to_vec();
+                columns.extend(extra);
+                let updates: Vec<String> = columns
+                    .iter()
+                    .filter(|name| !keys.contains(name))
+                    .map(|name| format!("{name} = EXCLUDED.{name}"))
+                    .collect();
+                (columns, updates.join(", "))
+            }
+
+            async fn upsert_pg(
                 connection: &mut sqlx::PgConnection,
                 table: &str,
                 key: &str,
@@ -103,12 +299,7 @@ macro_rules! projection_row {
                 extra: Option<&str>,
             ) -> $crate::error::Result<()> {
                 use infra::error::DatabaseContext;
-                if rows.is_empty() {
-                    return Ok(());
-                }
-                let keys: Vec<&str> = key.split(',').map(str::trim).collect();
-                let mut columns: Vec<&str> = Self::NAMES.to_vec();
-                columns.extend(extra);
+                let (columns, updates) = Self::upsert_columns(key, extra);
                 let arrays: Vec<String> = Self::SQL_TYPES
                     .iter()
                     .map(|sql| format!("{sql}[]"))
@@ -121,18 +312,12 @@ macro_rules! projection_row {
                     .map(|name| format!("u.{name}"))
                     .chain(extra.map(|name| format!("u.{name}::jsonb")))
                     .collect();
-                let updates: Vec<String> = columns
-                    .iter()
-                    .filter(|name| !keys.contains(name))
-                    .map(|name| format!("{name} = EXCLUDED.{name}"))
-                    .collect();
                 let statement = format!(
                     "INSERT INTO {table} ({names}) SELECT {select} FROM UNNEST({arrays}) \
                      AS u({names}) ON CONFLICT ({key}) DO UPDATE SET {updates}",
                     names = columns.join(", "),
                     select = select.join(", "),
                     arrays = arrays.join(", "),
-                    updates = updates.join(", "),
                 );
                 let query = sqlx::query(&statement);
                 $(
@@ -149,6 +334,41 @@ macro_rules! projection_row {
                     .execute(connection)
                     .await
                     .context(concat!("storing ", $table, " rows"))?;
+                Ok(())
+            }
+
+            async fn upsert_sqlite(
+                connection: &mut sqlx::SqliteConnection,
+                table: &str,
+                key: &str,
+                rows: &[(&$name, Option<String>)],
+                extra: Option<&str>,
+            ) -> $crate::error::Result<()> {
+                use infra::error::DatabaseContext;
+                let (columns, updates) = Self::upsert_columns(key, extra);
+                let row_placeholders = format!("({})", vec!["?"; columns.len()].join(", "));
+                let per_statement = ($crate::model::row::SQLITE_PARAMETERS_PER_STATEMENT
+                    / columns.len())
+                .max(1);
+                for chunk in rows.chunks(per_statement) {
+                    let statement = format!(
+                        "INSERT INTO {table} ({names}) VALUES {values} \
+                         ON CONFLICT ({key}) DO UPDATE SET {updates}",
+                        names = columns.join(", "),
+                        values = vec![row_placeholders.as_str(); chunk.len()].join(", "),
+                    );
+                    let mut query = sqlx::query(&statement);
+                    for (row, extra_text) in chunk {
+                        $( query = query.bind(row.$field.clone()); )+
+                        if extra.is_some() {
+                            query = query.bind(extra_text.clone());
+                        }
+                    }
+                    query
+                        .execute(&mut *connection)
+                        .await
+                        .context(concat!("storing ", $table, " rows"))?;
+                }
                 Ok(())
             }
         }

@@ -8,22 +8,23 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use chrono::{DateTime, SubsecRound, Utc};
 use domain::{AccountEvent, Transaction, TransactionEvent};
 use infra::codec::DomainEvent;
-use infra::error::DatabaseContext;
 use serde_json::{Value, json};
-use sqlx::{PgConnection, Row};
 use uuid::Uuid;
 
 use super::row::projection_row;
-use super::{Decoded, Model, TableShape, unprojectable};
+use super::{Backend, Db, Decoded, Model, TableShape, unprojectable};
 use crate::error::{Error, Result};
 
 pub const TABLES: &[TableShape] = &[
     TableShape {
         name: "transactions",
-        statements: |table| {
+        statements: |table, backend| {
+            let (columns, json) = match backend {
+                Backend::Postgres => (TransactionRecord::column_definitions(), "jsonb"),
+                Backend::Sqlite => (TransactionRecord::sqlite_column_definitions(), "TEXT"),
+            };
             let mut statements = vec![format!(
-                "CREATE TABLE {table} ({}, state jsonb NOT NULL, PRIMARY KEY (id))",
-                TransactionRecord::column_definitions()
+                "CREATE TABLE {table} ({columns}, state {json} NOT NULL, PRIMARY KEY (id))"
             )];
             for (suffix, column) in [
                 ("source", "source_account_id"),
@@ -43,10 +44,13 @@ pub const TABLES: &[TableShape] = &[
     },
     TableShape {
         name: "account_owners",
-        statements: |table| {
+        statements: |table, backend| {
+            let columns = match backend {
+                Backend::Postgres => OwnerRecord::column_definitions(),
+                Backend::Sqlite => OwnerRecord::sqlite_column_definitions(),
+            };
             vec![format!(
-                "CREATE TABLE {table} ({}, PRIMARY KEY (account_id))",
-                OwnerRecord::column_definitions()
+                "CREATE TABLE {table} ({columns}, PRIMARY KEY (account_id))"
             )]
         },
     },
@@ -145,11 +149,7 @@ fn record_of(
 impl Model for TransactionsModel {
     type Record = TransactionRecord;
 
-    async fn load(
-        connection: &mut PgConnection,
-        generation: i32,
-        events: &[Decoded<'_>],
-    ) -> Result<Self> {
+    async fn load(db: &mut Db<'_>, generation: i32, events: &[Decoded<'_>]) -> Result<Self> {
         let mut ids = Vec::new();
         let mut accounts = Vec::new();
         for event in events {
@@ -169,38 +169,22 @@ impl Model for TransactionsModel {
         accounts.sort_unstable();
         accounts.dedup();
         let mut model = TransactionsModel::default();
-        if !ids.is_empty() {
-            let table = TABLES[0].table(generation);
-            let rows = sqlx::query(&format!(
-                "SELECT {}, t.state::text AS state FROM UNNEST($1::uuid[]) AS k(id) \
-                 JOIN {table} t ON t.id = k.id",
-                TransactionRecord::qualified_columns("t")
-            ))
-            .bind(&ids)
-            .fetch_all(&mut *connection)
-            .await
-            .context("loading transaction rows")?;
-            for row in rows {
-                let record = TransactionRecord::decode(&row)?;
-                let state: String = row.try_get("state").map_err(corrupt)?;
-                let state = serde_json::from_str::<Transaction>(&state).map_err(corrupt)?;
-                model
-                    .rows
-                    .insert(record.id, TransactionRow { record, state });
-            }
+        let table = TABLES[0].table(generation);
+        let rows = TransactionRecord::load_by_keys(db, &table, "id", &ids, Some("state")).await?;
+        for (record, state) in rows {
+            let state = state.ok_or_else(|| corrupt("a transaction row without its state"))?;
+            let state = serde_json::from_str::<Transaction>(&state).map_err(corrupt)?;
+            model
+                .rows
+                .insert(record.id, TransactionRow { record, state });
         }
-        if !accounts.is_empty() {
-            let table = TABLES[1].table(generation);
-            let owners: Vec<(Uuid, Uuid)> = sqlx::query_as(&format!(
-                "SELECT t.account_id, t.owner_id FROM UNNEST($1::uuid[]) AS k(id) \
-                 JOIN {table} t ON t.account_id = k.id"
-            ))
-            .bind(&accounts)
-            .fetch_all(&mut *connection)
-            .await
-            .context("loading account owners")?;
-            model.owners.extend(owners);
-        }
+        let table = TABLES[1].table(generation);
+        let owners = OwnerRecord::load_by_keys(db, &table, "account_id", &accounts, None).await?;
+        model.owners.extend(
+            owners
+                .into_iter()
+                .map(|(owner, _)| (owner.account_id, owner.owner_id)),
+        );
         Ok(model)
     }
 
@@ -248,7 +232,7 @@ impl Model for TransactionsModel {
         Ok(())
     }
 
-    async fn store(&mut self, connection: &mut PgConnection, generation: i32) -> Result<()> {
+    async fn store(&mut self, db: &mut Db<'_>, generation: i32) -> Result<()> {
         let owners: Vec<OwnerRecord> = self
             .new_owners
             .drain()
@@ -262,7 +246,7 @@ impl Model for TransactionsModel {
         let owners: Vec<(&OwnerRecord, Option<String>)> =
             owners.iter().map(|owner| (owner, None)).collect();
         OwnerRecord::upsert(
-            connection,
+            db,
             &TABLES[1].table(generation),
             "account_id",
             &owners,
@@ -279,14 +263,8 @@ impl Model for TransactionsModel {
             })?;
             rows.push((&row.record, Some(state)));
         }
-        TransactionRecord::upsert(
-            connection,
-            &TABLES[0].table(generation),
-            "id",
-            &rows,
-            Some("state"),
-        )
-        .await
+        TransactionRecord::upsert(db, &TABLES[0].table(generation), "id", &rows, Some("state"))
+            .await
     }
 
     fn hidden(&self) -> BTreeMap<String, String> {
@@ -301,28 +279,25 @@ impl Model for TransactionsModel {
         states.chain(owners).collect()
     }
 
-    async fn load_hidden(
-        connection: &mut PgConnection,
-        generation: i32,
-    ) -> Result<BTreeMap<String, String>> {
+    async fn load_hidden(db: &mut Db<'_>, generation: i32) -> Result<BTreeMap<String, String>> {
         let table = TABLES[0].table(generation);
-        let states: Vec<(Uuid, Value)> = sqlx::query_as(&format!("SELECT id, state FROM {table}"))
-            .fetch_all(&mut *connection)
-            .await
-            .context("reading transaction states")?;
+        let states = TransactionRecord::load_all(db, &table, Some("state")).await?;
         let table = TABLES[1].table(generation);
-        let owners: Vec<(Uuid, Uuid)> =
-            sqlx::query_as(&format!("SELECT account_id, owner_id FROM {table}"))
-                .fetch_all(&mut *connection)
-                .await
-                .context("reading account owners")?;
-        let states = states
-            .into_iter()
-            .map(|(id, state)| (format!("state {id}"), state.to_string()));
-        let owners = owners
-            .into_iter()
-            .map(|(account, owner)| (format!("owner {account}"), owner.to_string()));
-        Ok(states.chain(owners).collect())
+        let owners = OwnerRecord::load_all(db, &table, None).await?;
+        let mut hidden = BTreeMap::new();
+        for (record, state) in states {
+            let state = state.ok_or_else(|| corrupt("a transaction row without its state"))?;
+            // Canonical JSON, whatever the database kept of its spacing.
+            let state: Value = serde_json::from_str(&state).map_err(corrupt)?;
+            hidden.insert(format!("state {}", record.id), state.to_string());
+        }
+        for (owner, _) in owners {
+            hidden.insert(
+                format!("owner {}", owner.account_id),
+                owner.owner_id.to_string(),
+            );
+        }
+        Ok(hidden)
     }
 
     fn records(&self) -> BTreeMap<String, TransactionRecord> {
@@ -333,19 +308,14 @@ impl Model for TransactionsModel {
     }
 
     async fn load_records(
-        connection: &mut PgConnection,
+        db: &mut Db<'_>,
         relation: &str,
     ) -> Result<BTreeMap<String, TransactionRecord>> {
-        let rows = sqlx::query(&format!(
-            "SELECT {} FROM {relation}",
-            TransactionRecord::columns()
-        ))
-        .fetch_all(connection)
-        .await
-        .context("reading transaction rows")?;
-        rows.iter()
-            .map(|row| TransactionRecord::decode(row).map(|record| (record.id.to_string(), record)))
-            .collect()
+        Ok(TransactionRecord::load_all(db, relation, None)
+            .await?
+            .into_iter()
+            .map(|(record, _)| (record.id.to_string(), record))
+            .collect())
     }
 }
 

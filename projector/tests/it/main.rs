@@ -4,6 +4,7 @@
 
 mod cache;
 mod queries;
+mod read_models;
 mod rebuild;
 mod runner;
 mod support;

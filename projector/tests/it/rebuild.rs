@@ -347,9 +347,13 @@ async fn a_rebuild_drops_generations_a_crashed_rebuild_left_behind() {
         .acquire()
         .await
         .expect("a connection");
-    projector::generations::create_tables(&mut connection, ProjectionName::Transactions, 9)
-        .await
-        .expect("a leftover generation's tables");
+    projector::generations::create_tables(
+        &mut projector::model::Db::Pg(&mut connection),
+        ProjectionName::Transactions,
+        9,
+    )
+    .await
+    .expect("a leftover generation's tables");
     let report = rebuild_one(&harness, ProjectionName::Transactions).await;
     assert_eq!(report.generation, 2);
     let tables: Vec<String> = sqlx::query_scalar(

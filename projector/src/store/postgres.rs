@@ -1,0 +1,245 @@
+//! The read models in PostgreSQL (schema `projector`): row locks on `projections` serialise
+//! batches with a switch, advisory locks keep one rebuild per projection, and `verify` reads one
+//! REPEATABLE READ snapshot.
+
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use infra::error::DatabaseContext;
+use infra::log::LogPosition;
+use sqlx::{Connection, PgConnection, PgPool};
+use uuid::Uuid;
+
+use super::{
+    EventSource, PageQuery, ReadModels, RebuildLock, StoredModels, TransactionScope, queries,
+};
+use crate::cache::Cache;
+use crate::error::{Error, Result};
+use crate::generations::{self, Checkpoint};
+use crate::model::accounts::AccountRecord;
+use crate::model::history::HistoryRecord;
+use crate::model::transactions::TransactionRecord;
+use crate::model::{Backend, Db, DecodedBatch, ProjectionName};
+
+/// How long `ping` waits.
+const PING_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// The read models on `pool` (already migrated and set up: `startup::connect_read_models`).
+#[derive(Clone)]
+pub struct PgReadModels {
+    pool: PgPool,
+}
+
+impl PgReadModels {
+    pub fn new(pool: PgPool) -> Self {
+        PgReadModels { pool }
+    }
+
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    async fn connection(&self) -> Result<sqlx::pool::PoolConnection<sqlx::Postgres>> {
+        Ok(self
+            .pool
+            .acquire()
+            .await
+            .context("acquiring a connection")?)
+    }
+}
+
+/// A rebuild's advisory locks, on a session of their own: closed (and so released) when
+/// dropped, even if the rebuild fails.
+struct PgRebuildLock(PgConnection);
+
+#[async_trait]
+impl RebuildLock for PgRebuildLock {
+    async fn release(self: Box<Self>) {
+        let mut connection = self.0;
+        let _ = sqlx::query("SELECT pg_advisory_unlock_all()")
+            .execute(&mut connection)
+            .await;
+        let _ = connection.close().await;
+    }
+}
+
+#[async_trait]
+impl ReadModels for PgReadModels {
+    fn backend(&self) -> Backend {
+        Backend::Postgres
+    }
+
+    async fn ping(&self) -> bool {
+        infra::db::ping(&self.pool, PING_TIMEOUT).await
+    }
+
+    async fn close(&self) {
+        self.pool.close().await;
+    }
+
+    async fn live_checkpoints(&self) -> Result<Vec<(ProjectionName, i32, LogPosition)>> {
+        let mut connection = self.connection().await?;
+        generations::live_checkpoints(&mut Db::Pg(&mut connection)).await
+    }
+
+    async fn apply_live(
+        &self,
+        source: &dyn EventSource,
+        batch_size: usize,
+        cache: Option<&Cache>,
+    ) -> Result<Option<DecodedBatch>> {
+        let started = Instant::now();
+        let mut transaction = self
+            .pool
+            .begin()
+            .await
+            .context("starting a projection batch")?;
+        metrics::histogram!("db_pool_acquire_seconds", "pool" => "projector")
+            .record(started.elapsed().as_secs_f64());
+        let batch =
+            crate::runner::live_batch(&mut Db::Pg(&mut transaction), source, batch_size, cache)
+                .await?;
+        if batch.is_some() {
+            transaction
+                .commit()
+                .await
+                .context("committing a projection batch")?;
+        }
+        Ok(batch)
+    }
+
+    async fn lock_rebuilds(&self, names: &[ProjectionName]) -> Result<Box<dyn RebuildLock>> {
+        // The locks live on a connection of their own, closed (and so released) when dropped.
+        let mut lock = self.connection().await?.detach();
+        for name in names {
+            let locked: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
+                .bind(infra::db::advisory_key(&format!(
+                    "projector/rebuild/{name}"
+                )))
+                .fetch_one(&mut lock)
+                .await
+                .context("taking the rebuild lock")?;
+            if !locked {
+                return Err(Error::Job(format!(
+                    "another rebuild of {name} is running; wait for it or stop it"
+                )));
+            }
+        }
+        Ok(Box::new(PgRebuildLock(lock)))
+    }
+
+    async fn prepare_generation(&self, name: ProjectionName, restart: bool) -> Result<i32> {
+        let mut transaction = self.pool.begin().await.context("starting a rebuild")?;
+        let generation =
+            crate::rebuild::prepare_in(&mut Db::Pg(&mut transaction), name, restart).await?;
+        transaction.commit().await.context("starting a rebuild")?;
+        Ok(generation)
+    }
+
+    async fn checkpoint(&self, name: ProjectionName, generation: i32) -> Result<Checkpoint> {
+        let mut connection = self.connection().await?;
+        generations::checkpoint(&mut Db::Pg(&mut connection), name, generation).await
+    }
+
+    async fn apply_building(
+        &self,
+        building: &[(ProjectionName, i32)],
+        batch: &DecodedBatch,
+    ) -> Result<usize> {
+        let mut transaction = self
+            .pool
+            .begin()
+            .await
+            .context("starting a rebuild batch")?;
+        let applied =
+            crate::rebuild::building_batch(&mut Db::Pg(&mut transaction), building, batch).await?;
+        transaction
+            .commit()
+            .await
+            .context("committing a rebuild batch")?;
+        Ok(applied)
+    }
+
+    async fn switch(
+        &self,
+        building: &[(ProjectionName, i32)],
+        source: &dyn EventSource,
+        batch_size: usize,
+    ) -> Result<Vec<(ProjectionName, i32)>> {
+        let mut transaction = self.pool.begin().await.context("starting the switch")?;
+        let replaced =
+            crate::rebuild::switch_in(&mut Db::Pg(&mut transaction), source, building, batch_size)
+                .await?;
+        transaction
+            .commit()
+            .await
+            .context("committing the switch")?;
+        crate::rebuild::log_switch(building, &replaced);
+        Ok(replaced)
+    }
+
+    async fn drop_generations(&self, generations: &[(ProjectionName, i32)]) -> Result<()> {
+        let mut transaction = self.pool.begin().await.context("starting the clean-up")?;
+        for (name, generation) in generations {
+            generations::drop_tables(&mut Db::Pg(&mut transaction), *name, *generation).await?;
+        }
+        transaction
+            .commit()
+            .await
+            .context("committing the clean-up")?;
+        Ok(())
+    }
+
+    async fn stored(&self) -> Result<StoredModels> {
+        let mut snapshot = self
+            .pool
+            .begin()
+            .await
+            .context("starting the read-model snapshot")?;
+        sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
+            .execute(&mut *snapshot)
+            .await
+            .context("starting the read-model snapshot")?;
+        let stored = crate::verify::load_stored(&mut Db::Pg(&mut snapshot)).await?;
+        snapshot
+            .commit()
+            .await
+            .context("ending the read-model snapshot")?;
+        Ok(stored)
+    }
+
+    async fn live_rows(&self, name: ProjectionName) -> Result<Vec<String>> {
+        let mut connection = self.connection().await?;
+        queries::live_rows(&mut Db::Pg(&mut connection), name).await
+    }
+
+    async fn account(&self, id: Uuid) -> Result<Option<AccountRecord>> {
+        let mut connection = self.connection().await?;
+        queries::account(&mut Db::Pg(&mut connection), id).await
+    }
+
+    async fn accounts(&self, owner: Option<Uuid>, page: PageQuery) -> Result<Vec<AccountRecord>> {
+        let mut connection = self.connection().await?;
+        queries::accounts(&mut Db::Pg(&mut connection), owner, page).await
+    }
+
+    async fn history(&self, account: Uuid, page: PageQuery) -> Result<Vec<HistoryRecord>> {
+        let mut connection = self.connection().await?;
+        queries::history(&mut Db::Pg(&mut connection), account, page).await
+    }
+
+    async fn transaction(&self, id: Uuid) -> Result<Option<TransactionRecord>> {
+        let mut connection = self.connection().await?;
+        queries::transaction(&mut Db::Pg(&mut connection), id).await
+    }
+
+    async fn transactions(
+        &self,
+        scope: TransactionScope,
+        status: Option<&str>,
+        page: PageQuery,
+    ) -> Result<Vec<TransactionRecord>> {
+        let mut connection = self.connection().await?;
+        queries::transactions(&mut Db::Pg(&mut connection), scope, status, page).await
+    }
+}
