@@ -14,6 +14,35 @@ use crate::log::LogPosition;
 /// Events read per round trip while folding the whole log.
 const SNAPSHOT_BATCH: i64 = 5_000;
 
+/// Reads every event committed when the read starts, in commit order, through the event-log
+/// seam (any store), batch by batch; stops after `until` when given. The log is append-only in
+/// commit order, so reading up to the head taken at the start is a consistent cut.
+pub async fn for_each_committed_in(
+    log: &dyn crate::eventlog::EventLog,
+    until: Option<LogPosition>,
+    mut each_batch: impl FnMut(&[RecordedEvent]),
+) -> Result<LogPosition> {
+    let head = log.head().await?;
+    let until = until.map_or(head, |until| until.min(head));
+    let mut after = LogPosition::START;
+    while after < until {
+        let mut events = log
+            .read_all(
+                after,
+                SNAPSHOT_BATCH as usize,
+                crate::eventlog::LogFilter::ALL,
+            )
+            .await?;
+        let Some(last) = events.last() else {
+            break;
+        };
+        after = last.position;
+        events.retain(|event| event.position <= until);
+        each_batch(&events);
+    }
+    Ok(after)
+}
+
 /// Reads every event committed when the read starts, in commit order, from one REPEATABLE READ
 /// snapshot (a follower's visibility bound would hide the newest events while any transaction
 /// in the cluster is open), handing them over batch by batch. Stops after `until` when given.

@@ -61,6 +61,11 @@ struct Databases {
     #[arg(long, env = "EVENTS_TABLE", default_value = "command_api.events",
           value_parser = projector::config::parse_table)]
     events_table: String,
+
+    /// The data directory of `ledger serve` (SQLite) instead of PostgreSQL: when given, the
+    /// URLs above are not used.
+    #[arg(long)]
+    data: Option<std::path::PathBuf>,
 }
 
 impl Databases {
@@ -234,6 +239,9 @@ async fn rebuild(
             })
             .collect::<Result<_>>()?
     };
+    if let Some(data) = &databases.data {
+        return rebuild_embedded(data, &names, batch_size, restart).await;
+    }
     let read_pool = databases.read_pool().await?;
     let events_pool = databases.events_pool().await?;
     let log = PgEventLog::open(
@@ -244,6 +252,72 @@ async fn rebuild(
         },
     )
     .await?;
+    let progress = rebuild_bar(&names);
+    let summary = projector::rebuild::rebuild(
+        &read_pool,
+        &log,
+        &names,
+        RebuildOptions {
+            batch_size: batch_size as usize,
+            restart,
+        },
+        |step| show_rebuild_step(&progress, step),
+    )
+    .await;
+    progress.finish_and_clear();
+    print_rebuild(&summary?);
+    if names.contains(&ProjectionName::Transactions) {
+        flush_cache(redis_url, redis_key_prefix).await;
+    }
+    Ok(true)
+}
+
+/// `ledger rebuild --data DIR`: takes DIR's lock, so it is refused while `ledger serve` runs
+/// there (its in-process cache could not be told), and `serve` is refused while it runs.
+async fn rebuild_embedded(
+    data: &std::path::Path,
+    names: &[ProjectionName],
+    batch_size: u32,
+    restart: bool,
+) -> Result<bool> {
+    serve::data_dir::database_of(data)?;
+    let dir = serve::data_dir::DataDir::lock(data, serve::data_dir::Holder::Rebuild)?;
+    let log = open_embedded_log(data).await?;
+    let models =
+        projector::store::SqliteReadModels::open_file(&dir.read_models(), 4).await?;
+    let progress = rebuild_bar(names);
+    let summary = projector::rebuild::rebuild_in(
+        &models,
+        &log,
+        names,
+        RebuildOptions {
+            batch_size: batch_size as usize,
+            restart,
+        },
+        |step| show_rebuild_step(&progress, step),
+    )
+    .await;
+    progress.finish_and_clear();
+    print_rebuild(&summary?);
+    Ok(true)
+}
+
+/// DIR's event log, read-only: no command of this tool writes to it.
+async fn open_embedded_log(
+    data: &std::path::Path,
+) -> Result<infra::eventlog::sqlite::SqliteEventLog> {
+    let database = serve::data_dir::database_of(data)?;
+    let pool =
+        infra::sqlite::pool(infra::sqlite::options(&database, false).read_only(true), 4).await?;
+    Ok(infra::eventlog::sqlite::SqliteEventLog::open(
+        pool,
+        None,
+        infra::eventlog::committer::CommitterSettings::default(),
+    )
+    .await?)
+}
+
+fn rebuild_bar(names: &[ProjectionName]) -> ProgressBar {
     let progress = bar(
         0,
         "rebuild [{elapsed_precise}] {bar:40} {pos}/{len} positions ({per_sec}, eta {eta}) {msg}",
@@ -255,15 +329,11 @@ async fn rebuild(
             .collect::<Vec<_>>()
             .join(", "),
     );
-    let summary = projector::rebuild::rebuild(
-        &read_pool,
-        &log,
-        &names,
-        RebuildOptions {
-            batch_size: batch_size as usize,
-            restart,
-        },
-        |step| match step {
+    progress
+}
+
+fn show_rebuild_step(progress: &ProgressBar, step: RebuildProgress) {
+    match step {
             RebuildProgress::Started { resumed_at, head } => {
                 progress.set_length(u64::try_from(head.index).unwrap_or(0));
                 progress.set_position(u64::try_from(resumed_at.index).unwrap_or(0));
@@ -276,11 +346,10 @@ async fn rebuild(
                 progress.set_position(at);
             }
             RebuildProgress::Switching => progress.set_message("switching"),
-        },
-    )
-    .await;
-    progress.finish_and_clear();
-    let summary = summary?;
+    }
+}
+
+fn print_rebuild(summary: &projector::rebuild::RebuildSummary) {
     let seconds = summary.elapsed.as_secs_f64();
     for report in &summary.projections {
         println!(
@@ -294,10 +363,6 @@ async fn rebuild(
         seconds,
         summary.events as f64 / seconds.max(1e-9),
     );
-    if names.contains(&ProjectionName::Transactions) {
-        flush_cache(redis_url, redis_key_prefix).await;
-    }
-    Ok(true)
 }
 
 /// Deletes the projector's cached transactions after their projection was rebuilt. Redis being
@@ -321,19 +386,37 @@ async fn flush_cache(url: &str, prefix: &str) {
 }
 
 async fn verify(databases: &Databases, show: usize) -> Result<bool> {
-    let read_pool = databases.read_only_read_pool().await?;
-    let events_pool = databases.events_pool().await?;
     let progress = bar(
         0,
         "verify [{elapsed_precise}] {spinner} {pos} events folded ({per_sec})",
     );
-    let report = projector::verify::verify(
-        &read_pool,
-        &events_pool,
-        &databases.events_table,
-        &mut |events| progress.set_position(events),
-    )
-    .await;
+    let report = if let Some(data) = &databases.data {
+        // Read-only connections: it can run beside a live `ledger serve`.
+        let log = open_embedded_log(data).await?;
+        let read_models = serve::data_dir::read_models_of(data)?;
+        let pool = infra::sqlite::pool(
+            infra::sqlite::options(&read_models, false).read_only(true),
+            4,
+        )
+        .await?;
+        let models = projector::store::SqliteReadModels::open_read_only(pool).await?;
+        projector::verify::verify_in(
+            &models,
+            &projector::store::LogSource(&log),
+            &mut |events| progress.set_position(events),
+        )
+        .await
+    } else {
+        let read_pool = databases.read_only_read_pool().await?;
+        let events_pool = databases.events_pool().await?;
+        projector::verify::verify(
+            &read_pool,
+            &events_pool,
+            &databases.events_table,
+            &mut |events| progress.set_position(events),
+        )
+        .await
+    };
     progress.finish_and_clear();
     let report = report?;
     let audit = &report.audit;

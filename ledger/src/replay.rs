@@ -73,7 +73,6 @@ struct Replay {
 }
 
 pub async fn run(args: ReplayArgs) -> Result<bool> {
-    let pool = args.databases.events_pool().await?;
     let until = match args.as_of {
         Some(AsOf::Position(position)) => Some(position),
         _ => None,
@@ -99,14 +98,20 @@ pub async fn run(args: ReplayArgs) -> Result<bool> {
         0,
         "replay [{elapsed_precise}] {spinner} {pos} events ({per_sec})",
     );
-    let read =
-        infra::replay::for_each_committed(&pool, &args.databases.events_table, until, |events| {
-            for event in events {
-                replay.event(event);
-            }
-            progress.inc(events.len() as u64);
-        })
-        .await;
+    let mut each_batch = |events: &[infra::eventlog::RecordedEvent]| {
+        for event in events {
+            replay.event(event);
+        }
+        progress.inc(events.len() as u64);
+    };
+    let read = if let Some(data) = &args.databases.data {
+        let log = crate::open_embedded_log(data).await?;
+        infra::replay::for_each_committed_in(&log, until, &mut each_batch).await
+    } else {
+        let pool = args.databases.events_pool().await?;
+        infra::replay::for_each_committed(&pool, &args.databases.events_table, until, &mut each_batch)
+            .await
+    };
     progress.finish_and_clear();
     read?;
     if replay.printed == 0 && (args.transaction.is_some() || args.account.is_some()) {

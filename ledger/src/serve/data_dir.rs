@@ -15,8 +15,12 @@ use crate::error::{Error, Result};
 /// The lock file's name in DIR.
 const LOCK_FILE: &str = "lock";
 
-/// The SQLite file's name in DIR.
+/// The SQLite file of the event log, the followers' state, identity, the bus and the counters.
 const DATABASE_FILE: &str = "ledger.db";
+
+/// The SQLite file of the read models: a file of its own, so that projection batches and
+/// appends to the log do not wait for each other's write lock.
+const READ_MODELS_FILE: &str = "read-models.db";
 
 /// What holds DIR: `serve`, or a job that must not run beside it (`rebuild`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -101,10 +105,21 @@ impl DataDir {
         self.path.join(DATABASE_FILE)
     }
 
+    /// The SQLite file of the read models.
+    pub fn read_models(&self) -> PathBuf {
+        self.path.join(READ_MODELS_FILE)
+    }
+
     /// Whether DIR already holds a ledger (a database file).
     pub fn has_database(&self) -> bool {
         self.database().exists()
     }
+}
+
+/// The read models' file of DIR, for the commands that read it beside a live `serve`.
+pub fn read_models_of(path: &Path) -> Result<PathBuf> {
+    database_of(path)?;
+    Ok(path.join(READ_MODELS_FILE))
 }
 
 /// The database file of DIR, for the commands that read beside a live `serve` without locking.

@@ -216,7 +216,7 @@ async fn build(args: &ServeArgs, dir: &DataDir, secrets: &secrets::Secrets) -> R
 
     // The read side.
     let models: Arc<dyn projector::store::ReadModels> = Arc::new(
-        projector::store::SqliteReadModels::open(writers.clone(), readers.clone())
+        projector::store::SqliteReadModels::open_file(&dir.read_models(), READ_CONNECTIONS)
             .await
             .map_err(Error::Projector)?,
     );
