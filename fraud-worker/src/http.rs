@@ -13,9 +13,9 @@ use infra::http::{HealthReport, method_not_allowed, metrics_endpoint, not_found,
 use infra::problem::Problem;
 use serde::Serialize;
 
-use infra::bus::rabbit::BrokerLink;
 use crate::rules::{RuleDescription, Rules};
 use crate::velocity::VelocityCounters;
+use infra::bus::rabbit::BrokerLink;
 
 /// What every handler shares.
 #[derive(Clone)]

@@ -68,6 +68,7 @@ impl App {
             &name,
         );
         settings.prefetch = config.fraud_prefetch;
+        settings.connected_gauge = Some("fraud_broker_connected");
         let consumer = Arc::new(RabbitConsumer::new(settings, Arc::new(fraud_rules)));
         let connection = consumer.connect().await?;
         let state = AppState {

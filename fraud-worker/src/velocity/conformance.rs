@@ -77,7 +77,10 @@ pub async fn a_payment_counts_once_however_often_it_is_recorded(
 
 pub async fn a_payment_over_the_limit_is_taken_back_out(counters: Arc<dyn VelocityCounters>) {
     let (account, now) = (account(), Utc::now());
-    assert_eq!(record(&*counters, &payment(account, 100, now), 250).await, 100);
+    assert_eq!(
+        record(&*counters, &payment(account, 100, now), 250).await,
+        100
+    );
     let over = payment(account, 200, now);
     assert_eq!(
         record(&*counters, &over, 250).await,
@@ -98,9 +101,18 @@ pub async fn a_payment_over_the_limit_is_taken_back_out(counters: Arc<dyn Veloci
 
 pub async fn reaching_the_limit_exactly_is_allowed(counters: Arc<dyn VelocityCounters>) {
     let (account, now) = (account(), Utc::now());
-    assert_eq!(record(&*counters, &payment(account, 100, now), 300).await, 100);
-    assert_eq!(record(&*counters, &payment(account, 200, now), 300).await, 300);
-    assert_eq!(record(&*counters, &payment(account, 1, now), 300).await, 301);
+    assert_eq!(
+        record(&*counters, &payment(account, 100, now), 300).await,
+        100
+    );
+    assert_eq!(
+        record(&*counters, &payment(account, 200, now), 300).await,
+        300
+    );
+    assert_eq!(
+        record(&*counters, &payment(account, 1, now), 300).await,
+        301
+    );
     assert_eq!(
         record(&*counters, &payment(account, 0, now), 300).await,
         300,
@@ -110,7 +122,10 @@ pub async fn reaching_the_limit_exactly_is_allowed(counters: Arc<dyn VelocityCou
 
 pub async fn payments_leave_the_window(counters: Arc<dyn VelocityCounters>) {
     let (account, start) = (account(), Utc::now() - TimeDelta::minutes(30));
-    assert_eq!(record(&*counters, &payment(account, 100, start), 1_000).await, 100);
+    assert_eq!(
+        record(&*counters, &payment(account, 100, start), 1_000).await,
+        100
+    );
     let inside = start + TimeDelta::milliseconds(WINDOW_MS - 1);
     assert_eq!(
         record(&*counters, &payment(account, 10, inside), 1_000).await,
@@ -132,8 +147,14 @@ pub async fn payments_leave_the_window(counters: Arc<dyn VelocityCounters>) {
 pub async fn accounts_have_windows_of_their_own(counters: Arc<dyn VelocityCounters>) {
     let now = Utc::now();
     let (one, other) = (account(), account());
-    assert_eq!(record(&*counters, &payment(one, 400, now), 1_000).await, 400);
-    assert_eq!(record(&*counters, &payment(other, 30, now), 1_000).await, 30);
+    assert_eq!(
+        record(&*counters, &payment(one, 400, now), 1_000).await,
+        400
+    );
+    assert_eq!(
+        record(&*counters, &payment(other, 30, now), 1_000).await,
+        30
+    );
     assert_eq!(record(&*counters, &payment(one, 1, now), 1_000).await, 401);
 }
 

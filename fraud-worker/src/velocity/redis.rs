@@ -97,7 +97,6 @@ impl RedisCounters {
         let base = format!("{}:velocity:{{{account_id}}}", self.key_prefix);
         (format!("{base}:entries"), format!("{base}:total"))
     }
-
 }
 
 #[async_trait]

@@ -11,8 +11,8 @@
 use std::time::Duration;
 
 use async_trait::async_trait;
-use sqlx::sqlite::SqlitePool;
 use sqlx::Connection;
+use sqlx::sqlite::SqlitePool;
 
 use super::{Payment, VelocityCounters};
 use crate::error::{Error, Result, within};
@@ -56,7 +56,11 @@ impl SqliteCounters {
         let transaction_id = payment.transaction_id.to_string();
         let created_ms = payment.created_at.timestamp_millis();
         let cutoff_ms = created_ms.saturating_sub(window_ms);
-        let mut connection = self.pool.acquire().await.map_err(database("acquiring a connection"))?;
+        let mut connection = self
+            .pool
+            .acquire()
+            .await
+            .map_err(database("acquiring a connection"))?;
         let mut transaction = connection
             .begin_with("BEGIN IMMEDIATE")
             .await

@@ -89,7 +89,12 @@ async fn the_rules_decide_from_the_log_and_a_failed_decision_comes_again() {
     );
     settings.poll_interval = Duration::from_millis(200);
     let events: Arc<dyn EventLog> = log.clone();
-    let consumer = Arc::new(LogConsumer::new(events, store.clone(), fraud_rules, settings));
+    let consumer = Arc::new(LogConsumer::new(
+        events,
+        store.clone(),
+        fraud_rules,
+        settings,
+    ));
     let cancel = CancellationToken::new();
     let running = tokio::spawn(consumer.run(cancel.clone()));
 
@@ -113,7 +118,11 @@ async fn the_rules_decide_from_the_log_and_a_failed_decision_comes_again() {
         "the failed hand-over came again with the same decision"
     );
     assert_eq!(final_decisions[1].transaction_id, first.transaction_id);
-    assert_eq!(final_decisions[1].outcome, FraudOutcome::Approved, "counted once: 600 of 1000");
+    assert_eq!(
+        final_decisions[1].outcome,
+        FraudOutcome::Approved,
+        "counted once: 600 of 1000"
+    );
     assert_eq!(final_decisions[2].transaction_id, second.transaction_id);
     assert_eq!(final_decisions[2].outcome, FraudOutcome::Rejected);
     assert_eq!(final_decisions[2].rule.as_deref(), Some("velocity"));

@@ -100,7 +100,9 @@ struct Recorder {
 }
 
 impl Recorder {
-    fn new(behaviour: impl Fn(&Message, usize) -> Option<Disposition> + Send + Sync + 'static) -> Arc<Self> {
+    fn new(
+        behaviour: impl Fn(&Message, usize) -> Option<Disposition> + Send + Sync + 'static,
+    ) -> Arc<Self> {
         Arc::new(Recorder {
             seen: Mutex::new(Vec::new()),
             behaviour: Box::new(behaviour),
@@ -182,8 +184,14 @@ pub async fn published_messages_reach_the_handler(bus: Arc<dyn BusPair>) {
     for message in recorder.messages() {
         let id = id_of(&message);
         assert_eq!(message.body, format!("{{\"id\":\"{id}\"}}").into_bytes());
-        assert_eq!(message.correlation_id.as_deref(), Some(format!("corr-{id}").as_str()));
-        assert_eq!(message.causation_id.as_deref(), Some(format!("cause-{id}").as_str()));
+        assert_eq!(
+            message.correlation_id.as_deref(),
+            Some(format!("corr-{id}").as_str())
+        );
+        assert_eq!(
+            message.causation_id.as_deref(),
+            Some(format!("cause-{id}").as_str())
+        );
     }
     running.stop().await;
 }
@@ -236,9 +244,10 @@ pub async fn a_failed_message_comes_again(bus: Arc<dyn BusPair>) {
     let running = bus.start(recorder.clone()).await;
     bus.send(failing).await;
     bus.send(other).await;
-    eventually("the failed message came again and everything was handled", || {
-        recorder.count(failing) >= 2 && recorder.count(other) >= 1
-    })
+    eventually(
+        "the failed message came again and everything was handled",
+        || recorder.count(failing) >= 2 && recorder.count(other) >= 1,
+    )
     .await;
     let again = recorder
         .messages()
@@ -246,10 +255,16 @@ pub async fn a_failed_message_comes_again(bus: Arc<dyn BusPair>) {
         .filter(|message| id_of(message) == failing.to_string())
         .nth(1)
         .expect("a second delivery");
-    assert!(again.redelivered, "a retried message says it may have been seen");
+    assert!(
+        again.redelivered,
+        "a retried message says it may have been seen"
+    );
     tokio::time::sleep(QUIET).await;
     assert_eq!(recorder.count(failing), 2, "handled once it succeeded");
-    assert!(bus.poisoned().await.is_empty(), "a retried message is not poison");
+    assert!(
+        bus.poisoned().await.is_empty(),
+        "a retried message is not poison"
+    );
     running.stop().await;
 }
 
@@ -307,6 +322,10 @@ pub async fn poison_is_recorded_and_not_delivered_again(bus: Arc<dyn BusPair>) {
     let running = bus.start(again.clone()).await;
     tokio::time::sleep(QUIET).await;
     assert_eq!(recorder.count(poison), 1, "poison is handed out once");
-    assert_eq!(again.count(poison), 0, "poison is not delivered after a restart");
+    assert_eq!(
+        again.count(poison),
+        0,
+        "poison is not delivered after a restart"
+    );
     running.stop().await;
 }

@@ -72,10 +72,12 @@ impl SqliteBusStore {
         .fetch_optional(&self.pool)
         .await
         .context("reading a bus checkpoint")?;
-        Ok(row.map_or(LogPosition::START, |(commit, index)| LogPosition {
-            commit,
-            index,
-        }))
+        Ok(
+            row.map_or(LogPosition::START, |(commit, index)| LogPosition {
+                commit,
+                index,
+            }),
+        )
     }
 
     /// Moves `consumer`'s checkpoint to `position`; never backwards.
@@ -418,7 +420,9 @@ impl Publisher for LocalPublisher {
         let disposition = AssertUnwindSafe(self.handler.handle(&delivered))
             .catch_unwind()
             .await
-            .unwrap_or_else(|_| Disposition::DeadLetter("handling the message panicked".to_owned()));
+            .unwrap_or_else(|_| {
+                Disposition::DeadLetter("handling the message panicked".to_owned())
+            });
         match disposition {
             Disposition::Ack => Ok(()),
             Disposition::Retry(reason) => Err(Error::Bus {

@@ -130,6 +130,8 @@ pub struct RabbitConsumerSettings {
     pub name: String,
     /// How long a shutdown lets the deliveries in hand finish.
     pub drain_timeout: Duration,
+    /// A gauge set to 1 while connected and 0 otherwise (e.g. `fraud_broker_connected`).
+    pub connected_gauge: Option<&'static str>,
 }
 
 impl RabbitConsumerSettings {
@@ -141,6 +143,7 @@ impl RabbitConsumerSettings {
             prefetch: 32,
             name: name.to_owned(),
             drain_timeout: Duration::from_secs(20),
+            connected_gauge: None,
         }
     }
 }
@@ -214,9 +217,9 @@ impl RabbitConsumer {
                 },
             };
             let connection = Arc::new(connection);
-            self.link.set(Some(connection.clone()));
+            self.connected(Some(connection.clone()));
             let end = self.session(&connection, &cancel).await;
-            self.link.set(None);
+            self.connected(None);
             let _closed = tokio::time::timeout(
                 CLOSE_TIMEOUT,
                 connection.close(REPLY_SUCCESS, "consumer stopping".into()),
@@ -226,7 +229,11 @@ impl RabbitConsumer {
                 Ok(SessionEnd::Stopped) => break,
                 Ok(SessionEnd::Lost(reason)) => {
                     // The session was consuming: a fresh loss, reconnect soon.
-                    tracing::warn!(consumer = name, reason, "lost the RabbitMQ connection; reconnecting");
+                    tracing::warn!(
+                        consumer = name,
+                        reason,
+                        "lost the RabbitMQ connection; reconnecting"
+                    );
                     delay = amqp::RECONNECT_DELAY;
                     pause(&cancel, delay).await;
                 }
@@ -238,6 +245,13 @@ impl RabbitConsumer {
             }
         }
         tracing::info!(consumer = name, "consumer stopped");
+    }
+
+    fn connected(&self, connection: Option<Arc<Connection>>) {
+        if let Some(gauge) = self.settings.connected_gauge {
+            metrics::gauge!(gauge).set(if connection.is_some() { 1.0 } else { 0.0 });
+        }
+        self.link.set(connection);
     }
 
     /// Consumes on one connection until it is lost or `cancel` fires, then drains what is in
@@ -258,7 +272,11 @@ impl RabbitConsumer {
             .basic_qos(settings.prefetch, BasicQosOptions::default())
             .await
             .map_err(amqp::error("setting the prefetch"))?;
-        let tag = format!("{}-{}", settings.name.replace(' ', "-"), uuid::Uuid::new_v4());
+        let tag = format!(
+            "{}-{}",
+            settings.name.replace(' ', "-"),
+            uuid::Uuid::new_v4()
+        );
         let mut deliveries = channel
             .basic_consume(
                 settings.queue.as_str().into(),
@@ -318,7 +336,9 @@ impl RabbitConsumer {
         let disposition = AssertUnwindSafe(self.handler.handle(&message))
             .catch_unwind()
             .await
-            .unwrap_or_else(|_| Disposition::DeadLetter("handling the message panicked".to_owned()));
+            .unwrap_or_else(|_| {
+                Disposition::DeadLetter("handling the message panicked".to_owned())
+            });
         let settled = amqp::settle(
             &parking,
             &self.settings.topology,
