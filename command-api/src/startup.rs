@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use infra::amqp::Topology;
 use infra::auth::JwtVerifier;
+use infra::bus::rabbit::{RabbitConsumer, RabbitConsumerSettings};
 use infra::eventlog::EventLog;
 use infra::eventlog::postgres::{PgEventLog, PgEventLogOptions};
 use infra::follow::{FollowSettings, follow};
@@ -20,7 +21,7 @@ use tokio_util::sync::CancellationToken;
 use crate::aggregates::{AccountAggregate, TransactionAggregate};
 use crate::checkpoints;
 use crate::config::Config;
-use crate::decision_consumer::{ConsumerSettings, DecisionConsumer};
+use crate::decision_consumer::DecisionHandler;
 use crate::decisions::FraudDecisions;
 use crate::error::{Error, Result};
 use crate::http::{AppState, router};
@@ -44,7 +45,7 @@ pub struct App {
     state: AppState,
     saga: Arc<Saga>,
     relay: Arc<Relay>,
-    consumer: Arc<DecisionConsumer>,
+    consumer: Arc<RabbitConsumer>,
     leadership: Arc<dyn Leadership>,
     follower_state: Arc<dyn FollowerState>,
     background_log: Arc<dyn EventLog>,
@@ -102,20 +103,25 @@ impl App {
                 window: config.relay_window,
             },
         ));
-        let consumer = Arc::new(DecisionConsumer::new(
-            FraudDecisions::new(transactions.clone()),
-            ConsumerSettings {
-                amqp_url: config.amqp_url.clone(),
-                topology,
-                prefetch: config.decision_prefetch,
-            },
+        let mut settings = RabbitConsumerSettings::new(
+            &config.amqp_url,
+            topology.clone(),
+            topology.decisions_queue(),
+            &format!("command-api {}", config.amqp_prefix),
+        );
+        settings.prefetch = config.decision_prefetch;
+        let consumer = Arc::new(RabbitConsumer::new(
+            settings,
+            Arc::new(DecisionHandler::new(FraudDecisions::new(
+                transactions.clone(),
+            ))),
         ));
         let state = AppState {
             accounts,
             transactions,
             log,
             verifier: Arc::new(JwtVerifier::new(&config.token)?),
-            broker_connected: consumer.connection_flag(),
+            broker_connected: consumer.link().connected_flag(),
             customer_top_ups: config.customer_top_ups,
         };
         let listener = TcpListener::bind(config.listen_addr)
@@ -202,7 +208,7 @@ impl App {
         );
         workers.spawn(
             "decision consumer",
-            self.consumer.clone().run(cancel.clone()),
+            self.consumer.clone().run(None, cancel.clone()),
         );
         workers.spawn(
             "lag reporter",

@@ -71,6 +71,25 @@ pub struct Config {
     #[arg(long, env = "LISTEN_ADDR", default_value = "0.0.0.0:8083")]
     pub listen_addr: SocketAddr,
 
+    /// The fraud rules' parameters (`FRAUD_*`), shared with `ledger serve`.
+    #[command(flatten)]
+    pub fraud: RulesConfig,
+
+    /// Unacknowledged messages the broker hands the worker at once; also how many it evaluates
+    /// concurrently.
+    #[arg(long, env = "FRAUD_PREFETCH", default_value_t = 32,
+          value_parser = clap::value_parser!(u16).range(1..=i64::from(PREFETCH_MAX)))]
+    pub fraud_prefetch: u16,
+
+    /// `json` or `pretty`.
+    #[arg(long, env = "LOG_FORMAT", default_value = "json", value_parser = LogFormat::parse_arg)]
+    pub log_format: LogFormat,
+}
+
+/// The fraud rules' parameters: every process that runs the rules (the worker, `ledger serve`)
+/// flattens this block, so the variables and their checks are written once.
+#[derive(Debug, Clone, clap::Args)]
+pub struct RulesConfig {
     /// `amount_threshold`: payments at or above this many major units of their currency are
     /// rejected.
     #[arg(long, env = "FRAUD_AMOUNT_THRESHOLD", default_value_t = 10_000, value_parser = parse_major_units)]
@@ -96,35 +115,10 @@ pub struct Config {
     /// Rules switched off, comma separated: `amount_threshold`, `velocity`.
     #[arg(long, env = "FRAUD_RULES_DISABLED", default_value = "", value_parser = parse_rule_names)]
     pub fraud_rules_disabled: DisabledRules,
-
-    /// Unacknowledged messages the broker hands the worker at once; also how many it evaluates
-    /// concurrently.
-    #[arg(long, env = "FRAUD_PREFETCH", default_value_t = 32,
-          value_parser = clap::value_parser!(u16).range(1..=i64::from(PREFETCH_MAX)))]
-    pub fraud_prefetch: u16,
-
-    /// `json` or `pretty`.
-    #[arg(long, env = "LOG_FORMAT", default_value = "json", value_parser = LogFormat::parse_arg)]
-    pub log_format: LogFormat,
 }
 
-/// Major-unit amounts by currency, as `FRAUD_AMOUNT_THRESHOLDS` and `FRAUD_VELOCITY_LIMITS`
-/// write them.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct CurrencyAmounts(pub BTreeMap<Currency, i64>);
-
-/// The rules `FRAUD_RULES_DISABLED` switches off.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct DisabledRules(pub Vec<RuleName>);
-
-impl DisabledRules {
-    pub fn contains(&self, rule: RuleName) -> bool {
-        self.0.contains(&rule)
-    }
-}
-
-impl Config {
-    /// The rule set this configuration describes.
+impl RulesConfig {
+    /// The rule set these parameters describe.
     pub fn rules(&self) -> Rules {
         Rules {
             threshold: ThresholdRule {
@@ -146,6 +140,28 @@ impl Config {
             },
         }
     }
+}
+
+/// Major-unit amounts by currency, as `FRAUD_AMOUNT_THRESHOLDS` and `FRAUD_VELOCITY_LIMITS`
+/// write them.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CurrencyAmounts(pub BTreeMap<Currency, i64>);
+
+/// The rules `FRAUD_RULES_DISABLED` switches off.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DisabledRules(pub Vec<RuleName>);
+
+impl DisabledRules {
+    pub fn contains(&self, rule: RuleName) -> bool {
+        self.0.contains(&rule)
+    }
+}
+
+impl Config {
+    /// The rule set this configuration describes.
+    pub fn rules(&self) -> Rules {
+        self.fraud.rules()
+    }
 
     pub fn topology(&self) -> Topology {
         Topology::new(&self.amqp_prefix).expect("AMQP_PREFIX was validated by parse_amqp_prefix")
@@ -154,6 +170,7 @@ impl Config {
     /// The configuration as it may be logged: passwords in URLs and the secret are hidden.
     pub fn redacted(&self) -> String {
         let disabled: Vec<_> = self
+            .fraud
             .fraud_rules_disabled
             .0
             .iter()
@@ -169,11 +186,11 @@ impl Config {
             redact_url(&self.redis_url),
             self.redis_key_prefix,
             self.listen_addr,
-            self.fraud_amount_threshold,
-            self.fraud_amount_thresholds,
-            self.fraud_velocity_limit,
-            self.fraud_velocity_limits,
-            self.fraud_velocity_window_seconds,
+            self.fraud.fraud_amount_threshold,
+            self.fraud.fraud_amount_thresholds,
+            self.fraud.fraud_velocity_limit,
+            self.fraud.fraud_velocity_limits,
+            self.fraud.fraud_velocity_window_seconds,
             disabled.join(","),
             self.fraud_prefetch,
             self.token.describe(),
@@ -294,9 +311,9 @@ mod tests {
         assert_eq!(config.amqp_prefix, "ledger");
         assert_eq!(config.redis_key_prefix, "ledger:fraud");
         assert_eq!(config.listen_addr.port(), 8083);
-        assert_eq!(config.fraud_amount_threshold, 10_000);
-        assert_eq!(config.fraud_velocity_limit, 50_000);
-        assert_eq!(config.fraud_velocity_window_seconds, 600);
+        assert_eq!(config.fraud.fraud_amount_threshold, 10_000);
+        assert_eq!(config.fraud.fraud_velocity_limit, 50_000);
+        assert_eq!(config.fraud.fraud_velocity_window_seconds, 600);
         assert_eq!(config.fraud_prefetch, 32);
         let rules = config.rules();
         assert!(rules.threshold.enabled && rules.velocity.enabled);

@@ -21,6 +21,14 @@ pub enum Error {
         context: &'static str,
         detail: String,
     },
+    /// SQLite refused or failed a statement of the velocity counters (embedded mode); an
+    /// overflowing window sum is one.
+    #[error("database error while {context}")]
+    Database {
+        context: &'static str,
+        #[source]
+        source: sqlx::Error,
+    },
     /// A step did not finish within its bound.
     #[error("timed out after {timeout_ms} ms while {context}")]
     Timeout {

@@ -1,20 +1,20 @@
 //! Runs the rules over one candidate: the threshold first (pure), then the velocity count in
-//! Redis when the threshold passed, then the verdict (pure). The only IO is the counter's.
+//! its counters when the threshold passed, then the verdict (pure). The only IO is the counter's.
 
 use std::sync::Arc;
 
 use crate::error::Result;
 use crate::rules::{Candidate, Rules, VelocityCheck, VelocityPlan, Verdict};
-use crate::velocity::{Payment, VelocityCounter};
+use crate::velocity::{Payment, VelocityCounters};
 
 #[derive(Clone)]
 pub struct Evaluator {
     rules: Arc<Rules>,
-    counter: VelocityCounter,
+    counter: Arc<dyn VelocityCounters>,
 }
 
 impl Evaluator {
-    pub fn new(rules: Arc<Rules>, counter: VelocityCounter) -> Self {
+    pub fn new(rules: Arc<Rules>, counter: Arc<dyn VelocityCounters>) -> Self {
         Evaluator { rules, counter }
     }
 
@@ -22,7 +22,7 @@ impl Evaluator {
         &self.rules
     }
 
-    /// The verdict on `candidate`. Fails only when Redis does; evaluating again later is safe,
+    /// The verdict on `candidate`. Fails only when the counters do; evaluating again later is safe,
     /// because counting a payment is idempotent per transaction.
     pub async fn evaluate(&self, candidate: &Candidate) -> Result<Verdict> {
         let threshold = self.rules.threshold.check(candidate);

@@ -13,9 +13,9 @@ use infra::http::{HealthReport, method_not_allowed, metrics_endpoint, not_found,
 use infra::problem::Problem;
 use serde::Serialize;
 
-use crate::consumer::BrokerLink;
 use crate::rules::{RuleDescription, Rules};
-use crate::velocity::VelocityCounter;
+use crate::velocity::VelocityCounters;
+use infra::bus::rabbit::BrokerLink;
 
 /// What every handler shares.
 #[derive(Clone)]
@@ -25,7 +25,7 @@ pub struct AppState {
     pub broker: BrokerLink,
     /// The queue `/health` checks exists: the worker's input.
     pub queue: String,
-    pub counter: VelocityCounter,
+    pub counter: Arc<dyn VelocityCounters>,
 }
 
 impl FromRef<AppState> for Arc<JwtVerifier> {

@@ -6,6 +6,7 @@ use std::future::Future;
 use std::sync::Arc;
 
 use infra::auth::JwtVerifier;
+use infra::bus::rabbit::{RabbitConsumer, RabbitConsumerSettings, RabbitPublisher};
 use infra::server::HttpLimits;
 use infra::tasks::{Workers, serve_until_stopped};
 use lapin::Connection;
@@ -13,18 +14,18 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
-use crate::consumer::{self, BrokerLink, Worker};
 use crate::error::{Error, Result};
-use crate::evaluator::Evaluator;
+use crate::handler::FraudRules;
 use crate::http::{AppState, router};
-use crate::velocity::VelocityCounter;
+use crate::velocity::{RedisCounters, VelocityCounters};
 
 pub struct App {
     listener: TcpListener,
     /// The listener's bounds (`infra::server`).
     limits: HttpLimits,
     state: AppState,
-    worker: Arc<Worker>,
+    consumer: Arc<RabbitConsumer>,
+    publisher: Arc<RabbitPublisher>,
     connection: Connection,
 }
 
@@ -39,7 +40,10 @@ impl App {
         for warning in rules.warnings() {
             tracing::warn!(warning, "fraud rule configuration");
         }
-        let counter = VelocityCounter::new(&config.redis_url, &config.redis_key_prefix)?;
+        let counter = Arc::new(RedisCounters::new(
+            &config.redis_url,
+            &config.redis_key_prefix,
+        )?);
         if rules.velocity.enabled && !counter.ping().await {
             return Err(config_error(format!(
                 "Redis at {} does not answer, and the velocity rule keeps its counters there \
@@ -47,22 +51,30 @@ impl App {
                 infra::telemetry::redact_url(&config.redis_url)
             )));
         }
-        let connection = consumer::connect(&config.amqp_url, &config.amqp_prefix).await?;
-        consumer::declare(&connection, &topology).await?;
-        let broker = BrokerLink::default();
-        let evaluator = Evaluator::new(rules.clone(), counter.clone());
-        let worker = Arc::new(Worker::new(
-            topology.clone(),
+        // Named after who we are (`fraud-worker <prefix>`), so an operator can tell the
+        // worker's connections apart in the broker's tools.
+        let name = format!("fraud-worker {}", config.amqp_prefix);
+        let publisher = Arc::new(RabbitPublisher::new(
             &config.amqp_url,
-            &config.amqp_prefix,
-            config.fraud_prefetch,
-            evaluator,
-            broker.clone(),
+            &format!("{name} decisions"),
+            topology.decisions_exchange(),
+            infra::amqp::FRAUD_DECISION_KEY,
         ));
+        let fraud_rules = FraudRules::new(rules.clone(), counter.clone(), publisher.clone());
+        let mut settings = RabbitConsumerSettings::new(
+            &config.amqp_url,
+            topology.clone(),
+            topology.fraud_queue(),
+            &name,
+        );
+        settings.prefetch = config.fraud_prefetch;
+        settings.connected_gauge = Some("fraud_broker_connected");
+        let consumer = Arc::new(RabbitConsumer::new(settings, Arc::new(fraud_rules)));
+        let connection = consumer.connect().await?;
         let state = AppState {
             rules,
             verifier: Arc::new(JwtVerifier::new(&config.token)?),
-            broker,
+            broker: consumer.link(),
             queue: topology.fraud_queue(),
             counter,
         };
@@ -75,7 +87,8 @@ impl App {
             listener,
             limits: config.http,
             state,
-            worker,
+            consumer,
+            publisher,
             connection,
         })
     }
@@ -96,10 +109,13 @@ impl App {
     ) -> Result<()> {
         let cancel = CancellationToken::new();
         let mut workers = Workers::new(cancel.clone());
-        workers.spawn(
-            "consumer",
-            self.worker.clone().run(self.connection, cancel.clone()),
-        );
+        let publisher = self.publisher.clone();
+        let consumer = self.consumer.clone();
+        let consuming = cancel.clone();
+        workers.spawn("consumer", async move {
+            consumer.run(Some(self.connection), consuming).await;
+            publisher.close().await;
+        });
         // The consumer only ends by itself if it failed: serving then stops too, so the process
         // exits instead of looking healthy while evaluating nothing.
         serve_until_stopped(

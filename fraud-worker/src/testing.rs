@@ -23,7 +23,7 @@ use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use uuid::Uuid;
 
-use crate::config::{Config, CurrencyAmounts, DisabledRules};
+use crate::config::{Config, CurrencyAmounts, DisabledRules, RulesConfig};
 use crate::error::Result;
 use crate::messages::{CAUSATION_ID_HEADER, CORRELATION_ID_HEADER};
 use crate::rules::RuleName;
@@ -87,12 +87,14 @@ pub fn test_config(prefix: &str, redis_key_prefix: &str, options: &TestOptions) 
         token: infra::testing::test_token_config(),
         http: infra::server::HttpLimits::default(),
         listen_addr: "127.0.0.1:0".parse().expect("a literal socket address"),
-        fraud_amount_threshold: options.amount_threshold,
-        fraud_amount_thresholds: currency_amounts(&options.amount_thresholds),
-        fraud_velocity_limit: options.velocity_limit,
-        fraud_velocity_limits: currency_amounts(&options.velocity_limits),
-        fraud_velocity_window_seconds: options.velocity_window_seconds,
-        fraud_rules_disabled: DisabledRules(options.rules_disabled.clone()),
+        fraud: RulesConfig {
+            fraud_amount_threshold: options.amount_threshold,
+            fraud_amount_thresholds: currency_amounts(&options.amount_thresholds),
+            fraud_velocity_limit: options.velocity_limit,
+            fraud_velocity_limits: currency_amounts(&options.velocity_limits),
+            fraud_velocity_window_seconds: options.velocity_window_seconds,
+            fraud_rules_disabled: DisabledRules(options.rules_disabled.clone()),
+        },
         fraud_prefetch: options.prefetch,
         log_format: infra::telemetry::LogFormat::Pretty,
     }

@@ -22,6 +22,13 @@ pub enum Error {
         context: &'static str,
         message: String,
     },
+    /// A bus consumer's handler could not handle a message now (it is delivered again later),
+    /// or a message could not be handed to its consumer.
+    #[error("bus error while {context}: {message}")]
+    Bus {
+        context: &'static str,
+        message: String,
+    },
     #[error("stored event at position {position} is malformed: {problem}")]
     MalformedLogRow { position: i64, problem: String },
     /// A bounded queue stayed full past its deadline: refuse, and say when to come back.

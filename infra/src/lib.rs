@@ -6,6 +6,7 @@
 
 pub mod amqp;
 pub mod auth;
+pub mod bus;
 pub mod codec;
 pub mod db;
 pub mod error;

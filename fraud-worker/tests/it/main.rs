@@ -2,7 +2,9 @@
 //! (`TEST_AMQP_URL`, `TEST_REDIS_URL`, defaulting to the local ones). Each test has its own
 //! topology prefix and Redis key prefix and deletes both at the end.
 
+mod counters;
 mod decisions;
+mod embedded;
 mod http;
 mod lifecycle;
 mod poison;

@@ -1,4 +1,4 @@
-//! The velocity rule's memory: per customer account, the payments of the last window, in Redis.
+//! The velocity counters in Redis (the distributed mode).
 //!
 //! Each account has a sorted set of its counted payments (member `<transaction_id>:<amount_minor>`,
 //! score = the transaction's creation time in milliseconds) and a running total beside it. One
@@ -15,11 +15,12 @@
 
 use std::time::Duration;
 
-use chrono::{DateTime, Utc};
-use domain::{AccountId, TransactionId};
+use async_trait::async_trait;
+use domain::AccountId;
 use redis::Script;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 
+use super::{Payment, VelocityCounters};
 use crate::error::{Error, RedisContext, Result, within};
 
 /// How long one Redis command may take before the message is retried later. Redis answers in
@@ -64,32 +65,17 @@ redis.call('PEXPIRE', KEYS[2], ARGV[5])
 return total
 ";
 
-/// One payment as the counter sees it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Payment {
-    pub account_id: AccountId,
-    pub transaction_id: TransactionId,
-    pub amount_minor: i64,
-    pub created_at: DateTime<Utc>,
-}
-
-impl Payment {
-    fn member(&self) -> String {
-        format!("{}:{}", self.transaction_id, self.amount_minor)
-    }
-}
-
 /// The per-account payment windows in Redis.
 #[derive(Clone)]
-pub struct VelocityCounter {
+pub struct RedisCounters {
     redis: ConnectionManager,
     key_prefix: String,
     record: Script,
 }
 
-impl VelocityCounter {
+impl RedisCounters {
     /// A counter on `redis_url`. The connection is made lazily and re-made after a loss; call
-    /// [`VelocityCounter::ping`] to know whether Redis answers.
+    /// [`RedisCounters::ping`] to know whether Redis answers.
     pub fn new(redis_url: &str, key_prefix: &str) -> Result<Self> {
         let client = redis::Client::open(redis_url).context("opening the Redis client")?;
         let config = ConnectionManagerConfig::new()
@@ -98,7 +84,7 @@ impl VelocityCounter {
             .set_number_of_retries(REDIS_RECONNECT_ATTEMPTS);
         let redis = ConnectionManager::new_lazy_with_config(client, config)
             .context("creating the Redis connection manager")?;
-        Ok(VelocityCounter {
+        Ok(RedisCounters {
             redis,
             key_prefix: key_prefix.to_owned(),
             record: Script::new(RECORD_SCRIPT),
@@ -111,12 +97,13 @@ impl VelocityCounter {
         let base = format!("{}:velocity:{{{account_id}}}", self.key_prefix);
         (format!("{base}:entries"), format!("{base}:total"))
     }
+}
 
-    /// Counts `payment` in its account's window (once, however often it is recorded) and
-    /// returns the window's total in minor units, this payment included. When that total is
-    /// above `limit_minor` the payment is rejected, so it is not left in the window.
+#[async_trait]
+impl VelocityCounters for RedisCounters {
     #[tracing::instrument(skip_all, fields(account_id = %payment.account_id, transaction_id = %payment.transaction_id), err)]
-    pub async fn record(&self, payment: &Payment, window_ms: i64, limit_minor: i64) -> Result<i64> {
+    async fn record(&self, payment: &Payment, window_ms: i64, limit_minor: i64) -> Result<i64> {
+        let member = format!("{}:{}", payment.transaction_id, payment.amount_minor);
         let (entries, total) = self.keys(payment.account_id);
         let score_ms = payment.created_at.timestamp_millis();
         let cutoff_ms = score_ms.saturating_sub(window_ms);
@@ -125,7 +112,7 @@ impl VelocityCounter {
             self.record
                 .key(&entries)
                 .key(&total)
-                .arg(payment.member())
+                .arg(member)
                 .arg(payment.amount_minor)
                 .arg(score_ms)
                 .arg(cutoff_ms)
@@ -143,7 +130,7 @@ impl VelocityCounter {
     }
 
     /// Whether Redis answers `PING` within [`REDIS_TIMEOUT`].
-    pub async fn ping(&self) -> bool {
+    async fn ping(&self) -> bool {
         let mut redis = self.redis.clone();
         let answer = within(REDIS_TIMEOUT, "pinging Redis", async {
             redis::cmd("PING")
@@ -153,5 +140,9 @@ impl VelocityCounter {
         })
         .await;
         matches!(answer.as_deref(), Ok("PONG"))
+    }
+
+    fn store(&self) -> &'static str {
+        "redis"
     }
 }
