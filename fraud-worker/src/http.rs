@@ -34,14 +34,44 @@ impl FromRef<AppState> for Arc<JwtVerifier> {
     }
 }
 
+/// What the rules' route needs: the rules and the token verifier.
+#[derive(Clone)]
+pub struct RulesState {
+    pub rules: Arc<Rules>,
+    pub verifier: Arc<JwtVerifier>,
+}
+
+impl FromRef<RulesState> for Arc<JwtVerifier> {
+    fn from_ref(state: &RulesState) -> Self {
+        state.verifier.clone()
+    }
+}
+
+impl FromRef<AppState> for RulesState {
+    fn from_ref(state: &AppState) -> Self {
+        RulesState {
+            rules: state.rules.clone(),
+            verifier: state.verifier.clone(),
+        }
+    }
+}
+
+/// `GET /api/v1/fraud/rules` alone, without `/health`, `/metrics`, fallbacks or layers: what
+/// `ledger serve` mounts beside the other services' routes.
+pub fn rules_routes() -> Router<RulesState> {
+    Router::new().route("/api/v1/fraud/rules", get(list_rules))
+}
+
 pub fn router(state: AppState) -> Router {
+    let rules = rules_routes().with_state(RulesState::from_ref(&state));
     let routes = Router::new()
-        .route("/api/v1/fraud/rules", get(list_rules))
         .route("/health", get(health))
         .route("/metrics", get(metrics_endpoint))
+        .with_state(state)
+        .merge(rules)
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed);
-    service_layers(routes).with_state(state)
+    service_layers(routes)
 }
 
 #[derive(Debug, Serialize)]
@@ -52,7 +82,7 @@ struct RulesBody {
 /// `GET /api/v1/fraud/rules`: every rule, whether it is on, and its effective parameters.
 async fn list_rules(
     caller: Caller,
-    State(state): State<AppState>,
+    State(state): State<RulesState>,
 ) -> Result<Json<RulesBody>, Problem> {
     caller.require_any(&[Role::Admin, Role::Auditor])?;
     Ok(Json(RulesBody {

@@ -283,8 +283,7 @@ async fn rebuild_embedded(
     serve::data_dir::database_of(data)?;
     let dir = serve::data_dir::DataDir::lock(data, serve::data_dir::Holder::Rebuild)?;
     let log = open_embedded_log(data).await?;
-    let models =
-        projector::store::SqliteReadModels::open_file(&dir.read_models(), 4).await?;
+    let models = projector::store::SqliteReadModels::open_file(&dir.read_models(), 4).await?;
     let progress = rebuild_bar(names);
     let summary = projector::rebuild::rebuild_in(
         &models,
@@ -334,18 +333,18 @@ fn rebuild_bar(names: &[ProjectionName]) -> ProgressBar {
 
 fn show_rebuild_step(progress: &ProgressBar, step: RebuildProgress) {
     match step {
-            RebuildProgress::Started { resumed_at, head } => {
-                progress.set_length(u64::try_from(head.index).unwrap_or(0));
-                progress.set_position(u64::try_from(resumed_at.index).unwrap_or(0));
+        RebuildProgress::Started { resumed_at, head } => {
+            progress.set_length(u64::try_from(head.index).unwrap_or(0));
+            progress.set_position(u64::try_from(resumed_at.index).unwrap_or(0));
+        }
+        RebuildProgress::Applied { position, .. } => {
+            let at = u64::try_from(position.index).unwrap_or(0);
+            if at > progress.length().unwrap_or(0) {
+                progress.set_length(at);
             }
-            RebuildProgress::Applied { position, .. } => {
-                let at = u64::try_from(position.index).unwrap_or(0);
-                if at > progress.length().unwrap_or(0) {
-                    progress.set_length(at);
-                }
-                progress.set_position(at);
-            }
-            RebuildProgress::Switching => progress.set_message("switching"),
+            progress.set_position(at);
+        }
+        RebuildProgress::Switching => progress.set_message("switching"),
     }
 }
 
@@ -400,11 +399,9 @@ async fn verify(databases: &Databases, show: usize) -> Result<bool> {
         )
         .await?;
         let models = projector::store::SqliteReadModels::open_read_only(pool).await?;
-        projector::verify::verify_in(
-            &models,
-            &projector::store::LogSource(&log),
-            &mut |events| progress.set_position(events),
-        )
+        projector::verify::verify_in(&models, &projector::store::LogSource(&log), &mut |events| {
+            progress.set_position(events)
+        })
         .await
     } else {
         let read_pool = databases.read_only_read_pool().await?;

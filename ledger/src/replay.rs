@@ -109,8 +109,13 @@ pub async fn run(args: ReplayArgs) -> Result<bool> {
         infra::replay::for_each_committed_in(&log, until, &mut each_batch).await
     } else {
         let pool = args.databases.events_pool().await?;
-        infra::replay::for_each_committed(&pool, &args.databases.events_table, until, &mut each_batch)
-            .await
+        infra::replay::for_each_committed(
+            &pool,
+            &args.databases.events_table,
+            until,
+            &mut each_batch,
+        )
+        .await
     };
     progress.finish_and_clear();
     read?;

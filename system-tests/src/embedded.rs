@@ -120,7 +120,10 @@ fn start_serve(data: &std::path::Path, logs: &std::path::Path, start: usize) -> 
             ("ADMIN_PASSWORD", ADMIN_PASSWORD.to_owned()),
             ("JWT_SECRET", SECRET.to_owned()),
             // Servers it must not need: closed ports.
-            ("DATABASE_URL", format!("postgres://postgres@{CLOSED}/ledger")),
+            (
+                "DATABASE_URL",
+                format!("postgres://postgres@{CLOSED}/ledger"),
+            ),
             ("AMQP_URL", format!("amqp://guest:guest@{CLOSED}/%2f")),
             ("REDIS_URL", format!("redis://{CLOSED}")),
         ],

@@ -109,11 +109,6 @@ impl DataDir {
     pub fn read_models(&self) -> PathBuf {
         self.path.join(READ_MODELS_FILE)
     }
-
-    /// Whether DIR already holds a ledger (a database file).
-    pub fn has_database(&self) -> bool {
-        self.database().exists()
-    }
 }
 
 /// The read models' file of DIR, for the commands that read it beside a live `serve`.
@@ -180,7 +175,7 @@ mod tests {
         let path = parent.path().join("a").join("ledger-data");
         let dir = DataDir::lock(&path, Holder::Serve).expect("lock");
         assert!(dir.path().is_dir());
-        assert!(!dir.has_database());
+        assert!(!dir.database().exists());
         #[cfg(unix)]
         {
             use std::os::unix::fs::PermissionsExt;
@@ -192,7 +187,9 @@ mod tests {
     #[test]
     fn reading_a_directory_without_a_ledger_says_how_to_make_one() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let message = database_of(dir.path()).expect_err("no database").to_string();
+        let message = database_of(dir.path())
+            .expect_err("no database")
+            .to_string();
         assert!(message.contains("ledger serve --data"), "{message}");
     }
 }

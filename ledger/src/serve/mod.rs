@@ -88,7 +88,11 @@ pub struct ServeArgs {
     pub listen: SocketAddr,
 
     /// Where `/metrics` listens, off the public listener.
-    #[arg(long = "metrics-listen", env = "METRICS_ADDR", default_value = "127.0.0.1:9090")]
+    #[arg(
+        long = "metrics-listen",
+        env = "METRICS_ADDR",
+        default_value = "127.0.0.1:9090"
+    )]
     pub metrics_listen: SocketAddr,
 
     /// `json` or `pretty`.
@@ -122,7 +126,10 @@ pub async fn run(args: ServeArgs) -> Result<bool> {
     let dir = DataDir::lock(&args.data, Holder::Serve)?;
     let secrets = secrets::load_or_create(dir.path(), secrets::FromEnvironment::read())?;
     let app = build(&args, &dir, &secrets).await?;
-    let port = app.listener.local_addr().map_or(0, |address| address.port());
+    let port = app
+        .listener
+        .local_addr()
+        .map_or(0, |address| address.port());
     let metrics_port = app
         .metrics_listener
         .local_addr()
@@ -240,7 +247,9 @@ async fn build(args: &ServeArgs, dir: &DataDir, secrets: &secrets::Secrets) -> R
     ));
     let queries = projector::http::AppState {
         models,
-        trail: Arc::new(projector::http::trail::SqliteEventTrail::new(readers.clone())),
+        trail: Arc::new(projector::http::trail::SqliteEventTrail::new(
+            readers.clone(),
+        )),
         cache: Some(cache),
         verifier: verifier.clone(),
         runners_healthy: vec![projector.health_flag()],
@@ -251,7 +260,7 @@ async fn build(args: &ServeArgs, dir: &DataDir, secrets: &secrets::Secrets) -> R
     // and hand each decision to the decision handler, which appends it before the checkpoint
     // moves.
     let decisions = Arc::new(DecisionHandler::new(FraudDecisions::new(transactions)));
-    let rules = Arc::new(args.fraud.rules().map_err(fraud_error)?);
+    let rules = Arc::new(args.fraud.rules());
     let counters: Arc<dyn fraud_worker::velocity::VelocityCounters> = Arc::new(
         fraud_worker::velocity::SqliteCounters::open(writers.clone())
             .await
@@ -265,14 +274,18 @@ async fn build(args: &ServeArgs, dir: &DataDir, secrets: &secrets::Secrets) -> R
     let bus = SqliteBusStore::open(writers.clone()).await?;
     let fraud = Arc::new(LogConsumer::new(
         log.clone(),
-        bus,
+        bus.clone(),
         fraud_rules,
         LogConsumerSettings::new(
             FRAUD_CONSUMER,
             LogFilter::event(TRANSACTION_STREAM, TRANSACTION_CREATED),
         ),
     ));
-    let fraud_routes = fraud_worker::http::rules_routes(rules, verifier.clone());
+    let fraud_routes =
+        fraud_worker::http::rules_routes().with_state(fraud_worker::http::RulesState {
+            rules,
+            verifier: verifier.clone(),
+        });
 
     // The edge: identity on SQLite, in front of the three routers.
     let identities: Arc<dyn gateway::identity::Identities> = Arc::new(
@@ -306,7 +319,7 @@ async fn build(args: &ServeArgs, dir: &DataDir, secrets: &secrets::Secrets) -> R
     .map_err(gateway_error)?;
     let health = Health {
         readers: readers.clone(),
-        fraud: fraud.clone(),
+        bus,
         projector: projector.health_flag(),
     };
     let own = Router::new()
@@ -377,19 +390,19 @@ impl App {
     }
 }
 
-/// What `/health` looks at: the database, the bus (the fraud rules' consumer and its store),
+/// What `/health` looks at: the database, the bus (the fraud rules' checkpoints and poison),
 /// and whether the projector's last batch succeeded. The cache is in process: it is up.
 #[derive(Clone)]
 struct Health {
     readers: SqlitePool,
-    fraud: Arc<LogConsumer>,
+    bus: SqliteBusStore,
     projector: Arc<AtomicBool>,
 }
 
 async fn health_report(State(health): State<Health>) -> HealthReport {
     let (database, bus) = tokio::join!(
         infra::sqlite::ping(&health.readers, Duration::from_secs(2)),
-        health.fraud.ping(),
+        health.bus.ping(Duration::from_secs(2)),
     );
     HealthReport::default()
         .required("database", database)

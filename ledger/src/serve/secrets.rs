@@ -87,9 +87,7 @@ pub fn load_or_create(dir: &Path, environment: FromEnvironment) -> Result<Secret
         jwt_secret: environment
             .jwt_secret
             .unwrap_or_else(|| SecretString::from(stored.jwt_secret)),
-        admin_username: environment
-            .admin_username
-            .unwrap_or(stored.admin_username),
+        admin_username: environment.admin_username.unwrap_or(stored.admin_username),
         admin_password: environment
             .admin_password
             .unwrap_or_else(|| SecretString::from(stored.admin_password)),
@@ -192,7 +190,10 @@ mod tests {
         #[cfg(unix)]
         {
             use std::os::unix::fs::PermissionsExt;
-            let mode = fs::metadata(&first.file).expect("metadata").permissions().mode();
+            let mode = fs::metadata(&first.file)
+                .expect("metadata")
+                .permissions()
+                .mode();
             assert_eq!(mode & 0o777, 0o600);
         }
         let announced = first.announcement("http://127.0.0.1:8080");
