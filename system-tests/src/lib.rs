@@ -370,10 +370,7 @@ impl System {
 
     /// A token minted with the system's secret, as `ledger token` would.
     pub fn token(&self, subject: Uuid, roles: &[Role]) -> String {
-        JwtSigner::new(&TokenConfig::with_secret(SECRET))
-            .expect("the test secret is valid")
-            .mint(subject, roles, chrono::Utc::now().timestamp(), 600)
-            .expect("the test secret signs")
+        token(subject, roles)
     }
 
     /// Stops every service (the gateway first), then deletes the database, the topology, the
@@ -444,6 +441,42 @@ fn delete_redis_keys(prefix: &str) -> bool {
         ))
         .output();
     output.is_ok_and(|output| output.status.success())
+}
+
+/// A token minted with the test secret (which every system of the kit runs with), as
+/// `ledger token` would; it lives 10 minutes.
+pub fn token(subject: Uuid, roles: &[Role]) -> String {
+    JwtSigner::new(&TokenConfig::with_secret(SECRET))
+        .expect("the test secret is valid")
+        .mint(subject, roles, chrono::Utc::now().timestamp(), 600)
+        .expect("the test secret signs")
+}
+
+/// Extracts the walkthrough between its markers in README.md and runs it with bash against
+/// `base`, with the admin's credentials in the environment as the README says.
+pub fn run_readme_walkthrough(base: &str, admin: &str, password: &str) -> Output {
+    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md"))
+        .expect("README.md is readable");
+    let block = readme
+        .split_once("<!-- walkthrough:start -->")
+        .and_then(|(_, rest)| rest.split_once("<!-- walkthrough:end -->"))
+        .map(|(block, _)| block)
+        .expect("README.md marks its walkthrough");
+    let script: String = block
+        .lines()
+        .filter(|line| !line.starts_with("```"))
+        .collect::<Vec<_>>()
+        .join("\n");
+    Command::new("bash")
+        .arg("-euo")
+        .arg("pipefail")
+        .arg("-c")
+        .arg(script)
+        .env("LEDGER", base)
+        .env("ADMIN_USERNAME", admin)
+        .env("ADMIN_PASSWORD", password)
+        .output()
+        .expect("bash runs")
 }
 
 /// Runs a command and returns its output (for `bash` and the binaries).

@@ -3,12 +3,13 @@
 //! to the gateway only. One correlation id sent with a deposit must appear in every service's
 //! log and in the event's metadata; no log may contain the password or the token.
 
-use std::process::Command;
 use std::time::Duration;
 
 use reqwest::StatusCode;
 use serde_json::{Value, json};
-use system_tests::{ADMIN_PASSWORD, ADMIN_USERNAME, Overrides, SECRET, System, eventually};
+use system_tests::{
+    ADMIN_PASSWORD, ADMIN_USERNAME, Overrides, SECRET, System, eventually, run_readme_walkthrough,
+};
 use uuid::Uuid;
 
 #[tokio::test]
@@ -244,31 +245,4 @@ async fn access_token(client: &reqwest::Client, gateway: &str, refresh: &str) ->
         .as_str()
         .expect("a token")
         .to_owned()
-}
-
-/// Extracts the walkthrough between its markers in README.md and runs it with bash against
-/// `gateway`, with the admin's credentials in the environment as the README says.
-fn run_readme_walkthrough(gateway: &str, admin: &str, password: &str) -> std::process::Output {
-    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md"))
-        .expect("README.md is readable");
-    let block = readme
-        .split_once("<!-- walkthrough:start -->")
-        .and_then(|(_, rest)| rest.split_once("<!-- walkthrough:end -->"))
-        .map(|(block, _)| block)
-        .expect("README.md marks its walkthrough");
-    let script: String = block
-        .lines()
-        .filter(|line| !line.starts_with("```"))
-        .collect::<Vec<_>>()
-        .join("\n");
-    Command::new("bash")
-        .arg("-euo")
-        .arg("pipefail")
-        .arg("-c")
-        .arg(script)
-        .env("LEDGER", gateway)
-        .env("ADMIN_USERNAME", admin)
-        .env("ADMIN_PASSWORD", password)
-        .output()
-        .expect("bash runs")
 }

@@ -47,6 +47,9 @@ pub struct Secrets {
     pub file: PathBuf,
     /// Whether this start generated the file (its values are then printed once).
     pub generated: bool,
+    /// Whether the password came from `ADMIN_PASSWORD` (then it is never printed: its owner
+    /// knows it).
+    pub password_from_environment: bool,
 }
 
 /// What the environment says (each `None` when unset or empty).
@@ -83,7 +86,9 @@ pub fn load_or_create(dir: &Path, environment: FromEnvironment) -> Result<Secret
         write(&file, &stored)?;
         (stored, true)
     };
+    let password_from_environment = environment.admin_password.is_some();
     Ok(Secrets {
+        password_from_environment,
         jwt_secret: environment
             .jwt_secret
             .unwrap_or_else(|| SecretString::from(stored.jwt_secret)),
@@ -100,7 +105,14 @@ impl Secrets {
     /// What to print at start: the credentials once, when they were just generated; where they
     /// are, otherwise. The JWT secret is never printed (it stays in the file).
     pub fn announcement(&self, base_url: &str) -> String {
-        if self.generated {
+        if self.generated && self.password_from_environment {
+            format!(
+                "First start: generated a JWT secret, kept in {} (mode 0600); the admin is {} \
+                 with the password in ADMIN_PASSWORD.",
+                self.file.display(),
+                self.admin_username
+            )
+        } else if self.generated {
             format!(
                 "First start: generated the admin's credentials and a JWT secret, kept in {file} \
                  (mode 0600).\n  admin username: {user}\n  admin password: {password}\nLog in:\n  \
@@ -234,6 +246,23 @@ mod tests {
         assert_eq!(secrets.jwt_secret.expose_secret(), "sss");
         assert_eq!(secrets.admin_username, "root-user");
         assert!(secrets.admin_password.expose_secret().len() >= 12);
+    }
+
+    #[test]
+    fn a_password_from_the_environment_is_never_printed() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let secrets = load_or_create(
+            dir.path(),
+            FromEnvironment {
+                admin_password: Some(SecretString::from("from-the-environment-1")),
+                ..FromEnvironment::default()
+            },
+        )
+        .expect("first");
+        assert!(secrets.generated);
+        let announced = secrets.announcement("http://x");
+        assert!(!announced.contains("from-the-environment-1"), "{announced}");
+        assert!(announced.contains("ADMIN_PASSWORD"), "{announced}");
     }
 
     #[cfg(unix)]
