@@ -73,6 +73,7 @@ struct Replay {
 }
 
 pub async fn run(args: ReplayArgs) -> Result<bool> {
+    args.databases.postgres_log_only("replay")?;
     let pool = args.databases.events_pool().await?;
     let until = match args.as_of {
         Some(AsOf::Position(position)) => Some(position),
