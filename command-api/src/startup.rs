@@ -55,6 +55,8 @@ pub struct App {
 impl App {
     /// Connects, migrates and binds. Fails with a clear error on a bad database or address.
     pub async fn build(config: Config) -> Result<App> {
+        // Before connecting anywhere: a store this build cannot use fails at once.
+        config.event_store.validate()?;
         // Idempotent: `/metrics` renders the process-wide recorder, installed once.
         infra::telemetry::init_metrics();
         // Requests and background work (saga, relay, lag) read through pools of their own, so a

@@ -328,6 +328,7 @@ async fn rebuild(
             })
             .collect::<Result<_>>()?
     };
+    databases.event_store.validate()?;
     let read_pool = databases.read_pool().await?;
     let log = databases.event_log().await?;
     let progress = bar(
@@ -490,6 +491,9 @@ async fn migrate_log(
     max_events: Option<u64>,
 ) -> Result<bool> {
     databases.postgres_log_only("migrate-log")?;
+    if let Target::KurrentDb(config) = &target {
+        config.validate()?;
+    }
     let source = databases.event_log().await?;
     let (target, name): (Arc<dyn EventLog>, String) = match target {
         Target::Data(directory) => {

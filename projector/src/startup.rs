@@ -103,6 +103,8 @@ pub struct App {
 
 impl App {
     pub async fn build(config: Config) -> Result<App> {
+        // Before connecting anywhere: a store this build cannot use fails at once.
+        config.event_store.validate()?;
         infra::telemetry::init_metrics();
         // Queries and the projector's batches each have pools of their own (read models and
         // event log), so a burst of reads never stalls the projections, nor the reverse.

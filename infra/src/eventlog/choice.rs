@@ -89,9 +89,9 @@ impl EventStoreConfig {
         }
         if !KURRENTDB_BUILT_IN {
             return Err(Error::Config(
-                "EVENT_STORE=kurrentdb needs a build with the cargo feature `kurrentdb` \
-                 (cargo build --release --features kurrentdb); this build holds the PostgreSQL \
-                 event log only"
+                "EVENT_STORE=kurrentdb needs a build with the cargo feature `kurrentdb` (cargo \
+                 build --release --features command-api/kurrentdb,projector/kurrentdb,\
+                 ledger/kurrentdb); this build holds the PostgreSQL event log only"
                     .to_owned(),
             ));
         }
