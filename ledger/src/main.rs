@@ -475,8 +475,9 @@ async fn verify(databases: &Databases, show: usize) -> Result<bool> {
     }
 }
 
-/// The file of the embedded mode's event log in its data directory.
-pub const DATA_EVENT_LOG: &str = "ledger.sqlite";
+/// The file of the embedded mode's event log in its data directory (`ledger serve`'s
+/// `DATABASE_FILE`; on merge, take it from `serve::data_dir`, which also holds DIR's lock).
+pub const DATA_EVENT_LOG: &str = "ledger.db";
 
 /// Where `migrate-log` copies to.
 enum Target {

@@ -72,7 +72,7 @@ fn digest_line(output: &str, label: &str) -> String {
 
 /// How many events the SQLite log in `data` holds, and that they read back in order.
 async fn sqlite_events(data: &Path) -> usize {
-    let log = SqliteEventLog::open_file(&data.join("ledger.sqlite"), 2)
+    let log = SqliteEventLog::open_file(&data.join("ledger.db"), 2)
         .await
         .expect("the copy opens");
     let mut after = LogPosition::START;
