@@ -10,12 +10,15 @@ ARG DEBIAN_SUITE=bookworm
 
 FROM rust:${RUST_VERSION}-slim-${DEBIAN_SUITE} AS builder
 WORKDIR /src
+# Optional cargo features, e.g. the KurrentDB event log (compose.yml's `kurrentdb` profile):
+# "command-api/kurrentdb projector/kurrentdb ledger/kurrentdb". Empty: the default build.
+ARG CARGO_FEATURES=""
 COPY . .
 # The registry and target caches survive between builds (BuildKit); the binaries are copied out
 # of the cached target directory, since a cache mount is not part of the image.
 RUN --mount=type=cache,target=/usr/local/cargo/registry,sharing=locked \
     --mount=type=cache,target=/src/target,sharing=locked \
-    cargo build --release --locked --bins \
+    cargo build --release --locked --bins ${CARGO_FEATURES:+--features "$CARGO_FEATURES"} \
     && mkdir -p /out \
     && cp target/release/gateway target/release/command-api target/release/projector \
           target/release/fraud-worker target/release/ledger /out/

@@ -136,7 +136,7 @@ def read_config_variables(crate: str, path: str = "src/config.rs") -> dict[str, 
     """The variables a crate's config.rs reads (flattened shared blocks included):
     name -> {default, optional, field}."""
     text = (ROOT / crate / path).read_text()
-    shared = [source for folder in SHARED_SOURCES for source in sorted((ROOT / folder).glob("*.rs"))]
+    shared = [source for folder in SHARED_SOURCES for source in sorted((ROOT / folder).rglob("*.rs"))]
     own = sorted((ROOT / crate / "src").rglob("*.rs"))
     sources = own + shared
     variables = parse_arg_fields(text, sources)

@@ -7,6 +7,7 @@ use std::time::Duration;
 use chrono::TimeDelta;
 use clap::Parser;
 use infra::auth::TokenConfig;
+use infra::eventlog::choice::EventStoreConfig;
 use infra::server::HttpLimits;
 use infra::telemetry::{LogFormat, redact_url};
 
@@ -62,6 +63,10 @@ pub struct Config {
     /// The listener's header, body and idle timeouts and its connection bound.
     #[command(flatten)]
     pub http: HttpLimits,
+
+    /// Which store holds the event log (`EVENT_STORE=postgres|kurrentdb`, `KURRENTDB_URL`).
+    #[command(flatten)]
+    pub event_store: EventStoreConfig,
 
     /// `enabled` lets customers deposit into their own accounts ("simulated top-ups", for
     /// sandboxes); `disabled` leaves deposits to operators and admins (SPEC §5).
@@ -125,7 +130,7 @@ impl Config {
         format!(
             "database_url={} amqp_url={} amqp_prefix={} listen_addr={} fraud_decision_timeout_seconds={} \
              database_max_connections={} background_max_connections={} saga_concurrency={} \
-             saga_batch_size={} relay_window={} log_poll_interval_ms={} customer_top_ups={} {} {}",
+             saga_batch_size={} relay_window={} log_poll_interval_ms={} customer_top_ups={} {} {} {}",
             redact_url(&self.database_url),
             redact_url(&self.amqp_url),
             self.amqp_prefix,
@@ -144,6 +149,7 @@ impl Config {
             },
             self.token.describe(),
             self.http.describe(),
+            self.event_store.redacted(),
         )
     }
 }

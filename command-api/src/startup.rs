@@ -56,6 +56,8 @@ pub struct App {
 impl App {
     /// Connects, migrates and binds. Fails with a clear error on a bad database or address.
     pub async fn build(config: Config) -> Result<App> {
+        // Before connecting anywhere: a store this build cannot use fails at once.
+        config.event_store.validate()?;
         // Idempotent: `/metrics` renders the process-wide recorder, installed once.
         infra::telemetry::init_metrics();
         // Requests and background work (saga, relay, lag) read through pools of their own, so a
@@ -75,13 +77,23 @@ impl App {
         )
         .await?;
         let session = infra::db::connect_options(&config.database_url, SCHEMA)?;
-        let log = PgEventLog::open(
-            requests.clone(),
-            PgEventLogOptions::writer(SCHEMA, session.clone()),
-        )
-        .await?;
-        let background_log: Arc<dyn EventLog> = Arc::new(log.reading_from(background.clone()));
-        let log: Arc<dyn EventLog> = Arc::new(log);
+        // The log is PostgreSQL's by default, or KurrentDB's (`EVENT_STORE`); the saga state,
+        // checkpoints and leadership stay in PostgreSQL either way.
+        let (log, background_log): (Arc<dyn EventLog>, Arc<dyn EventLog>) =
+            match config.event_store.open_kurrentdb().await? {
+                // One multiplexed gRPC client serves requests and background work alike.
+                Some(log) => (log.clone(), log),
+                None => {
+                    let log = PgEventLog::open(
+                        requests.clone(),
+                        PgEventLogOptions::writer(SCHEMA, session.clone()),
+                    )
+                    .await?;
+                    let background_log: Arc<dyn EventLog> =
+                        Arc::new(log.reading_from(background.clone()));
+                    (Arc::new(log), background_log)
+                }
+            };
         let follower_state: Arc<dyn FollowerState> =
             Arc::new(PgFollowerState::new(background.clone()));
         let accounts = Arc::new(AggregateStore::<AccountAggregate>::new(log.clone()));

@@ -69,6 +69,7 @@ pub struct TestApp {
 /// A config for `database_url` listening on an ephemeral port.
 pub fn test_config(database_url: &str, options: &TestOptions) -> Config {
     Config {
+        event_store: infra::eventlog::choice::EventStoreConfig::default(),
         database_url: database_url.to_owned(),
         amqp_url: amqp_url(),
         amqp_prefix: options.amqp_prefix.clone(),

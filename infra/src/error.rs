@@ -40,6 +40,9 @@ pub enum Error {
     /// An event log write failed; whether it committed is unknown (a retry is safe).
     #[error("event log write failed: {0}")]
     CommitFailed(String),
+    /// KurrentDB answered a read with an error, or with a record the ledger cannot decode.
+    #[error("KurrentDB: {0}")]
+    EventStore(String),
     /// The database would not make commits durable (`synchronous_commit = off`).
     #[error("PostgreSQL runs with synchronous_commit = {0}: a 202 would not be durable")]
     NotDurable(String),

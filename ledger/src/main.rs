@@ -5,20 +5,27 @@
 //! - `rebuild`: rebuild projections into fresh tables beside the live ones, then switch.
 //! - `verify`: the SPEC §8 audit plus every read-model row compared with the log.
 //! - `token`: mint a JWT with `JWT_SECRET`.
+//! - `migrate-log`: copy the event log into another store (SQLite of the embedded mode, or
+//!   KurrentDB) in commit order, resumable, and verify counts and a digest.
 //!
 //! Exit codes: 0 success; 1 the check found a problem (violations, differences); 2 bad usage;
 //! 3 the job could not run (database unreachable, another rebuild running, …).
 
 mod error;
+mod migrate;
 mod replay;
 mod serve;
 
+use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 use infra::auth::{JwtSigner, Role, TokenConfig};
+use infra::eventlog::EventLog;
+use infra::eventlog::choice::EventStoreConfig;
 use infra::eventlog::postgres::{PgEventLog, PgEventLogOptions};
 use projector::model::ProjectionName;
 use projector::rebuild::{RebuildOptions, RebuildProgress};
@@ -66,6 +73,10 @@ struct Databases {
     /// URLs above are not used.
     #[arg(long)]
     data: Option<std::path::PathBuf>,
+
+    /// Which store holds the event log (`EVENT_STORE`, `KURRENTDB_URL`).
+    #[command(flatten)]
+    event_store: EventStoreConfig,
 }
 
 impl Databases {
@@ -78,6 +89,35 @@ impl Databases {
     /// The event log, read-only: no command of this tool writes to it.
     async fn events_pool(&self) -> Result<sqlx::PgPool> {
         Ok(infra::db::connect_read_only(&self.database_url, projector::startup::SCHEMA, 4).await?)
+    }
+
+    /// The event log to read, from the chosen store, read-only.
+    async fn event_log(&self) -> Result<Arc<dyn EventLog>> {
+        if let Some(log) = self.event_store.open_kurrentdb().await? {
+            return Ok(log);
+        }
+        Ok(Arc::new(
+            PgEventLog::open(
+                self.events_pool().await?,
+                PgEventLogOptions {
+                    listen: false,
+                    ..PgEventLogOptions::reader(&self.events_table)
+                },
+            )
+            .await?,
+        ))
+    }
+
+    /// Refuses commands that still read PostgreSQL's event table directly.
+    fn postgres_log_only(&self, command: &str) -> Result<()> {
+        self.event_store.validate()?;
+        if self.event_store.is_kurrentdb() {
+            return Err(Error::Usage(format!(
+                "`ledger {command}` reads the PostgreSQL event table; with EVENT_STORE=kurrentdb \
+                 use `ledger rebuild` (which reads through the event log), or copy the log back"
+            )));
+        }
+        Ok(())
     }
 
     /// The read models, to rebuild them: migrated and set up if need be.
@@ -130,6 +170,39 @@ enum Command {
         /// Differences printed in full (all are counted).
         #[arg(long, default_value_t = 50)]
         show: usize,
+    },
+    /// Copy the event log, in commit order, into another store: the SQLite log of the embedded
+    /// mode in a data directory, or KurrentDB. Resumable: run it again after an interruption.
+    /// Ends by comparing counts and a SHA-256 digest of both logs (exit 1 when they differ).
+    /// Copies the events only: identity, fraud counters and read models are NOT copied (rebuild
+    /// the read models from the copy with `ledger rebuild`).
+    MigrateLog {
+        /// The source: PostgreSQL's event log (stop command-api first: a log that grows during
+        /// the copy does not match its copy).
+        #[command(flatten)]
+        databases: Databases,
+        /// Copy into the embedded mode's SQLite event log in this data directory.
+        #[arg(
+            long,
+            value_name = "DIR",
+            required_unless_present = "to_kurrentdb",
+            conflicts_with = "to_kurrentdb"
+        )]
+        to_data: Option<PathBuf>,
+        /// Copy into KurrentDB at this connection string (needs the `kurrentdb` feature).
+        #[arg(long, value_name = "URL")]
+        to_kurrentdb: Option<String>,
+        /// The stream prefix in the target KurrentDB.
+        #[arg(long, default_value = "ledger")]
+        to_kurrentdb_stream_prefix: String,
+        /// Events read and appended per batch.
+        #[arg(long, default_value_t = 2_000,
+              value_parser = clap::value_parser!(u32).range(1..=50_000))]
+        batch_size: u32,
+        /// Append at most this many events in this run, then stop (without verifying): a copy
+        /// in slices; run again to go on.
+        #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+        max_events: Option<u64>,
     },
     /// Mint a bearer token signed with JWT_SECRET, for operators and tests.
     Token {
@@ -197,7 +270,35 @@ async fn run(command: Command) -> Result<bool> {
             let cache = (redis_url, redis_key_prefix);
             rebuild(&databases, &projections, batch_size, restart, &cache).await
         }
-        Command::Verify { databases, show } => verify(&databases, show).await,
+        Command::Verify { databases, show } => {
+            if databases.data.is_none() {
+                databases.postgres_log_only("verify")?;
+            }
+            verify(&databases, show).await
+        }
+        Command::MigrateLog {
+            databases,
+            to_data,
+            to_kurrentdb,
+            to_kurrentdb_stream_prefix,
+            batch_size,
+            max_events,
+        } => {
+            let target = match (to_data, to_kurrentdb) {
+                (Some(directory), _) => Target::Data(directory),
+                (None, Some(url)) => Target::KurrentDb(EventStoreConfig {
+                    event_store: infra::eventlog::choice::EventStoreKind::KurrentDb,
+                    kurrentdb_url: Some(url),
+                    kurrentdb_stream_prefix: to_kurrentdb_stream_prefix,
+                }),
+                (None, None) => {
+                    return Err(Error::Usage(
+                        "say where to copy the log: --to-data DIR or --to-kurrentdb URL".to_owned(),
+                    ));
+                }
+            };
+            migrate_log(&databases, target, batch_size as usize, max_events).await
+        }
         Command::Token {
             sub,
             roles,
@@ -242,20 +343,13 @@ async fn rebuild(
     if let Some(data) = &databases.data {
         return rebuild_embedded(data, &names, batch_size, restart).await;
     }
+    databases.event_store.validate()?;
     let read_pool = databases.read_pool().await?;
-    let events_pool = databases.events_pool().await?;
-    let log = PgEventLog::open(
-        events_pool,
-        PgEventLogOptions {
-            listen: false,
-            ..PgEventLogOptions::reader(&databases.events_table)
-        },
-    )
-    .await?;
+    let log = databases.event_log().await?;
     let progress = rebuild_bar(&names);
     let summary = projector::rebuild::rebuild(
         &read_pool,
-        &log,
+        &*log,
         &names,
         RebuildOptions {
             batch_size: batch_size as usize,
@@ -465,6 +559,112 @@ async fn verify(databases: &Databases, show: usize) -> Result<bool> {
             audit.violations.len(),
             report.differences.len()
         );
+        Ok(false)
+    }
+}
+
+/// Where `migrate-log` copies to.
+enum Target {
+    Data(PathBuf),
+    KurrentDb(EventStoreConfig),
+}
+
+async fn migrate_log(
+    databases: &Databases,
+    target: Target,
+    batch: usize,
+    max_events: Option<u64>,
+) -> Result<bool> {
+    databases.postgres_log_only("migrate-log")?;
+    if let Target::KurrentDb(config) = &target {
+        config.validate()?;
+    }
+    let source = databases.event_log().await?;
+    // Held until the copy ends: `ledger serve` cannot start on a log being written.
+    let mut _lock = None;
+    let (target, name): (Arc<dyn EventLog>, String) = match target {
+        Target::Data(directory) => {
+            let dir = serve::data_dir::DataDir::lock(&directory, serve::data_dir::Holder::Migrate)?;
+            let path = dir.database();
+            let log = infra::eventlog::sqlite::SqliteEventLog::open_file(&path, 2).await?;
+            _lock = Some(dir);
+            (Arc::new(log), path.display().to_string())
+        }
+        Target::KurrentDb(config) => {
+            let log = config.open_kurrentdb().await?.ok_or_else(|| {
+                Error::Usage("--to-kurrentdb needs a KurrentDB connection string".to_owned())
+            })?;
+            let prefix = config.kurrentdb_stream_prefix.clone();
+            (log, format!("KurrentDB (streams {prefix}-*)"))
+        }
+    };
+    println!("copying the event log into {name}");
+    println!(
+        "note: only the event log is copied; identity (customers, credentials), fraud counters, \
+         read models and checkpoints are not (rebuild the read models with `ledger rebuild`)"
+    );
+    let progress = bar(
+        0,
+        "copy [{elapsed_precise}] {bar:40} {pos}/{len} events ({per_sec}, eta {eta})",
+    );
+    let summary = migrate::copy(
+        &*source,
+        &*target,
+        batch,
+        max_events,
+        &mut |step| match step {
+            migrate::CopyProgress::Started {
+                already_there,
+                estimate,
+            } => {
+                progress.set_length(estimate.max(already_there));
+                if already_there > 0 {
+                    progress.println(format!(
+                        "resuming: the target holds the first {already_there} events already"
+                    ));
+                }
+            }
+            migrate::CopyProgress::Copied { copied } => {
+                if copied > progress.length().unwrap_or(0) {
+                    progress.set_length(copied);
+                }
+                progress.set_position(copied);
+            }
+        },
+    )
+    .await;
+    progress.finish_and_clear();
+    let summary = summary?;
+    println!(
+        "copied: {} events appended now, {} there before, {} appends recognised as done",
+        summary.appended, summary.already_there, summary.duplicates
+    );
+    if summary.stopped_early {
+        println!("stopped at --max-events: run again to copy the rest (nothing verified yet)");
+        return Ok(true);
+    }
+    let verifying = bar(
+        0,
+        "verify [{elapsed_precise}] {spinner} {pos} events digested",
+    );
+    let source_digest = migrate::digest(&*source, batch, &mut |n| verifying.set_position(n)).await;
+    verifying.set_position(0);
+    let target_digest = migrate::digest(&*target, batch, &mut |n| verifying.set_position(n)).await;
+    verifying.finish_and_clear();
+    let (source_digest, target_digest) = (source_digest?, target_digest?);
+    println!(
+        "source: {} events, sha256 {}",
+        source_digest.events, source_digest.sha256
+    );
+    println!(
+        "target: {} events, sha256 {}",
+        target_digest.events, target_digest.sha256
+    );
+    if source_digest == target_digest {
+        println!("OK: the target holds the same events in the same order");
+        Ok(true)
+    } else {
+        println!("MISMATCH: the logs differ (was the source written to during the copy?)");
         Ok(false)
     }
 }

@@ -108,6 +108,7 @@ pub async fn run(args: ReplayArgs) -> Result<bool> {
         let log = crate::open_embedded_log(data).await?;
         infra::replay::for_each_committed_in(&log, until, &mut each_batch).await
     } else {
+        args.databases.postgres_log_only("replay")?;
         let pool = args.databases.events_pool().await?;
         infra::replay::for_each_committed(
             &pool,

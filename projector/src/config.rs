@@ -61,6 +61,10 @@ pub struct Config {
     #[command(flatten)]
     pub http: HttpLimits,
 
+    /// Which store holds the event log (`EVENT_STORE=postgres|kurrentdb`, `KURRENTDB_URL`).
+    #[command(flatten)]
+    pub event_store: infra::eventlog::choice::EventStoreConfig,
+
     /// `json` or `pretty`.
     #[arg(long, env = "LOG_FORMAT", default_value = "json", value_parser = LogFormat::parse_arg)]
     pub log_format: LogFormat,
@@ -128,7 +132,7 @@ impl Config {
             "database_url={} read_database_url={} events_table={} redis_url={} redis_key_prefix={} \
              cache_ttl_seconds={} listen_addr={} database_max_connections={} \
              background_max_connections={} projector_batch_size={} log_poll_interval_ms={} \
-             position_waiters_max={} {} {}",
+             position_waiters_max={} {} {} {}",
             redact_url(&self.database_url),
             redact_url(self.read_database_url()),
             self.events_table,
@@ -143,6 +147,7 @@ impl Config {
             self.position_waiters_max,
             self.token.describe(),
             self.http.describe(),
+            self.event_store.redacted(),
         )
     }
 }

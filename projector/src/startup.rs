@@ -107,6 +107,8 @@ pub struct App {
 
 impl App {
     pub async fn build(config: Config) -> Result<App> {
+        // Before connecting anywhere: a store this build cannot use fails at once.
+        config.event_store.validate()?;
         infra::telemetry::init_metrics();
         // Queries and the projector's batches each have pools of their own (read models and
         // event log), so a burst of reads never stalls the projections, nor the reverse.
@@ -150,24 +152,32 @@ impl App {
             crate::http::positions::POOL_CONNECTIONS,
         )
         .await?;
-        let positions_log: Arc<dyn EventLog> = Arc::new(
-            PgEventLog::open(
-                positions_events.clone(),
-                PgEventLogOptions {
-                    listen: false,
-                    ..PgEventLogOptions::reader(&config.events_table)
-                },
-            )
-            .await?,
-        );
-        // The projector follows the log, woken by command-api's NOTIFY.
-        let log: Arc<dyn EventLog> = Arc::new(
-            PgEventLog::open(
-                background_events.clone(),
-                PgEventLogOptions::reader(&config.events_table),
-            )
-            .await?,
-        );
+        // The log is PostgreSQL's by default, or KurrentDB's (`EVENT_STORE`): read models,
+        // checkpoints and the audit trail's table stay in PostgreSQL either way.
+        let (positions_log, log): (Arc<dyn EventLog>, Arc<dyn EventLog>) =
+            match config.event_store.open_kurrentdb().await? {
+                Some(log) => (log.clone(), log),
+                None => (
+                    Arc::new(
+                        PgEventLog::open(
+                            positions_events.clone(),
+                            PgEventLogOptions {
+                                listen: false,
+                                ..PgEventLogOptions::reader(&config.events_table)
+                            },
+                        )
+                        .await?,
+                    ),
+                    // The projector follows the log, woken by command-api's NOTIFY.
+                    Arc::new(
+                        PgEventLog::open(
+                            background_events.clone(),
+                            PgEventLogOptions::reader(&config.events_table),
+                        )
+                        .await?,
+                    ),
+                ),
+            };
         let projector = Arc::new(Projector::new(
             Arc::new(PgReadModels::new(background.clone())),
             log.clone(),

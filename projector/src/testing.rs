@@ -38,6 +38,7 @@ impl Default for TestOptions {
 
 pub fn test_config(database_url: &str, options: &TestOptions) -> Config {
     Config {
+        event_store: infra::eventlog::choice::EventStoreConfig::default(),
         database_url: database_url.to_owned(),
         read_database_url: None,
         events_table: "command_api.events".to_owned(),

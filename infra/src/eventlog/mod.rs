@@ -20,12 +20,16 @@
 //! fails on its own: correctness never needs two streams, or an append and a checkpoint, to
 //! commit together, because EventStoreDB cannot do that.
 //!
-//! Implementations: [`postgres::PgEventLog`] (PostgreSQL), and the embedded and EventStoreDB
-//! ones of later issues. [`conformance`] is the one test suite every implementation passes.
+//! Implementations: [`postgres::PgEventLog`] (PostgreSQL), [`sqlite::SqliteEventLog`] (the
+//! embedded mode) and, behind the `kurrentdb` feature, `kurrentdb::KurrentDbEventLog`.
+//! [`conformance`] is the one test suite every implementation passes.
 
+pub mod choice;
 pub mod committer;
 #[cfg(feature = "testing")]
 pub mod conformance;
+#[cfg(feature = "kurrentdb")]
+pub mod kurrentdb;
 pub mod postgres;
 pub mod sqlite;
 

@@ -27,6 +27,7 @@ const READ_MODELS_FILE: &str = "read-models.db";
 pub enum Holder {
     Serve,
     Rebuild,
+    Migrate,
 }
 
 impl Holder {
@@ -34,6 +35,7 @@ impl Holder {
         match self {
             Holder::Serve => "ledger serve",
             Holder::Rebuild => "ledger rebuild",
+            Holder::Migrate => "ledger migrate-log",
         }
     }
 }
