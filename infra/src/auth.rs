@@ -86,7 +86,7 @@ impl Role {
 pub struct TokenConfig {
     /// HS256 secret shared by the gateway and every service: at least 32 bytes, of at least 16
     /// distinct values.
-    #[arg(long, env = "JWT_SECRET", hide_env_values = true, value_parser = parse_secret)]
+    #[arg(long, env = "JWT_SECRET", hide_env_values = true, value_parser = SecretParser)]
     pub jwt_secret: SecretString,
 
     /// The `iss` claim tokens carry and verifiers require.
@@ -244,6 +244,35 @@ impl JwtSigner {
         };
         jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &self.key)
             .map_err(|error| Error::Config(format!("cannot sign a token: {error}")))
+    }
+}
+
+/// Parses `JWT_SECRET` for clap like [`parse_secret`], but with an error that never quotes the
+/// value: clap's own message for a refused value does (`invalid value '<the secret>'`), and a
+/// service's start-up error ends up in logs.
+#[derive(Debug, Clone, Copy)]
+pub struct SecretParser;
+
+impl clap::builder::TypedValueParser for SecretParser {
+    type Value = SecretString;
+
+    fn parse_ref(
+        &self,
+        command: &clap::Command,
+        _arg: Option<&clap::Arg>,
+        value: &std::ffi::OsStr,
+    ) -> std::result::Result<SecretString, clap::Error> {
+        let refuse = |problem: String| {
+            clap::Error::raw(
+                clap::error::ErrorKind::ValueValidation,
+                format!("JWT_SECRET (--jwt-secret) {problem}\n"),
+            )
+            .with_cmd(command)
+        };
+        let text = value
+            .to_str()
+            .ok_or_else(|| refuse("must be UTF-8".to_owned()))?;
+        parse_secret(text).map_err(refuse)
     }
 }
 
@@ -464,6 +493,13 @@ mod tests {
             );
         }
         assert!(parse_secret(SECRET).is_ok());
+        // Through clap, a refused secret is never quoted.
+        let weak = "0123456789abcde0123456789abcde0123456789";
+        let error = <TokenConfig as clap::Args>::augment_args(clap::Command::new("service"))
+            .try_get_matches_from(["service", "--jwt-secret", weak])
+            .expect_err("refused");
+        assert!(error.to_string().contains("distinct"), "{error}");
+        assert!(!error.to_string().contains(weak), "{error}");
         assert!(parse_secret(&"0123456789abcdef".repeat(2)).is_ok(), "hex");
     }
 
