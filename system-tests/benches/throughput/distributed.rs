@@ -46,7 +46,7 @@ const TOKEN_TTL_SECONDS: u64 = 3_600;
 
 /// Accounts of the seeded log, as in the projector's read-side benchmark: enough that no account
 /// dominates the projections' upserts.
-const SEEDED_ACCOUNTS: usize = 2_000;
+pub const SEEDED_ACCOUNTS: usize = 2_000;
 
 /// Transaction ids per query of the durability check (one array parameter).
 const DURABILITY_CHUNK: usize = 10_000;
@@ -94,9 +94,15 @@ pub struct Distributed {
     tokens: infra::auth::TokenConfig,
 }
 
-/// A secret of 64 random hex digits, for the JWT secret and the admin's password.
-fn random_secret() -> String {
-    format!("{}{}", Uuid::new_v4().simple(), Uuid::new_v4().simple())
+/// A secret of 64 random alphanumerics, for the JWT secret and the admin's password (hex digits
+/// would sometimes fall short of the 16 distinct bytes a JWT secret needs).
+pub fn random_secret() -> String {
+    use rand::Rng;
+    rand::rng()
+        .sample_iter(rand::distr::Alphanumeric)
+        .take(64)
+        .map(char::from)
+        .collect()
 }
 
 impl Distributed {
@@ -327,6 +333,7 @@ impl SystemUnderTest for Distributed {
                 // benchmark's own prefix, never a real one.
                 ("REDIS_KEY_PREFIX", format!("{}:cache", self.prefix)),
             ],
+            cli_arguments: Vec::new(),
         })
     }
 

@@ -13,6 +13,8 @@ pub enum Unit {
     PerSecond,
     Millis,
     Seconds,
+    /// Millions of bytes (memory).
+    Megabytes,
     Count,
     /// 1 for yes, 0 for no.
     Flag,
@@ -145,6 +147,7 @@ pub fn format_value(value: f64, unit: Unit) -> String {
         Unit::Millis if value < 10.0 => format!("{value:.2} ms"),
         Unit::Millis => format!("{} ms", thousands(value)),
         Unit::Seconds => format!("{value:.1} s"),
+        Unit::Megabytes => format!("{value:.1} MB"),
         Unit::Count => thousands(value),
         Unit::Flag if value >= 0.5 => "yes".to_owned(),
         Unit::Flag => "no".to_owned(),

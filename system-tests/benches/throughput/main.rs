@@ -1,8 +1,9 @@
 //! End-to-end throughput benchmark of the whole ledger (issue 9): `bench/throughput.sh`, or
 //! `cargo build --release --bins && cargo bench -p system-tests --bench throughput`.
 //!
-//! Each run starts the system under test on storage of its own ([`system::SystemUnderTest`];
-//! the distributed mode is the four release binaries behind the gateway), measures PostgreSQL's
+//! Each run starts the system under test on storage of its own ([`system::SystemUnderTest`]:
+//! the distributed mode is the four release binaries behind the gateway, the embedded mode
+//! `ledger serve` on a data directory, with its start time and idle memory), measures PostgreSQL's
 //! ceiling C1 with `../shared/bench/pg-ceiling.sh`, then, through the public API with JWTs:
 //! spread and hot closed-loop POSTs and how fast they settle, one transfer's POST → final
 //! latency, the projection lag under a paced load, GETs of one transaction, and (services
@@ -10,8 +11,8 @@
 //! seeded log. It prints every figure with its ratio to the run's C1 and the issue's target,
 //! removes everything it created, and after all runs prints the medians.
 //!
-//! Environment: `BENCH_MODE` (`distributed`, the only one so far), `BENCH_RUNS` (3), `BENCH_SCALE` (1.0: multiplies every phase's duration, for
-//! development), `BENCH_EVENTS` (1,000,000; 0 skips the rebuild), `BENCH_KEEP=1` (keep
+//! Environment: `BENCH_MODE` (`distributed` or `embedded`), `BENCH_RUNS` (3), `BENCH_SCALE`
+//! (1.0: multiplies every phase's duration, for development), `BENCH_EVENTS` (1,000,000; 0 skips the rebuild), `BENCH_KEEP=1` (keep
 //! databases, topology, keys and logs; `BENCH_KEEP_ON_FAILURE=1` only when a run fails),
 //! `PG_CEILING_SCRIPT` (the C1 script), and the tests'
 //! `TEST_DATABASE_URL`, `TEST_AMQP_URL`, `TEST_REDIS_URL`. Meaning of the figures:
@@ -19,6 +20,7 @@
 
 mod api;
 mod distributed;
+mod embedded;
 mod figures;
 mod phases;
 mod service;
@@ -30,6 +32,7 @@ use std::time::Duration;
 use anyhow::{Context, ensure};
 
 use crate::distributed::Distributed;
+use crate::embedded::Embedded;
 use crate::figures::Run;
 use crate::system::SystemUnderTest;
 
@@ -46,18 +49,20 @@ const PHASE_MIN: Duration = Duration::from_secs(2);
 /// The longest stretch of the phases: ten times the issue's durations is already an hour a run.
 const SCALE_MAX: f64 = 10.0;
 
-/// How the system under test runs. Each mode implements [`SystemUnderTest`]; `ledger serve`
-/// (one process with SQLite) is to come beside the distributed one.
+/// How the system under test runs. Each mode implements [`SystemUnderTest`].
 #[derive(Debug, Clone, Copy)]
 enum Mode {
     /// The four services behind the gateway over PostgreSQL, RabbitMQ and Redis.
     Distributed,
+    /// `ledger serve`: one process on SQLite in a data directory.
+    Embedded,
 }
 
 impl Mode {
     fn name(self) -> &'static str {
         match self {
             Mode::Distributed => "distributed",
+            Mode::Embedded => "embedded",
         }
     }
 }
@@ -67,8 +72,9 @@ impl std::str::FromStr for Mode {
     fn from_str(text: &str) -> Result<Mode, String> {
         match text {
             "distributed" => Ok(Mode::Distributed),
+            "embedded" => Ok(Mode::Embedded),
             other => Err(format!(
-                "BENCH_MODE {other:?} is unknown: only distributed exists so far"
+                "BENCH_MODE {other:?} is unknown: distributed or embedded"
             )),
         }
     }
@@ -197,6 +203,7 @@ async fn run_all() -> anyhow::Result<()> {
         eprintln!("run {number} of {}", settings.runs);
         let run = match settings.mode {
             Mode::Distributed => run_once::<Distributed>(&settings).await?,
+            Mode::Embedded => run_once::<Embedded>(&settings).await?,
         };
         figures::print_run(number, &run);
         runs.push(run);
@@ -215,6 +222,7 @@ async fn run_once<S: SystemUnderTest>(settings: &Settings) -> anyhow::Result<Run
     };
     eprintln!("  starting the system");
     let mut system = S::start().await?;
+    system.report_start(&mut run);
     let outcome = tokio::select! {
         outcome = measure(&mut run, &mut system, settings) => outcome,
         _ = tokio::signal::ctrl_c() => Err(anyhow::anyhow!("interrupted")),
@@ -269,6 +277,7 @@ async fn measure<S: SystemUnderTest>(
         "spread",
         false,
         settings.scaled(phases::SPREAD_DURATION),
+        S::SETTLED_TARGET,
     )
     .await?;
     phase(run, "hot");
@@ -278,6 +287,7 @@ async fn measure<S: SystemUnderTest>(
         "hot",
         true,
         settings.scaled(phases::HOT_DURATION),
+        S::SETTLED_TARGET,
     )
     .await?;
     phase(run, "one transfer");

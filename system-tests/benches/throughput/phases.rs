@@ -298,13 +298,15 @@ fn tally(posting: &mut Posting, posted: Posted) {
 }
 
 /// The spread or hot phase: closed-loop POSTs for `duration`, then the wait until nothing is
-/// PENDING. Returns the settled rate.
+/// PENDING. Returns the settled rate. `settled_target` is the spread phase's (the hot phase's is
+/// a fraction of the spread's).
 pub async fn posting_phase(
     run: &mut Run,
     workload: &mut Workload,
     name: &'static str,
     hot: bool,
     duration: Duration,
+    settled_target: Target,
 ) -> anyhow::Result<f64> {
     let accounts = if hot {
         workload.accounts[..HOT_ACCOUNTS].to_vec()
@@ -340,7 +342,7 @@ pub async fn posting_phase(
     run.push(if hot {
         settled.target(Target::AtLeastTimes("spread settled", 0.7))
     } else {
-        settled.target(Target::AtLeastTimesC1(0.08))
+        settled.target(settled_target)
     });
     run.push(Figure::new(keys.non_2xx, total(&posting.statuses), Unit::Count).target(Target::Zero));
     run.notes.push(format!(
@@ -865,7 +867,12 @@ pub async fn rebuild_phase<S: SystemUnderTest>(
     events: usize,
 ) -> anyhow::Result<()> {
     let seeded = system.seed_log(events).await?;
-    let (rebuilt, code, printed) = ledger(&["rebuild"], &seeded.cli_environment).await?;
+    let arguments = |command: &'static str| {
+        std::iter::once(command)
+            .chain(seeded.cli_arguments.iter().map(String::as_str))
+            .collect::<Vec<&str>>()
+    };
+    let (rebuilt, code, printed) = ledger(&arguments("rebuild"), &seeded.cli_environment).await?;
     ensure!(
         code == Some(0),
         "ledger rebuild failed ({code:?}):\n{printed}"
@@ -874,7 +881,8 @@ pub async fn rebuild_phase<S: SystemUnderTest>(
         .lines()
         .filter(|line| line.contains("is live"))
         .collect();
-    let (verified, code, verify_printed) = ledger(&["verify"], &seeded.cli_environment).await?;
+    let (verified, code, verify_printed) =
+        ledger(&arguments("verify"), &seeded.cli_environment).await?;
     ensure!(
         matches!(code, Some(0 | 1)),
         "ledger verify could not run ({code:?}):\n{verify_printed}"

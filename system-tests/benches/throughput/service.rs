@@ -84,13 +84,26 @@ impl Service {
     /// Starts `target/<profile>/<name>` with only `PATH` and `env` in its environment, its
     /// stdout and stderr appended to `<logs>/<name>.log`.
     pub fn start(name: &'static str, logs: &Path, env: &[(&str, String)]) -> Result<Service> {
+        Service::start_with(name, name, logs, env, &[])
+    }
+
+    /// As [`Service::start`], with `arguments` (`ledger serve`) and the log in
+    /// `<logs>/<label>.log` (one file per start of the same binary).
+    pub fn start_with(
+        name: &'static str,
+        label: &str,
+        logs: &Path,
+        env: &[(&str, String)],
+        arguments: &[&str],
+    ) -> Result<Service> {
         let spawn = |source| Error::Spawn { name, source };
         let program = binary(name)?;
-        let log = logs.join(format!("{name}.log"));
+        let log = logs.join(format!("{label}.log"));
         let file = std::fs::File::create(&log).map_err(spawn)?;
         let errors = file.try_clone().map_err(spawn)?;
         let mut command = Command::new(program);
         command
+            .args(arguments)
             .env_clear()
             .env("PATH", std::env::var("PATH").unwrap_or_default())
             .stdin(Stdio::null())
@@ -105,6 +118,16 @@ impl Service {
 
     pub fn name(&self) -> &'static str {
         self.name
+    }
+
+    /// The process id, for `/proc/<pid>/status`.
+    pub fn id(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// The port the service bound, if its `<name> listening` line is in the log yet.
+    pub fn logged_port_now(&self) -> Option<u16> {
+        self.logged_port(&format!("{} listening", self.name))
     }
 
     /// The port the service bound, from its `<name> listening` JSON log line. Services start on

@@ -4,14 +4,16 @@
 //! rebuild, and how everything is stopped and removed.
 //!
 //! [`crate::distributed::Distributed`] implements it for the four release binaries behind the
-//! gateway over PostgreSQL, RabbitMQ and Redis. `ledger serve` (one process with SQLite, one base
-//! URL, no RabbitMQ or Redis, an admin from env) is meant to implement it next, beside it; the
+//! gateway over PostgreSQL, RabbitMQ and Redis; [`crate::embedded::Embedded`] for `ledger serve`
+//! (one process on SQLite in a data directory, one base URL, an admin from env). The
 //! measurements in `phases.rs` only see this trait.
 
 use std::path::PathBuf;
 use std::time::Duration;
 
 use uuid::Uuid;
+
+use crate::figures::{Run, Target};
 
 /// A username and password the gateway (or the single process) accepts at
 /// `POST /api/v1/auth/token`.
@@ -31,6 +33,8 @@ pub struct SeededLog {
     pub inserted: Duration,
     /// The environment under which `ledger rebuild` and `ledger verify` work on this log.
     pub cli_environment: Vec<(&'static str, String)>,
+    /// Arguments after `rebuild` or `verify` that name this log (`--data DIR`).
+    pub cli_arguments: Vec<String>,
 }
 
 /// What a clean-up kept or could not remove, for the report.
@@ -44,9 +48,15 @@ pub struct CleanUp {
 
 /// A running ledger the benchmark measures.
 pub trait SystemUnderTest: Sized {
+    /// The target for the spread phase's settled transfers/s.
+    const SETTLED_TARGET: Target = Target::AtLeastTimesC1(0.08);
+
     /// Starts the whole system on storage nobody else uses, with a bootstrap admin, and waits
     /// until it answers.
     async fn start() -> anyhow::Result<Self>;
+
+    /// Figures of the start itself (how long it took, memory), pushed before any phase's.
+    fn report_start(&self, _run: &mut Run) {}
 
     /// The one base URL every request goes to (`http://127.0.0.1:<port>`).
     fn base_url(&self) -> &str;
