@@ -133,6 +133,30 @@ async fn a_100k_event_postgres_log_is_copied_into_sqlite_whole_and_resumably() {
         );
         assert_eq!(sqlite_events(whole.path()).await, seeded);
 
+        // The copy is a ledger `serve` can take over: its read models are rebuilt from it, and
+        // every invariant and every row checks out.
+        let data = whole.path().to_str().expect("a UTF-8 path");
+        let rebuild = Command::new(env!("CARGO_BIN_EXE_ledger"))
+            .args(["rebuild", "--data", data])
+            .output()
+            .expect("the ledger binary runs");
+        assert_succeeded(&rebuild);
+        assert!(
+            stdout(&rebuild).contains(&format!("{seeded} events")),
+            "{}",
+            stdout(&rebuild)
+        );
+        let verify = Command::new(env!("CARGO_BIN_EXE_ledger"))
+            .args(["verify", "--data", data])
+            .output()
+            .expect("the ledger binary runs");
+        assert_succeeded(&verify);
+        assert!(
+            stdout(&verify).contains("OK: invariants hold"),
+            "{}",
+            stdout(&verify)
+        );
+
         // A copy stopped part-way (mid-batch, mid-stream), then run again: the same log.
         let sliced = tempfile::tempdir().expect("a temporary directory");
         let first = migrate(
