@@ -93,12 +93,12 @@ pub struct Config {
     pub background_max_connections: u32,
 
     /// Streams the saga loads concurrently when they are not in its cache.
-    #[arg(long, env = "SAGA_CONCURRENCY", default_value_t = 16,
+    #[arg(long, env = "SAGA_CONCURRENCY", default_value_t = crate::saga::CONCURRENCY_DEFAULT,
           value_parser = parse_count::<1_024>)]
     pub saga_concurrency: usize,
 
     /// Events the saga reads per batch.
-    #[arg(long, env = "SAGA_BATCH_SIZE", default_value_t = 512,
+    #[arg(long, env = "SAGA_BATCH_SIZE", default_value_t = crate::saga::BATCH_SIZE_DEFAULT,
           value_parser = parse_count::<10_000>)]
     pub saga_batch_size: usize,
 

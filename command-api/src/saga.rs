@@ -56,6 +56,12 @@ pub const CHECKPOINT: &str = "saga";
 /// kept coming, and the transaction is retried later.
 const ROUNDS_MAX: usize = 8;
 
+/// Transaction events the saga reads per round, unless configured (`SAGA_BATCH_SIZE`).
+pub const BATCH_SIZE_DEFAULT: usize = 512;
+
+/// Streams the saga loads at once, unless configured (`SAGA_CONCURRENCY`).
+pub const CONCURRENCY_DEFAULT: usize = 16;
+
 /// Tuning of the runner.
 #[derive(Debug, Clone)]
 pub struct SagaSettings {

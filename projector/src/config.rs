@@ -81,7 +81,7 @@ pub struct Config {
     pub background_max_connections: u32,
 
     /// Events the projector reads per batch; every projection applies them in one transaction.
-    #[arg(long, env = "PROJECTOR_BATCH_SIZE", default_value_t = 1_000,
+    #[arg(long, env = "PROJECTOR_BATCH_SIZE", default_value_t = crate::runner::BATCH_SIZE_DEFAULT,
           value_parser = clap::value_parser!(usize))]
     pub projector_batch_size: usize,
 

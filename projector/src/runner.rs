@@ -156,6 +156,9 @@ pub async fn live_batch(
     Ok(Some(batch))
 }
 
+/// Events the projector applies per batch, unless configured (`PROJECTOR_BATCH_SIZE`).
+pub const BATCH_SIZE_DEFAULT: usize = 1_000;
+
 /// How the projector reads.
 #[derive(Debug, Clone, Copy)]
 pub struct ProjectorSettings {

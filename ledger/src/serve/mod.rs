@@ -61,18 +61,6 @@ const WRITE_CONNECTIONS: u32 = 4;
 /// The fraud rules' consumer on the embedded bus: its checkpoint and poison records.
 const FRAUD_CONSUMER: &str = "fraud-rules";
 
-/// Transactions the saga advances per round; as command-api's default.
-const SAGA_BATCH_SIZE: usize = 512;
-
-/// Streams the saga loads at once; as command-api's default.
-const SAGA_CONCURRENCY: usize = 16;
-
-/// Events the projector applies per batch; as the projector's default.
-const PROJECTOR_BATCH_SIZE: usize = 1_000;
-
-/// Reads waiting at once for their `X-Ledger-Position`; as the projector's default.
-const POSITION_WAITERS_MAX: u32 = 64;
-
 /// How long an idle follower waits without a wake-up. Every commit of this process wakes them:
 /// this is only the fallback.
 const POLL_INTERVAL: Duration = Duration::from_millis(250);
@@ -204,8 +192,8 @@ async fn build(args: &ServeArgs, dir: &DataDir, secrets: &secrets::Secrets) -> R
         log.clone(),
         follower_state,
         SagaSettings {
-            batch_size: SAGA_BATCH_SIZE,
-            concurrency: SAGA_CONCURRENCY,
+            batch_size: command_api::saga::BATCH_SIZE_DEFAULT,
+            concurrency: command_api::saga::CONCURRENCY_DEFAULT,
             decision_timeout: chrono::TimeDelta::seconds(
                 i64::try_from(args.fraud_decision_timeout_seconds).unwrap_or(i64::MAX),
             ),
@@ -236,14 +224,14 @@ async fn build(args: &ServeArgs, dir: &DataDir, secrets: &secrets::Secrets) -> R
         log.clone(),
         Some(cache.clone()),
         projector::runner::ProjectorSettings {
-            batch_size: PROJECTOR_BATCH_SIZE,
+            batch_size: projector::runner::BATCH_SIZE_DEFAULT,
         },
     ));
     let positions = Arc::new(projector::http::positions::Positions::new(
         models.clone(),
         log.clone(),
         Some(projector.applied()),
-        POSITION_WAITERS_MAX,
+        projector::http::positions::WAITERS_MAX,
     ));
     let queries = projector::http::AppState {
         models,
