@@ -29,6 +29,10 @@ pub enum Error {
         #[source]
         source: sqlx::Error,
     },
+    /// A batch of velocity counts failed as a whole (embedded mode): the reason, shared by every
+    /// count of the batch; each is retried.
+    #[error("counting payments failed: {message}")]
+    Batch { message: String },
     /// A step did not finish within its bound.
     #[error("timed out after {timeout_ms} ms while {context}")]
     Timeout {

@@ -25,7 +25,8 @@ macro_rules! velocity_conformance {
             payments_leave_the_window,
             accounts_have_windows_of_their_own,
             an_overflowing_total_is_an_error,
-            concurrent_payments_never_exceed_the_limit_together
+            concurrent_payments_never_exceed_the_limit_together,
+            a_failing_count_fails_alone
         );
     };
     (@checks $fresh:path; $($check:ident),*) => {
@@ -199,4 +200,58 @@ pub async fn concurrent_payments_never_exceed_the_limit_together(
         record(&*counters, &payment(account, 0, now), 1_000).await,
         1_000
     );
+}
+
+/// A count that fails (an overflow) fails only itself: the payments recorded at the same time,
+/// which an implementation may commit together with it, are counted and answered.
+pub async fn a_failing_count_fails_alone(counters: Arc<dyn VelocityCounters>) {
+    let (full, now) = (account(), Utc::now());
+    let big = i64::MAX - 10;
+    record(&*counters, &payment(full, big, now), i64::MAX).await;
+    let others: Vec<AccountId> = (0..8).map(|_| account()).collect();
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..4 {
+        let counters = counters.clone();
+        tasks.spawn(async move {
+            let failed = counters
+                .record(&payment(full, 100, now), WINDOW_MS, i64::MAX)
+                .await;
+            (None, failed.is_err())
+        });
+    }
+    for other in others.iter().copied() {
+        let counters = counters.clone();
+        tasks.spawn(async move {
+            let counted = counters
+                .record(&payment(other, 7, now), WINDOW_MS, 1_000)
+                .await;
+            (
+                Some(counted.expect("a payment beside a failing one is counted")),
+                false,
+            )
+        });
+    }
+    let mut overflows = 0;
+    while let Some(joined) = tasks.join_next().await {
+        match joined.expect("no panic") {
+            (Some(total), _) => assert_eq!(total, 7, "each other account counted its payment once"),
+            (None, failed) => {
+                assert!(failed, "a total past i64 is an error");
+                overflows += 1;
+            }
+        }
+    }
+    assert_eq!(overflows, 4);
+    assert_eq!(
+        record(&*counters, &payment(full, 0, now), i64::MAX).await,
+        big,
+        "a failed count left nothing in its window"
+    );
+    for other in others {
+        assert_eq!(
+            record(&*counters, &payment(other, 0, now), 1_000).await,
+            7,
+            "the payment beside the failing ones was committed"
+        );
+    }
 }
