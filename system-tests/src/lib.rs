@@ -17,6 +17,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use uuid::Uuid;
 
+pub mod deployment;
 pub mod embedded;
 
 /// The secret every service of a test system shares.

@@ -1,7 +1,9 @@
 //! The embedded mode as a user runs it: `ledger serve` on a data directory, with
-//! `DATABASE_URL`, `AMQP_URL` and `REDIS_URL` pointing at closed ports (SPEC §10). The README
-//! walkthrough runs against it; a second `serve` on the same directory is refused; and `kill -9`
-//! at any moment loses nothing and applies nothing twice.
+//! `DATABASE_URL`, `AMQP_URL` and `REDIS_URL` pointing at closed ports (SPEC §10). What only
+//! this mode has: `/health` names its embedded parts, the CLI reads its directory beside it, a
+//! second `serve` on the same directory is refused, and `kill -9` at any moment loses nothing and
+//! applies nothing twice. The README walkthrough and the scenarios both modes share are in
+//! `both_modes.rs`.
 
 use std::collections::HashSet;
 use std::process::Command;
@@ -12,25 +14,33 @@ use std::time::Duration;
 use infra::auth::Role;
 use reqwest::StatusCode;
 use serde_json::{Value, json};
+use system_tests::deployment::{Deployment, Mode};
 use system_tests::embedded::Embedded;
-use system_tests::{
-    ADMIN_PASSWORD, ADMIN_USERNAME, SECRET, binary, eventually, run, run_readme_walkthrough, token,
-};
+use system_tests::{ADMIN_PASSWORD, SECRET, binary, eventually, run, token};
 use tokio::sync::RwLock;
 use uuid::Uuid;
 
 #[tokio::test]
-async fn the_readme_walkthrough_runs_on_ledger_serve_without_any_server() {
-    let ledger = Embedded::start().await;
-    let output = run_readme_walkthrough(&ledger.base, ADMIN_USERNAME, ADMIN_PASSWORD);
-    let printed = String::from_utf8_lossy(&output.stdout);
-    assert!(
-        output.status.success(),
-        "the README walkthrough failed:\n{printed}\n{}",
-        String::from_utf8_lossy(&output.stderr)
+async fn health_metrics_and_the_cli_beside_a_live_serve() {
+    // (The README walkthrough and the other scenarios of both modes are in `both_modes.rs`.)
+    let deployment = Deployment::start(Mode::Embedded).await;
+    let (admin, alice) = (deployment.admin().await, deployment.customer().await);
+    let (wallet, savings) = (
+        alice.open_account("USD").await,
+        alice.open_account("USD").await,
     );
-    assert!(printed.contains(r#""balance":"85.50""#), "{printed}");
-    assert!(printed.contains("SettlementCompleted"), "{printed}");
+    admin.deposit(wallet, "125.50", "USD").await;
+    let transfer = alice
+        .transact(&json!({
+            "type": "transfer", "amount": "40.00", "currency": "USD",
+            "source_account_id": wallet, "destination_account_id": savings,
+        }))
+        .await;
+    assert_eq!(alice.final_status(transfer.id()).await, "CONFIRMED");
+    alice.account_when(savings, "40.00").await;
+    let Deployment::Embedded(ledger) = deployment else {
+        unreachable!("started in the embedded mode")
+    };
 
     // `/health` names the embedded parts; `/metrics` is on its own listener only.
     let health: Value = ledger
