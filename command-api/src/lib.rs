@@ -19,6 +19,7 @@ pub mod saga;
 pub mod startup;
 pub mod state;
 pub mod store;
+#[cfg(feature = "testing")]
 pub mod testing;
 pub mod views;
 

@@ -14,6 +14,7 @@ pub mod http;
 pub mod messages;
 pub mod rules;
 pub mod startup;
+#[cfg(feature = "testing")]
 pub mod testing;
 pub mod velocity;
 

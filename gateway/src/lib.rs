@@ -16,6 +16,7 @@ pub mod passwords;
 pub mod proxy;
 pub mod routes;
 pub mod startup;
+#[cfg(feature = "testing")]
 pub mod testing;
 
 pub use error::{Error, Result};

@@ -22,6 +22,7 @@ pub mod server;
 pub mod sqlite;
 pub mod tasks;
 pub mod telemetry;
+#[cfg(feature = "testing")]
 pub mod testing;
 
 pub use error::{Error, Result};

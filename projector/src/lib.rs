@@ -16,6 +16,7 @@ pub mod rebuild;
 pub mod runner;
 pub mod startup;
 pub mod store;
+#[cfg(feature = "testing")]
 pub mod testing;
 pub mod verify;
 

@@ -1,12 +1,11 @@
-//! Helpers shared by the integration tests: HTTP calls, polling with deadlines, the SPEC §8
-//! audit.
+//! Helpers shared by the integration tests: HTTP calls, polling with deadlines, child processes.
+//! (The saga's scenarios, audited over SPEC §8 with the projector's read models verified, are in
+//! `system-tests/tests/write_side`.)
 
 use std::process::Child;
 use std::time::Duration;
 
-use command_api::replay;
 use command_api::testing::{TestApp, TestOptions, spawn_app_on_scratch};
-use domain::audit::AuditReport;
 use domain::{FraudDecision, FraudOutcome, TransactionId};
 use infra::auth::Role;
 use infra::db::ScratchDatabase;
@@ -135,19 +134,6 @@ impl Harness {
         Uuid::parse_str(body["id"].as_str().expect("an id")).expect("a UUID")
     }
 
-    /// Deposits `amount` into `account` through an operator (the payment rail: customers do not
-    /// create money) and approves it, waiting until it is settled.
-    pub async fn fund(&self, account: Uuid, amount: &str, currency: &str) {
-        let id = self
-            .transact(
-                &self.operator(),
-                json!({"type": "deposit", "amount": amount, "currency": currency, "destination_account_id": account}),
-            )
-            .await;
-        self.decide(id, FraudOutcome::Approved).await;
-        self.wait_settled(&[id]).await;
-    }
-
     pub async fn decide(&self, id: Uuid, outcome: FraudOutcome) {
         let decision = FraudDecision {
             outcome,
@@ -191,105 +177,6 @@ impl Harness {
         .fetch_one(&self.app.pool)
         .await
         .expect("counting events")
-    }
-
-    pub async fn event_count(&self) -> i64 {
-        sqlx::query_scalar("SELECT count(*) FROM command_api.events")
-            .fetch_one(&self.app.pool)
-            .await
-            .expect("counting events")
-    }
-
-    /// The transaction's status and rejection reason, from its stream.
-    pub async fn outcome(&self, id: Uuid) -> (String, Option<String>) {
-        let events: Vec<(String, Value)> = sqlx::query_as(
-            "SELECT event_type, payload FROM command_api.events \
-             WHERE aggregate_type = 'transaction' AND aggregate_id = $1 ORDER BY sequence",
-        )
-        .bind(id.to_string())
-        .fetch_all(&self.app.pool)
-        .await
-        .expect("reading a transaction stream");
-        for (event_type, payload) in events {
-            match event_type.as_str() {
-                "TransactionConfirmed" => return ("CONFIRMED".to_owned(), None),
-                "TransactionRejected" => {
-                    let reason = payload["TransactionRejected"]["reason"]
-                        .as_str()
-                        .map(str::to_owned);
-                    return ("REJECTED".to_owned(), reason);
-                }
-                _ => {}
-            }
-        }
-        ("PENDING".to_owned(), None)
-    }
-
-    pub async fn audit(&self) -> AuditReport {
-        replay::audit(&self.app.pool, "command_api.events")
-            .await
-            .expect("the log can be audited")
-    }
-
-    /// Asserts SPEC §8 over the whole log: no violation, nothing in flight.
-    pub async fn assert_invariants(&self) -> AuditReport {
-        let report = self.audit().await;
-        assert!(
-            report.violations.is_empty(),
-            "invariants broken: {:#?}",
-            report.violations
-        );
-        assert!(
-            report.in_flight.is_empty(),
-            "transactions still in flight: {:?}",
-            report.in_flight
-        );
-        self.assert_read_models_verify().await;
-        report
-    }
-
-    /// Builds the projector's read models from this scenario's log (a rebuild of each
-    /// projection, in small batches) and runs `ledger verify`'s check on them: every log an
-    /// integration scenario leaves behind projects and verifies cleanly.
-    pub async fn assert_read_models_verify(&self) {
-        let read_pool = projector::startup::connect_read_models(&self.app.database_url, 2)
-            .await
-            .expect("the read models' schema is created");
-        let log = infra::eventlog::postgres::PgEventLog::open(
-            self.app.pool.clone(),
-            infra::eventlog::postgres::PgEventLogOptions {
-                listen: false,
-                ..infra::eventlog::postgres::PgEventLogOptions::reader("command_api.events")
-            },
-        )
-        .await
-        .expect("the log opens");
-        projector::rebuild::rebuild(
-            &read_pool,
-            &log,
-            &projector::model::ProjectionName::ALL,
-            projector::rebuild::RebuildOptions {
-                batch_size: 97,
-                restart: false,
-            },
-            |_| {},
-        )
-        .await
-        .expect("the projections rebuild from the log");
-        let report = projector::verify::verify(
-            &read_pool,
-            &self.app.pool,
-            "command_api.events",
-            &mut |_| {},
-        )
-        .await
-        .expect("verify runs");
-        assert!(
-            report.differences.is_empty(),
-            "read models differ from the log: {:#?}",
-            &report.differences[..report.differences.len().min(5)]
-        );
-        read_pool.close().await;
     }
 }
 
@@ -353,12 +240,6 @@ where
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-}
-
-/// The available balance of an account, from the audit of its stream.
-pub fn balance_of(report: &AuditReport, account: Uuid) -> (i64, i64) {
-    let state = &report.accounts[&domain::AccountId(account)];
-    (state.balance_minor, state.available_minor())
 }
 
 /// A child process killed when dropped, so a failing test leaves no service running.

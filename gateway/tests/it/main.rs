@@ -1,6 +1,7 @@
 //! The gateway's integration tests: the real router against a real PostgreSQL (one scratch
-//! database per test), with real upstreams started in-process (command-api, the fraud worker)
-//! or a small echoing upstream where a test needs to see exactly what was forwarded.
+//! database per test), with a small echoing upstream where a test needs to see exactly what was
+//! forwarded, or none. The tests with the real command-api, projector and fraud worker behind
+//! the gateway are in `system-tests/tests/edge`.
 
 mod edge;
 mod health;

@@ -1,6 +1,7 @@
-//! Helpers shared by the integration tests: a harness that starts the gateway (and the
-//! upstreams a test asks for) on one scratch database and cleans everything up, an echoing
-//! upstream, and raw HTTP for requests a client library will not send.
+//! Helpers shared by the integration tests: a harness that starts the gateway on one scratch
+//! database and cleans everything up, an echoing upstream, and raw HTTP for requests a client
+//! library will not send. (The tests with the real services behind the gateway are in
+//! `system-tests/tests/edge`.)
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -22,25 +23,17 @@ use uuid::Uuid;
 /// A password that passes the rules.
 pub const PASSWORD: &str = "correct horse battery staple";
 
-/// Which real upstreams a test needs.
+/// What a test changes about the gateway it starts (upstream addresses among them).
 #[derive(Default)]
 pub struct Setup {
-    pub command_api: bool,
-    /// The projector on the same database (needs `command_api`, whose log it reads).
-    pub projector: bool,
-    pub fraud_worker: bool,
     pub gateway: TestOptions,
 }
 
 pub struct Harness {
     pub gateway: TestApp,
-    pub command_api: Option<command_api::testing::TestApp>,
-    pub fraud_worker: Option<fraud_worker::testing::TestApp>,
-    pub projector: Option<projector::testing::TestProjector>,
     pub clock: Arc<ManualClock>,
     pub client: reqwest::Client,
     options: TestOptions,
-    amqp_prefix: Option<String>,
     database: Option<ScratchDatabase>,
 }
 
@@ -49,47 +42,12 @@ impl Harness {
         Harness::start_with(Setup::default()).await
     }
 
-    /// A scratch database, the upstreams asked for, and the gateway in front of them with a
-    /// manual clock for the login limiter.
+    /// A scratch database and the gateway on it with a manual clock for the login limiter.
     pub async fn start_with(setup: Setup) -> Harness {
         let database = ScratchDatabase::create(&admin_url())
             .await
             .expect("a scratch database");
         let mut options = setup.gateway;
-        let mut amqp_prefix = None;
-        let command_api = if setup.command_api {
-            let command_options = command_api::testing::TestOptions::default();
-            amqp_prefix = Some(command_options.amqp_prefix.clone());
-            let app = command_api::testing::spawn_app(&database.url(), &command_options)
-                .await
-                .expect("command-api starts");
-            options.command_api_url = Some(app.address.clone());
-            Some(app)
-        } else {
-            None
-        };
-        let fraud_worker = if setup.fraud_worker {
-            let app =
-                fraud_worker::testing::spawn_app(&fraud_worker::testing::TestOptions::default())
-                    .await
-                    .expect("the fraud worker starts");
-            options.fraud_worker_url = Some(app.address.clone());
-            Some(app)
-        } else {
-            None
-        };
-        let projector = if setup.projector {
-            let app = projector::testing::spawn_projector(
-                &database.url(),
-                &projector::testing::TestOptions::default(),
-            )
-            .await
-            .expect("the projector starts");
-            options.query_api_url = Some(app.address.clone());
-            Some(app)
-        } else {
-            None
-        };
         let clock = ManualClock::new();
         options.clock = Clock::Manual(clock.clone());
         let gateway = spawn_app(&database.url(), &options)
@@ -97,13 +55,9 @@ impl Harness {
             .expect("the gateway starts");
         Harness {
             gateway,
-            command_api,
-            fraud_worker,
-            projector,
             clock,
             client: reqwest::Client::new(),
             options,
-            amqp_prefix,
             database: Some(database),
         }
     }
@@ -133,31 +87,14 @@ impl Harness {
         }
     }
 
-    /// Stops everything, drops the scratch database and deletes the brokers' topologies.
+    /// Stops the gateway and drops the scratch database.
     pub async fn finish(mut self) {
         self.gateway.stop().await;
-        if let Some(mut app) = self.command_api.take() {
-            app.stop().await;
-        }
-        if let Some(app) = self.fraud_worker.take() {
-            app.cleanup().await;
-        }
-        if let Some(mut app) = self.projector.take() {
-            app.stop().await;
-            app.flush_cache()
-                .await
-                .expect("the projector's cache keys are deleted");
-        }
         if let Some(database) = self.database.take() {
             database
                 .drop_database()
                 .await
                 .expect("the scratch database drops");
-        }
-        if let Some(prefix) = self.amqp_prefix.take() {
-            command_api::testing::delete_topology(&prefix)
-                .await
-                .expect("command-api's test topology is deleted");
         }
     }
 
@@ -220,31 +157,17 @@ impl Harness {
         let body: Value = response.json().await.expect("JSON");
         body["access_token"].as_str().expect("a token").to_owned()
     }
-
-    /// A new customer, registered and logged in through the gateway.
-    pub async fn customer(&self) -> (Uuid, String) {
-        let username = unique_username("cust");
-        let id = self.register(&username).await;
-        (id, self.token(&username, PASSWORD).await)
-    }
 }
 
 impl Drop for Harness {
-    /// A test that failed before `finish` still drops its database and topology, on a thread
-    /// with a runtime of its own (the test's runtime is unwinding).
+    /// A test that failed before `finish` still drops its database, on a thread with a runtime
+    /// of its own (the test's runtime is unwinding).
     fn drop(&mut self) {
-        let database = self.database.take();
-        let prefix = self.amqp_prefix.take();
-        if database.is_none() && prefix.is_none() {
+        let Some(database) = self.database.take() else {
             return;
-        }
+        };
         infra::tasks::block_on_own_runtime(async move {
-            if let Some(database) = database {
-                let _ = database.drop_database().await;
-            }
-            if let Some(prefix) = prefix {
-                let _ = command_api::testing::delete_topology(&prefix).await;
-            }
+            let _ = database.drop_database().await;
         });
     }
 }

@@ -1,11 +1,7 @@
-//! The projector's integration tests: command-api (with its saga, relay and decision consumer)
-//! and the projector on one scratch database per test, against real PostgreSQL, RabbitMQ and
-//! Redis, each test with its own AMQP prefix and Redis key prefix.
+//! The projector's integration tests: the conformance suites of its seams (the read models on
+//! PostgreSQL and SQLite, the cache on Redis and in memory) and the embedded wiring on one SQLite
+//! file. The tests that drive the projector with command-api's real write side are in
+//! `system-tests/tests/read_side`.
 
 mod cache;
-mod queries;
 mod read_models;
-mod rebuild;
-mod runner;
-mod support;
-mod verify;

@@ -1,4 +1,5 @@
-//! Benchmark of the read side: `cargo bench -p projector --bench read_side [-- rebuild|get|lag]`.
+//! Benchmark of the read side:
+//! `cargo bench -p system-tests --bench read_side [-- rebuild|get|lag]`.
 //!
 //! - **rebuild**: bulk-loads `BENCH_EVENTS` (default 1,000,000) domain-valid events into a
 //!   scratch event store (deposits, then transfers between random accounts, each driven through

@@ -1,4 +1,4 @@
-//! Benchmark of the gateway's proxy: `cargo bench -p gateway --bench proxy`.
+//! Benchmark of the gateway's proxy: `cargo bench -p system-tests --bench proxy`.
 //!
 //! Starts a real fraud worker (RabbitMQ, Redis) and the gateway in front of it (on a scratch
 //! PostgreSQL database), then sends the same authenticated `GET /api/v1/fraud/rules` as an

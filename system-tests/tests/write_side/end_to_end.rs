@@ -16,6 +16,7 @@ use lapin::types::FieldTable;
 use rand::Rng;
 use reqwest::StatusCode;
 use serde_json::{Value, json};
+use system_tests::binary;
 use tokio::sync::{Mutex, oneshot};
 use uuid::Uuid;
 
@@ -320,17 +321,6 @@ async fn with_the_fraud_worker_stopped_transactions_time_out_and_release_their_h
 }
 
 const KILL_TEST_TRANSFERS: usize = 1_000;
-
-fn binary(name: &str) -> std::path::PathBuf {
-    let command_api = std::path::Path::new(env!("CARGO_BIN_EXE_command-api"));
-    let path = command_api.with_file_name(name);
-    assert!(
-        path.exists(),
-        "{} is missing: build every binary first (cargo build --workspace --bins)",
-        path.display()
-    );
-    path
-}
 
 fn output() -> Stdio {
     if std::env::var_os("TEST_LOG").is_some() {

@@ -1,4 +1,4 @@
-//! What the projector's tests share: command-api and the projector on one scratch database,
+//! What the read side's tests share: command-api and the projector on one scratch database,
 //! HTTP calls to both, waiting (with deadlines) for settlement and for the read side to catch
 //! up, and the verifier. Cleanup runs on success (`finish`) and on failure (`Drop`).
 
