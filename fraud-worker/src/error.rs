@@ -29,6 +29,9 @@ pub enum Error {
         #[source]
         source: sqlx::Error,
     },
+    /// A window's total would leave i64 (embedded mode): the payment is not counted.
+    #[error("the velocity window's total overflows 64 bits")]
+    Overflow,
     /// A batch of velocity counts failed as a whole (embedded mode): the reason, shared by every
     /// count of the batch; each is retried.
     #[error("counting payments failed: {message}")]

@@ -47,3 +47,53 @@ mod on_sqlite {
 
     fraud_worker::velocity_conformance!(fresh);
 }
+
+/// A directory whose counters were written before the running totals existed (migration 1
+/// only) keeps its windows: migration 2 fills each account's total from its entries.
+#[tokio::test]
+async fn the_totals_migration_keeps_the_windows_already_counted() {
+    use chrono::Utc;
+    use domain::{AccountId, TransactionId};
+    use fraud_worker::velocity::Payment;
+    use fraud_worker::velocity::sqlite::MIGRATIONS;
+
+    let directory = tempfile::tempdir().expect("a temporary directory");
+    let path = directory.path().join("ledger.sqlite");
+    let pool = infra::sqlite::pool(infra::sqlite::options(&path, true), 4)
+        .await
+        .expect("opens");
+    infra::sqlite::migrate(&pool, "fraud_velocity", &MIGRATIONS[..1])
+        .await
+        .expect("the first migration applies");
+    let (account, now) = (AccountId(Uuid::new_v4()), Utc::now());
+    for amount in [300_i64, 450] {
+        sqlx::query(
+            "INSERT INTO velocity_entries (account_id, transaction_id, amount_minor, created_ms) \
+             VALUES (?, ?, ?, ?)",
+        )
+        .bind(account.to_string())
+        .bind(Uuid::new_v4().to_string())
+        .bind(amount)
+        .bind(now.timestamp_millis())
+        .execute(&pool)
+        .await
+        .expect("an entry of the old schema");
+    }
+    let counters = SqliteCounters::open(pool)
+        .await
+        .expect("migrates to the totals");
+    let payment = Payment {
+        account_id: account,
+        transaction_id: TransactionId(Uuid::new_v4()),
+        amount_minor: 50,
+        created_at: now,
+    };
+    let total = counters
+        .record(&payment, 600_000, 10_000)
+        .await
+        .expect("counts");
+    assert_eq!(
+        total, 800,
+        "the entries counted before the upgrade are in the total"
+    );
+}
