@@ -11,7 +11,6 @@ use std::time::{Duration, Instant};
 
 use infra::auth::{JwtSigner, Role, TokenConfig};
 use infra::db::ScratchDatabase;
-use infra::testing::{admin_url, amqp_url, redis_url};
 use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -19,6 +18,30 @@ use uuid::Uuid;
 
 pub mod deployment;
 pub mod embedded;
+
+/// The servers the kit starts systems on. The same variables and defaults as
+/// `infra::testing`'s, read here so the kit, which is a library that `cargo build --workspace
+/// --bins` compiles, does not turn on infra's `testing` feature for every binary of the build.
+pub mod servers {
+    /// The server that holds the scratch databases: `TEST_DATABASE_URL`, or the local one.
+    pub fn admin_url() -> String {
+        std::env::var("TEST_DATABASE_URL")
+            .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_owned())
+    }
+
+    /// The broker: `TEST_AMQP_URL`, or the local one.
+    pub fn amqp_url() -> String {
+        std::env::var("TEST_AMQP_URL")
+            .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".to_owned())
+    }
+
+    /// Redis: `TEST_REDIS_URL`, or the local one.
+    pub fn redis_url() -> String {
+        std::env::var("TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".to_owned())
+    }
+}
+
+use servers::{admin_url, amqp_url, redis_url};
 
 /// The secret every service of a test system shares.
 pub const SECRET: &str = "system-test-secret-of-at-least-thirty-two-bytes";
