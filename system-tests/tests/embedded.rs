@@ -290,17 +290,43 @@ async fn kill_9_of_ledger_serve_loses_nothing_and_applies_nothing_twice() {
         },
     )
     .await;
+    // Final is not yet settled: a confirmed transfer's hold becomes a debit a moment later
+    // (SPEC §3, in flight). Wait until no account holds anything, then count the money.
+    let balances = |accounts: Arc<Vec<String>>| {
+        let (client, base, token) = (client.clone(), base.clone(), customer_token.clone());
+        async move {
+            let mut balances = Vec::new();
+            for account in accounts.iter() {
+                let body: Value = client
+                    .get(format!("{base}/api/v1/accounts/{account}/balance"))
+                    .bearer_auth(&token)
+                    .send()
+                    .await
+                    .expect("balance answers")
+                    .json()
+                    .await
+                    .expect("JSON");
+                balances.push(body);
+            }
+            balances
+        }
+    };
+    eventually(
+        "every hold settled or released",
+        Duration::from_secs(60),
+        || {
+            let balances = balances(accounts.clone());
+            async move {
+                balances
+                    .await
+                    .iter()
+                    .all(|body| body["available"] == body["balance"])
+            }
+        },
+    )
+    .await;
     let mut total_minor = 0_i64;
-    for account in accounts.iter() {
-        let body: Value = client
-            .get(format!("{base}/api/v1/accounts/{account}/balance"))
-            .bearer_auth(&customer_token)
-            .send()
-            .await
-            .expect("balance answers")
-            .json()
-            .await
-            .expect("JSON");
+    for body in balances(accounts.clone()).await {
         let balance = body["balance"].as_str().expect("a balance");
         assert_eq!(body["available"].as_str(), Some(balance), "nothing held");
         let (units, cents) = balance.split_once('.').expect("two decimals");
