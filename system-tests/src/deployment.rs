@@ -271,29 +271,33 @@ impl Session {
     /// Waits until transaction `id` is CONFIRMED or REJECTED and says which. (Its settlement
     /// on the accounts follows; [`Session::account_when`] waits for a balance.)
     pub async fn final_status(&self, id: Uuid) -> String {
-        let mut seen = Value::Null;
-        let waited = tokio::time::timeout(Duration::from_secs(30), async {
-            loop {
-                let answer = self.get(&format!("/api/v1/transactions/{id}")).await;
-                if let Some(status @ ("CONFIRMED" | "REJECTED")) = answer.body["status"].as_str() {
-                    return status.to_owned();
-                }
-                seen = answer.body;
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-        })
-        .await;
-        waited.unwrap_or_else(|_| panic!("transaction {id} never became final: {seen}"))
+        let body = self
+            .get_until(&format!("/api/v1/transactions/{id}"), "final", |body| {
+                ["CONFIRMED", "REJECTED"].contains(&body["status"].as_str().unwrap_or(""))
+            })
+            .await;
+        body["status"].as_str().unwrap_or_default().to_owned()
     }
 
     /// `GET /accounts/{id}` once its read model shows `balance` (the projector follows the log
     /// on its own).
     pub async fn account_when(&self, account: Uuid, balance: &str) -> Value {
+        self.get_until(
+            &format!("/api/v1/accounts/{account}"),
+            &format!("at {balance}"),
+            |body| body["balance"] == balance,
+        )
+        .await
+    }
+
+    /// GETs `path` every 50 ms until its body satisfies `wanted` and returns that body; fails
+    /// the test after 30 s, showing the last body seen.
+    async fn get_until(&self, path: &str, what: &str, wanted: impl Fn(&Value) -> bool) -> Value {
         let mut seen = Value::Null;
-        let found = tokio::time::timeout(Duration::from_secs(30), async {
+        let waited = tokio::time::timeout(Duration::from_secs(30), async {
             loop {
-                let answer = self.get(&format!("/api/v1/accounts/{account}")).await;
-                if answer.body["balance"] == balance {
+                let answer = self.get(path).await;
+                if wanted(&answer.body) {
                     return answer.body;
                 }
                 seen = answer.body;
@@ -301,6 +305,6 @@ impl Session {
             }
         })
         .await;
-        found.unwrap_or_else(|_| panic!("account {account} never showed {balance}: {seen}"))
+        waited.unwrap_or_else(|_| panic!("{path} never {what}: {seen}"))
     }
 }

@@ -22,21 +22,15 @@ use uuid::Uuid;
 /// One `#[tokio::test]` per scenario and mode, each on a fresh deployment of its own.
 macro_rules! in_both_modes {
     ($($scenario:ident),* $(,)?) => {
-        mod distributed {
+        in_both_modes!(@mode distributed, Distributed; $($scenario),*);
+        in_both_modes!(@mode embedded, Embedded; $($scenario),*);
+    };
+    (@mode $module:ident, $mode:ident; $($scenario:ident),*) => {
+        mod $module {
             $(
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                 async fn $scenario() {
-                    let deployment = super::Deployment::start(super::Mode::Distributed).await;
-                    super::$scenario(&deployment).await;
-                    deployment.finish().await;
-                }
-            )*
-        }
-        mod embedded {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $scenario() {
-                    let deployment = super::Deployment::start(super::Mode::Embedded).await;
+                    let deployment = super::Deployment::start(super::Mode::$mode).await;
                     super::$scenario(&deployment).await;
                     deployment.finish().await;
                 }

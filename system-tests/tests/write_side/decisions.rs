@@ -14,7 +14,7 @@ use lapin::{Channel, Connection};
 use serde_json::json;
 use uuid::Uuid;
 
-use crate::support::{Harness, balance_of};
+use crate::support::{Audited, Harness, balance_of};
 
 async fn channel() -> (Connection, Channel) {
     let connection = amqp::connect(&command_api::testing::amqp_url())

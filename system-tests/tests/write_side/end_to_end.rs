@@ -21,7 +21,8 @@ use tokio::sync::{Mutex, oneshot};
 use uuid::Uuid;
 
 use crate::support::{
-    Harness, Running, balance_of, declare_tap, eventually, free_port, kill, post_until_accepted,
+    Audited, Harness, Running, balance_of, declare_tap, eventually, free_port, kill,
+    post_until_accepted,
 };
 
 /// A fraud worker running in this process on the harness's topology.

@@ -15,7 +15,7 @@ use serde_json::json;
 use std::collections::HashMap;
 use uuid::Uuid;
 
-use crate::support::{Harness, balance_of};
+use crate::support::{Audited, Harness, balance_of};
 
 #[tokio::test]
 async fn approved_rejected_and_timed_out_transactions_end_as_spec_section_4_says() {

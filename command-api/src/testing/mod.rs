@@ -16,6 +16,8 @@ use crate::error::Result;
 use crate::saga::Saga;
 use crate::startup::App;
 
+pub mod harness;
+
 pub use infra::testing::{TEST_JWT_SECRET, admin_url, amqp_url, init_test_logging};
 
 /// Deletes a test's RabbitMQ topology.
