@@ -10,7 +10,8 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use infra::log::LogPosition;
 use infra::sqlite::Migration;
-use sqlx::{PgPool, SqlitePool};
+use sqlx::sqlite::Sqlite;
+use sqlx::{PgPool, QueryBuilder, SqlitePool};
 use uuid::Uuid;
 
 use crate::error::{DatabaseContext, Result};
@@ -20,6 +21,9 @@ use crate::error::{DatabaseContext, Result};
 const RETRY_FIRST_MS: i64 = 1_000;
 /// The longest wait between retries of a failing step.
 const RETRY_MAX_MS: i64 = 60_000;
+
+/// Rows per statement of a saga batch on SQLite: far under its 32,766 parameters.
+const SQLITE_ROWS_PER_STATEMENT: usize = 512;
 
 /// Where a transaction stands after a saga batch.
 #[derive(Debug, Clone, PartialEq)]
@@ -269,55 +273,91 @@ impl FollowerState for SqliteFollowerState {
         checkpoint: Option<LogPosition>,
         progress: &[SagaProgress],
     ) -> Result<()> {
+        // A few statements per batch, not one per transaction: each is a round trip to the
+        // connection's thread while this holds the file's one write connection.
         let now = Utc::now().timestamp_millis();
+        let mut done: Vec<String> = Vec::new();
+        let mut waiting: Vec<(String, &str, i64)> = Vec::new();
+        let mut failed: Vec<(String, &str, &str)> = Vec::new();
+        for item in progress {
+            let id = item.transaction_id.to_string();
+            match &item.state {
+                InFlight::Done => done.push(id),
+                InFlight::Waiting { until } => {
+                    waiting.push((id, &item.correlation_id, until.timestamp_millis()));
+                }
+                InFlight::Failed { error } => failed.push((id, &item.correlation_id, error)),
+            }
+        }
         let mut transaction = self
             .pool
             .begin_with("BEGIN IMMEDIATE")
             .await
             .context("starting a saga batch")?;
-        for item in progress {
-            let id = item.transaction_id.to_string();
-            match &item.state {
-                InFlight::Done => {
-                    sqlx::query("DELETE FROM saga_inflight WHERE transaction_id = ?")
-                        .bind(&id)
-                        .execute(&mut *transaction)
-                        .await
-                        .context("removing a finished transaction")?;
-                }
-                InFlight::Waiting { until } => {
-                    sqlx::query(
-                        "INSERT INTO saga_inflight (transaction_id, correlation_id, due_at_ms) \
-                         VALUES (?1, ?2, ?3) ON CONFLICT (transaction_id) DO UPDATE \
-                         SET due_at_ms = excluded.due_at_ms, attempts = 0, last_error = NULL",
-                    )
-                    .bind(&id)
-                    .bind(&item.correlation_id)
-                    .bind(until.timestamp_millis())
-                    .execute(&mut *transaction)
-                    .await
-                    .context("recording a waiting transaction")?;
-                }
-                InFlight::Failed { error } => {
-                    sqlx::query(
-                        "INSERT INTO saga_inflight \
-                             (transaction_id, correlation_id, due_at_ms, attempts, last_error) \
-                         VALUES (?1, ?2, ?3 + ?4, 1, ?5) ON CONFLICT (transaction_id) DO UPDATE \
-                         SET attempts = saga_inflight.attempts + 1, \
-                             last_error = excluded.last_error, \
-                             due_at_ms = ?3 + min(?4 << min(saga_inflight.attempts, 16), ?6)",
-                    )
-                    .bind(&id)
-                    .bind(&item.correlation_id)
-                    .bind(now)
-                    .bind(RETRY_FIRST_MS)
-                    .bind(error)
-                    .bind(RETRY_MAX_MS)
-                    .execute(&mut *transaction)
-                    .await
-                    .context("recording a failed transaction")?;
-                }
-            }
+        for chunk in done.chunks(SQLITE_ROWS_PER_STATEMENT) {
+            let mut query =
+                QueryBuilder::<Sqlite>::new("DELETE FROM saga_inflight WHERE transaction_id IN ");
+            query.push_tuples(chunk, |mut tuple, id| {
+                tuple.push_bind(id);
+            });
+            query
+                .build()
+                .execute(&mut *transaction)
+                .await
+                .context("removing finished transactions")?;
+        }
+        for chunk in waiting.chunks(SQLITE_ROWS_PER_STATEMENT) {
+            let mut query = QueryBuilder::<Sqlite>::new(
+                "INSERT INTO saga_inflight (transaction_id, correlation_id, due_at_ms) ",
+            );
+            query.push_values(chunk, |mut values, (id, correlation, until)| {
+                values
+                    .push_bind(id)
+                    .push_bind(*correlation)
+                    .push_bind(*until);
+            });
+            query.push(
+                " ON CONFLICT (transaction_id) DO UPDATE \
+                 SET due_at_ms = excluded.due_at_ms, attempts = 0, last_error = NULL",
+            );
+            query
+                .build()
+                .execute(&mut *transaction)
+                .await
+                .context("recording waiting transactions")?;
+        }
+        for chunk in failed.chunks(SQLITE_ROWS_PER_STATEMENT) {
+            let mut query = QueryBuilder::<Sqlite>::new(
+                "INSERT INTO saga_inflight \
+                     (transaction_id, correlation_id, due_at_ms, attempts, last_error) ",
+            );
+            query.push_values(chunk, |mut values, (id, correlation, error)| {
+                values
+                    .push_bind(id)
+                    .push_bind(*correlation)
+                    .push_bind(now + RETRY_FIRST_MS)
+                    .push_bind(1_i64)
+                    .push_bind(*error);
+            });
+            // Failed steps are retried with exponential back-off, capped at a minute.
+            query.push(
+                " ON CONFLICT (transaction_id) DO UPDATE \
+                 SET attempts = saga_inflight.attempts + 1, \
+                     last_error = excluded.last_error, \
+                     due_at_ms = ",
+            );
+            query
+                .push_bind(now)
+                .push(" + min(")
+                .push_bind(RETRY_FIRST_MS)
+                .push(" << min(saga_inflight.attempts, 16), ")
+                .push_bind(RETRY_MAX_MS)
+                .push(")");
+            query
+                .build()
+                .execute(&mut *transaction)
+                .await
+                .context("recording failed transactions")?;
         }
         if let Some(position) = checkpoint {
             store_sqlite_checkpoint(&mut *transaction, crate::saga::CHECKPOINT, position).await?;

@@ -67,15 +67,6 @@ pub async fn pool(options: SqliteConnectOptions, max_connections: u32) -> Result
         .context("opening a SQLite database")
 }
 
-/// A dedicated connection (a writer that owns its session), checked durable.
-pub async fn connection(options: &SqliteConnectOptions) -> Result<SqliteConnection> {
-    let mut connection = SqliteConnection::connect_with(options)
-        .await
-        .context("opening a SQLite connection")?;
-    assert_durable(&mut connection).await?;
-    Ok(connection)
-}
-
 /// Refuses a connection that is not in WAL mode with `synchronous=FULL`.
 pub async fn assert_durable(connection: &mut SqliteConnection) -> Result<()> {
     let synchronous: i64 = sqlx::query_scalar("PRAGMA synchronous")

@@ -11,19 +11,22 @@
 //!
 //! **Group commit.** Every count goes through one writer task, which takes whatever counts are
 //! waiting (up to [`BATCH_MAX`]) and runs them one after the other in one `BEGIN IMMEDIATE`
-//! transaction, each inside a savepoint of its own: a count that fails (an overflow) is rolled
-//! back alone and answered with its error, the others commit. One fsync then carries a whole
-//! batch of the fraud consumer's concurrent messages instead of one each (the embedded bench's
-//! bottleneck, decision 44). The counts of a batch run in sequence in one write transaction, so
-//! two payments of one account still never both see the sum without the other, and a count is
-//! answered only after its batch committed.
+//! transaction: the batch's running totals are read in one statement, kept in memory while its
+//! counts run (two statements each), and written back in one. A count that fails on its own (an
+//! overflow) is answered with its error and the batch runs again without it, so the others
+//! commit. One fsync then carries a whole batch of the fraud consumer's concurrent messages
+//! instead of one each (the embedded bench's bottleneck, decision 44), and the batch holds the
+//! file's one write connection for few round trips. The counts of a batch run in sequence in
+//! one write transaction, so two payments of one account still never both see the sum without
+//! the other, and a count is answered only after its batch committed.
 
+use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
 use async_trait::async_trait;
 use futures::future::BoxFuture;
-use sqlx::sqlite::SqlitePool;
-use sqlx::{Connection, SqliteConnection};
+use sqlx::sqlite::{Sqlite, SqlitePool};
+use sqlx::{Connection, QueryBuilder, SqliteConnection};
 use tokio::sync::{mpsc, oneshot};
 
 use super::{Payment, VelocityCounters};
@@ -64,7 +67,7 @@ const COMPONENT: &str = "fraud_velocity";
 /// before the message is retried later.
 pub const SQLITE_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Counts per transaction at most. A count is four small statements on an indexed table (tens
+/// Counts per transaction at most. A count is two small statements on an indexed table (tens
 /// of microseconds), so 256 keep a batch's write lock to a few milliseconds; the fraud
 /// consumer hands out far fewer at once.
 pub const BATCH_MAX: usize = 256;
@@ -93,7 +96,9 @@ impl SqliteCounters {
     pub async fn open(pool: SqlitePool) -> Result<Self> {
         infra::sqlite::migrate(&pool, COMPONENT, MIGRATIONS).await?;
         let (writer, queue) = mpsc::channel(QUEUE_CAPACITY);
-        tokio::spawn(write_counts(pool.clone(), queue));
+        // On a thread of its own, like the event log's committer: its statements are round
+        // trips to the connection's thread, made while it holds the file's write lock.
+        infra::tasks::spawn_on_own_thread("velocity-counter", write_counts(pool.clone(), queue))?;
         Ok(SqliteCounters { pool, writer })
     }
 
@@ -161,13 +166,64 @@ async fn write_counts(pool: SqlitePool, mut queue: mpsc::Receiver<Count>) {
 }
 
 /// Runs `batch` in one transaction: each count's own result, or an error for the whole batch
-/// (nothing of it committed).
+/// (nothing of it committed). A count that fails on its own (its total would overflow) is
+/// answered with its error and the batch runs again without it, so nothing of it is kept and
+/// the others commit; that is rare enough that a savepoint per count (two more round trips to
+/// the connection's thread each) would cost more than the rerun.
+async fn write_batch(pool: &SqlitePool, batch: &[Count]) -> Result<Vec<Result<i64>>> {
+    let mut failed: Vec<Option<Error>> = batch.iter().map(|_| None).collect();
+    loop {
+        let counting: Vec<&Count> = batch
+            .iter()
+            .zip(&failed)
+            .filter(|(_, failure)| failure.is_none())
+            .map(|(count, _)| count)
+            .collect();
+        let outcomes = write_counts_once(pool, &counting).await?;
+        let mut answers = outcomes.into_iter();
+        let mut rerun = false;
+        let mut totals = Vec::with_capacity(batch.len());
+        for failure in &mut failed {
+            if failure.is_some() {
+                continue;
+            }
+            match answers.next() {
+                Some(Ok(total)) => totals.push(total),
+                Some(Err(error)) => {
+                    *failure = Some(error);
+                    rerun = true;
+                }
+                None => {
+                    return Err(Error::Batch {
+                        message: "a batch of counts returned too few answers".to_owned(),
+                    });
+                }
+            }
+        }
+        if rerun {
+            continue;
+        }
+        let mut totals = totals.into_iter();
+        return Ok(failed
+            .into_iter()
+            .map(|failure| match failure {
+                Some(error) => Err(error),
+                None => totals.next().ok_or(Error::Batch {
+                    message: "a batch of counts returned too few answers".to_owned(),
+                }),
+            })
+            .collect());
+    }
+}
+
+/// One attempt at `batch`: committed when every count succeeded, rolled back when one failed on
+/// its own (its error in its place). A database error fails the whole batch.
 ///
 /// Boxed with its lifetime spelled out: sqlx's executors on a borrowed connection otherwise
 /// defeat the `Send` check of the spawned writer (rust-lang/rust#100013).
-fn write_batch<'a>(
+fn write_counts_once<'a>(
     pool: &'a SqlitePool,
-    batch: &'a [Count],
+    batch: &'a [&'a Count],
 ) -> BoxFuture<'a, Result<Vec<Result<i64>>>> {
     Box::pin(async move {
         let mut connection = pool
@@ -178,43 +234,95 @@ fn write_batch<'a>(
             .begin_with("BEGIN IMMEDIATE")
             .await
             .map_err(database("starting to count payments"))?;
-        let mut totals = Vec::with_capacity(batch.len());
+        let mut kept = read_totals(&mut transaction, batch).await?;
+        let mut outcomes = Vec::with_capacity(batch.len());
         for count in batch {
-            sqlx::query("SAVEPOINT velocity_count")
-                .execute(&mut *transaction)
-                .await
-                .map_err(database("opening a count's savepoint"))?;
-            let total = count_one(&mut transaction, count).await;
-            if total.is_err() {
-                sqlx::query("ROLLBACK TO velocity_count")
-                    .execute(&mut *transaction)
-                    .await
-                    .map_err(database("rolling a failed count back"))?;
+            let account = count.payment.account_id.to_string();
+            let total = kept.get(&account).copied().unwrap_or(0);
+            let outcome = count_one(&mut transaction, count, &account, total).await?;
+            if let Ok((_, stored)) = &outcome {
+                kept.insert(account, *stored);
             }
-            sqlx::query("RELEASE velocity_count")
-                .execute(&mut *transaction)
-                .await
-                .map_err(database("closing a count's savepoint"))?;
-            totals.push(total);
+            outcomes.push(outcome.map(|(total, _)| total));
         }
+        if outcomes.iter().any(Result::is_err) {
+            transaction
+                .rollback()
+                .await
+                .map_err(database("rolling a batch with a failed count back"))?;
+            return Ok(outcomes);
+        }
+        write_totals(&mut transaction, &kept).await?;
         transaction
             .commit()
             .await
             .map_err(database("committing counts"))?;
-        Ok(totals)
+        Ok(outcomes)
     })
 }
 
-/// One payment's count, inside the batch's transaction: what the Redis script does, on the
-/// account's entries and its running total. The total is kept, not summed, so a count costs the
-/// same whether the account has three payments in its window or thirty thousand.
+/// The running totals of the batch's accounts, in one statement.
+fn read_totals<'a>(
+    connection: &'a mut SqliteConnection,
+    batch: &'a [&'a Count],
+) -> BoxFuture<'a, Result<HashMap<String, i64>>> {
+    Box::pin(async move {
+        let accounts: HashSet<String> = batch
+            .iter()
+            .map(|count| count.payment.account_id.to_string())
+            .collect();
+        let mut query = QueryBuilder::<Sqlite>::new(
+            "SELECT account_id, total_minor FROM velocity_totals WHERE account_id IN ",
+        );
+        query.push_tuples(&accounts, |mut tuple, account| {
+            tuple.push_bind(account);
+        });
+        let rows: Vec<(String, i64)> = query
+            .build_query_as()
+            .fetch_all(&mut *connection)
+            .await
+            .map_err(database("reading the windows' totals"))?;
+        Ok(rows.into_iter().collect())
+    })
+}
+
+/// Keeps the batch's totals, in one statement.
+fn write_totals<'a>(
+    connection: &'a mut SqliteConnection,
+    totals: &'a HashMap<String, i64>,
+) -> BoxFuture<'a, Result<()>> {
+    Box::pin(async move {
+        if totals.is_empty() {
+            return Ok(());
+        }
+        let mut query =
+            QueryBuilder::<Sqlite>::new("INSERT INTO velocity_totals (account_id, total_minor) ");
+        query.push_values(totals, |mut values, (account, total)| {
+            values.push_bind(account).push_bind(*total);
+        });
+        query.push(" ON CONFLICT (account_id) DO UPDATE SET total_minor = excluded.total_minor");
+        query
+            .build()
+            .execute(&mut *connection)
+            .await
+            .map_err(database("keeping the windows' totals"))?;
+        Ok(())
+    })
+}
+
+/// One payment's count, inside the batch's transaction, on the account's running `total`: what
+/// the Redis script does. The total is kept, not summed, so a count costs the same whether the
+/// account has three payments in its window or thirty thousand. `Ok(Ok((total, stored)))`: the
+/// window's total with this payment and the total kept (without it when it is over the limit);
+/// `Ok(Err(_))`: this count failed on its own (the caller rolls back); `Err`: the database did.
 fn count_one<'a>(
     connection: &'a mut SqliteConnection,
     count: &'a Count,
-) -> BoxFuture<'a, Result<i64>> {
+    account: &'a str,
+    total: i64,
+) -> BoxFuture<'a, Result<Result<(i64, i64)>>> {
     Box::pin(async move {
         let payment = &count.payment;
-        let account = payment.account_id.to_string();
         let transaction_id = payment.transaction_id.to_string();
         let created_ms = payment.created_at.timestamp_millis();
         let cutoff_ms = created_ms.saturating_sub(count.window_ms);
@@ -222,7 +330,7 @@ fn count_one<'a>(
             "DELETE FROM velocity_entries WHERE account_id = ? AND created_ms <= ? \
              RETURNING amount_minor",
         )
-        .bind(&account)
+        .bind(account)
         .bind(cutoff_ms)
         .fetch_all(&mut *connection)
         .await
@@ -231,7 +339,7 @@ fn count_one<'a>(
             "INSERT INTO velocity_entries (account_id, transaction_id, amount_minor, created_ms) \
              VALUES (?, ?, ?, ?) ON CONFLICT (account_id, transaction_id) DO NOTHING",
         )
-        .bind(&account)
+        .bind(account)
         .bind(&transaction_id)
         .bind(payment.amount_minor)
         .bind(created_ms)
@@ -240,20 +348,18 @@ fn count_one<'a>(
         .map_err(database("counting a payment"))?
         .rows_affected()
             == 1;
-        let kept: Option<i64> =
-            sqlx::query_scalar("SELECT total_minor FROM velocity_totals WHERE account_id = ?")
-                .bind(&account)
-                .fetch_optional(&mut *connection)
-                .await
-                .map_err(database("reading the window's total"))?;
-        let mut total = kept.unwrap_or(0);
+        let mut total = total;
         for amount in expired {
-            total = total.checked_sub(amount).ok_or(Error::Overflow)?;
+            let Some(less) = total.checked_sub(amount) else {
+                return Ok(Err(Error::Overflow));
+            };
+            total = less;
         }
         if inserted {
-            total = total
-                .checked_add(payment.amount_minor)
-                .ok_or(Error::Overflow)?;
+            let Some(more) = total.checked_add(payment.amount_minor) else {
+                return Ok(Err(Error::Overflow));
+            };
+            total = more;
         }
         let mut stored = total;
         if total > count.limit_minor {
@@ -261,28 +367,20 @@ fn count_one<'a>(
             let removed = sqlx::query(
                 "DELETE FROM velocity_entries WHERE account_id = ? AND transaction_id = ?",
             )
-            .bind(&account)
+            .bind(account)
             .bind(&transaction_id)
             .execute(&mut *connection)
             .await
             .map_err(database("taking a rejected payment out"))?
             .rows_affected();
             if removed == 1 {
-                stored = total
-                    .checked_sub(payment.amount_minor)
-                    .ok_or(Error::Overflow)?;
+                let Some(less) = total.checked_sub(payment.amount_minor) else {
+                    return Ok(Err(Error::Overflow));
+                };
+                stored = less;
             }
         }
-        sqlx::query(
-            "INSERT INTO velocity_totals (account_id, total_minor) VALUES (?, ?) \
-             ON CONFLICT (account_id) DO UPDATE SET total_minor = excluded.total_minor",
-        )
-        .bind(&account)
-        .bind(stored)
-        .execute(&mut *connection)
-        .await
-        .map_err(database("keeping the window's total"))?;
-        Ok(total)
+        Ok(Ok((total, stored)))
     })
 }
 

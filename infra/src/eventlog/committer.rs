@@ -97,6 +97,25 @@ impl GroupCommitter {
         }
     }
 
+    /// As [`GroupCommitter::start`], with the committer task on a thread of its own
+    /// ([`crate::tasks::spawn_on_own_thread`]): for a writer whose every statement is a round
+    /// trip to another thread (SQLite's).
+    pub fn start_on_own_thread<W: BatchWriter>(
+        writer: W,
+        committed: watch::Sender<u64>,
+        settings: CommitterSettings,
+    ) -> Result<Self> {
+        let (sender, receiver) = mpsc::channel(settings.queue_capacity);
+        crate::tasks::spawn_on_own_thread(
+            "event-log-committer",
+            run(writer, receiver, committed, settings),
+        )?;
+        Ok(GroupCommitter {
+            sender,
+            deadline: settings.deadline,
+        })
+    }
+
     /// Appends through the next batch. The same stream may appear only once in `appends`.
     pub async fn submit(&self, appends: Vec<Append>) -> Result<Vec<AppendOutcome>> {
         if appends.is_empty() {

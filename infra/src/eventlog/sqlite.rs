@@ -1,10 +1,17 @@
 //! The event log on SQLite, for the embedded mode: the same columns as on PostgreSQL (sqlite-es's
 //! `events` table plus what the log needs), in a file of the data directory.
 //!
-//! **Commit order.** One writer appends at a time (the committer task, on a connection of its
-//! own, in `BEGIN IMMEDIATE` transactions), so the `position` row id is assigned in commit order
-//! and no row ever appears later below another: a follower reads `position > checkpoint`, with no
-//! gap problem (NOTES). A [`LogPosition`] is `(position, 0)`.
+//! **Commit order.** One writer appends at a time (the committer task, in `BEGIN IMMEDIATE`
+//! transactions), so the `position` row id is assigned in commit order and no row ever appears
+//! later below another: a follower reads `position > checkpoint`, with no gap problem (NOTES). A
+//! [`LogPosition`] is `(position, 0)`.
+//!
+//! **One write connection per file.** The committer takes its connection from a writer pool for
+//! each batch. Give that pool one connection and share it with every other writer of the file
+//! (`ledger serve` does): writers then wait their turn in the pool's queue, in order, instead of
+//! in SQLite's busy handler, which sleeps 1, 2, 5, 10… 100 ms between tries. With a writer
+//! connection of its own the committer lost about 90 % of its time in those sleeps whenever the
+//! fraud counters or a checkpoint held the lock (docs/benchmarks.md).
 //!
 //! **Appends** are group-committed like PostgreSQL's: every waiting append in one transaction and
 //! one fsync. Inside it each append checks its stream's version itself; nobody else writes the
@@ -13,6 +20,7 @@
 //!
 //! **Loads** of one stream go through sqlite-es's repository.
 
+use std::collections::HashMap;
 use std::path::Path;
 use std::time::Duration;
 
@@ -20,15 +28,15 @@ use async_trait::async_trait;
 use chrono::{DateTime, SecondsFormat, Utc};
 use cqrs_es::persist::PersistedEventRepository;
 use sqlite_es::SqliteEventRepository;
-use sqlx::sqlite::{SqliteConnectOptions, SqliteConnection, SqlitePool, SqliteRow};
-use sqlx::{Connection, Row};
+use sqlx::sqlite::{Sqlite, SqliteConnection, SqlitePool, SqliteRow};
+use sqlx::{Connection, QueryBuilder, Row as _};
 use tokio::sync::watch;
 use uuid::Uuid;
 
 use super::committer::{BatchWriter, CommitterSettings, GroupCommitter};
 use super::{
-    Append, AppendOutcome, EventLog, EventMetadata, Lag, LogFilter, LogPosition, RecordedEvent,
-    Snapshot, StreamEvent, StreamId, Wakeups, streams,
+    Append, AppendOutcome, EventLog, EventMetadata, Lag, LogFilter, LogPosition, NewEvent,
+    RecordedEvent, Snapshot, StreamEvent, StreamId, Wakeups, streams,
 };
 use crate::error::{DatabaseContext, Error, Result};
 use crate::log::LAG_COUNT_CAP;
@@ -56,27 +64,27 @@ pub struct SqliteEventLog {
 }
 
 impl SqliteEventLog {
-    /// Opens the log in the database of `pool` (its reads), migrating it, with a committer on a
-    /// connection of its own when `writer` is given.
+    /// Opens the log in the database of `pool` (its reads), migrating it, with a committer that
+    /// writes through `writers` when given (module documentation: give it one connection, shared
+    /// with the file's other writers).
     pub async fn open(
         pool: SqlitePool,
-        writer: Option<SqliteConnectOptions>,
+        writers: Option<SqlitePool>,
         settings: CommitterSettings,
     ) -> Result<SqliteEventLog> {
-        if writer.is_some() {
-            crate::sqlite::migrate(&pool, COMPONENT, MIGRATIONS).await?;
+        if let Some(writers) = &writers {
+            crate::sqlite::migrate(writers, COMPONENT, MIGRATIONS).await?;
         }
         let (wakeups, _) = watch::channel(0_u64);
-        let committer = writer.map(|options| {
-            GroupCommitter::start(
-                SqliteWriter {
-                    options,
-                    connection: None,
-                },
-                wakeups.clone(),
-                settings,
-            )
-        });
+        let committer = writers
+            .map(|writers| {
+                GroupCommitter::start_on_own_thread(
+                    SqliteWriter { writers },
+                    wakeups.clone(),
+                    settings,
+                )
+            })
+            .transpose()?;
         Ok(SqliteEventLog {
             repository: SqliteEventRepository::new(pool.clone())
                 .with_tables("events", "sqlite_es_snapshots"),
@@ -86,11 +94,13 @@ impl SqliteEventLog {
         })
     }
 
-    /// Opens the log in the file at `path` (created if missing), writable.
+    /// Opens the log in the file at `path` (created if missing), writable, with a writer
+    /// connection of its own.
     pub async fn open_file(path: &Path, read_connections: u32) -> Result<SqliteEventLog> {
         let options = crate::sqlite::options(path, true);
-        let pool = crate::sqlite::pool(options.clone(), read_connections).await?;
-        Self::open(pool, Some(options), CommitterSettings::default()).await
+        let writers = crate::sqlite::pool(options.clone(), 1).await?;
+        let pool = crate::sqlite::pool(options, read_connections).await?;
+        Self::open(pool, Some(writers), CommitterSettings::default()).await
     }
 
     pub fn pool(&self) -> &SqlitePool {
@@ -294,90 +304,183 @@ fn decode(row: &SqliteRow) -> Result<RecordedEvent> {
     })
 }
 
-/// The committer's side: one dedicated connection, reconnected after a failure.
+/// The committer's side: a connection of the writer pool per batch.
 struct SqliteWriter {
-    options: SqliteConnectOptions,
-    connection: Option<SqliteConnection>,
+    writers: SqlitePool,
 }
 
 #[async_trait]
 impl BatchWriter for SqliteWriter {
     async fn write(&mut self, appends: &[Append]) -> Result<Vec<AppendOutcome>> {
-        if self.connection.is_none() {
-            self.connection = Some(crate::sqlite::connection(&self.options).await?);
+        let mut connection = self
+            .writers
+            .acquire()
+            .await
+            .context("acquiring the event log's writer connection")?;
+        let written = write_batch(&mut connection, appends).await;
+        if written.is_err() {
+            // The session may be mid-transaction: the pool opens a fresh one next time.
+            connection.close_on_drop();
         }
-        let Some(connection) = self.connection.as_mut() else {
-            return Err(Error::CommitFailed("no writer connection".to_owned()));
-        };
-        match write_batch(connection, appends).await {
-            Ok(outcomes) => Ok(outcomes),
-            Err(error) => {
-                // The session may be mid-transaction: start afresh next time.
-                self.connection = None;
-                Err(error)
-            }
-        }
+        written
     }
 }
 
+/// Streams or events per statement of a batch: up to 9 parameters each, far under SQLite's
+/// 32,766, and few statements per batch.
+const ROWS_PER_STATEMENT: usize = 512;
+
+/// Writes a batch in one transaction with a handful of statements, whatever its size: one read
+/// of the streams' versions, one multi-row `INSERT` per [`ROWS_PER_STATEMENT`] events. Every
+/// statement is a round trip to the connection's thread, which on a busy machine costs more
+/// than the work it carries (an `INSERT` per event made a 50-event batch take ~8 ms).
 async fn write_batch(
     connection: &mut SqliteConnection,
     appends: &[Append],
 ) -> Result<Vec<AppendOutcome>> {
     let recorded_at = Utc::now().to_rfc3339_opts(SecondsFormat::Micros, true);
+    let mut rows: Vec<Row<'_>> = Vec::new();
+    for (index, append) in appends.iter().enumerate() {
+        let expected = i64::try_from(append.expected_version)
+            .map_err(|_| Error::Config("expected version out of range".to_owned()))?;
+        for (offset, event) in append.events.iter().enumerate() {
+            rows.push(Row {
+                append: index,
+                sequence: expected + 1 + offset as i64,
+                event,
+                metadata: serde_json::to_string(&event.metadata)
+                    .map_err(|error| Error::Config(format!("metadata: {error}")))?,
+            });
+        }
+    }
     let mut transaction = connection
         .begin_with("BEGIN IMMEDIATE")
         .await
         .context("starting an event log batch")?;
-    let mut outcomes = Vec::with_capacity(appends.len());
-    for append in appends {
-        let current: i64 = sqlx::query_scalar(
-            "SELECT coalesce(max(sequence), 0) FROM events \
-             WHERE aggregate_type = ? AND aggregate_id = ?",
-        )
-        .bind(&append.stream.aggregate_type)
-        .bind(&append.stream.aggregate_id)
-        .fetch_one(&mut *transaction)
-        .await
-        .context("reading a stream's version")?;
-        let expected = i64::try_from(append.expected_version)
-            .map_err(|_| Error::Config("expected version out of range".to_owned()))?;
-        if current != expected {
-            outcomes.push(already_written(&mut transaction, append, expected).await?);
-            continue;
+    let versions = stream_versions(&mut transaction, appends).await?;
+    let mut outcomes: Vec<Option<AppendOutcome>> = vec![None; appends.len()];
+    for (index, append) in appends.iter().enumerate() {
+        let expected = i64::try_from(append.expected_version).unwrap_or(i64::MAX);
+        if versions[index] != expected {
+            outcomes[index] = Some(already_written(&mut transaction, append, expected).await?);
         }
-        let mut last = 0;
-        for (offset, event) in append.events.iter().enumerate() {
-            let metadata = serde_json::to_string(&event.metadata)
-                .map_err(|error| Error::Config(format!("metadata: {error}")))?;
-            last = sqlx::query_scalar(
-                "INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, \
-                     event_version, payload, metadata, event_id, recorded_at) \
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9) RETURNING position",
-            )
-            .bind(&append.stream.aggregate_type)
-            .bind(&append.stream.aggregate_id)
-            .bind(expected + 1 + offset as i64)
-            .bind(&event.event_type)
-            .bind(&event.event_version)
-            .bind(&event.payload)
-            .bind(metadata)
-            .bind(event.event_id.to_string())
-            .bind(&recorded_at)
-            .fetch_one(&mut *transaction)
-            .await
-            .context("appending an event")?;
-        }
-        outcomes.push(AppendOutcome::Appended {
-            version: append.expected_version + append.events.len() as u64,
-            position: position(last),
+    }
+    rows.retain(|row| outcomes[row.append].is_none());
+    let mut positions: HashMap<(String, String, i64), i64> = HashMap::with_capacity(rows.len());
+    for chunk in rows.chunks(ROWS_PER_STATEMENT) {
+        let mut insert = QueryBuilder::<Sqlite>::new(
+            "INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, \
+             event_version, payload, metadata, event_id, recorded_at) ",
+        );
+        insert.push_values(chunk, |mut values, row| {
+            let stream = &appends[row.append].stream;
+            values
+                .push_bind(&stream.aggregate_type)
+                .push_bind(&stream.aggregate_id)
+                .push_bind(row.sequence)
+                .push_bind(&row.event.event_type)
+                .push_bind(&row.event.event_version)
+                .push_bind(&row.event.payload)
+                .push_bind(&row.metadata)
+                .push_bind(row.event.event_id.to_string())
+                .push_bind(&recorded_at);
         });
+        insert.push(" RETURNING aggregate_type, aggregate_id, sequence, position");
+        let written: Vec<(String, String, i64, i64)> = insert
+            .build_query_as()
+            .fetch_all(&mut *transaction)
+            .await
+            .context("appending events")?;
+        positions.extend(
+            written
+                .into_iter()
+                .map(|(kind, id, sequence, position)| ((kind, id, sequence), position)),
+        );
     }
     transaction
         .commit()
         .await
         .context("committing an event log batch")?;
-    Ok(outcomes)
+    appends
+        .iter()
+        .zip(outcomes)
+        .map(|(append, outcome)| {
+            if let Some(outcome) = outcome {
+                return Ok(outcome);
+            }
+            let version = append.expected_version + append.events.len() as u64;
+            let key = (
+                append.stream.aggregate_type.clone(),
+                append.stream.aggregate_id.clone(),
+                i64::try_from(version).unwrap_or(i64::MAX),
+            );
+            let last = positions.get(&key).copied().ok_or_else(|| {
+                Error::CommitFailed(format!(
+                    "the batch committed, but returned no position for {} at {version}",
+                    append.stream
+                ))
+            })?;
+            Ok(AppendOutcome::Appended {
+                version,
+                position: position(last),
+            })
+        })
+        .collect()
+}
+
+/// One event of a batch, with where it goes.
+struct Row<'a> {
+    /// Its append's index in the batch.
+    append: usize,
+    sequence: i64,
+    event: &'a NewEvent,
+    metadata: String,
+}
+
+/// Each append's stream version now (0 for a new stream), in the order of `appends`.
+async fn stream_versions(
+    connection: &mut SqliteConnection,
+    appends: &[Append],
+) -> Result<Vec<i64>> {
+    let mut versions: HashMap<(String, String), i64> = HashMap::with_capacity(appends.len());
+    for chunk in appends.chunks(ROWS_PER_STATEMENT) {
+        // A correlated lookup per listed stream: `(type, id) IN (VALUES …)` scans the whole
+        // index instead.
+        let mut query = QueryBuilder::<Sqlite>::new(
+            "SELECT streams.column1, streams.column2, \
+                 (SELECT coalesce(max(sequence), 0) FROM events \
+                  WHERE aggregate_type = streams.column1 AND aggregate_id = streams.column2) \
+             FROM (",
+        );
+        query.push_values(chunk, |mut values, append| {
+            values
+                .push_bind(&append.stream.aggregate_type)
+                .push_bind(&append.stream.aggregate_id);
+        });
+        query.push(") AS streams");
+        let found: Vec<(String, String, i64)> = query
+            .build_query_as()
+            .fetch_all(&mut *connection)
+            .await
+            .context("reading the streams' versions")?;
+        versions.extend(
+            found
+                .into_iter()
+                .map(|(kind, id, version)| ((kind, id), version)),
+        );
+    }
+    Ok(appends
+        .iter()
+        .map(|append| {
+            versions
+                .get(&(
+                    append.stream.aggregate_type.clone(),
+                    append.stream.aggregate_id.clone(),
+                ))
+                .copied()
+                .unwrap_or(0)
+        })
+        .collect())
 }
 
 /// The outcome of an append whose expected version is not the stream's: a retry if the
