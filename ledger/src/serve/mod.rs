@@ -60,6 +60,16 @@ const READ_CONNECTIONS: u32 = 8;
 /// four, the busy handler's sleeps held the embedded benchmark to ~350 settled transfers/s).
 const WRITE_CONNECTIONS: u32 = 1;
 
+/// The write connection's page cache, in KiB (SQLite's negative `cache_size`): the indexes an
+/// append touches (the streams' keys are random UUIDs) stay in memory instead of being read back
+/// from the file while the connection holds the write lock. SQLite's default is 2 MiB; the cache
+/// fills only as pages are used.
+const WRITER_CACHE_KIB: &str = "-32768";
+
+/// Transaction events the saga reads per batch: more transactions per round, so each of its
+/// appends carries more of them through the one write connection.
+const SAGA_BATCH_SIZE: usize = 2_048;
+
 /// The fraud rules' consumer on the embedded bus: its checkpoint and poison records.
 const FRAUD_CONSUMER: &str = "fraud-rules";
 
@@ -179,7 +189,11 @@ async fn build(args: &ServeArgs, dir: &DataDir, secrets: &secrets::Secrets) -> R
     // Storage: one SQLite file in DIR.
     let options = infra::sqlite::options(&dir.database(), true);
     let readers = infra::sqlite::pool(options.clone(), READ_CONNECTIONS).await?;
-    let writers = infra::sqlite::pool(options, WRITE_CONNECTIONS).await?;
+    let writers = infra::sqlite::pool(
+        options.pragma("cache_size", WRITER_CACHE_KIB),
+        WRITE_CONNECTIONS,
+    )
+    .await?;
     let log: Arc<dyn EventLog> = Arc::new(
         SqliteEventLog::open(
             readers.clone(),
@@ -204,7 +218,7 @@ async fn build(args: &ServeArgs, dir: &DataDir, secrets: &secrets::Secrets) -> R
         log.clone(),
         follower_state,
         SagaSettings {
-            batch_size: command_api::saga::BATCH_SIZE_DEFAULT,
+            batch_size: SAGA_BATCH_SIZE,
             concurrency: command_api::saga::CONCURRENCY_DEFAULT,
             decision_timeout: chrono::TimeDelta::seconds(
                 i64::try_from(args.fraud_decision_timeout_seconds).unwrap_or(i64::MAX),
