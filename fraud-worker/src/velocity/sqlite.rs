@@ -179,7 +179,12 @@ async fn write_batch(pool: &SqlitePool, batch: &[Count]) -> Result<Vec<Result<i6
             .filter(|(_, failure)| failure.is_none())
             .map(|(count, _)| count)
             .collect();
-        let outcomes = write_counts_once(pool, &counting).await?;
+        let outcomes = if counting.is_empty() {
+            // Every count failed on its own: no transaction to open.
+            Vec::new()
+        } else {
+            write_counts_once(pool, &counting).await?
+        };
         let mut answers = outcomes.into_iter();
         let mut rerun = false;
         let mut totals = Vec::with_capacity(batch.len());

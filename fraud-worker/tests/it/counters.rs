@@ -97,3 +97,58 @@ async fn the_totals_migration_keeps_the_windows_already_counted() {
         "the entries counted before the upgrade are in the total"
     );
 }
+
+/// Counts that fail on their own (each would overflow the window's total), however they fall
+/// into the writer's batches, are each answered with the overflow, not with an error of their
+/// batch, and nothing of them is kept: the writer's reruns without the failed counts (down to
+/// none left) keep each count's own answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_whose_every_count_overflows_answers_each_with_the_overflow() {
+    use chrono::Utc;
+    use domain::{AccountId, TransactionId};
+    use fraud_worker::Error;
+    use fraud_worker::velocity::Payment;
+
+    let directory = tempfile::tempdir().expect("a temporary directory");
+    let path = directory.path().join("ledger.sqlite");
+    let pool = infra::sqlite::pool(infra::sqlite::options(&path, true), 4)
+        .await
+        .expect("opens");
+    let counters = Arc::new(SqliteCounters::open(pool).await.expect("migrates"));
+    let (account, now) = (AccountId(Uuid::new_v4()), Utc::now());
+    let payment = |amount_minor| Payment {
+        account_id: account,
+        transaction_id: TransactionId(Uuid::new_v4()),
+        amount_minor,
+        created_at: now,
+    };
+    let big = i64::MAX - 10;
+    assert_eq!(
+        counters
+            .record(&payment(big), 600_000, i64::MAX)
+            .await
+            .expect("counts"),
+        big
+    );
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..16 {
+        let counters = counters.clone();
+        let overflowing = payment(100);
+        tasks.spawn(async move { counters.record(&overflowing, 600_000, i64::MAX).await });
+    }
+    while let Some(answer) = tasks.join_next().await {
+        let answer = answer.expect("the task ran");
+        assert!(
+            matches!(answer, Err(Error::Overflow)),
+            "each overflowing count is answered with the overflow, got {answer:?}"
+        );
+    }
+    assert_eq!(
+        counters
+            .record(&payment(0), 600_000, i64::MAX)
+            .await
+            .expect("counts"),
+        big,
+        "nothing of the failed counts was kept"
+    );
+}

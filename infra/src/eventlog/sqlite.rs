@@ -9,9 +9,9 @@
 //! **One write connection per file.** The committer takes its connection from a writer pool for
 //! each batch. Give that pool one connection and share it with every other writer of the file
 //! (`ledger serve` does): writers then wait their turn in the pool's queue, in order, instead of
-//! in SQLite's busy handler, which sleeps 1, 2, 5, 10… 100 ms between tries. With a writer
-//! connection of its own the committer lost about 90 % of its time in those sleeps whenever the
-//! fraud counters or a checkpoint held the lock (docs/benchmarks.md).
+//! in SQLite's busy handler, which sleeps 1, 2, 5, 10… 100 ms between tries. With a connection
+//! each, the file's writers spent 4.4 s of every 5 s of the embedded benchmark asleep there
+//! (docs/decisions.md §45).
 //!
 //! **Appends** are group-committed like PostgreSQL's: every waiting append in one transaction and
 //! one fsync. Inside it each append checks its stream's version itself; nobody else writes the
