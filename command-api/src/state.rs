@@ -9,7 +9,7 @@
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use infra::log::LogPosition;
-use infra::sqlite::Migration;
+use infra::sqlite::{Migration, ROWS_PER_STATEMENT};
 use sqlx::sqlite::Sqlite;
 use sqlx::{PgPool, QueryBuilder, SqlitePool};
 use uuid::Uuid;
@@ -21,9 +21,6 @@ use crate::error::{DatabaseContext, Result};
 const RETRY_FIRST_MS: i64 = 1_000;
 /// The longest wait between retries of a failing step.
 const RETRY_MAX_MS: i64 = 60_000;
-
-/// Rows per statement of a saga batch on SQLite: far under its 32,766 parameters.
-const SQLITE_ROWS_PER_STATEMENT: usize = 512;
 
 /// Where a transaction stands after a saga batch.
 #[derive(Debug, Clone, PartialEq)]
@@ -294,7 +291,7 @@ impl FollowerState for SqliteFollowerState {
             .begin_with("BEGIN IMMEDIATE")
             .await
             .context("starting a saga batch")?;
-        for chunk in done.chunks(SQLITE_ROWS_PER_STATEMENT) {
+        for chunk in done.chunks(ROWS_PER_STATEMENT) {
             let mut query =
                 QueryBuilder::<Sqlite>::new("DELETE FROM saga_inflight WHERE transaction_id IN ");
             query.push_tuples(chunk, |mut tuple, id| {
@@ -306,7 +303,7 @@ impl FollowerState for SqliteFollowerState {
                 .await
                 .context("removing finished transactions")?;
         }
-        for chunk in waiting.chunks(SQLITE_ROWS_PER_STATEMENT) {
+        for chunk in waiting.chunks(ROWS_PER_STATEMENT) {
             let mut query = QueryBuilder::<Sqlite>::new(
                 "INSERT INTO saga_inflight (transaction_id, correlation_id, due_at_ms) ",
             );
@@ -326,7 +323,7 @@ impl FollowerState for SqliteFollowerState {
                 .await
                 .context("recording waiting transactions")?;
         }
-        for chunk in failed.chunks(SQLITE_ROWS_PER_STATEMENT) {
+        for chunk in failed.chunks(ROWS_PER_STATEMENT) {
             let mut query = QueryBuilder::<Sqlite>::new(
                 "INSERT INTO saga_inflight \
                      (transaction_id, correlation_id, due_at_ms, attempts, last_error) ",

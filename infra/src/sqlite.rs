@@ -19,6 +19,11 @@ use sqlx::{Connection, Executor};
 
 use crate::error::{DatabaseContext, Error, Result};
 
+/// Rows (or listed keys) per statement when a batch writes or looks up many at once: up to 9
+/// parameters each stays far under SQLite's 32,766, and a batch still needs few statements,
+/// each a round trip to the connection's thread while the writer holds the file's lock.
+pub const ROWS_PER_STATEMENT: usize = 512;
+
 /// How long a writer waits for another's lock before failing. Writes are short (a batch, a
 /// request), so seconds of waiting mean something is stuck.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(10);

@@ -185,39 +185,28 @@ async fn write_batch(pool: &SqlitePool, batch: &[Count]) -> Result<Vec<Result<i6
         } else {
             write_counts_once(pool, &counting).await?
         };
-        let mut answers = outcomes.into_iter();
-        let mut rerun = false;
-        let mut totals = Vec::with_capacity(batch.len());
-        for failure in &mut failed {
-            if failure.is_some() {
-                continue;
-            }
-            match answers.next() {
-                Some(Ok(total)) => totals.push(total),
-                Some(Err(error)) => {
-                    *failure = Some(error);
-                    rerun = true;
-                }
-                None => {
-                    return Err(Error::Batch {
-                        message: "a batch of counts returned too few answers".to_owned(),
-                    });
-                }
+        if outcomes.iter().all(Result::is_ok) {
+            // Committed: the counted ones' totals, in order, among the failed ones' errors.
+            let mut totals = outcomes.into_iter();
+            return Ok(failed
+                .into_iter()
+                .map(|failure| match failure {
+                    Some(error) => Err(error),
+                    None => totals.next().unwrap_or_else(|| {
+                        Err(Error::Batch {
+                            message: "a batch of counts returned too few answers".to_owned(),
+                        })
+                    }),
+                })
+                .collect());
+        }
+        // Rolled back: set the failed ones aside (at least one, so this ends) and run again.
+        let mut outcomes = outcomes.into_iter();
+        for failure in failed.iter_mut().filter(|failure| failure.is_none()) {
+            if let Some(Err(error)) = outcomes.next() {
+                *failure = Some(error);
             }
         }
-        if rerun {
-            continue;
-        }
-        let mut totals = totals.into_iter();
-        return Ok(failed
-            .into_iter()
-            .map(|failure| match failure {
-                Some(error) => Err(error),
-                None => totals.next().ok_or(Error::Batch {
-                    message: "a batch of counts returned too few answers".to_owned(),
-                }),
-            })
-            .collect());
     }
 }
 

@@ -36,11 +36,7 @@ mod on_sqlite {
     use super::*;
 
     async fn fresh() -> (Arc<dyn VelocityCounters>, tempfile::TempDir) {
-        let directory = tempfile::tempdir().expect("a temporary directory");
-        let path = directory.path().join("ledger.sqlite");
-        let pool = infra::sqlite::pool(infra::sqlite::options(&path, true), 4)
-            .await
-            .expect("opens");
+        let (pool, directory) = super::scratch_sqlite().await;
         let counters = SqliteCounters::open(pool).await.expect("migrates");
         (Arc::new(counters), directory)
     }
@@ -57,11 +53,7 @@ async fn the_totals_migration_keeps_the_windows_already_counted() {
     use fraud_worker::velocity::Payment;
     use fraud_worker::velocity::sqlite::MIGRATIONS;
 
-    let directory = tempfile::tempdir().expect("a temporary directory");
-    let path = directory.path().join("ledger.sqlite");
-    let pool = infra::sqlite::pool(infra::sqlite::options(&path, true), 4)
-        .await
-        .expect("opens");
+    let (pool, _directory) = scratch_sqlite().await;
     infra::sqlite::migrate(&pool, "fraud_velocity", &MIGRATIONS[..1])
         .await
         .expect("the first migration applies");
@@ -109,11 +101,7 @@ async fn a_batch_whose_every_count_overflows_answers_each_with_the_overflow() {
     use fraud_worker::Error;
     use fraud_worker::velocity::Payment;
 
-    let directory = tempfile::tempdir().expect("a temporary directory");
-    let path = directory.path().join("ledger.sqlite");
-    let pool = infra::sqlite::pool(infra::sqlite::options(&path, true), 4)
-        .await
-        .expect("opens");
+    let (pool, _directory) = scratch_sqlite().await;
     let counters = Arc::new(SqliteCounters::open(pool).await.expect("migrates"));
     let (account, now) = (AccountId(Uuid::new_v4()), Utc::now());
     let payment = |amount_minor| Payment {
@@ -151,4 +139,14 @@ async fn a_batch_whose_every_count_overflows_answers_each_with_the_overflow() {
         big,
         "nothing of the failed counts was kept"
     );
+}
+
+/// A pool on a SQLite file of its own, in a directory deleted when the second half is dropped.
+async fn scratch_sqlite() -> (sqlx::SqlitePool, tempfile::TempDir) {
+    let directory = tempfile::tempdir().expect("a temporary directory");
+    let path = directory.path().join("ledger.sqlite");
+    let pool = infra::sqlite::pool(infra::sqlite::options(&path, true), 4)
+        .await
+        .expect("opens");
+    (pool, directory)
 }

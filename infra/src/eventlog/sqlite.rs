@@ -40,7 +40,7 @@ use super::{
 };
 use crate::error::{DatabaseContext, Error, Result};
 use crate::log::LAG_COUNT_CAP;
-use crate::sqlite::Migration;
+use crate::sqlite::{Migration, ROWS_PER_STATEMENT};
 
 /// The event log's tables, versioned.
 pub const MIGRATIONS: &[Migration] = &[Migration {
@@ -325,10 +325,6 @@ impl BatchWriter for SqliteWriter {
         written
     }
 }
-
-/// Streams or events per statement of a batch: up to 9 parameters each, far under SQLite's
-/// 32,766, and few statements per batch.
-const ROWS_PER_STATEMENT: usize = 512;
 
 /// Writes a batch in one transaction with a handful of statements, whatever its size: one read
 /// of the streams' versions, one multi-row `INSERT` per [`ROWS_PER_STATEMENT`] events. Every

@@ -4,6 +4,7 @@
 
 use std::time::Duration;
 
+pub use command_api::testing::harness::eventually;
 use command_api::testing::{TestApp, spawn_app_on_scratch};
 use domain::{FraudDecision, FraudOutcome, TransactionId};
 use infra::auth::Role;
@@ -351,25 +352,6 @@ pub async fn read_position(projector: &TestProjector) -> LogPosition {
 
 pub fn uuid_of(value: &Value) -> Uuid {
     Uuid::parse_str(value.as_str().expect("a string id")).expect("a UUID")
-}
-
-/// Polls `check` until it holds, failing the test after `deadline`.
-pub async fn eventually<F, Fut>(deadline: Duration, mut check: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let started = std::time::Instant::now();
-    loop {
-        if check().await {
-            return;
-        }
-        assert!(
-            started.elapsed() < deadline,
-            "condition not met within {deadline:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
 }
 
 /// What [`Harness::mixed_traffic`] created.
