@@ -24,6 +24,7 @@ use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::{Pin, pin};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -31,7 +32,7 @@ use std::time::Duration;
 use axum::Router;
 use axum::body::Body;
 use axum::extract::ConnectInfo;
-use axum::http::Request;
+use axum::http::{HeaderValue, Request, header};
 use bytes::Bytes;
 use http_body::{Body as HttpBody, Frame, SizeHint};
 use hyper::body::Incoming;
@@ -236,12 +237,23 @@ async fn serve_connection(
         let activity = service_activity.clone();
         async move {
             activity.request_started();
-            let mut request = request.map(|body| Body::new(TimedBody::new(body, body_timeout)));
+            let body_read = Arc::new(AtomicBool::new(request.body().is_end_stream()));
+            let mut request = request
+                .map(|body| Body::new(TimedBody::new(body, body_timeout, body_read.clone())));
             request.extensions_mut().insert(ConnectInfo(address));
-            let response = match router.oneshot(request).await {
+            let mut response = match router.oneshot(request).await {
                 Ok(response) => response,
                 Err(infallible) => match infallible {},
             };
+            if !body_read.load(Ordering::Acquire) {
+                // Answered before the request's body was read (a 413, a 401…): hyper closes the
+                // connection after this response, so say so. A client that is not told puts the
+                // connection back in its pool, and its next request on it fails
+                // (`IncompleteMessage`) when the close arrives.
+                response
+                    .headers_mut()
+                    .insert(header::CONNECTION, HeaderValue::from_static("close"));
+            }
             Ok::<_, std::convert::Infallible>(response.map(|body| {
                 Body::new(TrackedBody {
                     inner: body,
@@ -499,14 +511,17 @@ struct TimedBody {
     inner: Incoming,
     deadline: Pin<Box<Sleep>>,
     timeout: Duration,
+    /// Set once the body has been read to its end.
+    read: Arc<AtomicBool>,
 }
 
 impl TimedBody {
-    fn new(inner: Incoming, timeout: Duration) -> Self {
+    fn new(inner: Incoming, timeout: Duration, read: Arc<AtomicBool>) -> Self {
         TimedBody {
             inner,
             deadline: Box::pin(tokio::time::sleep(timeout)),
             timeout,
+            read,
         }
     }
 }
@@ -520,6 +535,9 @@ impl HttpBody for TimedBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
         if let Poll::Ready(frame) = Pin::new(&mut self.inner).poll_frame(cx) {
+            if frame.is_none() || self.inner.is_end_stream() {
+                self.read.store(true, Ordering::Release);
+            }
             return Poll::Ready(frame.map(|frame| frame.map_err(Into::into)));
         }
         if self.deadline.as_mut().poll(cx).is_ready() {
@@ -596,6 +614,62 @@ mod tests {
         );
         tokio::time::advance(Duration::from_secs(10)).await;
         assert_eq!(activity.expired(&limits, Instant::now()), Some("header"));
+    }
+
+    /// Sends `head` and `body` on a fresh connection and returns the response head, lowercased.
+    async fn response_head(address: SocketAddr, head: &str, body: &[u8]) -> String {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut stream = TcpStream::connect(address).await.expect("connects");
+        stream.write_all(head.as_bytes()).await.expect("writes");
+        stream.write_all(body).await.expect("writes");
+        let mut answer = Vec::new();
+        let mut buffer = [0_u8; 1024];
+        while !answer.windows(4).any(|window| window == b"\r\n\r\n") {
+            let read = stream.read(&mut buffer).await.expect("reads");
+            assert!(read > 0, "the connection closed before the response head");
+            answer.extend_from_slice(&buffer[..read]);
+        }
+        String::from_utf8_lossy(&answer).to_lowercase()
+    }
+
+    #[tokio::test]
+    async fn a_response_before_the_body_was_read_says_the_connection_closes() {
+        // Proves that a client is told not to reuse a connection hyper will close: a 413 sent
+        // before the body was read carries `Connection: close`; an answer to a body that was
+        // read does not.
+        let router = Router::new()
+            .route("/", axum::routing::post(|body: String| async move { body }))
+            .layer(axum::extract::DefaultBodyLimit::max(16));
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("binds");
+        let address = listener.local_addr().expect("an address");
+        let stop = CancellationToken::new();
+        let server = tokio::spawn(serve(
+            listener,
+            limits(),
+            router,
+            stop.clone().cancelled_owned(),
+        ));
+
+        let too_large = response_head(
+            address,
+            "POST / HTTP/1.1\r\nhost: test\r\ncontent-length: 100000\r\n\r\n",
+            &[b'x'; 1_000],
+        )
+        .await;
+        assert!(too_large.starts_with("http/1.1 413"), "{too_large}");
+        assert!(too_large.contains("connection: close"), "{too_large}");
+
+        let read = response_head(
+            address,
+            "POST / HTTP/1.1\r\nhost: test\r\ncontent-length: 5\r\n\r\n",
+            b"hello",
+        )
+        .await;
+        assert!(read.starts_with("http/1.1 200"), "{read}");
+        assert!(!read.contains("connection: close"), "{read}");
+
+        stop.cancel();
+        let _ = server.await;
     }
 
     #[test]
