@@ -97,9 +97,9 @@ impl SqliteEventLog {
     /// Opens the log in the file at `path` (created if missing), writable, with a writer
     /// connection of its own.
     pub async fn open_file(path: &Path, read_connections: u32) -> Result<SqliteEventLog> {
-        let options = crate::sqlite::options(path, true);
-        let writers = crate::sqlite::pool(options.clone(), 1).await?;
-        let pool = crate::sqlite::pool(options, read_connections).await?;
+        let writers = crate::sqlite::pool(crate::sqlite::writer_options(path, true), 1).await?;
+        let pool =
+            crate::sqlite::pool(crate::sqlite::options(path, false), read_connections).await?;
         Self::open(pool, Some(writers), CommitterSettings::default()).await
     }
 

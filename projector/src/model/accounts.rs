@@ -34,20 +34,20 @@ projection_row! {
     pub struct AccountRecord in "accounts" {
         pub id: Uuid => "uuid",
         /// `None` for world accounts.
-        pub owner_id: Option<Uuid> => "uuid",
+        pub owner_id: Option<Uuid> => "uuid" fixed,
         /// `customer` or `world`.
-        pub kind: String => "text",
-        pub currency: String => "text",
+        pub kind: String => "text" fixed,
+        pub currency: String => "text" fixed,
         pub name: Option<String> => "text",
         pub balance_minor: i64 => "bigint",
         pub held_minor: i64 => "bigint",
         pub pending_credits_minor: i64 => "bigint",
         /// The stream's version; for a world account, the number of legs it received.
         pub version: i64 => "bigint",
-        pub created_at: DateTime<Utc> => "timestamptz",
+        pub created_at: DateTime<Utc> => "timestamptz" fixed,
         pub updated_at: DateTime<Utc> => "timestamptz",
         /// The log ordinal of the account's first event: the keyset of `GET /accounts`.
-        pub created_position: i64 => "bigint",
+        pub created_position: i64 => "bigint" fixed,
     }
 }
 

@@ -37,16 +37,16 @@ projection_row! {
     pub struct HistoryRecord in "account_history" {
         pub account_id: Uuid => "uuid",
         pub transaction_id: Uuid => "uuid",
-        pub kind: String => "text",
+        pub kind: String => "text" fixed,
         /// Negative when the account pays, positive when it receives.
-        pub amount_minor: i64 => "bigint",
-        pub currency: String => "text",
+        pub amount_minor: i64 => "bigint" fixed,
+        pub currency: String => "text" fixed,
         /// The account's posted balance once this transaction settled on it; `None` until then
         /// (and for ever, if it was rejected).
         pub balance_after_minor: Option<i64> => "bigint",
         pub status: String => "text",
-        pub created_at: DateTime<Utc> => "timestamptz",
-        pub created_position: i64 => "bigint",
+        pub created_at: DateTime<Utc> => "timestamptz" fixed,
+        pub created_position: i64 => "bigint" fixed,
     }
 }
 

@@ -44,12 +44,16 @@ pub fn sqlite_type(postgres: &str) -> &'static str {
 }
 
 /// Declares a read-model row. Each field names its PostgreSQL type; `Option` fields are
-/// nullable. See the module documentation for what it generates.
+/// nullable; a field marked `fixed` never changes once its row is written (the upsert leaves it
+/// out of its `DO UPDATE SET`, so SQLite does not rewrite the indexes that hold only such
+/// columns). See the module documentation for what it generates.
 macro_rules! projection_row {
+    (@updated) => { true };
+    (@updated fixed) => { false };
     (
         $(#[$meta:meta])*
         pub struct $name:ident in $table:literal {
-            $( $(#[$field_meta:meta])* pub $field:ident : $ty:ty => $sql:literal ),+ $(,)?
+            $( $(#[$field_meta:meta])* pub $field:ident : $ty:ty => $sql:literal $($fixed:ident)? ),+ $(,)?
         }
     ) => {
         $(#[$meta])*
@@ -64,6 +68,9 @@ macro_rules! projection_row {
             pub const SQL_TYPES: &'static [&'static str] = &[$($sql),+];
             const NULLABLE: &'static [bool] =
                 &[$(<$ty as $crate::model::row::Nullable>::NULLABLE),+];
+            /// Whether an upsert updates each column of an existing row (`false`: `fixed`).
+            const UPDATED: &'static [bool] =
+                &[$($crate::model::row::projection_row!(@updated $($fixed)?)),+];
 
             /// `a, b, c`: the column list of a SELECT.
             pub fn columns() -> &'static str {
@@ -278,15 +285,18 @@ macro_rules! projection_row {
                 }
             }
 
-            /// The columns an upsert writes, and `a = EXCLUDED.a, …` for every one but the key's.
+            /// The columns an upsert writes, and `a = EXCLUDED.a, …` for every one but the key's
+            /// and the `fixed` ones (`extra` is always updated).
             fn upsert_columns<'e>(key: &str, extra: Option<&'e str>) -> (Vec<&'e str>, String) {
                 let keys: Vec<&str> = key.split(',').map(str::trim).collect();
                 let mut columns: Vec<&str> = Self::NAMES.to_vec();
                 columns.extend(extra);
+                let updated = Self::UPDATED.iter().copied().chain(extra.map(|_| true));
                 let updates: Vec<String> = columns
                     .iter()
-                    .filter(|name| !keys.contains(name))
-                    .map(|name| format!("{name} = EXCLUDED.{name}"))
+                    .zip(updated)
+                    .filter(|(name, updated)| *updated && !keys.contains(name))
+                    .map(|(name, _)| format!("{name} = EXCLUDED.{name}"))
                     .collect();
                 (columns, updates.join(", "))
             }

@@ -75,7 +75,7 @@ impl SqliteReadModels {
     /// Opens the read models in the file at `path` (created if missing): a writer of one
     /// connection and `readers` connections for the queries.
     pub async fn open_file(path: &Path, readers: u32) -> Result<Self> {
-        let writer = infra::sqlite::pool(infra::sqlite::options(path, true), 1).await?;
+        let writer = infra::sqlite::pool(infra::sqlite::writer_options(path, true), 1).await?;
         let readers = infra::sqlite::pool(infra::sqlite::options(path, false), readers).await?;
         Self::open(writer, readers).await
     }
