@@ -62,7 +62,7 @@ const WRITE_CONNECTIONS: u32 = 1;
 
 /// Transaction events the saga reads per batch: more transactions per round, so each of its
 /// appends carries more of them through the one write connection.
-const SAGA_BATCH_SIZE: usize = 2_048;
+const SAGA_BATCH_SIZE: usize = 4_096;
 
 /// The fraud rules' consumer on the embedded bus: its checkpoint and poison records.
 const FRAUD_CONSUMER: &str = "fraud-rules";
@@ -70,7 +70,11 @@ const FRAUD_CONSUMER: &str = "fraud-rules";
 /// Messages the fraud rules handle at once. Each waits twice for a group commit (its velocity
 /// count, then its decision's append), so the number in flight is what those commits can share:
 /// at the consumer's default of 16 the embedded benchmark's backlog drained at about 250/s.
-const FRAUD_CONCURRENCY: usize = 64;
+const FRAUD_CONCURRENCY: usize = 256;
+
+/// Events the fraud rules' consumer reads per batch: four rounds of [`FRAUD_CONCURRENCY`], so the
+/// wait for a batch's slowest message and its checkpoint is shared by more messages.
+const FRAUD_BATCH: usize = 1_024;
 
 /// How long an idle follower waits without a wake-up. Every commit of this process wakes them:
 /// this is only the fallback.
@@ -299,6 +303,7 @@ async fn build(args: &ServeArgs, dir: &DataDir, secrets: &secrets::Secrets) -> R
         fraud_rules,
         LogConsumerSettings {
             concurrency: FRAUD_CONCURRENCY,
+            batch: FRAUD_BATCH,
             ..LogConsumerSettings::new(
                 FRAUD_CONSUMER,
                 LogFilter::event(TRANSACTION_STREAM, TRANSACTION_CREATED),
