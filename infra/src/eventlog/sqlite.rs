@@ -58,6 +58,9 @@ const COLUMNS: &str = "position, event_id, recorded_at, aggregate_type, aggregat
 
 pub struct SqliteEventLog {
     pool: SqlitePool,
+    /// The file's write connection (shared with its other writers), for the snapshots; the
+    /// committer writes the events through it too. `None` when opened read-only.
+    writers: Option<SqlitePool>,
     committer: Option<GroupCommitter>,
     wakeups: watch::Sender<u64>,
     repository: SqliteEventRepository,
@@ -77,6 +80,7 @@ impl SqliteEventLog {
         }
         let (wakeups, _) = watch::channel(0_u64);
         let committer = writers
+            .clone()
             .map(|writers| {
                 GroupCommitter::start_on_own_thread(
                     SqliteWriter { writers },
@@ -89,6 +93,7 @@ impl SqliteEventLog {
             repository: SqliteEventRepository::new(pool.clone())
                 .with_tables("events", "sqlite_es_snapshots"),
             pool,
+            writers,
             committer,
             wakeups,
         })
@@ -241,6 +246,14 @@ impl EventLog for SqliteEventLog {
     }
 
     async fn write_snapshot(&self, stream: &StreamId, snapshot: Snapshot) -> Result<()> {
+        // Through the write connection, in turn with the file's other writers: from a reader's
+        // connection it raced them for the file's lock, and whoever lost slept in SQLite's busy
+        // handler (a snapshot took over a second under the embedded benchmark's load).
+        let Some(writers) = &self.writers else {
+            return Err(Error::Config(
+                "this event log was opened read-only".to_owned(),
+            ));
+        };
         // Only ever move a snapshot forward: a slower writer must not replace a newer one.
         sqlx::query(
             "INSERT INTO aggregate_snapshots (aggregate_type, aggregate_id, sequence, \
@@ -256,7 +269,7 @@ impl EventLog for SqliteEventLog {
         .bind(i64::try_from(snapshot.version).unwrap_or(i64::MAX))
         .bind(snapshot.state_version)
         .bind(&snapshot.state)
-        .execute(&self.pool)
+        .execute(writers)
         .await
         .context("writing a snapshot")?;
         Ok(())
