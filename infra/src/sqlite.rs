@@ -40,20 +40,13 @@ const SYNCHRONOUS_FULL: i64 = 2;
 /// fills only as pages are used.
 const WRITER_CACHE_KIB: &str = "-32768";
 
-/// The options of every connection to `path`: WAL, `synchronous=FULL`, a busy timeout, and
-/// temporary storage in memory. The last is for what SQLite keeps only while a statement runs:
-/// the statement journal of a multi-row upsert (which may have to undo its own rows on a
-/// conflict) and temporary sort trees. In a file they cost a write system call per page; they
-/// are never part of what a commit makes durable.
+/// The options of every connection to `path` ([`configured`]).
 pub fn options(path: &Path, create: bool) -> SqliteConnectOptions {
-    SqliteConnectOptions::new()
-        .filename(path)
-        .create_if_missing(create)
-        .journal_mode(SqliteJournalMode::Wal)
-        .synchronous(SqliteSynchronous::Full)
-        .busy_timeout(BUSY_TIMEOUT)
-        .foreign_keys(true)
-        .pragma("temp_store", "MEMORY")
+    configured(
+        SqliteConnectOptions::new()
+            .filename(path)
+            .create_if_missing(create),
+    )
 }
 
 /// [`options`] for a file's write connection: with a larger page cache ([`WRITER_CACHE_KIB`]).
@@ -61,15 +54,25 @@ pub fn writer_options(path: &Path, create: bool) -> SqliteConnectOptions {
     options(path, create).pragma("cache_size", WRITER_CACHE_KIB)
 }
 
-/// Options from a `sqlite://` URL (tests, tools).
+/// Options from a `sqlite://` URL (tests, tools), [`configured`] as every connection is.
 pub fn options_from_url(url: &str) -> Result<SqliteConnectOptions> {
-    Ok(SqliteConnectOptions::from_str(url)
-        .map_err(|error| Error::Config(format!("{url} is not a SQLite URL: {error}")))?
+    Ok(configured(SqliteConnectOptions::from_str(url).map_err(
+        |error| Error::Config(format!("{url} is not a SQLite URL: {error}")),
+    )?))
+}
+
+/// What every connection gets, however it names its file: WAL, `synchronous=FULL`, a busy
+/// timeout, foreign keys, and temporary storage in memory. The last is for what SQLite keeps
+/// only while a statement runs: the statement journal of a multi-row upsert (which may have to
+/// undo its own rows on a conflict) and temporary sort trees. In a file they cost a write system
+/// call per page; they are never part of what a commit makes durable.
+fn configured(options: SqliteConnectOptions) -> SqliteConnectOptions {
+    options
         .journal_mode(SqliteJournalMode::Wal)
         .synchronous(SqliteSynchronous::Full)
         .busy_timeout(BUSY_TIMEOUT)
         .foreign_keys(true)
-        .pragma("temp_store", "MEMORY"))
+        .pragma("temp_store", "MEMORY")
 }
 
 /// A pool on `options`, every connection checked durable.

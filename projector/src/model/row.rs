@@ -30,9 +30,6 @@ not_null!(Uuid, String, i64, DateTime<Utc>, serde_json::Value);
 /// Parameters of one SQLite statement at most: well under its limit (32,766 since 3.32).
 pub const SQLITE_PARAMETERS_PER_STATEMENT: usize = 16_000;
 
-/// Keys of one SQLite `IN` list.
-pub const SQLITE_KEYS_PER_STATEMENT: usize = 500;
-
 /// The SQLite type storing what a PostgreSQL type stores, as sqlx encodes it.
 pub fn sqlite_type(postgres: &str) -> &'static str {
     match postgres {
@@ -201,7 +198,7 @@ macro_rules! projection_row {
                             .map(|name| format!(", {name}"))
                             .unwrap_or_default();
                         let mut found = Vec::with_capacity(keys.len());
-                        for chunk in keys.chunks($crate::model::row::SQLITE_KEYS_PER_STATEMENT) {
+                        for chunk in keys.chunks(infra::sqlite::ROWS_PER_STATEMENT) {
                             let placeholders = vec!["?"; chunk.len()].join(", ");
                             let statement = format!(
                                 "SELECT {}{extra_column} FROM {relation} \
