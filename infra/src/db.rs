@@ -53,6 +53,10 @@ pub fn connect_options(url: &str, schema: &str) -> Result<PgConnectOptions> {
             "idle_in_transaction_session_timeout",
             IDLE_IN_TRANSACTION_TIMEOUT,
         ),
+        // Every statement here is a short OLTP one. JIT compiles a query whose estimated cost
+        // passes `jit_above_cost`, and estimates on tables without statistics grow with the
+        // table: a 3 ms batch load took 200 ms once it crossed the threshold.
+        ("jit", "off"),
     ]))
 }
 
