@@ -21,7 +21,11 @@ pub const TABLES: &[TableShape] = &[TableShape {
             Backend::Sqlite => (AccountRecord::sqlite_column_definitions(), "TEXT"),
         };
         vec![
-            format!("CREATE TABLE {table} ({columns}, state {json}, PRIMARY KEY (id))"),
+            // Few rows, each updated by almost every batch.
+            format!(
+                "CREATE TABLE {table} ({columns}, state {json}, PRIMARY KEY (id)){}",
+                backend.table_storage(80)
+            ),
             format!("CREATE INDEX {table}_by_owner ON {table} (owner_id, created_position DESC)"),
             format!("CREATE INDEX {table}_by_position ON {table} (created_position DESC)"),
         ]

@@ -22,7 +22,11 @@ pub const TABLES: &[TableShape] = &[TableShape {
             Backend::Sqlite => HistoryRecord::sqlite_column_definitions(),
         };
         vec![
-            format!("CREATE TABLE {table} ({columns}, PRIMARY KEY (account_id, transaction_id))"),
+            // Rows of about 130 bytes, each updated once or twice after its insert.
+            format!(
+                "CREATE TABLE {table} ({columns}, PRIMARY KEY (account_id, transaction_id)){}",
+                backend.table_storage(80)
+            ),
             format!(
                 "CREATE INDEX {table}_by_account ON {table} (account_id, created_position DESC)"
             ),

@@ -23,8 +23,11 @@ pub const TABLES: &[TableShape] = &[
                 Backend::Postgres => (TransactionRecord::column_definitions(), "jsonb"),
                 Backend::Sqlite => (TransactionRecord::sqlite_column_definitions(), "TEXT"),
             };
+            // A row is about 1.7 kB (most of it the folded state) and is updated two or three
+            // times in its first second: leave room for one more version on its page.
+            let storage = backend.table_storage(60);
             let mut statements = vec![format!(
-                "CREATE TABLE {table} ({columns}, state {json} NOT NULL, PRIMARY KEY (id))"
+                "CREATE TABLE {table} ({columns}, state {json} NOT NULL, PRIMARY KEY (id)){storage}"
             )];
             for (suffix, column) in [
                 ("source", "source_account_id"),
