@@ -415,9 +415,20 @@ impl Sql {
             )
         };
         let order = "ORDER BY e.tx_id, e.position";
-        let read = |filters: &str, first: usize| {
+        // A filter is wrapped in CASE so that the planner walks the commit-order index from the
+        // checkpoint and stops at the limit, whatever the statistics say. A bare
+        // `e.aggregate_type = $1` on a table not yet analysed (autovacuum off, or a young table)
+        // is estimated to match 0.5 % of rows, fewer than the limit, so the planner preferred a
+        // bitmap of every event of that type (the primary key's leading column) ANDed with
+        // everything after the checkpoint, then a sort: a read that grew with the log (40 ms at
+        // 130k events, and it was the saga's every batch). A CASE is estimated at one half
+        // without statistics and from them with, and no index serves it.
+        let read = |filter: Option<&str>, first: usize| {
+            let filter = filter
+                .map(|condition| format!("(CASE WHEN {condition} THEN true ELSE false END) AND "))
+                .unwrap_or_default();
             format!(
-                "SELECT {COLUMNS} FROM {table} e WHERE {filters}{} {order} LIMIT ${}",
+                "SELECT {COLUMNS} FROM {table} e WHERE {filter}{} {order} LIMIT ${}",
                 after(first),
                 first + 2
             )
@@ -450,29 +461,10 @@ impl Sql {
                  JOIN {table} e ON e.aggregate_type = k.aggregate_type
                      AND e.aggregate_id = k.aggregate_id AND e.sequence = k.sequence"
             ),
-            // A filter is wrapped in CASE so that the planner walks the commit-order index from
-            // the checkpoint and stops at the limit, whatever the statistics say. A bare
-            // `e.aggregate_type = $1` on a table not yet analysed (autovacuum off, or a young
-            // table) is estimated to match 0.5 % of rows, fewer than the limit, so the planner
-            // preferred a bitmap of every event of that type (the primary key's leading
-            // column) ANDed with everything after the checkpoint, then a sort: a read that grew
-            // with the log (40 ms at 130k events, and it was the saga's every batch). A CASE
-            // is estimated at one half without statistics and from them with, and no index
-            // serves it.
-            read_all: read("", 1),
-            read_all_of_type: read(
-                "(CASE WHEN e.aggregate_type = $1 THEN true ELSE false END) AND ",
-                2,
-            ),
-            read_all_of_event: read(
-                "(CASE WHEN e.aggregate_type = $1 AND e.event_type = $2 THEN true ELSE false END) \
-                 AND ",
-                3,
-            ),
-            read_all_of_event_any: read(
-                "(CASE WHEN e.event_type = $1 THEN true ELSE false END) AND ",
-                2,
-            ),
+            read_all: read(None, 1),
+            read_all_of_type: read(Some("e.aggregate_type = $1"), 2),
+            read_all_of_event: read(Some("e.aggregate_type = $1 AND e.event_type = $2"), 3),
+            read_all_of_event_any: read(Some("e.event_type = $1"), 2),
             // The last committed event: no position a client holds is beyond it.
             head: format!(
                 "SELECT e.tx_id::text::bigint, e.position FROM {table} e \
