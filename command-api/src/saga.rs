@@ -22,7 +22,10 @@
 //!
 //! The transaction states come from the store's cache, fed by the log the saga reads and by its
 //! own appends; it can lag only behind other writers' events (`TransactionCreated`,
-//! `FraudChecked`), which never makes a step unsafe. A failed append (its outcome unknown) fails
+//! `FraudChecked`), which never makes a step unsafe. Account states come from the cache too: a
+//! write decided on a stale one conflicts, but a skip would not, so an account command that
+//! comes out as a no-op ("already done") or a refusal on a cached state is decided again on the
+//! state the log holds before it is believed ([`Freshness`], decision 48). A failed append (its outcome unknown) fails
 //! the batch, and the next session starts from the log with empty caches.
 
 use std::collections::{HashMap, HashSet};
@@ -230,11 +233,12 @@ impl Saga {
                 result: None,
             })
             .collect();
+        let mut freshness = Freshness::default();
         for _ in 0..ROUNDS_MAX {
             if items.iter().all(|item| item.result.is_some()) {
                 break;
             }
-            if let Err(error) = self.round(&mut items).await {
+            if let Err(error) = self.round(&mut items, &mut freshness).await {
                 // An append whose outcome is unknown: stop here, report every transaction
                 // still open as failed, and let the caller start afresh.
                 let message = error.to_string();
@@ -273,7 +277,7 @@ impl Saga {
     }
 
     /// One round over the open items. An `Err` is an append whose outcome is unknown.
-    async fn round(&self, items: &mut [Item]) -> Result<()> {
+    async fn round(&self, items: &mut [Item], freshness: &mut Freshness) -> Result<()> {
         self.load_transactions(items).await;
         let now = Utc::now();
         let mut steps: Vec<(usize, SagaStep)> = Vec::new();
@@ -295,7 +299,7 @@ impl Saga {
         if steps.is_empty() {
             return Ok(());
         }
-        let accounts = self.account_phase(items, &steps, now).await?;
+        let accounts = self.account_phase(items, &steps, freshness, now).await?;
         self.transaction_phase(items, &steps, &accounts, now).await
     }
 
@@ -338,6 +342,7 @@ impl Saga {
         &self,
         items: &mut [Item],
         steps: &[(usize, SagaStep)],
+        freshness: &mut Freshness,
         now: DateTime<Utc>,
     ) -> Result<HashMap<usize, AccountsDone>> {
         // Per stepping item: its index, the step's name and its account commands.
@@ -358,14 +363,29 @@ impl Saga {
         if commands.is_empty() {
             return Ok(done);
         }
-        // The accounts' states, from the cache when it holds them.
+        // The accounts' states, from the cache when it holds them, from the log when a no-op or
+        // a refusal decided on the cached state is to be checked.
         let ids: HashSet<AccountId> = commands
             .iter()
             .flat_map(|(_, _, list)| list.iter().map(|(id, _)| *id))
             .collect();
         let mut accounts: HashMap<AccountId, Working> = HashMap::new();
         let loaded: Vec<(AccountId, Result<Marked<AccountAggregate>>)> = futures::stream::iter(ids)
-            .map(|id| async move { (id, self.accounts.load_marked(&id.to_string()).await) })
+            .map(|id| {
+                let check = freshness.wanted.contains(&id);
+                async move {
+                    let key = id.to_string();
+                    let loaded = if check {
+                        self.accounts
+                            .load_fresh(&key)
+                            .await
+                            .map(|(state, version)| (state, version, true))
+                    } else {
+                        self.accounts.load_marked(&key).await
+                    };
+                    (id, loaded)
+                }
+            })
             .buffer_unordered(self.settings.concurrency)
             .collect()
             .await;
@@ -373,11 +393,15 @@ impl Saga {
         for (id, result) in loaded {
             match result {
                 Ok((state, version, fresh)) => {
+                    if fresh {
+                        freshness.wanted.remove(&id);
+                        freshness.read.insert(id);
+                    }
                     accounts.insert(
                         id,
                         Working {
                             version,
-                            fresh,
+                            fresh: freshness.read.contains(&id),
                             state,
                             decisions: Vec::new(),
                             items: Vec::new(),
@@ -407,27 +431,36 @@ impl Saga {
                 };
                 account.items.push(index);
                 match AggregateStore::<AccountAggregate>::decide(&account.state, command).await {
-                    Ok((next, events)) => {
-                        if !events.is_empty() {
-                            if account.decisions.is_empty() {
-                                changed.push(account_id);
-                            }
-                            let metadata = metadata::for_saga(
-                                &work.correlation_id,
-                                &work.cause,
-                                format!("saga/{}/{name}/{account_id}", work.transaction_id),
-                            );
-                            account.decisions.push((events, metadata));
-                            account.state = next;
+                    Ok((_, events)) if events.is_empty() => {
+                        if !account.fresh {
+                            // "Already done" decided on a cached state is believed only once
+                            // the log confirms it: a state that has not seen this step's
+                            // earlier event (a hold) would skip a leg for good. Decided again
+                            // next round on the state the log holds.
+                            freshness.wanted.insert(account_id);
+                            outcome = AccountsDone::Again;
                         }
+                    }
+                    Ok((next, events)) => {
+                        if account.decisions.is_empty() {
+                            changed.push(account_id);
+                        }
+                        let metadata = metadata::for_saga(
+                            &work.correlation_id,
+                            &work.cause,
+                            format!("saga/{}/{name}/{account_id}", work.transaction_id),
+                        );
+                        account.decisions.push((events, metadata));
+                        account.state = next;
                     }
                     Err(_) if !account.fresh => {
                         // A refusal decided on a cached state is decided again next round, on
                         // the state the log holds: a stale one could refuse what it allows.
-                        self.accounts.forget(&account_id.to_string());
+                        freshness.wanted.insert(account_id);
                         outcome = AccountsDone::Again;
                         break;
                     }
+                    Err(_) if matches!(outcome, AccountsDone::Again) => break,
                     Err(refusal) => {
                         outcome = match saga::rejection_for(&refusal) {
                             Some(reason) if name == "reserve" => AccountsDone::Refused(reason),
@@ -458,10 +491,19 @@ impl Saga {
         if !pending.is_empty() {
             let outcomes = self.accounts.append_all(pending).await?;
             for (id, outcome) in ids.iter().zip(outcomes) {
-                if outcome == AppendOutcome::Conflict {
-                    metrics::counter!("saga_conflicts_total", "stream" => "account").increment(1);
-                    for index in &accounts[id].items {
-                        done.insert(*index, AccountsDone::Again);
+                match outcome {
+                    // Written at the version it was decided at: the state after it is the log's.
+                    AppendOutcome::Appended { .. } => {
+                        freshness.read.insert(*id);
+                    }
+                    AppendOutcome::Duplicate { .. } => {}
+                    AppendOutcome::Conflict => {
+                        metrics::counter!("saga_conflicts_total", "stream" => "account")
+                            .increment(1);
+                        freshness.read.remove(id);
+                        for index in &accounts[id].items {
+                            done.insert(*index, AccountsDone::Again);
+                        }
                     }
                 }
             }
@@ -628,10 +670,24 @@ enum AccountsDone {
     Failed(String),
 }
 
+/// Which accounts' states a batch has checked against the log. A step that comes out as a
+/// no-op or a refusal on a state that only the cache vouches for is decided again on the log's
+/// state; once read from the log (or written by this batch at the version it was decided at), an
+/// account's state is trusted for the rest of the batch, so a batch asks the log at most once
+/// per account and always ends.
+#[derive(Debug, Default)]
+struct Freshness {
+    /// Read from the log, or appended to, during this batch.
+    read: HashSet<AccountId>,
+    /// To read from the log next round.
+    wanted: HashSet<AccountId>,
+}
+
 /// An account's state while a round decides commands on it.
 struct Working {
     version: u64,
-    /// Whether `state` was read from the log this round (else it came from the cache).
+    /// Whether `state` was read from the log (or written) during this batch, else only the
+    /// cache vouches for it.
     fresh: bool,
     state: AccountAggregate,
     decisions: Vec<(Vec<AccountEvent>, EventMetadata)>,

@@ -346,7 +346,17 @@ impl<A: StreamAggregate> AggregateStore<A> {
                 events,
             });
         }
-        let outcomes = self.log.append(appends).await?;
+        let outcomes = match self.log.append(appends).await {
+            Ok(outcomes) => outcomes,
+            Err(error) => {
+                // The outcome is unknown: the events may be in the log, so no cached state of
+                // these streams can be trusted any more.
+                for item in &pending {
+                    self.forget(&item.id);
+                }
+                return Err(error.into());
+            }
+        };
         for (item, outcome) in pending.into_iter().zip(&outcomes) {
             match outcome {
                 AppendOutcome::Appended { version, .. } => {
@@ -403,9 +413,21 @@ impl<A: StreamAggregate> AggregateStore<A> {
         lock(&self.cache).get(id).cloned()
     }
 
+    /// Caches `state` at `version`, unless a newer state of the stream is already cached: the
+    /// cache only moves forward. A load that read the log before another task's append and
+    /// finishes after it would otherwise put an older state back, and a step decided on it
+    /// could find "already done" what the log holds as not done yet.
     fn remember(&self, id: &str, state: &A, version: u64) {
-        if self.options.cache {
-            lock(&self.cache).put(id.to_owned(), (state.clone(), version));
+        if !self.options.cache {
+            return;
+        }
+        let mut cache = lock(&self.cache);
+        match cache.get_mut(id) {
+            Some((_, cached)) if *cached > version => {}
+            Some(entry) => *entry = (state.clone(), version),
+            None => {
+                cache.put(id.to_owned(), (state.clone(), version));
+            }
         }
     }
 

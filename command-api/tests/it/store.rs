@@ -3,12 +3,18 @@
 
 use std::sync::Arc;
 
+use async_trait::async_trait;
 use chrono::Utc;
 use command_api::aggregates::AccountAggregate;
 use command_api::store::{AggregateStore, Executed, SNAPSHOT_EVERY};
 use domain::{
     AccountCommand, AccountError, AccountId, Amount, Currency, CustomerId, TransactionId,
 };
+use infra::eventlog::{
+    Append, AppendOutcome, EventLog, Lag, LogFilter, LogPosition, RecordedEvent, Snapshot,
+    StreamEvent, StreamId, Wakeups,
+};
+use tokio::sync::oneshot;
 use uuid::Uuid;
 
 use crate::support::Harness;
@@ -179,5 +185,100 @@ async fn two_instances_holding_on_one_account_lose_no_update() {
         .expect("loads");
     let account = state.0.expect("opened");
     assert_eq!((account.held_minor, account.available_minor()), (300, 0));
+    harness.finish().await;
+}
+
+/// A log whose first `read_stream` reads, then waits for the test to let it return: a load that
+/// finishes after others have written.
+struct SlowFirstRead {
+    inner: Arc<dyn EventLog>,
+    read: tokio::sync::Mutex<Option<(oneshot::Sender<()>, oneshot::Receiver<()>)>>,
+}
+
+#[async_trait]
+impl EventLog for SlowFirstRead {
+    async fn append(&self, appends: Vec<Append>) -> infra::Result<Vec<AppendOutcome>> {
+        self.inner.append(appends).await
+    }
+    async fn read_stream(&self, stream: &StreamId, after: u64) -> infra::Result<Vec<StreamEvent>> {
+        let events = self.inner.read_stream(stream, after).await?;
+        let gate = self.read.lock().await.take();
+        if let Some((read, release)) = gate {
+            let _ = read.send(());
+            let _ = release.await;
+        }
+        Ok(events)
+    }
+    async fn read_all(
+        &self,
+        after: LogPosition,
+        limit: usize,
+        filter: LogFilter,
+    ) -> infra::Result<Vec<RecordedEvent>> {
+        self.inner.read_all(after, limit, filter).await
+    }
+    async fn head(&self) -> infra::Result<LogPosition> {
+        self.inner.head().await
+    }
+    async fn lag(&self, checkpoint: LogPosition, filter: LogFilter) -> infra::Result<Lag> {
+        self.inner.lag(checkpoint, filter).await
+    }
+    fn subscribe(&self) -> Wakeups {
+        self.inner.subscribe()
+    }
+    async fn read_snapshot(&self, stream: &StreamId) -> infra::Result<Option<Snapshot>> {
+        self.inner.read_snapshot(stream).await
+    }
+    async fn write_snapshot(&self, stream: &StreamId, snapshot: Snapshot) -> infra::Result<()> {
+        self.inner.write_snapshot(stream, snapshot).await
+    }
+    async fn ping(&self) -> bool {
+        self.inner.ping().await
+    }
+}
+
+#[tokio::test]
+async fn a_load_that_finishes_late_never_takes_the_cache_back_to_an_older_state() {
+    // Proves the cache only moves forward: a load that read the stream before an append of the
+    // same process, and finishes after it, must not replace the newer cached state. (It did: an
+    // HTTP request's account load raced the saga's hold, the saga then settled on the older state,
+    // found no hold, believed "already settled", and the debit was never written.)
+    let harness = Harness::start().await;
+    let (read, was_read) = oneshot::channel();
+    let (release, released) = oneshot::channel();
+    let log = Arc::new(SlowFirstRead {
+        inner: harness.writer_log().await,
+        read: tokio::sync::Mutex::new(Some((read, released))),
+    });
+    let id = AccountId(Uuid::new_v4());
+    open(
+        &AggregateStore::<AccountAggregate>::full_replay(log.inner.clone()),
+        id,
+    )
+    .await;
+    let store = Arc::new(AggregateStore::<AccountAggregate>::new(log.clone()));
+    let late = tokio::spawn({
+        let store = store.clone();
+        async move { store.load(&id.to_string()).await.expect("loads").1 }
+    });
+    was_read.await.expect("the late load read the stream");
+    credit(&store, id, 500).await;
+    let _ = release.send(());
+    assert_eq!(
+        late.await.expect("no panic"),
+        1,
+        "it read the opened account"
+    );
+
+    let (state, version) = store.load(&id.to_string()).await.expect("loads");
+    assert_eq!(
+        version, 3,
+        "the cache holds the credit written after the late read"
+    );
+    assert_eq!(
+        state.0.map(|account| account.balance_minor),
+        Some(500),
+        "and its state"
+    );
     harness.finish().await;
 }

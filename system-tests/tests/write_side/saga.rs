@@ -492,3 +492,126 @@ async fn two_instances_share_one_saga() {
     assert_eq!(balance_of(&report, account), (1_500, 1_500));
     first.finish().await;
 }
+
+#[tokio::test]
+async fn a_settlement_is_never_decided_on_a_cached_account_that_has_not_seen_its_hold() {
+    // Proves "already done" is believed only from the log: the saga's cache holds the source as
+    // it was before another writer (an earlier leader) placed the transfer's hold. Settling on
+    // that state finds no hold; believing it would record the settlement with the debit never
+    // written — the destination credited, the source still holding, money created. The saga
+    // must read the source from the log, settle the hold, and only then complete.
+    let mut harness = Harness::start().await;
+    let (_, alice) = harness.customer();
+    let (_, bob) = harness.customer();
+    let source = harness.open_account(&alice, "USD").await;
+    let destination = harness.open_account(&bob, "USD").await;
+    harness.fund(source, "100.00", "USD").await;
+    harness.app.kill().await;
+
+    let url = harness.app.database_url.clone();
+    let pool = infra::db::connect(&url, "command_api", 4)
+        .await
+        .expect("connects");
+    let log: std::sync::Arc<dyn infra::eventlog::EventLog> = std::sync::Arc::new(
+        infra::eventlog::postgres::PgEventLog::open(
+            pool.clone(),
+            infra::eventlog::postgres::PgEventLogOptions::writer(
+                "command_api",
+                infra::db::connect_options(&url, "command_api").expect("options"),
+            ),
+        )
+        .await
+        .expect("the log opens"),
+    );
+    let accounts = std::sync::Arc::new(AggregateStore::<AccountAggregate>::new(log.clone()));
+    let transactions =
+        std::sync::Arc::new(AggregateStore::<TransactionAggregate>::new(log.clone()));
+    let (_, cached_version) = accounts
+        .load(&source.to_string())
+        .await
+        .expect("the saga's cache holds the funded source");
+
+    // Another writer carries a transfer up to its confirmation: the hold is in the log, not in
+    // the saga's cache.
+    let other_accounts = AggregateStore::<AccountAggregate>::full_replay(log.clone());
+    let other_transactions = AggregateStore::<TransactionAggregate>::full_replay(log.clone());
+    let metadata = || command_api::metadata::for_saga("stale", "test", Uuid::new_v4().to_string());
+    let id = TransactionId(Uuid::new_v4());
+    let request = TransactionRequest::new(
+        TransactionKind::Transfer,
+        Amount::from_minor(2_500).expect("positive"),
+        Currency::from_code("USD").expect("known"),
+        Some(AccountId(source)),
+        Some(AccountId(destination)),
+        None,
+    )
+    .expect("a valid transfer");
+    let create = TransactionCommand::Create {
+        transaction_id: id,
+        request: request.clone(),
+        initiated_by: CustomerId(Uuid::new_v4()),
+        at: Utc::now(),
+    };
+    let created = other_transactions
+        .execute(&id.to_string(), create, &metadata())
+        .await
+        .expect("stored");
+    assert!(matches!(created, Executed::Appended { .. }));
+    let path = approved_path(id, &request, AccountId(source), AccountId(destination));
+    for step in path.into_iter().take(5) {
+        let outcome = match step {
+            Step::Account(account, command) => {
+                let outcome = other_accounts
+                    .execute(&account.to_string(), command, &metadata())
+                    .await
+                    .expect("stored");
+                matches!(outcome, Executed::Appended { .. })
+            }
+            Step::Transaction(command) => {
+                let outcome = other_transactions
+                    .execute(&id.to_string(), command, &metadata())
+                    .await
+                    .expect("stored");
+                matches!(outcome, Executed::Appended { .. })
+            }
+        };
+        assert!(outcome, "each step up to the confirmation is written");
+    }
+    let (_, cached_after) = accounts.load(&source.to_string()).await.expect("loads");
+    assert_eq!(
+        cached_after, cached_version,
+        "the saga's cache still holds the source before the hold"
+    );
+
+    let saga = command_api::saga::Saga::new(
+        accounts,
+        transactions,
+        log,
+        std::sync::Arc::new(command_api::state::PgFollowerState::new(pool.clone())),
+        command_api::saga::SagaSettings {
+            batch_size: 16,
+            concurrency: 4,
+            decision_timeout: chrono::TimeDelta::seconds(30),
+        },
+    );
+    let results = saga
+        .advance_all(vec![Work {
+            transaction_id: id,
+            correlation_id: "stale".to_owned(),
+            cause: "test".to_owned(),
+        }])
+        .await;
+    assert!(
+        matches!(results[..], [(_, Ok(command_api::saga::Progress::Done))]),
+        "{results:?}"
+    );
+    let report = command_api::replay::audit(&pool, "command_api.events")
+        .await
+        .expect("audits");
+    assert!(report.violations.is_empty(), "{:#?}", report.violations);
+    assert!(report.in_flight.is_empty(), "{:?}", report.in_flight);
+    assert_eq!(balance_of(&report, source), (7_500, 7_500));
+    assert_eq!(balance_of(&report, destination), (2_500, 2_500));
+    pool.close().await;
+    harness.finish().await;
+}
