@@ -6,6 +6,8 @@
 //!   holder dies its session ends and the lock passes to a waiting instance.
 //! - [`LocalLeadership`]: leadership inside one process, for the embedded mode, where the
 //!   process itself holds the lock on its data directory and is the only runner there is.
+//!
+//! [`conformance`] is the suite both pass.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -19,6 +21,9 @@ use tokio_util::sync::CancellationToken;
 
 use crate::db::advisory_key;
 use crate::error::{DatabaseContext, Result};
+
+#[cfg(feature = "testing")]
+pub mod conformance;
 
 /// How often a standby instance retries the lock.
 const STANDBY_RETRY: Duration = Duration::from_secs(1);
