@@ -672,6 +672,53 @@ mod tests {
         let _ = server.await;
     }
 
+    #[tokio::test]
+    async fn past_the_connection_bound_a_client_waits_until_a_connection_ends() {
+        // Proves `max_connections`: with the bound's worth of connections held open (and every
+        // timeout far away, so nothing else closes them), the next client is not served; when
+        // one held connection ends, it is. Without the bound it would be answered at once.
+        let limits = HttpLimits {
+            http_header_timeout_seconds: 60,
+            http_max_connections: 2,
+            ..limits()
+        };
+        let router = Router::new().route("/", axum::routing::get(|| async { "ok" }));
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("binds");
+        let address = listener.local_addr().expect("an address");
+        let stop = CancellationToken::new();
+        let server = tokio::spawn(serve(
+            listener,
+            limits,
+            router,
+            stop.clone().cancelled_owned(),
+        ));
+
+        let mut held = vec![
+            TcpStream::connect(address).await.expect("connects"),
+            TcpStream::connect(address).await.expect("connects"),
+        ];
+        let third = tokio::spawn(response_head(
+            address,
+            "GET / HTTP/1.1\r\nhost: test\r\nconnection: close\r\n\r\n",
+            b"",
+        ));
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert!(
+            !third.is_finished(),
+            "a third connection was served while two were held"
+        );
+        drop(held.pop());
+        let answer = tokio::time::timeout(Duration::from_secs(10), third)
+            .await
+            .expect("served once a held connection ended")
+            .expect("no panic");
+        assert!(answer.starts_with("http/1.1 200"), "{answer}");
+
+        stop.cancel();
+        drop(held);
+        let _ = server.await;
+    }
+
     #[test]
     fn a_body_timeout_is_found_in_an_error_chain() {
         #[derive(Debug, thiserror::Error)]

@@ -6,7 +6,8 @@
 //! Scenarios: the README walkthrough; money flows (deposits by an admin and by the payment
 //! rail, transfers, withdrawals, an overdraft refused, the fraud threshold, balances and
 //! history); idempotency; 50 concurrent transfers out of one account; ownership on every route;
-//! bad input. After each, the invariants of SPEC §8 that a client can see hold: money is
+//! bad input; hostile requests (issue 11: ambiguous paths, unreachable read positions, the audit
+//! trail's counterparty, `/metrics` on the public port). After each, the invariants of SPEC §8 that a client can see hold: money is
 //! conserved, no available balance is negative, nothing was applied twice, nothing is left
 //! PENDING, and refused requests changed nothing.
 
@@ -46,6 +47,7 @@ in_both_modes!(
     fifty_concurrent_transfers_out_of_one_account,
     no_one_reads_or_moves_someone_elses_money,
     bad_input_gets_a_clear_4xx_and_changes_nothing,
+    hostile_requests_are_refused_the_same_way,
 );
 
 async fn the_readme_walkthrough_runs(deployment: &Deployment) {
@@ -635,4 +637,135 @@ async fn bad_input_gets_a_clear_4xx_and_changes_nothing(deployment: &Deployment)
     assert_eq!(items(&history.body).len(), 1, "{history:?}");
     let accounts = alice.get("/api/v1/accounts").await;
     assert_eq!(items(&accounts.body).len(), 3, "{accounts:?}");
+}
+
+/// Sends `head` (a request line and headers, without the blank line) on a connection of its own
+/// and returns the response's status line and headers, lowercased: the requests here are ones
+/// an HTTP client library would refuse to send or would normalise first.
+async fn raw_head(deployment: &Deployment, head: &[u8]) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let address = deployment
+        .base()
+        .trim_start_matches("http://")
+        .trim_end_matches('/')
+        .to_owned();
+    let mut stream = tokio::net::TcpStream::connect(&address)
+        .await
+        .expect("connects");
+    stream.write_all(head).await.expect("writes");
+    stream
+        .write_all(b"\r\nHost: ledger\r\nConnection: close\r\n\r\n")
+        .await
+        .expect("writes");
+    let mut answer = Vec::new();
+    let read = tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        stream.read_to_end(&mut answer),
+    )
+    .await;
+    assert!(
+        read.is_ok(),
+        "no answer within 10 s to {:?}",
+        String::from_utf8_lossy(head)
+    );
+    let answer = String::from_utf8_lossy(&answer).to_lowercase();
+    answer
+        .split("\r\n\r\n")
+        .next()
+        .unwrap_or_default()
+        .to_owned()
+}
+
+async fn hostile_requests_are_refused_the_same_way(deployment: &Deployment) {
+    let (admin, alice, bob) = (
+        deployment.admin().await,
+        deployment.customer().await,
+        deployment.customer().await,
+    );
+    let wallet = alice.open_account("USD").await;
+    let payee = bob.open_account("USD").await;
+    admin.deposit(wallet, "50.00", "USD").await;
+
+    // Finding 4: every ambiguous path is refused before routing, with problem+json, so the path
+    // that was authorised is the path served. None of them reaches the metrics.
+    let bearer = format!("Authorization: Bearer {}", alice.token);
+    for path in [
+        r"/api/v1/accounts/x\..\..\..\..\metrics",
+        "/api/v1/accounts/x/../../../../metrics",
+        "/api/v1/accounts/x%2F..%2F..%2Fmetrics",
+        "/api/v1/accounts/x%2e%2e/metrics",
+        "/api/v1/accounts/x%00",
+    ] {
+        let head = raw_head(
+            deployment,
+            format!("GET {path} HTTP/1.1\r\n{bearer}").as_bytes(),
+        )
+        .await;
+        assert!(head.starts_with("http/1.1 400"), "GET {path}: {head}");
+        assert!(
+            head.contains("content-type: application/problem+json"),
+            "GET {path}: {head}"
+        );
+    }
+    // Finding 9: a path whose percent-encoding is not UTF-8 is a problem+json 400 too.
+    let head = raw_head(
+        deployment,
+        format!("GET /api/v1/accounts/%ff%fe HTTP/1.1\r\n{bearer}").as_bytes(),
+    )
+    .await;
+    assert!(head.starts_with("http/1.1 400"), "{head}");
+    assert!(head.contains("application/problem+json"), "{head}");
+    // Finding 9: /metrics is not on the public port.
+    let metrics = admin.get("/metrics").await;
+    assert_eq!(metrics.status, StatusCode::NOT_FOUND, "{metrics:?}");
+
+    // Finding 7: a position no log will reach is refused at once, not waited for.
+    let started = std::time::Instant::now();
+    let unreachable = deployment
+        .client()
+        .get(format!("{}/api/v1/accounts/{wallet}", deployment.base()))
+        .bearer_auth(&alice.token)
+        .header("X-Ledger-Position", "999999999999.999999999")
+        .send()
+        .await
+        .expect("answers");
+    assert_eq!(unreachable.status(), StatusCode::BAD_REQUEST);
+    let body: Value = unreachable.json().await.expect("problem+json");
+    assert_eq!(body["code"], "position_unreachable", "{body}");
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(1),
+        "an unreachable position was waited for ({:?})",
+        started.elapsed()
+    );
+
+    // Finding 5: the payee's view of the audit trail shows its own side: not the payer's
+    // customer id, nor the fraud rules' inputs (the request itself, accounts included, is the
+    // payee's to see, as `GET /transactions/{id}` shows it).
+    let payment = alice
+        .transact(&json!({
+            "type": "transfer", "amount": "20.00", "currency": "USD",
+            "source_account_id": wallet, "destination_account_id": payee,
+        }))
+        .await;
+    assert_eq!(payment.status, StatusCode::ACCEPTED, "{payment:?}");
+    assert_eq!(alice.final_status(payment.id()).await, "CONFIRMED");
+    bob.account_when(payee, "20.00").await;
+    let trail_path = format!("/api/v1/transactions/{}/events", payment.id());
+    let payees = bob.get(&trail_path).await;
+    assert_eq!(payees.status, StatusCode::OK, "{payees:?}");
+    let seen = payees.body.to_string();
+    assert!(
+        !seen.contains(&alice.id.to_string()),
+        "the payee sees the payer's customer id: {seen}"
+    );
+    assert!(
+        !seen.contains("details"),
+        "the payee sees the fraud rules' inputs: {seen}"
+    );
+    // The admin sees the whole trail: who initiated it, and the rules' inputs.
+    let whole = admin.get(&trail_path).await;
+    assert_eq!(whole.status, StatusCode::OK, "{whole:?}");
+    let all = whole.body.to_string();
+    assert!(all.contains(&alice.id.to_string()), "{all}");
+    assert!(all.contains("details"), "{all}");
 }

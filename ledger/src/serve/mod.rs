@@ -350,6 +350,7 @@ async fn build(args: &ServeArgs, dir: &DataDir, secrets: &secrets::Secrets) -> R
         readers: readers.clone(),
         bus,
         projector: projector.health_flag(),
+        last: Arc::default(),
     };
     let own = Router::new()
         .route("/health", get(health_report))
@@ -427,13 +428,29 @@ struct Health {
     readers: SqlitePool,
     bus: SqliteBusStore,
     projector: Arc<AtomicBool>,
+    /// The last round of checks (when it started, database, bus), reused for a second as the
+    /// gateway's is ([`gateway::http::HEALTH_CACHE_TTL`]): `/health` is public and
+    /// unauthenticated, and each round takes connections the queries read with.
+    last: Arc<tokio::sync::Mutex<Option<(Instant, bool, bool)>>>,
 }
 
 async fn health_report(State(health): State<Health>) -> HealthReport {
-    let (database, bus) = tokio::join!(
-        infra::sqlite::ping(&health.readers, Duration::from_secs(2)),
-        health.bus.ping(Duration::from_secs(2)),
-    );
+    let mut last = health.last.lock().await;
+    let (database, bus) = match *last {
+        Some((started, database, bus)) if started.elapsed() < gateway::http::HEALTH_CACHE_TTL => {
+            (database, bus)
+        }
+        _ => {
+            let started = Instant::now();
+            let (database, bus) = tokio::join!(
+                infra::sqlite::ping(&health.readers, Duration::from_secs(2)),
+                health.bus.ping(Duration::from_secs(2)),
+            );
+            *last = Some((started, database, bus));
+            (database, bus)
+        }
+    };
+    drop(last);
     HealthReport::default()
         .required("database", database)
         .required("bus", bus)
