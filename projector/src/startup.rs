@@ -20,7 +20,7 @@ use crate::cache::{Cache, RedisCache};
 use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::generations;
-use crate::http::trail::PgEventTrail;
+use crate::http::trail::LogEventTrail;
 use crate::http::{AppState, Positions, router};
 use crate::model::ProjectionName;
 use crate::runner::Projector;
@@ -152,32 +152,45 @@ impl App {
             crate::http::positions::POOL_CONNECTIONS,
         )
         .await?;
-        // The log is PostgreSQL's by default, or KurrentDB's (`EVENT_STORE`): read models,
-        // checkpoints and the audit trail's table stay in PostgreSQL either way.
-        let (positions_log, log): (Arc<dyn EventLog>, Arc<dyn EventLog>) =
-            match config.event_store.open_kurrentdb().await? {
-                Some(log) => (log.clone(), log),
-                None => (
-                    Arc::new(
-                        PgEventLog::open(
-                            positions_events.clone(),
-                            PgEventLogOptions {
-                                listen: false,
-                                ..PgEventLogOptions::reader(&config.events_table)
-                            },
-                        )
-                        .await?,
-                    ),
-                    // The projector follows the log, woken by command-api's NOTIFY.
-                    Arc::new(
-                        PgEventLog::open(
-                            background_events.clone(),
-                            PgEventLogOptions::reader(&config.events_table),
-                        )
-                        .await?,
-                    ),
+        // The log is PostgreSQL's by default, or KurrentDB's (`EVENT_STORE`): read models and
+        // checkpoints stay in PostgreSQL either way; the audit trail reads the log.
+        let (trail_log, positions_log, log): (
+            Arc<dyn EventLog>,
+            Arc<dyn EventLog>,
+            Arc<dyn EventLog>,
+        ) = match config.event_store.open_kurrentdb().await? {
+            Some(log) => (log.clone(), log.clone(), log),
+            None => (
+                Arc::new(
+                    PgEventLog::open(
+                        events_pool.clone(),
+                        PgEventLogOptions {
+                            listen: false,
+                            ..PgEventLogOptions::reader(&config.events_table)
+                        },
+                    )
+                    .await?,
                 ),
-            };
+                Arc::new(
+                    PgEventLog::open(
+                        positions_events.clone(),
+                        PgEventLogOptions {
+                            listen: false,
+                            ..PgEventLogOptions::reader(&config.events_table)
+                        },
+                    )
+                    .await?,
+                ),
+                // The projector follows the log, woken by command-api's NOTIFY.
+                Arc::new(
+                    PgEventLog::open(
+                        background_events.clone(),
+                        PgEventLogOptions::reader(&config.events_table),
+                    )
+                    .await?,
+                ),
+            ),
+        };
         let projector = Arc::new(Projector::new(
             Arc::new(PgReadModels::new(background.clone())),
             log.clone(),
@@ -186,7 +199,7 @@ impl App {
         ));
         let state = AppState {
             models: Arc::new(PgReadModels::new(pool.clone())),
-            trail: Arc::new(PgEventTrail::new(events_pool.clone(), &config.events_table)),
+            trail: Arc::new(LogEventTrail::new(trail_log)),
             cache: Some(cache),
             verifier: Arc::new(JwtVerifier::new(&config.token)?),
             runners_healthy: vec![projector.health_flag()],

@@ -209,6 +209,13 @@ impl EventLog for SlowFirstRead {
         }
         Ok(events)
     }
+    async fn read_stream_recorded(
+        &self,
+        stream: &StreamId,
+        after: u64,
+    ) -> infra::Result<Vec<RecordedEvent>> {
+        self.inner.read_stream_recorded(stream, after).await
+    }
     async fn read_all(
         &self,
         after: LogPosition,

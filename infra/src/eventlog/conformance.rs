@@ -25,26 +25,18 @@ use super::{
 #[macro_export]
 macro_rules! event_log_conformance {
     ($fresh:path) => {
-        $crate::event_log_conformance!(@checks $fresh;
-            appends_read_back_in_order,
-            a_stale_expected_version_conflicts_and_writes_nothing,
-            a_retried_append_is_a_duplicate_and_writes_nothing,
-            another_command_at_the_same_version_conflicts,
-            an_expected_version_beyond_the_end_conflicts,
-            appends_in_one_call_succeed_or_fail_on_their_own,
-            racing_writers_of_one_stream_leave_it_whole,
-            followers_read_every_commit_once_in_stream_order,
-            filters_select_streams_and_event_types,
-            a_commit_wakes_subscribers,
-            head_and_lag_follow_the_log,
-            snapshots_only_move_forward
-        );
+        $crate::event_log_conformance!(@all $fresh, $crate::eventlog::conformance::always);
     };
     // For a store that is not always there (KurrentDB): each check runs only when `$ready()`
     // says the store is reachable, and says so when it skips.
     ($fresh:path, skip_unless = $ready:path) => {
+        $crate::event_log_conformance!(@all $fresh, $ready);
+    };
+    // The checks, listed once for every store.
+    (@all $fresh:path, $ready:path) => {
         $crate::event_log_conformance!(@checks $fresh, $ready;
             appends_read_back_in_order,
+            a_stream_reads_back_with_ids_times_and_metadata,
             a_stale_expected_version_conflicts_and_writes_nothing,
             a_retried_append_is_a_duplicate_and_writes_nothing,
             another_command_at_the_same_version_conflicts,
@@ -57,10 +49,6 @@ macro_rules! event_log_conformance {
             head_and_lag_follow_the_log,
             snapshots_only_move_forward
         );
-    };
-    (@checks $fresh:path; $($check:ident),*) => {
-        $crate::event_log_conformance!(@checks $fresh, $crate::eventlog::conformance::always;
-            $($check),*);
     };
     (@checks $fresh:path, $ready:path; $($check:ident),*) => {
         $(
@@ -156,6 +144,66 @@ async fn read_everything(
         );
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
+}
+
+/// A stream read for the audit trail returns each event with the id, metadata and position it
+/// was written and committed with, in stream order, after the version asked for.
+pub async fn a_stream_reads_back_with_ids_times_and_metadata(log: Arc<dyn EventLog>) {
+    let stream = stream(KIND);
+    let before = chrono::Utc::now() - chrono::TimeDelta::minutes(5);
+    one(&*log, append(&stream, 0, "t1", 2)).await;
+    one(&*log, append(&stream, 2, "t2", 1)).await;
+    one(
+        &*log,
+        append(&super::conformance::stream(OTHER_KIND), 0, "elsewhere", 1),
+    )
+    .await;
+
+    let read = log
+        .read_stream_recorded(&stream, 0)
+        .await
+        .expect("the stream reads");
+    assert_eq!(
+        read.iter().map(|e| e.sequence).collect::<Vec<_>>(),
+        [1, 2, 3],
+        "this stream's events only, in order"
+    );
+    let written: Vec<_> = events("t1", "Tested", 2)
+        .into_iter()
+        .chain(events("t2", "Tested", 1))
+        .collect();
+    for (recorded, written) in read.iter().zip(&written) {
+        assert_eq!(recorded.stream, stream);
+        assert_eq!(recorded.event_id, written.event_id);
+        assert_eq!(recorded.metadata, written.metadata);
+        assert_eq!(recorded.event_type, written.event_type);
+        // The same JSON (PostgreSQL's jsonb keeps its own key order).
+        let json = |text: &str| serde_json::from_str::<serde_json::Value>(text).expect("JSON");
+        assert_eq!(json(&recorded.payload), json(&written.payload));
+        assert!(
+            recorded.recorded_at > before,
+            "recorded at {}",
+            recorded.recorded_at
+        );
+    }
+    let followed = read_everything(&*log, LogFilter::aggregate(KIND), 3).await;
+    assert_eq!(
+        read.iter().map(|e| e.position).collect::<Vec<_>>(),
+        followed.iter().map(|e| e.position).collect::<Vec<_>>(),
+        "the positions followers see"
+    );
+    let tail = log
+        .read_stream_recorded(&stream, 2)
+        .await
+        .expect("the tail reads");
+    assert_eq!(tail.len(), 1);
+    assert_eq!(tail[0].event_id, written[2].event_id);
+    assert!(
+        log.read_stream_recorded(&super::conformance::stream(KIND), 0)
+            .await
+            .expect("an unknown stream reads")
+            .is_empty()
+    );
 }
 
 /// Appends come back from the stream and from the log, in order, with what was written.

@@ -596,6 +596,19 @@ impl EventLog for KurrentDbEventLog {
             .collect()
     }
 
+    async fn read_stream_recorded(
+        &self,
+        stream: &StreamId,
+        after: u64,
+    ) -> Result<Vec<RecordedEvent>> {
+        let name = self.names.stream(stream)?;
+        self.stream_events(&name, after, usize::MAX)
+            .await?
+            .iter()
+            .map(|event| recorded(&self.names, event))
+            .collect()
+    }
+
     async fn read_all(
         &self,
         after: LogPosition,

@@ -230,6 +230,15 @@ pub trait EventLog: Send + Sync + 'static {
     /// The events of `stream` after version `after` (0: all), in order.
     async fn read_stream(&self, stream: &StreamId, after: u64) -> Result<Vec<StreamEvent>>;
 
+    /// The events of `stream` after version `after`, in order, with everything stored about
+    /// them (ids, times, metadata, positions): the audit trail's read. Aggregate loads, the hot
+    /// path, use [`EventLog::read_stream`], which leaves those out.
+    async fn read_stream_recorded(
+        &self,
+        stream: &StreamId,
+        after: u64,
+    ) -> Result<Vec<RecordedEvent>>;
+
     /// Up to `limit` committed events after `after` that match `filter`, in commit order. An
     /// empty answer means "nothing more is visible yet", not "the end".
     async fn read_all(

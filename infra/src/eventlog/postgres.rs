@@ -263,6 +263,21 @@ impl EventLog for PgEventLog {
             .collect())
     }
 
+    async fn read_stream_recorded(
+        &self,
+        stream: &StreamId,
+        after: u64,
+    ) -> Result<Vec<RecordedEvent>> {
+        let rows = sqlx::query(&self.sql.read_stream_recorded)
+            .bind(&stream.aggregate_type)
+            .bind(&stream.aggregate_id)
+            .bind(i64::try_from(after).unwrap_or(i64::MAX))
+            .fetch_all(&self.pool)
+            .await
+            .context("reading a stream's events")?;
+        rows.iter().map(decode).collect()
+    }
+
     async fn read_all(
         &self,
         after: LogPosition,
@@ -366,8 +381,15 @@ impl EventLog for PgEventLog {
         Ok(())
     }
 
+    /// Whether the events table answers (not only the database: a missing table or grant is
+    /// a log that cannot be read).
     async fn ping(&self) -> bool {
-        crate::db::ping(&self.pool, Duration::from_secs(2)).await
+        tokio::time::timeout(
+            Duration::from_secs(2),
+            sqlx::query(&self.sql.ping).execute(&self.pool),
+        )
+        .await
+        .is_ok_and(|result| result.is_ok())
     }
 }
 
@@ -381,6 +403,8 @@ struct Sql {
     snapshots_table: String,
     channel: String,
     insert: String,
+    read_stream_recorded: String,
+    ping: String,
     stored_ids: String,
     read_all: String,
     read_all_of_type: String,
@@ -461,6 +485,11 @@ impl Sql {
                  JOIN {table} e ON e.aggregate_type = k.aggregate_type
                      AND e.aggregate_id = k.aggregate_id AND e.sequence = k.sequence"
             ),
+            read_stream_recorded: format!(
+                "SELECT {COLUMNS} FROM {table} e WHERE e.aggregate_type = $1 \
+                 AND e.aggregate_id = $2 AND e.sequence > $3 ORDER BY e.sequence"
+            ),
+            ping: format!("SELECT 1 FROM {table} LIMIT 1"),
             read_all: read(None, 1),
             read_all_of_type: read(Some("e.aggregate_type = $1"), 2),
             read_all_of_event: read(Some("e.aggregate_type = $1 AND e.event_type = $2"), 3),

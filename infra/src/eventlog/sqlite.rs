@@ -155,6 +155,24 @@ impl EventLog for SqliteEventLog {
             .collect())
     }
 
+    async fn read_stream_recorded(
+        &self,
+        stream: &StreamId,
+        after: u64,
+    ) -> Result<Vec<RecordedEvent>> {
+        let rows = sqlx::query(&format!(
+            "SELECT {COLUMNS} FROM events WHERE aggregate_type = ?1 AND aggregate_id = ?2 \
+             AND sequence > ?3 ORDER BY sequence"
+        ))
+        .bind(&stream.aggregate_type)
+        .bind(&stream.aggregate_id)
+        .bind(i64::try_from(after).unwrap_or(i64::MAX))
+        .fetch_all(&self.pool)
+        .await
+        .context("reading a stream's events")?;
+        rows.iter().map(decode).collect()
+    }
+
     async fn read_all(
         &self,
         after: LogPosition,

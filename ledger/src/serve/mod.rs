@@ -272,9 +272,7 @@ async fn build(args: &ServeArgs, dir: &DataDir, secrets: &secrets::Secrets) -> R
     ));
     let queries = projector::http::AppState {
         models,
-        trail: Arc::new(projector::http::trail::SqliteEventTrail::new(
-            readers.clone(),
-        )),
+        trail: Arc::new(projector::http::trail::LogEventTrail::new(log.clone())),
         cache: Some(cache),
         verifier: verifier.clone(),
         runners_healthy: vec![projector.health_flag()],

@@ -60,7 +60,7 @@ mod sqlite {
 async fn the_projector_runs_on_sqlite_beside_the_sqlite_log() {
     use infra::eventlog::sqlite::SqliteEventLog;
     use infra::eventlog::{Append, EventLog, EventMetadata, NewEvent, StreamId};
-    use projector::http::trail::{EventTrail, SqliteEventTrail};
+    use projector::http::trail::{EventTrail, LogEventTrail};
     use projector::model::ProjectionName;
     use projector::rebuild::{RebuildOptions, rebuild_in};
     use projector::runner::{Projector, ProjectorSettings};
@@ -205,7 +205,7 @@ async fn the_projector_runs_on_sqlite_beside_the_sqlite_log() {
         .find(|row| row.aggregate_type == "transaction")
         .expect("a transaction");
     let id = uuid::Uuid::parse_str(&transaction.aggregate_id).expect("a uuid");
-    let trail = SqliteEventTrail::new(log.pool().clone());
+    let trail = LogEventTrail::new(log.clone());
     assert!(trail.ping().await);
     let events = trail.transaction_events(id).await.expect("the trail reads");
     let expected: Vec<&str> = builder
