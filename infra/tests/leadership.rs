@@ -36,12 +36,17 @@ mod postgres {
         let admin = sqlx::PgPool::connect(&infra::testing::admin_url())
             .await
             .expect("connects");
+        // pg_locks shows a bigint advisory key as two oids: its high and its low 32 bits.
+        let key =
+            u64::from_ne_bytes(infra::db::advisory_key(&format!("leader/{name}")).to_ne_bytes());
+        let (high, low) = (i64::from((key >> 32) as u32), i64::from(key as u32));
         let terminated: i64 = sqlx::query_scalar(
             "SELECT count(*) FROM (SELECT pg_terminate_backend(pid) FROM pg_locks \
-             WHERE locktype = 'advisory' AND objid = ($1::bigint & 4294967295)::oid \
-             AND classid = ($1::bigint >> 32)::oid) t",
+             WHERE locktype = 'advisory' AND classid = $1::oid AND objid = $2::oid \
+             AND objsubid = 1) t",
         )
-        .bind(infra::db::advisory_key(&format!("leader/{name}")))
+        .bind(high)
+        .bind(low)
         .fetch_one(&admin)
         .await
         .expect("terminates the holder");
