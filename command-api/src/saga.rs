@@ -395,13 +395,12 @@ impl Saga {
                 Ok((state, version, fresh)) => {
                     if fresh {
                         freshness.wanted.remove(&id);
-                        freshness.read.insert(id);
                     }
                     accounts.insert(
                         id,
                         Working {
                             version,
-                            fresh: freshness.read.contains(&id),
+                            fresh,
                             state,
                             decisions: Vec::new(),
                             items: Vec::new(),
@@ -420,6 +419,7 @@ impl Saga {
         for (index, name, list) in commands {
             let work = &items[index].work;
             let mut outcome = AccountsDone::Done;
+            let involved: Vec<AccountId> = list.iter().map(|(id, _)| *id).collect();
             for (account_id, command) in list {
                 if let Some(problem) = unavailable.get(&account_id) {
                     outcome = AccountsDone::Failed(problem.clone());
@@ -431,16 +431,16 @@ impl Saga {
                 };
                 account.items.push(index);
                 match AggregateStore::<AccountAggregate>::decide(&account.state, command).await {
-                    Ok((_, events)) if events.is_empty() => {
-                        if !account.fresh {
-                            // "Already done" decided on a cached state is believed only once
-                            // the log confirms it: a state that has not seen this step's
-                            // earlier event (a hold) would skip a leg for good. Decided again
-                            // next round on the state the log holds.
-                            freshness.wanted.insert(account_id);
-                            outcome = AccountsDone::Again;
-                        }
+                    Ok((_, events)) if events.is_empty() && !account.fresh => {
+                        // "Already done" decided on a cached state is believed only from the
+                        // log: a state that has not seen this step's earlier event (a hold)
+                        // would skip a leg for good. The whole step is decided again next
+                        // round, on every one of its accounts as the log holds them then.
+                        freshness.wanted.extend(&involved);
+                        outcome = AccountsDone::Again;
+                        break;
                     }
+                    Ok((_, events)) if events.is_empty() => {}
                     Ok((next, events)) => {
                         if account.decisions.is_empty() {
                             changed.push(account_id);
@@ -456,11 +456,10 @@ impl Saga {
                     Err(_) if !account.fresh => {
                         // A refusal decided on a cached state is decided again next round, on
                         // the state the log holds: a stale one could refuse what it allows.
-                        freshness.wanted.insert(account_id);
+                        freshness.wanted.extend(&involved);
                         outcome = AccountsDone::Again;
                         break;
                     }
-                    Err(_) if matches!(outcome, AccountsDone::Again) => break,
                     Err(refusal) => {
                         outcome = match saga::rejection_for(&refusal) {
                             Some(reason) if name == "reserve" => AccountsDone::Refused(reason),
@@ -491,19 +490,10 @@ impl Saga {
         if !pending.is_empty() {
             let outcomes = self.accounts.append_all(pending).await?;
             for (id, outcome) in ids.iter().zip(outcomes) {
-                match outcome {
-                    // Written at the version it was decided at: the state after it is the log's.
-                    AppendOutcome::Appended { .. } => {
-                        freshness.read.insert(*id);
-                    }
-                    AppendOutcome::Duplicate { .. } => {}
-                    AppendOutcome::Conflict => {
-                        metrics::counter!("saga_conflicts_total", "stream" => "account")
-                            .increment(1);
-                        freshness.read.remove(id);
-                        for index in &accounts[id].items {
-                            done.insert(*index, AccountsDone::Again);
-                        }
+                if outcome == AppendOutcome::Conflict {
+                    metrics::counter!("saga_conflicts_total", "stream" => "account").increment(1);
+                    for index in &accounts[id].items {
+                        done.insert(*index, AccountsDone::Again);
                     }
                 }
             }
@@ -670,15 +660,16 @@ enum AccountsDone {
     Failed(String),
 }
 
-/// Which accounts' states a batch has checked against the log. A step that comes out as a
-/// no-op or a refusal on a state that only the cache vouches for is decided again on the log's
-/// state; once read from the log (or written by this batch at the version it was decided at), an
-/// account's state is trusted for the rest of the batch, so a batch asks the log at most once
-/// per account and always ends.
+/// Which accounts the next round reads from the log rather than the cache. A step that comes
+/// out as a no-op or a refusal on a state only the cache vouches for is decided again next round
+/// on all of its accounts as the log holds them then. "As the log holds them then" is what makes
+/// the no-op safe whoever else writes: the accounts are read after the transaction's state was
+/// known, so they hold every account event committed before the transaction event that state
+/// shows (the saga appends a step's account events before its transaction event). A round's
+/// reads are trusted for that round only, and all of a step's accounts are read together, so
+/// the step is decided on fresh states next round and the batch ends.
 #[derive(Debug, Default)]
 struct Freshness {
-    /// Read from the log, or appended to, during this batch.
-    read: HashSet<AccountId>,
     /// To read from the log next round.
     wanted: HashSet<AccountId>,
 }
@@ -686,8 +677,7 @@ struct Freshness {
 /// An account's state while a round decides commands on it.
 struct Working {
     version: u64,
-    /// Whether `state` was read from the log (or written) during this batch, else only the
-    /// cache vouches for it.
+    /// Whether `state` was read from the log this round, else only the cache vouches for it.
     fresh: bool,
     state: AccountAggregate,
     decisions: Vec<(Vec<AccountEvent>, EventMetadata)>,
