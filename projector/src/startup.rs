@@ -160,36 +160,24 @@ impl App {
             Arc<dyn EventLog>,
         ) = match config.event_store.open_kurrentdb().await? {
             Some(log) => (log.clone(), log.clone(), log),
-            None => (
-                Arc::new(
+            None => {
+                // Each reader on the pool of its own; only the projector's listens for
+                // command-api's NOTIFY, the others are asked.
+                let reader = |pool: &PgPool, listen: bool| {
                     PgEventLog::open(
-                        events_pool.clone(),
+                        pool.clone(),
                         PgEventLogOptions {
-                            listen: false,
+                            listen,
                             ..PgEventLogOptions::reader(&config.events_table)
                         },
                     )
-                    .await?,
-                ),
-                Arc::new(
-                    PgEventLog::open(
-                        positions_events.clone(),
-                        PgEventLogOptions {
-                            listen: false,
-                            ..PgEventLogOptions::reader(&config.events_table)
-                        },
-                    )
-                    .await?,
-                ),
-                // The projector follows the log, woken by command-api's NOTIFY.
-                Arc::new(
-                    PgEventLog::open(
-                        background_events.clone(),
-                        PgEventLogOptions::reader(&config.events_table),
-                    )
-                    .await?,
-                ),
-            ),
+                };
+                (
+                    Arc::new(reader(&events_pool, false).await?),
+                    Arc::new(reader(&positions_events, false).await?),
+                    Arc::new(reader(&background_events, true).await?),
+                )
+            }
         };
         let projector = Arc::new(Projector::new(
             Arc::new(PgReadModels::new(background.clone())),

@@ -10,9 +10,11 @@ use domain::{
     AccountCommand, AccountId, Amount, Currency, CustomerId, FraudDecision, FraudOutcome,
     RejectionReason, TransactionCommand, TransactionId, TransactionKind, TransactionRequest,
 };
+use infra::eventlog::EventLog;
 use infra::follow::Outcome;
 use serde_json::json;
 use std::collections::HashMap;
+use std::sync::Arc;
 use uuid::Uuid;
 
 use crate::support::{Audited, Harness, balance_of};
@@ -304,6 +306,83 @@ fn decision(outcome: FraudOutcome) -> FraudDecision {
     }
 }
 
+/// A writer of the test's log with a pool and a committer of its own, as another instance is.
+async fn open_writer(database_url: &str) -> (sqlx::PgPool, Arc<dyn EventLog>) {
+    let pool = infra::db::connect(database_url, "command_api", 4)
+        .await
+        .expect("connects");
+    let log = infra::eventlog::postgres::PgEventLog::open(
+        pool.clone(),
+        infra::eventlog::postgres::PgEventLogOptions::writer(
+            "command_api",
+            infra::db::connect_options(database_url, "command_api").expect("options"),
+        ),
+    )
+    .await
+    .expect("the log opens");
+    (pool, Arc::new(log))
+}
+
+/// Creates a transfer of `minor` from `source` to `destination` and runs the first `prefix` of
+/// its `path` (each step must write), through stores of its own: what another writer (an
+/// earlier leader, a saga killed after that step) leaves in the log.
+async fn write_transfer_prefix(
+    log: &Arc<dyn EventLog>,
+    (source, destination): (AccountId, AccountId),
+    minor: i64,
+    path: fn(TransactionId, &TransactionRequest, AccountId, AccountId) -> Vec<Step>,
+    prefix: usize,
+) -> TransactionId {
+    let accounts = AggregateStore::<AccountAggregate>::full_replay(log.clone());
+    let transactions = AggregateStore::<TransactionAggregate>::full_replay(log.clone());
+    let metadata =
+        || command_api::metadata::for_saga("written", "test", Uuid::new_v4().to_string());
+    let id = TransactionId(Uuid::new_v4());
+    let request = TransactionRequest::new(
+        TransactionKind::Transfer,
+        Amount::from_minor(minor).expect("positive"),
+        Currency::from_code("USD").expect("known"),
+        Some(source),
+        Some(destination),
+        None,
+    )
+    .expect("a valid transfer");
+    let create = TransactionCommand::Create {
+        transaction_id: id,
+        request: request.clone(),
+        initiated_by: CustomerId(Uuid::new_v4()),
+        at: Utc::now(),
+    };
+    let created = transactions
+        .execute(&id.to_string(), create, &metadata())
+        .await
+        .expect("stored");
+    assert!(matches!(created, Executed::Appended { .. }));
+    for step in path(id, &request, source, destination)
+        .into_iter()
+        .take(prefix)
+    {
+        let written = match step {
+            Step::Account(account, command) => matches!(
+                accounts
+                    .execute(&account.to_string(), command, &metadata())
+                    .await
+                    .expect("stored"),
+                Executed::Appended { .. }
+            ),
+            Step::Transaction(command) => matches!(
+                transactions
+                    .execute(&id.to_string(), command, &metadata())
+                    .await
+                    .expect("stored"),
+                Executed::Appended { .. }
+            ),
+        };
+        assert!(written, "every step of the prefix writes");
+    }
+    id
+}
+
 /// Writes, for every prefix of both paths, a transaction that stopped after that prefix — as if
 /// the saga had been killed between those two steps. Returns the ids with the expected outcome.
 async fn write_interrupted_transactions(
@@ -311,25 +390,7 @@ async fn write_interrupted_transactions(
     source: AccountId,
     destination: AccountId,
 ) -> Vec<(Uuid, &'static str)> {
-    let pool = infra::db::connect(database_url, "command_api", 4)
-        .await
-        .expect("connects");
-    let log: std::sync::Arc<dyn infra::eventlog::EventLog> = std::sync::Arc::new(
-        infra::eventlog::postgres::PgEventLog::open(
-            pool.clone(),
-            infra::eventlog::postgres::PgEventLogOptions::writer(
-                "command_api",
-                infra::db::connect_options(database_url, "command_api").expect("options"),
-            ),
-        )
-        .await
-        .expect("the log opens"),
-    );
-    let accounts = AggregateStore::<AccountAggregate>::full_replay(log.clone());
-    let transactions = AggregateStore::<TransactionAggregate>::full_replay(log);
-    let metadata =
-        || command_api::metadata::for_saga("crash-test", "test", Uuid::new_v4().to_string());
-    let usd = Currency::from_code("USD").expect("known");
+    let (pool, log) = open_writer(database_url).await;
     let mut expected = Vec::new();
     for (path, steps) in [(0, 8), (1, 7)] {
         for prefix in 0..steps {
@@ -340,50 +401,12 @@ async fn write_interrupted_transactions(
             } else {
                 "CONFIRMED"
             };
-            let id = TransactionId(Uuid::new_v4());
-            let request = TransactionRequest::new(
-                TransactionKind::Transfer,
-                Amount::from_minor(100).expect("positive"),
-                usd,
-                Some(source),
-                Some(destination),
-                None,
-            )
-            .expect("a valid transfer");
-            let create = TransactionCommand::Create {
-                transaction_id: id,
-                request: request.clone(),
-                initiated_by: CustomerId(Uuid::new_v4()),
-                at: Utc::now(),
-            };
-            let created = transactions
-                .execute(&id.to_string(), create, &metadata())
-                .await
-                .expect("stored");
-            assert!(matches!(created, Executed::Appended { .. }));
-            let all = if path == 0 {
-                approved_path(id, &request, source, destination)
+            let steps = if path == 0 {
+                approved_path
             } else {
-                rejected_path(id, &request, source, destination)
+                rejected_path
             };
-            for step in all.into_iter().take(prefix) {
-                match step {
-                    Step::Account(account, command) => {
-                        let outcome = accounts
-                            .execute(&account.to_string(), command, &metadata())
-                            .await
-                            .expect("stored");
-                        assert!(matches!(outcome, Executed::Appended { .. }), "{outcome:?}");
-                    }
-                    Step::Transaction(command) => {
-                        let outcome = transactions
-                            .execute(&id.to_string(), command, &metadata())
-                            .await
-                            .expect("stored");
-                        assert!(matches!(outcome, Executed::Appended { .. }), "{outcome:?}");
-                    }
-                }
-            }
+            let id = write_transfer_prefix(&log, (source, destination), 100, steps, prefix).await;
             expected.push((id.as_uuid(), outcome));
         }
     }
@@ -508,24 +531,9 @@ async fn a_settlement_is_never_decided_on_a_cached_account_that_has_not_seen_its
     harness.fund(source, "100.00", "USD").await;
     harness.app.kill().await;
 
-    let url = harness.app.database_url.clone();
-    let pool = infra::db::connect(&url, "command_api", 4)
-        .await
-        .expect("connects");
-    let log: std::sync::Arc<dyn infra::eventlog::EventLog> = std::sync::Arc::new(
-        infra::eventlog::postgres::PgEventLog::open(
-            pool.clone(),
-            infra::eventlog::postgres::PgEventLogOptions::writer(
-                "command_api",
-                infra::db::connect_options(&url, "command_api").expect("options"),
-            ),
-        )
-        .await
-        .expect("the log opens"),
-    );
-    let accounts = std::sync::Arc::new(AggregateStore::<AccountAggregate>::new(log.clone()));
-    let transactions =
-        std::sync::Arc::new(AggregateStore::<TransactionAggregate>::new(log.clone()));
+    let (pool, log) = open_writer(&harness.app.database_url).await;
+    let accounts = Arc::new(AggregateStore::<AccountAggregate>::new(log.clone()));
+    let transactions = Arc::new(AggregateStore::<TransactionAggregate>::new(log.clone()));
     let (_, cached_version) = accounts
         .load(&source.to_string())
         .await
@@ -533,50 +541,8 @@ async fn a_settlement_is_never_decided_on_a_cached_account_that_has_not_seen_its
 
     // Another writer carries a transfer up to its confirmation: the hold is in the log, not in
     // the saga's cache.
-    let other_accounts = AggregateStore::<AccountAggregate>::full_replay(log.clone());
-    let other_transactions = AggregateStore::<TransactionAggregate>::full_replay(log.clone());
-    let metadata = || command_api::metadata::for_saga("stale", "test", Uuid::new_v4().to_string());
-    let id = TransactionId(Uuid::new_v4());
-    let request = TransactionRequest::new(
-        TransactionKind::Transfer,
-        Amount::from_minor(2_500).expect("positive"),
-        Currency::from_code("USD").expect("known"),
-        Some(AccountId(source)),
-        Some(AccountId(destination)),
-        None,
-    )
-    .expect("a valid transfer");
-    let create = TransactionCommand::Create {
-        transaction_id: id,
-        request: request.clone(),
-        initiated_by: CustomerId(Uuid::new_v4()),
-        at: Utc::now(),
-    };
-    let created = other_transactions
-        .execute(&id.to_string(), create, &metadata())
-        .await
-        .expect("stored");
-    assert!(matches!(created, Executed::Appended { .. }));
-    let path = approved_path(id, &request, AccountId(source), AccountId(destination));
-    for step in path.into_iter().take(5) {
-        let outcome = match step {
-            Step::Account(account, command) => {
-                let outcome = other_accounts
-                    .execute(&account.to_string(), command, &metadata())
-                    .await
-                    .expect("stored");
-                matches!(outcome, Executed::Appended { .. })
-            }
-            Step::Transaction(command) => {
-                let outcome = other_transactions
-                    .execute(&id.to_string(), command, &metadata())
-                    .await
-                    .expect("stored");
-                matches!(outcome, Executed::Appended { .. })
-            }
-        };
-        assert!(outcome, "each step up to the confirmation is written");
-    }
+    let accounts_pair = (AccountId(source), AccountId(destination));
+    let id = write_transfer_prefix(&log, accounts_pair, 2_500, approved_path, 5).await;
     let (_, cached_after) = accounts.load(&source.to_string()).await.expect("loads");
     assert_eq!(
         cached_after, cached_version,
@@ -587,7 +553,7 @@ async fn a_settlement_is_never_decided_on_a_cached_account_that_has_not_seen_its
         accounts,
         transactions,
         log,
-        std::sync::Arc::new(command_api::state::PgFollowerState::new(pool.clone())),
+        Arc::new(command_api::state::PgFollowerState::new(pool.clone())),
         command_api::saga::SagaSettings {
             batch_size: 16,
             concurrency: 4,
