@@ -322,6 +322,42 @@ pub async fn not_found() -> Problem {
     Problem::not_found("no such route")
 }
 
+/// How long a public `/health` answer is reused: a second. `/health` is public and
+/// unauthenticated and asks every dependency; reused, a flood of it costs at most one round of
+/// checks a second, and a load balancer probing every few seconds still sees fresh news.
+pub const HEALTH_REUSED_FOR: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// The last round of a `/health`'s checks, reused for [`HEALTH_REUSED_FOR`]: one round at a
+/// time, and concurrent callers share it.
+pub struct HealthRounds<T> {
+    last: tokio::sync::Mutex<Option<(tokio::time::Instant, T)>>,
+}
+
+impl<T> Default for HealthRounds<T> {
+    fn default() -> Self {
+        HealthRounds {
+            last: tokio::sync::Mutex::new(None),
+        }
+    }
+}
+
+impl<T: Clone> HealthRounds<T> {
+    /// The last round's result if it started less than [`HEALTH_REUSED_FOR`] ago, else the
+    /// result of a new `round`.
+    pub async fn get<F: std::future::Future<Output = T>>(&self, round: impl FnOnce() -> F) -> T {
+        let mut last = self.last.lock().await;
+        if let Some((started, result)) = last.as_ref()
+            && started.elapsed() < HEALTH_REUSED_FOR
+        {
+            return result.clone();
+        }
+        let started = tokio::time::Instant::now();
+        let result = round().await;
+        *last = Some((started, result.clone()));
+        result
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -23,9 +23,9 @@ use axum::http::header;
 use axum::response::IntoResponse;
 use axum::routing::{get, post, put};
 use infra::auth::{JwtSigner, JwtVerifier};
-use infra::http::{HealthReport, method_not_allowed, metrics_endpoint, not_found, service_layers};
-use tokio::sync::Mutex;
-use tokio::time::Instant;
+use infra::http::{
+    HealthReport, HealthRounds, method_not_allowed, metrics_endpoint, not_found, service_layers,
+};
 
 use crate::clients::TrustedProxies;
 use crate::config::Config;
@@ -39,11 +39,6 @@ use crate::routes::{RoutingTable, Upstream};
 
 /// How long `/health` waits for the database before calling it down.
 const HEALTH_CHECK_TIMEOUT: Duration = Duration::from_secs(2);
-
-/// How long one `/health` answer is reused: a second. `/health` is public and unauthenticated
-/// and asks the database and every upstream; cached, a flood of it costs at most one such
-/// round a second, and a load balancer probing every few seconds still sees fresh news.
-pub const HEALTH_CACHE_TTL: Duration = Duration::from_secs(1);
 
 /// The OpenAPI 3.1 document of the whole public API (SPEC §5), kept true by a test.
 pub const OPENAPI_DOCUMENT: &str = include_str!("../../openapi.json");
@@ -157,34 +152,15 @@ async fn openapi() -> impl IntoResponse {
     )
 }
 
-/// The last `/health` round: when it started, whether the database answered, and each upstream.
-type HealthRound = (Instant, bool, Vec<(Upstream, bool)>);
-
-/// One `/health` round at a time, reused for [`HEALTH_CACHE_TTL`].
-#[derive(Default)]
-pub struct HealthCache {
-    last: Mutex<Option<HealthRound>>,
-}
+/// The `/health` rounds: whether the database answered, and each upstream.
+pub type HealthCache = HealthRounds<(bool, Vec<(Upstream, bool)>)>;
 
 /// `GET /health`: the identities' store is required (identity and tokens need it); each
 /// upstream the routing table uses is reported, and one that is down makes the gateway
 /// `degraded`, not down (docs/decisions.md §13). Answered from the last round if it is younger
-/// than [`HEALTH_CACHE_TTL`]; concurrent callers share one round.
+/// than [`infra::http::HEALTH_REUSED_FOR`]; concurrent callers share one round.
 async fn health(State(state): State<AppState>) -> HealthReport {
-    let mut last = state.health.last.lock().await;
-    let fresh = last
-        .as_ref()
-        .filter(|(started, _, _)| started.elapsed() < HEALTH_CACHE_TTL);
-    let (database, upstreams) = match fresh {
-        Some((_, database, upstreams)) => (*database, upstreams.clone()),
-        None => {
-            let started = Instant::now();
-            let (database, upstreams) = health_round(&state).await;
-            *last = Some((started, database, upstreams.clone()));
-            (database, upstreams)
-        }
-    };
-    drop(last);
+    let (database, upstreams) = state.health.get(|| health_round(&state)).await;
     upstreams.iter().fold(
         HealthReport::default().required("database", database),
         |report, (upstream, up)| report.optional(upstream.name(), *up),

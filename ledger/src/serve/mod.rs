@@ -36,7 +36,7 @@ use infra::eventlog::committer::CommitterSettings;
 use infra::eventlog::sqlite::SqliteEventLog;
 use infra::eventlog::{EventLog, LogFilter};
 use infra::follow::{FollowSettings, follow};
-use infra::http::{HealthReport, not_found};
+use infra::http::{HealthReport, HealthRounds, not_found};
 use infra::leader::{Leadership, LocalLeadership};
 use infra::server::HttpLimits;
 use infra::tasks::{Workers, serve_until_stopped};
@@ -348,7 +348,7 @@ async fn build(args: &ServeArgs, dir: &DataDir, secrets: &secrets::Secrets) -> R
         readers: readers.clone(),
         bus,
         projector: projector.health_flag(),
-        last: Arc::default(),
+        rounds: Arc::default(),
     };
     let own = Router::new()
         .route("/health", get(health_report))
@@ -426,29 +426,21 @@ struct Health {
     readers: SqlitePool,
     bus: SqliteBusStore,
     projector: Arc<AtomicBool>,
-    /// The last round of checks (when it started, database, bus), reused for a second as the
-    /// gateway's is ([`gateway::http::HEALTH_CACHE_TTL`]): `/health` is public and
-    /// unauthenticated, and each round takes connections the queries read with.
-    last: Arc<tokio::sync::Mutex<Option<(Instant, bool, bool)>>>,
+    /// The rounds of checks (database, bus), each reused for a second as the gateway's are:
+    /// `/health` is public and unauthenticated, and a round takes connections queries read with.
+    rounds: Arc<HealthRounds<(bool, bool)>>,
 }
 
 async fn health_report(State(health): State<Health>) -> HealthReport {
-    let mut last = health.last.lock().await;
-    let (database, bus) = match *last {
-        Some((started, database, bus)) if started.elapsed() < gateway::http::HEALTH_CACHE_TTL => {
-            (database, bus)
-        }
-        _ => {
-            let started = Instant::now();
-            let (database, bus) = tokio::join!(
+    let (database, bus) = health
+        .rounds
+        .get(|| async {
+            tokio::join!(
                 infra::sqlite::ping(&health.readers, Duration::from_secs(2)),
                 health.bus.ping(Duration::from_secs(2)),
-            );
-            *last = Some((started, database, bus));
-            (database, bus)
-        }
-    };
-    drop(last);
+            )
+        })
+        .await;
     HealthReport::default()
         .required("database", database)
         .required("bus", bus)
