@@ -25,8 +25,9 @@
 //! `FraudChecked`), which never makes a step unsafe. Account states come from the cache too: a
 //! write decided on a stale one conflicts, but a skip would not, so an account command that
 //! comes out as a no-op ("already done") or a refusal on a cached state is decided again on the
-//! state the log holds before it is believed ([`Freshness`], decision 48). A failed append (its outcome unknown) fails
-//! the batch, and the next session starts from the log with empty caches.
+//! state the log holds before it is believed ([`Freshness`], decision 48). A failed append (its
+//! outcome unknown) fails the batch's open transactions and makes the store forget the streams
+//! it touched, so they are read from the log when they are retried.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;

@@ -157,8 +157,14 @@ pub fn advisory_key(name: &str) -> i64 {
 
 /// Runs `SELECT 1` with a deadline: the database check of `/health`.
 pub async fn ping(pool: &PgPool, timeout: Duration) -> bool {
+    answers(pool, "SELECT 1", timeout).await
+}
+
+/// Whether `statement` runs within `timeout`: a `/health` check of something more particular
+/// than the database (a table, a grant).
+pub async fn answers(pool: &PgPool, statement: &str, timeout: Duration) -> bool {
     matches!(
-        tokio::time::timeout(timeout, sqlx::query("SELECT 1").execute(pool)).await,
+        tokio::time::timeout(timeout, sqlx::query(statement).execute(pool)).await,
         Ok(Ok(_))
     )
 }

@@ -384,12 +384,7 @@ impl EventLog for PgEventLog {
     /// Whether the events table answers (not only the database: a missing table or grant is
     /// a log that cannot be read).
     async fn ping(&self) -> bool {
-        tokio::time::timeout(
-            Duration::from_secs(2),
-            sqlx::query(&self.sql.ping).execute(&self.pool),
-        )
-        .await
-        .is_ok_and(|result| result.is_ok())
+        crate::db::answers(&self.pool, &self.sql.ping, Duration::from_secs(2)).await
     }
 }
 
