@@ -127,7 +127,7 @@ impl Databases {
 
     /// The read models, to rebuild them: migrated and set up if need be.
     async fn read_pool(&self) -> Result<sqlx::PgPool> {
-        Ok(projector::startup::connect_read_models(self.read_url(), 4).await?)
+        Ok(projector::startup::connect_read_models(self.read_url(), 6).await?)
     }
 
     /// The read models, to read them only (`verify`): SELECT privileges are enough.

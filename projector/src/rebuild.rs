@@ -1,7 +1,8 @@
 //! `ledger rebuild`: builds a fresh generation of one or more projections from the start of the
 //! log beside the live ones, with one reader of the log feeding all of them, in bounded batches
 //! (each its own transaction, with its own checkpoints, so a killed rebuild resumes where it
-//! stopped), then switches them atomically and drops the old tables. Queries keep reading the
+//! stopped; on PostgreSQL one transaction per projection, all at once, decision 49), then
+//! switches them atomically and drops the old tables. Queries keep reading the
 //! old generations until the switch commits; the live projector keeps following the log on the
 //! old generations until then, and on the new ones after.
 //!

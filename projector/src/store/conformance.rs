@@ -42,6 +42,7 @@ macro_rules! read_models_conformance {
             a_batch_applied_twice_changes_nothing,
             queries_filter_and_page_as_the_log_implies,
             a_rebuilt_generation_switches_in_atomically,
+            a_rebuild_resumes_each_projection_from_its_own_checkpoint,
             one_rebuild_at_a_time
         );
     };
@@ -649,6 +650,80 @@ pub async fn a_rebuilt_generation_switches_in_atomically(models: &dyn ReadModels
         error.to_string().contains("no longer being built"),
         "{error}"
     );
+}
+
+/// A rebuild killed between its projections' commits (PostgreSQL commits each projection's
+/// batch in a transaction of its own) leaves them at different checkpoints; the next run reads
+/// from the lowest and applies to each only what it has not applied.
+pub async fn a_rebuild_resumes_each_projection_from_its_own_checkpoint(models: &dyn ReadModels) {
+    let builder = build_log(300, 5);
+    let source = Events::new(&builder.rows, &builder.metadata);
+    let names = ProjectionName::ALL;
+    let lock = models
+        .lock_rebuilds(&names)
+        .await
+        .expect("the rebuild lock");
+    let mut building = Vec::new();
+    for name in names {
+        building.push((
+            name,
+            models
+                .prepare_generation(name, false)
+                .await
+                .expect("a generation to build"),
+        ));
+    }
+    let all = source.all();
+    // The interrupted run: accounts got two batches, transactions one, account_history none.
+    for (index, upto) in [(0, 90), (1, 45)] {
+        let target = &building[index..=index];
+        for range in [0..45, 45..upto] {
+            if range.is_empty() {
+                continue;
+            }
+            let batch =
+                crate::model::DecodedBatch::new(all[range.clone()].to_vec()).expect("decodes");
+            models
+                .apply_building(target, &batch)
+                .await
+                .expect("a rebuild batch applies");
+        }
+    }
+    let checkpoints: Vec<LogPosition> = {
+        let mut at = Vec::new();
+        for (name, generation) in &building {
+            at.push(
+                models
+                    .checkpoint(*name, *generation)
+                    .await
+                    .expect("checkpoint")
+                    .position,
+            );
+        }
+        at
+    };
+    assert_eq!(
+        checkpoints,
+        vec![all[89].position, all[44].position, LogPosition::START],
+        "{names:?} stopped at different events"
+    );
+    // The resumed run reads from the lowest checkpoint, the start, and applies the whole log.
+    let rest = crate::model::DecodedBatch::new(all.clone()).expect("decodes");
+    let applied = models
+        .apply_building(&building, &rest)
+        .await
+        .expect("the resumed batch applies");
+    assert_eq!(
+        applied,
+        (all.len() - 90) + (all.len() - 45) + all.len(),
+        "each projection applies only the events after its own checkpoint"
+    );
+    models
+        .switch(&building, &source, 100)
+        .await
+        .expect("the switch");
+    lock.release().await;
+    assert_holds(models, &all).await;
 }
 
 pub async fn one_rebuild_at_a_time(models: &dyn ReadModels) {

@@ -146,18 +146,29 @@ impl ReadModels for PgReadModels {
         building: &[(ProjectionName, i32)],
         batch: &DecodedBatch,
     ) -> Result<usize> {
-        let mut transaction = self
-            .pool
-            .begin()
-            .await
-            .context("starting a rebuild batch")?;
-        let applied =
-            crate::rebuild::building_batch(&mut Db::Pg(&mut transaction), building, batch).await?;
-        transaction
-            .commit()
-            .await
-            .context("committing a rebuild batch")?;
-        Ok(applied)
+        // Each projection in a transaction of its own, all at once: a generation being built
+        // has its own checkpoint, so they need not commit together (a killed rebuild resumes
+        // each from its own), and the database works on all of them while one is folded here.
+        let applied = futures::future::try_join_all(building.iter().map(|target| async move {
+            let mut transaction = self
+                .pool
+                .begin()
+                .await
+                .context("starting a rebuild batch")?;
+            let applied = crate::rebuild::building_batch(
+                &mut Db::Pg(&mut transaction),
+                std::slice::from_ref(target),
+                batch,
+            )
+            .await?;
+            transaction
+                .commit()
+                .await
+                .context("committing a rebuild batch")?;
+            Ok::<_, Error>(applied)
+        }))
+        .await?;
+        Ok(applied.into_iter().sum())
     }
 
     async fn switch(
