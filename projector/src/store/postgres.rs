@@ -104,6 +104,12 @@ impl ReadModels for PgReadModels {
                 .commit()
                 .await
                 .context("committing a projection batch")?;
+        } else {
+            // Here, before the connection goes back to the pool, rather than on its way back.
+            transaction
+                .rollback()
+                .await
+                .context("ending an empty projection batch")?;
         }
         Ok(batch)
     }

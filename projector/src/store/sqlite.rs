@@ -192,6 +192,12 @@ impl ReadModels for SqliteReadModels {
                 .commit()
                 .await
                 .context("committing a projection batch")?;
+        } else {
+            // Here, before the writer goes back to its pool, rather than on its way back.
+            transaction
+                .rollback()
+                .await
+                .context("ending an empty projection batch")?;
         }
         Ok(batch)
     }
