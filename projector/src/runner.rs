@@ -183,9 +183,6 @@ pub struct Projector {
     settings: ProjectorSettings,
     /// False while the last batch failed: `/health` reports the projections stalled.
     healthy: Arc<AtomicBool>,
-    /// True after a batch that applied events: the log is likely to hold more, so the next
-    /// step goes straight to the locked batch instead of looking first ([`Projector::has_work`]).
-    busy: AtomicBool,
     /// The lowest live checkpoint after the last batch this instance committed: reads waiting
     /// for their position look here before asking the database.
     applied: watch::Sender<LogPosition>,
@@ -204,7 +201,6 @@ impl Projector {
             cache,
             settings,
             healthy: Arc::new(AtomicBool::new(true)),
-            busy: AtomicBool::new(false),
             applied: watch::channel(LogPosition::START).0,
         }
     }
@@ -239,21 +235,17 @@ impl Projector {
 
     /// Applies one batch to every projection; returns how many events it read.
     pub async fn step(&self) -> Result<usize> {
-        // While busy, the unlocked look first would be one more round trip per batch.
-        if !self.busy.load(Ordering::Relaxed) && !self.has_work().await? {
+        if !self.has_work().await? {
             self.healthy.store(true, Ordering::Relaxed);
             return Ok(0);
         }
         let started = Instant::now();
         let log = LogSource(&*self.log);
-        let applied = self
+        let Some(batch) = self
             .models
             .apply_live(&log, self.settings.batch_size, self.cache.as_deref())
-            .await;
-        self.busy
-            .store(matches!(applied, Ok(Some(_))), Ordering::Relaxed);
-        let Some(batch) = applied? else {
-            self.healthy.store(true, Ordering::Relaxed);
+            .await?
+        else {
             return Ok(0);
         };
         let read = batch.events.len();
