@@ -30,7 +30,7 @@
 //! it touched, so they are read from the log when they are retried.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
@@ -42,9 +42,7 @@ use domain::{
 };
 use futures::StreamExt;
 use infra::codec::{TRANSACTION_STREAM, decode_payload};
-use infra::eventlog::{
-    AppendOutcome, EventLog, EventMetadata, LogFilter, LogPosition, RecordedEvent,
-};
+use infra::eventlog::{AppendOutcome, EventLog, EventMetadata, LogFilter, RecordedEvent};
 use infra::follow::{Follower, Outcome};
 use uuid::Uuid;
 
@@ -94,10 +92,6 @@ pub struct Saga {
     log: Arc<dyn EventLog>,
     state: Arc<dyn FollowerState>,
     settings: SagaSettings,
-    /// The checkpoint as this instance last read or recorded it, while it leads: one read of
-    /// the follower state per leadership session instead of one per batch. Only this leader
-    /// moves it; a new session (after a failure, or leading again) reads it afresh.
-    checkpoint: Mutex<Option<LogPosition>>,
 }
 
 /// A transaction to advance, with what caused it and the correlation id to carry on.
@@ -131,24 +125,7 @@ impl Saga {
             log,
             state,
             settings,
-            checkpoint: Mutex::new(None),
         }
-    }
-
-    fn cached_checkpoint(&self) -> Option<LogPosition> {
-        *self
-            .checkpoint
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-    }
-
-    /// Remembers `position` as the checkpoint (never moving it back), or forgets it (`None`).
-    fn cache_checkpoint(&self, position: Option<LogPosition>) {
-        let mut cached = self
-            .checkpoint
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
-        *cached = position.map(|at| cached.map_or(at, |known| known.max(at)));
     }
 
     /// Advances up to `max` in-flight transactions whose deadline or retry time has passed.
@@ -189,14 +166,7 @@ impl Saga {
     /// One batch of the log: advance the transactions of up to `batch_size` new events, then
     /// move the checkpoint.
     pub async fn process_log_batch(&self) -> Result<Outcome> {
-        let checkpoint = match self.cached_checkpoint() {
-            Some(at) => at,
-            None => {
-                let at = self.state.checkpoint(CHECKPOINT).await?;
-                self.cache_checkpoint(Some(at));
-                at
-            }
-        };
+        let checkpoint = self.state.checkpoint(CHECKPOINT).await?;
         let events = self
             .log
             .read_all(
@@ -219,12 +189,7 @@ impl Saga {
         let transactions = work.len();
         let results = self.advance_all(work).await;
         let progress = progress_of(&results);
-        if let Err(error) = self.state.record_saga_batch(Some(last), &progress).await {
-            // Whether it committed is unknown: read it again next time.
-            self.cache_checkpoint(None);
-            return Err(error);
-        }
-        self.cache_checkpoint(Some(last));
+        self.state.record_saga_batch(Some(last), &progress).await?;
         metrics::counter!("saga_events_total").increment(events.len() as u64);
         metrics::histogram!("saga_batch_seconds").record(started.elapsed().as_secs_f64());
         let failed = results.iter().filter(|(_, result)| result.is_err()).count();
@@ -733,7 +698,6 @@ impl Follower for Saga {
     /// A new session starts from the log: caches may hold states an unknown outcome left behind,
     /// or another instance's leader changed since.
     async fn lead(&self) -> Result<()> {
-        self.cache_checkpoint(None);
         self.accounts.forget_all();
         self.transactions.forget_all();
         let resumed = self.resume_all().await?;

@@ -127,44 +127,52 @@ impl FollowerState for PgFollowerState {
                 }
             }
         }
-        // One statement, so one round trip and one commit: its parts see one snapshot and
-        // touch distinct rows (a transaction is in one of the three lists, once).
-        sqlx::query(
-            "WITH done AS ( \
-                 DELETE FROM saga_inflight WHERE transaction_id = ANY($1::uuid[]) \
-             ), waiting AS ( \
-                 INSERT INTO saga_inflight (transaction_id, correlation_id, due_at) \
-                 SELECT * FROM UNNEST($2::uuid[], $3::text[], $4::timestamptz[]) \
+        let mut transaction = self.pool.begin().await.context("starting a saga batch")?;
+        if !done.is_empty() {
+            sqlx::query("DELETE FROM saga_inflight WHERE transaction_id = ANY($1)")
+                .bind(&done)
+                .execute(&mut *transaction)
+                .await
+                .context("removing finished transactions")?;
+        }
+        if !waiting_ids.is_empty() {
+            sqlx::query(
+                "INSERT INTO saga_inflight (transaction_id, correlation_id, due_at) \
+                 SELECT * FROM UNNEST($1::uuid[], $2::text[], $3::timestamptz[]) \
                  ON CONFLICT (transaction_id) DO UPDATE \
-                 SET due_at = EXCLUDED.due_at, attempts = 0, last_error = NULL \
-             ), failed AS ( \
-                 INSERT INTO saga_inflight (transaction_id, correlation_id, due_at, attempts, last_error) \
+                 SET due_at = EXCLUDED.due_at, attempts = 0, last_error = NULL",
+            )
+            .bind(&waiting_ids)
+            .bind(&waiting_correlations)
+            .bind(&waiting_until)
+            .execute(&mut *transaction)
+            .await
+            .context("recording waiting transactions")?;
+        }
+        if !failed_ids.is_empty() {
+            // Failed steps are retried with exponential back-off, capped at a minute.
+            sqlx::query(
+                "INSERT INTO saga_inflight (transaction_id, correlation_id, due_at, attempts, last_error) \
                  SELECT id, correlation, now() + interval '1 second', 1, error \
-                 FROM UNNEST($5::uuid[], $6::text[], $7::text[]) AS failed(id, correlation, error) \
+                 FROM UNNEST($1::uuid[], $2::text[], $3::text[]) AS failed(id, correlation, error) \
                  ON CONFLICT (transaction_id) DO UPDATE \
                  SET attempts = saga_inflight.attempts + 1, last_error = EXCLUDED.last_error, \
-                     due_at = now() + least(interval '1 second' * power(2, saga_inflight.attempts), interval '60 seconds') \
-             ) \
-             INSERT INTO follower_checkpoints (name, tx_id, position) \
-             SELECT $8, $9, $10 WHERE $9::bigint IS NOT NULL \
-             ON CONFLICT (name) DO UPDATE SET tx_id = EXCLUDED.tx_id, \
-             position = EXCLUDED.position, updated_at = now() \
-             WHERE (follower_checkpoints.tx_id, follower_checkpoints.position) \
-                 < (EXCLUDED.tx_id, EXCLUDED.position)",
-        )
-        .bind(&done)
-        .bind(&waiting_ids)
-        .bind(&waiting_correlations)
-        .bind(&waiting_until)
-        .bind(&failed_ids)
-        .bind(&failed_correlations)
-        .bind(&failed_errors)
-        .bind(crate::saga::CHECKPOINT)
-        .bind(checkpoint.map(|position| position.commit))
-        .bind(checkpoint.map(|position| position.index))
-        .execute(&self.pool)
-        .await
-        .context("recording a saga batch")?;
+                     due_at = now() + least(interval '1 second' * power(2, saga_inflight.attempts), interval '60 seconds')",
+            )
+            .bind(&failed_ids)
+            .bind(&failed_correlations)
+            .bind(&failed_errors)
+            .execute(&mut *transaction)
+            .await
+            .context("recording failed transactions")?;
+        }
+        if let Some(position) = checkpoint {
+            store_checkpoint(&mut *transaction, crate::saga::CHECKPOINT, position).await?;
+        }
+        transaction
+            .commit()
+            .await
+            .context("committing a saga batch")?;
         Ok(())
     }
 
