@@ -13,7 +13,7 @@ use infra::error::DatabaseContext;
 use infra::log::LogPosition;
 use sqlx::PgPool;
 
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::model::{Backend, Db, ProjectionName};
 
 /// Runs `$query` (a sqlx query or query_as/scalar built on one statement) on `$db`'s connection
@@ -160,37 +160,11 @@ pub async fn lock_all_live(db: &mut Db<'_>) -> Result<Vec<(ProjectionName, i32, 
     };
     let rows: Vec<(String, i32)> =
         on!(db, sqlx::query_as(statement), fetch_all).context("locking the projections")?;
-    // Then every live checkpoint in one statement: a statement of its own, so (read committed)
-    // it sees what the holder of a lock we waited for committed.
-    let checkpoints: Vec<(String, i32, i64, i64, i64)> = on!(
-        db,
-        sqlx::query_as(
-            "SELECT c.projection, c.generation, c.tx_id, c.position, c.events_applied \
-             FROM checkpoints c JOIN projections p \
-               ON c.projection = p.name AND c.generation = p.live_generation",
-        ),
-        fetch_all
-    )
-    .context("reading the live checkpoints")?;
     let mut live = Vec::with_capacity(rows.len());
     for (name, generation) in rows {
-        let Some((_, _, tx_id, position, events_applied)) = checkpoints
-            .iter()
-            .find(|(projection, at, ..)| *projection == name && *at == generation)
-        else {
-            return Err(Error::CorruptRow {
-                table: "checkpoints",
-                problem: format!("no checkpoint of {name}'s live generation {generation}"),
-            });
-        };
-        let checkpoint = Checkpoint {
-            position: LogPosition {
-                commit: *tx_id,
-                index: *position,
-            },
-            events_applied: *events_applied,
-        };
-        live.push((name.parse()?, generation, checkpoint));
+        let name: ProjectionName = name.parse()?;
+        let position = checkpoint(db, name, generation).await?;
+        live.push((name, generation, position));
     }
     Ok(live)
 }
