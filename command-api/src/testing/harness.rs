@@ -55,16 +55,7 @@ impl Harness {
 
     /// A log appending to this test's store through a committer of its own: another instance.
     pub async fn writer_log(&self) -> std::sync::Arc<dyn infra::eventlog::EventLog> {
-        let log = infra::eventlog::postgres::PgEventLog::open(
-            self.app.pool.clone(),
-            infra::eventlog::postgres::PgEventLogOptions::writer(
-                "command_api",
-                infra::db::connect_options(&self.app.database_url, "command_api").expect("options"),
-            ),
-        )
-        .await
-        .expect("the log opens");
-        std::sync::Arc::new(log)
+        super::writer_log(&self.app.pool, &self.app.database_url).await
     }
 
     pub fn customer(&self) -> (Uuid, String) {

@@ -127,6 +127,21 @@ pub async fn spawn_app_on_scratch(options: &TestOptions) -> Result<(ScratchDatab
     Ok((database, app))
 }
 
+/// A writer of the event log in `database_url`'s `command_api` schema, on `pool`, with a
+/// committer of its own: what another command-api instance appends through.
+pub async fn writer_log(pool: &PgPool, database_url: &str) -> Arc<dyn infra::eventlog::EventLog> {
+    let log = infra::eventlog::postgres::PgEventLog::open(
+        pool.clone(),
+        infra::eventlog::postgres::PgEventLogOptions::writer(
+            crate::startup::SCHEMA,
+            infra::db::connect_options(database_url, crate::startup::SCHEMA).expect("options"),
+        ),
+    )
+    .await
+    .expect("the log opens");
+    Arc::new(log)
+}
+
 impl TestApp {
     /// The event log the app appends to.
     pub fn log(&self) -> Arc<dyn infra::eventlog::EventLog> {

@@ -46,16 +46,8 @@ async fn fresh_postgres_log() -> (Arc<dyn EventLog>, Scratch) {
     command_api::startup::migrate(&pool)
         .await
         .expect("migrates");
-    let log = PgEventLog::open(
-        pool,
-        PgEventLogOptions::writer(
-            "command_api",
-            infra::db::connect_options(&database.url(), "command_api").expect("options"),
-        ),
-    )
-    .await
-    .expect("the log opens");
-    (Arc::new(log), Scratch(Some(database)))
+    let log = command_api::testing::writer_log(&pool, &database.url()).await;
+    (log, Scratch(Some(database)))
 }
 
 mod postgres {

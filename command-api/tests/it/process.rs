@@ -114,18 +114,8 @@ async fn killed_mid_traffic(saga_batch_size: usize) {
         .expect("connects");
     // Decisions come from this test process: a second writer of the same log, as another
     // instance would be.
-    let log = infra::eventlog::postgres::PgEventLog::open(
-        pool.clone(),
-        infra::eventlog::postgres::PgEventLogOptions::writer(
-            "command_api",
-            infra::db::connect_options(&url, "command_api").expect("options"),
-        ),
-    )
-    .await
-    .expect("the log opens");
-    let decisions = FraudDecisions::new(Arc::new(AggregateStore::<TransactionAggregate>::new(
-        Arc::new(log),
-    )));
+    let log = command_api::testing::writer_log(&pool, &url).await;
+    let decisions = FraudDecisions::new(Arc::new(AggregateStore::<TransactionAggregate>::new(log)));
     let approve = |id: Uuid| {
         let decisions = decisions.clone();
         async move {

@@ -311,16 +311,8 @@ async fn open_writer(database_url: &str) -> (sqlx::PgPool, Arc<dyn EventLog>) {
     let pool = infra::db::connect(database_url, "command_api", 4)
         .await
         .expect("connects");
-    let log = infra::eventlog::postgres::PgEventLog::open(
-        pool.clone(),
-        infra::eventlog::postgres::PgEventLogOptions::writer(
-            "command_api",
-            infra::db::connect_options(database_url, "command_api").expect("options"),
-        ),
-    )
-    .await
-    .expect("the log opens");
-    (pool, Arc::new(log))
+    let log = command_api::testing::writer_log(&pool, database_url).await;
+    (pool, log)
 }
 
 /// Creates a transfer of `minor` from `source` to `destination` and runs the first `prefix` of
