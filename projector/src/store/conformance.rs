@@ -554,26 +554,17 @@ pub async fn a_rebuilt_generation_switches_in_atomically(models: &dyn ReadModels
         .expect("live rows");
 
     let names = ProjectionName::ALL;
-    let lock = models
-        .lock_rebuilds(&names)
-        .await
-        .expect("the rebuild lock");
-    let mut building = Vec::new();
-    for name in names {
-        let generation = models
-            .prepare_generation(name, false)
-            .await
-            .expect("a generation to build");
-        assert_eq!(generation, 2, "the next generation of {name}");
+    let (lock, building) = start_rebuild(models, &names).await;
+    for (name, generation) in &building {
+        assert_eq!(*generation, 2, "the next generation of {name}");
         assert_eq!(
             models
-                .checkpoint(name, generation)
+                .checkpoint(*name, *generation)
                 .await
                 .expect("checkpoint")
                 .position,
             LogPosition::START
         );
-        building.push((name, generation));
     }
     // Resuming finds the half-built generation.
     assert_eq!(
@@ -659,49 +650,21 @@ pub async fn a_rebuild_resumes_each_projection_from_its_own_checkpoint(models: &
     let builder = build_log(300, 5);
     let source = Events::new(&builder.rows, &builder.metadata);
     let names = ProjectionName::ALL;
-    let lock = models
-        .lock_rebuilds(&names)
-        .await
-        .expect("the rebuild lock");
-    let mut building = Vec::new();
-    for name in names {
-        building.push((
-            name,
-            models
-                .prepare_generation(name, false)
-                .await
-                .expect("a generation to build"),
-        ));
-    }
+    let (lock, building) = start_rebuild(models, &names).await;
     let all = source.all();
     // The interrupted run: accounts got two batches, transactions one, account_history none.
-    for (index, upto) in [(0, 90), (1, 45)] {
-        let target = &building[index..=index];
-        for range in [0..45, 45..upto] {
-            if range.is_empty() {
-                continue;
-            }
-            let batch =
-                crate::model::DecodedBatch::new(all[range.clone()].to_vec()).expect("decodes");
-            models
-                .apply_building(target, &batch)
-                .await
-                .expect("a rebuild batch applies");
-        }
+    for (projection, from, to) in [(0, 0, 45), (0, 45, 90), (1, 0, 45)] {
+        let batch = crate::model::DecodedBatch::new(all[from..to].to_vec()).expect("decodes");
+        models
+            .apply_building(&building[projection..=projection], &batch)
+            .await
+            .expect("a rebuild batch applies");
     }
-    let checkpoints: Vec<LogPosition> = {
-        let mut at = Vec::new();
-        for (name, generation) in &building {
-            at.push(
-                models
-                    .checkpoint(*name, *generation)
-                    .await
-                    .expect("checkpoint")
-                    .position,
-            );
-        }
-        at
-    };
+    let mut checkpoints = Vec::new();
+    for (name, generation) in &building {
+        let checkpoint = models.checkpoint(*name, *generation).await;
+        checkpoints.push(checkpoint.expect("checkpoint").position);
+    }
     assert_eq!(
         checkpoints,
         vec![all[89].position, all[44].position, LogPosition::START],
@@ -724,6 +687,23 @@ pub async fn a_rebuild_resumes_each_projection_from_its_own_checkpoint(models: &
         .expect("the switch");
     lock.release().await;
     assert_holds(models, &all).await;
+}
+
+/// Takes the rebuild lock of `names` and prepares the generation each builds.
+async fn start_rebuild(
+    models: &dyn ReadModels,
+    names: &[ProjectionName],
+) -> (Box<dyn super::RebuildLock>, Vec<(ProjectionName, i32)>) {
+    let lock = models.lock_rebuilds(names).await.expect("the rebuild lock");
+    let mut building = Vec::new();
+    for name in names {
+        let generation = models
+            .prepare_generation(*name, false)
+            .await
+            .expect("a generation to build");
+        building.push((*name, generation));
+    }
+    (lock, building)
 }
 
 pub async fn one_rebuild_at_a_time(models: &dyn ReadModels) {
