@@ -14,9 +14,8 @@ use std::time::Duration;
 
 use lapin::message::Delivery;
 use lapin::options::{
-    BasicAckOptions, BasicNackOptions, BasicPublishOptions, ConfirmSelectOptions,
-    ExchangeDeclareOptions, ExchangeDeleteOptions, QueueBindOptions, QueueDeclareOptions,
-    QueueDeleteOptions,
+    BasicNackOptions, BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions,
+    ExchangeDeleteOptions, QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions,
 };
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{
@@ -361,16 +360,28 @@ pub enum Disposition {
     DeadLetter(String),
 }
 
-/// Carries out a disposition. The copy to a retry or dead-letter queue is published with a
-/// confirm before the original is acknowledged, so a crash in between only duplicates. If even
-/// that fails, the delivery is returned to its queue.
+/// What became of a delivery once its disposition was carried out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Settlement {
+    /// Its effect is durable (handled, or its copy parked): acknowledge it. The consumer's
+    /// window sends the ack ([`crate::bus::acks`]).
+    AckDue,
+    /// Returned to its queue with a `nack` (already sent): the broker delivers it again.
+    Returned,
+    /// Neither: the channel is likely gone, and the broker delivers it again when it closes.
+    Unsettled,
+}
+
+/// Carries out a disposition, except the ack itself. The copy to a retry or dead-letter queue is
+/// published with a confirm before the original may be acknowledged, so a crash in between only
+/// duplicates. If even that fails, the delivery is returned to its queue.
 pub async fn settle(
     channel: &Channel,
     topology: &Topology,
     queue: &str,
     delivery: &Delivery,
     disposition: Disposition,
-) -> Result<()> {
+) -> Settlement {
     let outcome = match disposition {
         Disposition::Ack => Ok(()),
         Disposition::Retry(reason) => {
@@ -406,22 +417,21 @@ pub async fn settle(
             dead_letter(channel, topology, queue, delivery, &reason).await
         }
     };
-    match outcome {
-        Ok(()) => delivery
-            .ack(BasicAckOptions::default())
-            .await
-            .map(|_| ())
-            .map_err(amqp("acknowledging a message")),
+    let Err(error) = outcome else {
+        return Settlement::AckDue;
+    };
+    tracing::error!(queue, error.message = %error, "could not park the message; returning it to its queue");
+    let returned = delivery
+        .nack(BasicNackOptions {
+            requeue: true,
+            ..BasicNackOptions::default()
+        })
+        .await;
+    match returned {
+        Ok(_) => Settlement::Returned,
         Err(error) => {
-            tracing::error!(queue, error.message = %error, "could not park the message; returning it to its queue");
-            delivery
-                .nack(BasicNackOptions {
-                    requeue: true,
-                    ..BasicNackOptions::default()
-                })
-                .await
-                .map(|_| ())
-                .map_err(amqp("returning a message"))
+            tracing::error!(queue, error.message = %error, "could not return the message; the broker delivers it again when the channel closes");
+            Settlement::Unsettled
         }
     }
 }

@@ -2,6 +2,8 @@
 //! (a topology of its own per test, deleted after) and the embedded bus (the SQLite event log
 //! and checkpoint store in a temporary directory).
 
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -10,7 +12,7 @@ use infra::amqp::{self, Topology};
 use infra::bus::conformance::{BusPair, Running};
 use infra::bus::local::{LocalPublisher, LogConsumer, LogConsumerSettings, SqliteBusStore};
 use infra::bus::rabbit::{RabbitConsumer, RabbitConsumerSettings, RabbitPublisher};
-use infra::bus::{Handler, Outgoing, Publisher};
+use infra::bus::{Disposition, Handler, Message, Outgoing, Publisher};
 use infra::eventlog::sqlite::SqliteEventLog;
 use infra::eventlog::{Append, EventLog, EventMetadata, LogFilter, NewEvent, StreamId};
 use lapin::options::BasicGetOptions;
@@ -139,6 +141,138 @@ mod rabbit {
     }
 
     infra::bus_conformance!(fresh);
+
+    /// Counts deliveries per message id; holds `slow` until `release_after` others were handled.
+    struct Counting {
+        seen: Mutex<HashMap<String, usize>>,
+        others: AtomicUsize,
+        slow: Option<(String, usize)>,
+        /// Notified each time another message was handled.
+        handled: tokio::sync::Notify,
+    }
+
+    impl Counting {
+        fn new(slow: Option<(Uuid, usize)>) -> Arc<Self> {
+            Arc::new(Counting {
+                seen: Mutex::new(HashMap::new()),
+                others: AtomicUsize::new(0),
+                slow: slow.map(|(id, after)| (id.to_string(), after)),
+                handled: tokio::sync::Notify::new(),
+            })
+        }
+
+        fn count(&self, id: Uuid) -> usize {
+            let seen = self.seen.lock().expect("not poisoned");
+            seen.get(&id.to_string()).copied().unwrap_or(0)
+        }
+    }
+
+    #[async_trait]
+    impl Handler for Counting {
+        async fn handle(&self, message: &Message) -> Disposition {
+            let id = message.message_id.clone().unwrap_or_default();
+            *self
+                .seen
+                .lock()
+                .expect("not poisoned")
+                .entry(id.clone())
+                .or_insert(0) += 1;
+            match &self.slow {
+                Some((slow, after)) if *slow == id => {
+                    while self.others.load(Ordering::SeqCst) < *after {
+                        tokio::time::sleep(Duration::from_millis(5)).await;
+                    }
+                }
+                _ => {
+                    self.others.fetch_add(1, Ordering::SeqCst);
+                    self.handled.notify_one();
+                }
+            }
+            Disposition::Ack
+        }
+    }
+
+    async fn eventually(what: &str, check: impl Fn() -> bool) {
+        let started = std::time::Instant::now();
+        while !check() {
+            assert!(
+                started.elapsed() < Duration::from_secs(20),
+                "timed out waiting until {what}"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// After a restart, a message sent now arrives and none of `earlier` comes again: every one
+    /// of them was acknowledged.
+    async fn none_comes_again(bus: &Arc<dyn BusPair>, earlier: &[Uuid]) {
+        let later = Uuid::new_v4();
+        bus.send(later).await;
+        let again = Counting::new(None);
+        let running = bus.start(again.clone()).await;
+        eventually("the message sent after the restart was handled", || {
+            again.count(later) == 1
+        })
+        .await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let redelivered = earlier.iter().filter(|id| again.count(**id) > 0).count();
+        running.stop().await;
+        assert_eq!(
+            redelivered, 0,
+            "acknowledged messages came again after a restart"
+        );
+    }
+
+    /// Acks go in windows below the oldest message in hand (decision 51). A message held by a
+    /// slow handler must not hold back the acks of those after it: with a prefetch of 8, the
+    /// broker would stop delivering after 7 of them.
+    #[tokio::test]
+    async fn a_slow_message_does_not_hold_back_the_others() {
+        let (bus, _cleanup) = fresh().await;
+        let slow = Uuid::new_v4();
+        let others: Vec<Uuid> = (0..40).map(|_| Uuid::new_v4()).collect();
+        bus.send(slow).await;
+        for id in &others {
+            bus.send(*id).await;
+        }
+        let handler = Counting::new(Some((slow, others.len())));
+        let running = bus.start(handler.clone()).await;
+        eventually(
+            "the messages after the held one were handled while it was held",
+            || handler.others.load(Ordering::SeqCst) >= others.len(),
+        )
+        .await;
+        eventually("the held message finished", || handler.count(slow) == 1).await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        running.stop().await;
+        let mut all = others.clone();
+        all.push(slow);
+        none_comes_again(&bus, &all).await;
+    }
+
+    /// The acks still waiting in the window when a consumer stops are sent before its channel
+    /// closes: stopping right after the last handler returned redelivers nothing.
+    #[tokio::test]
+    async fn a_stop_acknowledges_what_was_finished() {
+        let (bus, _cleanup) = fresh().await;
+        // Fewer than half the prefetch: only the flush timer or the stop sends their acks.
+        let sent: Vec<Uuid> = (0..3).map(|_| Uuid::new_v4()).collect();
+        for id in &sent {
+            bus.send(*id).await;
+        }
+        let handler = Counting::new(None);
+        let running = bus.start(handler.clone()).await;
+        // Stop the moment the last handler returned, before any flush interval passes.
+        tokio::time::timeout(Duration::from_secs(20), async {
+            while handler.others.load(Ordering::SeqCst) < sent.len() {
+                handler.handled.notified().await;
+            }
+        })
+        .await
+        .expect("every message was handled");
+        running.stop().await;
+        none_comes_again(&bus, &sent).await;
+    }
 }
 
 mod local {

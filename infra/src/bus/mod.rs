@@ -18,6 +18,7 @@
 //! checkpoint in SQLite) and [`local::LocalPublisher`] (hands a message straight to its consumer's
 //! handler, in process), the embedded mode. [`conformance`] is the suite every consumer passes.
 
+pub mod acks;
 #[cfg(feature = "testing")]
 pub mod conformance;
 pub mod local;

@@ -13,10 +13,13 @@
 //! - on shutdown cancels its consumer (no new work), lets the messages in hand finish within
 //!   the drain timeout, and closes its channels, which returns anything unacknowledged.
 //!
-//! Each delivery is acknowledged on its own: deliveries finish out of order (they are handled
-//! concurrently), and an acknowledgement with `multiple` would also settle earlier ones still
-//! being handled.
+//! Acknowledgements go in windows ([`super::acks`], decision 51): every [`ACK_INTERVAL`], or
+//! as soon as half the prefetch waits, one ack with `multiple` settles the finished deliveries
+//! below the oldest one still being handled, and a finished delivery held back by a slow one
+//! goes singly at the next flush. A crash before a flush delivers those messages again, which
+//! the handlers already allow (at least once).
 
+use std::collections::HashMap;
 use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -26,15 +29,16 @@ use async_trait::async_trait;
 use futures::{FutureExt, StreamExt};
 use lapin::message::Delivery;
 use lapin::options::{
-    BasicCancelOptions, BasicConsumeOptions, BasicQosOptions, QueueDeclareOptions,
+    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicQosOptions, QueueDeclareOptions,
 };
 use lapin::types::{FieldTable, ShortString};
 use lapin::{Channel, Connection, ConnectionProperties};
-use tokio::task::JoinSet;
+use tokio::task::{JoinError, JoinSet};
 use tokio_util::sync::CancellationToken;
 
+use super::acks::AckWindow;
 use super::{Disposition, Handler, Message, Outgoing, Publisher};
-use crate::amqp::{self, CAUSATION_ID_HEADER, CORRELATION_ID_HEADER, Topology};
+use crate::amqp::{self, CAUSATION_ID_HEADER, CORRELATION_ID_HEADER, Settlement, Topology};
 use crate::error::{Error, Result};
 use crate::tasks::pause;
 
@@ -49,6 +53,11 @@ pub const HEALTH_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// The AMQP reply code of a normal close.
 const REPLY_SUCCESS: u16 = 200;
+
+/// How long a finished delivery waits for its ack at most (twice this behind a slow one): long
+/// enough to gather several into one frame at a few hundred messages a second, short against
+/// the prefetch it holds.
+pub const ACK_INTERVAL: Duration = Duration::from_millis(5);
 
 /// The broker connection a consumer uses now, shared with `/health`. Empty while reconnecting.
 #[derive(Clone, Default)]
@@ -289,21 +298,37 @@ impl RabbitConsumer {
         tracing::info!(consumer = %settings.name, queue = %settings.queue, prefetch = settings.prefetch, "consuming");
         let capacity = usize::from(settings.prefetch.max(1));
         let mut in_flight = JoinSet::new();
+        let mut acks = Acks::default();
         let end = loop {
             tokio::select! {
                 biased;
                 () = cancel.cancelled() => break SessionEnd::Stopped,
-                Some(joined) = in_flight.join_next(), if !in_flight.is_empty() => {
-                    report_panic(joined);
+                Some(joined) = in_flight.join_next_with_id(), if !in_flight.is_empty() => {
+                    if !acks.record(joined) {
+                        break SessionEnd::Lost("a message could not be settled".to_owned());
+                    }
                     // A broker error on the parking channel closes it for good; every retry
                     // would then fail. Start over on a fresh connection instead.
                     if !parking.status().connected() {
                         break SessionEnd::Lost("the parking channel closed".to_owned());
                     }
+                    if acks.window.waiting() >= capacity.div_ceil(2)
+                        && let Err(error) = acks.flush(&channel, false).await
+                    {
+                        break SessionEnd::Lost(error.to_string());
+                    }
+                }
+                () = acks.due(), if acks.flush_at.is_some() => {
+                    if let Err(error) = acks.flush(&channel, false).await {
+                        break SessionEnd::Lost(error.to_string());
+                    }
                 }
                 next = deliveries.next(), if in_flight.len() < capacity => match next {
                     Some(Ok(delivery)) => {
-                        in_flight.spawn(self.clone().settle_one(delivery, parking.clone()));
+                        let tag = delivery.delivery_tag;
+                        acks.window.delivered(tag);
+                        let task = in_flight.spawn(self.clone().settle_one(delivery, parking.clone()));
+                        acks.tags.insert(task.id(), tag);
                     }
                     Some(Err(error)) => break SessionEnd::Lost(error.to_string()),
                     None => break SessionEnd::Lost("the broker cancelled the consumer".to_owned()),
@@ -319,7 +344,11 @@ impl RabbitConsumer {
             )
             .await;
         }
-        drain(in_flight, settings.drain_timeout).await;
+        drain(in_flight, &mut acks, settings.drain_timeout).await;
+        if let Err(error) = acks.flush(&channel, true).await {
+            // The channel is gone: the broker delivers those messages again.
+            tracing::warn!(consumer = %settings.name, error.message = %error, "could not acknowledge the last messages; they come again");
+        }
         for channel in [&channel, &parking] {
             let _closed = tokio::time::timeout(
                 CLOSE_TIMEOUT,
@@ -330,8 +359,9 @@ impl RabbitConsumer {
         Ok(end)
     }
 
-    /// Hands one delivery to the handler and settles it as the handler said.
-    async fn settle_one(self: Arc<Self>, delivery: Delivery, parking: Channel) {
+    /// Hands one delivery to the handler and carries out what it said, except the ack, which
+    /// the session's window sends.
+    async fn settle_one(self: Arc<Self>, delivery: Delivery, parking: Channel) -> Settlement {
         let message = message_of(&delivery);
         let disposition = AssertUnwindSafe(self.handler.handle(&message))
             .catch_unwind()
@@ -339,21 +369,91 @@ impl RabbitConsumer {
             .unwrap_or_else(|_| {
                 Disposition::DeadLetter("handling the message panicked".to_owned())
             });
-        let settled = amqp::settle(
+        amqp::settle(
             &parking,
             &self.settings.topology,
             &self.settings.queue,
             &delivery,
             disposition,
         )
-        .await;
-        if let Err(error) = settled {
-            tracing::error!(
-                consumer = %self.settings.name,
-                error.message = %error,
-                "could not settle a message; the broker will deliver it again"
-            );
+        .await
+    }
+}
+
+/// A session's acknowledgements: the window, which task holds which delivery, when to flush.
+#[derive(Default)]
+struct Acks {
+    window: AckWindow,
+    tags: HashMap<tokio::task::Id, u64>,
+    flush_at: Option<tokio::time::Instant>,
+}
+
+impl Acks {
+    /// Records a finished task. `false` when its delivery could not be settled: the session
+    /// should end, so that the broker delivers it again.
+    fn record(
+        &mut self,
+        joined: std::result::Result<(tokio::task::Id, Settlement), JoinError>,
+    ) -> bool {
+        let (id, settlement) = match joined {
+            Ok((id, settlement)) => (id, settlement),
+            Err(error) => {
+                report_panic(&error);
+                (error.id(), Settlement::Unsettled)
+            }
+        };
+        let Some(tag) = self.tags.remove(&id) else {
+            return true;
+        };
+        match settlement {
+            Settlement::AckDue => {
+                self.window.finished(tag);
+                if self.flush_at.is_none() {
+                    self.flush_at = Some(tokio::time::Instant::now() + ACK_INTERVAL);
+                }
+                true
+            }
+            Settlement::Returned => {
+                self.window.settled(tag);
+                true
+            }
+            // Stays in hand: no ack ever covers it.
+            Settlement::Unsettled => false,
         }
+    }
+
+    /// When the next flush is due (pending forever when nothing waits).
+    async fn due(&self) {
+        match self.flush_at {
+            Some(at) => tokio::time::sleep_until(at).await,
+            None => std::future::pending().await,
+        }
+    }
+
+    /// Sends the window's frames: what is due, or (`all`, at the end of a session) everything
+    /// finished.
+    async fn flush(&mut self, channel: &Channel, all: bool) -> Result<()> {
+        let frames = if all {
+            self.window.flush_all()
+        } else {
+            self.window.flush()
+        };
+        self.flush_at =
+            (self.window.waiting() > 0).then(|| tokio::time::Instant::now() + ACK_INTERVAL);
+        for frame in frames {
+            channel
+                .basic_ack(
+                    frame.tag,
+                    BasicAckOptions {
+                        multiple: frame.multiple,
+                    },
+                )
+                .await
+                .map_err(amqp::error("acknowledging messages"))?;
+            metrics::counter!("bus_ack_frames_total").increment(1);
+            metrics::counter!("bus_messages_acked_total").increment(frame.count as u64);
+        }
+        Ok(())
     }
 }
 
@@ -376,17 +476,17 @@ fn message_of(delivery: &Delivery) -> Message {
     }
 }
 
-/// Waits for the in-flight handlers, at most `timeout`; aborts the rest, whose deliveries the
-/// broker returns to the queue when the channel closes.
-async fn drain(mut in_flight: JoinSet<()>, timeout: Duration) {
+/// Waits for the in-flight handlers, at most `timeout`, recording each in `acks`; aborts the
+/// rest, whose deliveries the broker returns to the queue when the channel closes.
+async fn drain(mut in_flight: JoinSet<Settlement>, acks: &mut Acks, timeout: Duration) {
     let count = in_flight.len();
     if count == 0 {
         return;
     }
     tracing::info!(count, "finishing in-flight messages");
     let finished = tokio::time::timeout(timeout, async {
-        while let Some(joined) = in_flight.join_next().await {
-            report_panic(joined);
+        while let Some(joined) = in_flight.join_next_with_id().await {
+            acks.record(joined);
         }
     })
     .await;
@@ -399,10 +499,8 @@ async fn drain(mut in_flight: JoinSet<()>, timeout: Duration) {
     }
 }
 
-fn report_panic(joined: std::result::Result<(), tokio::task::JoinError>) {
-    if let Err(error) = joined
-        && error.is_panic()
-    {
+fn report_panic(error: &JoinError) {
+    if error.is_panic() {
         tracing::error!(
             "a message task panicked; its message returns to the queue when the channel closes"
         );
