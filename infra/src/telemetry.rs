@@ -3,7 +3,7 @@
 
 use std::sync::OnceLock;
 
-use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use tracing_subscriber::EnvFilter;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
@@ -54,16 +54,43 @@ pub fn init_tracing(format: LogFormat) {
 
 static METRICS: OnceLock<PrometheusHandle> = OnceLock::new();
 
+/// The bounds of every duration histogram (`*_seconds`): 0.5 ms to 10 s, about 2–2.5× apart,
+/// so one transfer's stages (milliseconds) and a stalled dependency (seconds) both show.
+const SECONDS_BUCKETS: &[f64] = &[
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+
+/// The bounds of the histograms that count things per batch (events per group commit, counts
+/// per velocity batch): powers of two up to the largest batch.
+const SIZE_BUCKETS: &[f64] = &[
+    1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0, 2048.0, 4096.0,
+];
+
+/// The histograms that are sizes, not durations.
+const SIZE_HISTOGRAMS: &[&str] = &["event_log_batch_events", "fraud_velocity_batch_size"];
+
+/// A recorder that renders every histogram as a Prometheus histogram (`_bucket{le=…}`, `_sum`,
+/// `_count`), which an operator can aggregate across instances and over any range; without
+/// buckets the exporter renders rolling summaries, which cannot be.
+fn builder() -> PrometheusBuilder {
+    let mut builder = PrometheusBuilder::new().set_buckets(SECONDS_BUCKETS);
+    for name in SIZE_HISTOGRAMS {
+        builder = builder.and_then(|builder| {
+            builder.set_buckets_for_metric(Matcher::Full((*name).to_owned()), SIZE_BUCKETS)
+        });
+    }
+    // Only empty bounds are refused, and these are constants.
+    builder.unwrap_or_else(|_| PrometheusBuilder::new())
+}
+
 /// Installs the process-wide Prometheus recorder once; later calls reuse it.
 pub fn init_metrics() -> &'static PrometheusHandle {
     METRICS.get_or_init(|| {
-        PrometheusBuilder::new()
-            .install_recorder()
-            .unwrap_or_else(|_| {
-                // Another recorder is already installed in this process (possible only in tests
-                // that embed several services); keep a detached one so rendering still works.
-                PrometheusBuilder::new().build_recorder().handle()
-            })
+        builder().install_recorder().unwrap_or_else(|_| {
+            // Another recorder is already installed in this process (possible only in tests
+            // that embed several services); keep a detached one so rendering still works.
+            builder().build_recorder().handle()
+        })
     })
 }
 
@@ -163,6 +190,38 @@ pub async fn shutdown_signal() {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn histograms_render_with_buckets() {
+        let recorder = builder().build_recorder();
+        let handle = recorder.handle();
+        metrics::with_local_recorder(&recorder, || {
+            metrics::histogram!("saga_batch_seconds").record(0.003);
+            metrics::histogram!("event_log_batch_events").record(100.0);
+        });
+        let text = handle.render();
+        assert!(
+            text.contains("# TYPE saga_batch_seconds histogram"),
+            "{text}"
+        );
+        assert!(
+            text.contains("saga_batch_seconds_bucket{le=\"0.0025\"} 0"),
+            "{text}"
+        );
+        assert!(
+            text.contains("saga_batch_seconds_bucket{le=\"0.005\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("event_log_batch_events_bucket{le=\"64\"} 0"),
+            "{text}"
+        );
+        assert!(
+            text.contains("event_log_batch_events_bucket{le=\"128\"} 1"),
+            "{text}"
+        );
+        assert!(!text.contains("quantile="), "{text}");
+    }
 
     #[test]
     fn secrets_in_query_strings_are_hidden() {
