@@ -345,7 +345,7 @@ async fn approve(app: &TestApp, transaction: Uuid) -> anyhow::Result<()> {
     let decision = FraudDecision {
         outcome: FraudOutcome::Approved,
         rule: Some("benchmark".to_owned()),
-        details: json!({}),
+        details: json!({}).into(),
     };
     let metadata = command_api::metadata::for_saga(
         &transaction.to_string(),

@@ -64,7 +64,7 @@ impl Handler for DecisionHandler {
             let verdict = FraudDecision {
                 outcome: decision.outcome,
                 rule: decision.rule.clone(),
-                details: decision.inputs.clone(),
+                details: decision.inputs.clone().into(),
             };
             let started = std::time::Instant::now();
             let outcome = self

@@ -607,7 +607,7 @@ mod tests {
             let decision = FraudDecision {
                 outcome,
                 rule: None,
-                details: serde_json::Value::Null,
+                details: serde_json::Value::Null.into(),
             };
             self.record(id, TransactionCommand::RecordFraudDecision { decision, at });
         }

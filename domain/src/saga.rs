@@ -208,7 +208,7 @@ mod tests {
             decision: FraudDecision {
                 outcome,
                 rule: None,
-                details: serde_json::Value::Null,
+                details: serde_json::Value::Null.into(),
             },
             at: at(2),
         }

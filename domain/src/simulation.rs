@@ -415,7 +415,7 @@ impl Ledger {
         let decision = FraudDecision {
             outcome,
             rule: (outcome == FraudOutcome::Rejected).then(|| "amount_threshold".to_owned()),
-            details: serde_json::json!({ "simulated": true }),
+            details: serde_json::json!({ "simulated": true }).into(),
         };
         let appended = self.record(
             id,

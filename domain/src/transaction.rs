@@ -10,6 +10,8 @@
 //! `FundsReserved` and `FraudChecked` may arrive in either order. Repeating a step that already
 //! happened is a no-op (no events); a step that cannot follow the current state is an error.
 
+use std::sync::Arc;
+
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -147,8 +149,11 @@ pub enum FraudOutcome {
 pub struct FraudDecision {
     pub outcome: FraudOutcome,
     pub rule: Option<String>,
+    /// Shared, never changed: a transaction's state is cloned at every step it takes (caches,
+    /// decisions), and copying this nested JSON each time was most of that cost. Stored as the
+    /// JSON value itself (serde's `rc`), so the event format is unchanged.
     #[serde(default)]
-    pub details: serde_json::Value,
+    pub details: Arc<serde_json::Value>,
 }
 
 /// Why a transaction was rejected; the stable strings of SPEC §4.
@@ -654,7 +659,7 @@ mod tests {
         FraudDecision {
             outcome: FraudOutcome::Approved,
             rule: None,
-            details: json!({}),
+            details: json!({}).into(),
         }
     }
 
@@ -662,7 +667,7 @@ mod tests {
         FraudDecision {
             outcome: FraudOutcome::Rejected,
             rule: Some("amount_threshold".to_owned()),
-            details: json!({ "threshold_minor": 1_000_000 }),
+            details: json!({ "threshold_minor": 1_000_000 }).into(),
         }
     }
 
@@ -1397,6 +1402,24 @@ mod tests {
             let back: TransactionEvent = serde_json::from_str(&json).expect("and deserialises");
             assert_eq!(&back, event, "through {json}");
         }
+    }
+
+    #[test]
+    fn a_stored_fraud_check_reads_and_writes_as_it_always_did() {
+        // The decision's inputs are shared in memory (`Arc`), not in the stored format: the JSON
+        // written before that change reads back, and the same JSON is written now.
+        let stored = r#"{"FraudChecked":{"decision":{"outcome":"rejected","rule":"amount_threshold","details":{"threshold_minor":1000000}},"at":"2023-11-14T22:13:22Z"}}"#;
+        let event: TransactionEvent = serde_json::from_str(stored).expect("reads");
+        assert_eq!(event, checked(fraud_rejected()));
+        assert_eq!(serde_json::to_string(&event).expect("writes"), stored);
+        let without: TransactionEvent = serde_json::from_str(
+            r#"{"FraudChecked":{"decision":{"outcome":"approved","rule":null},"at":"2023-11-14T22:13:21Z"}}"#,
+        )
+        .expect("details default to null");
+        let TransactionEvent::FraudChecked { decision, .. } = without else {
+            panic!("a fraud check");
+        };
+        assert_eq!(*decision.details, serde_json::Value::Null);
     }
 
     #[test]

@@ -163,7 +163,7 @@ async fn an_operator_verifies_replays_repairs_and_mints_tokens() {
                     FraudDecision {
                         outcome: FraudOutcome::Approved,
                         rule: Some("test".to_owned()),
-                        details: json!({}),
+                        details: json!({}).into(),
                     },
                     &metadata,
                 )

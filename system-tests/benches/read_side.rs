@@ -200,7 +200,7 @@ impl System {
                 FraudDecision {
                     outcome: FraudOutcome::Approved,
                     rule: None,
-                    details: json!({}),
+                    details: json!({}).into(),
                 },
                 &metadata,
             )
@@ -435,7 +435,7 @@ async fn bench_lag() -> anyhow::Result<()> {
                     let metadata =
             command_api::metadata::for_saga(&id.to_string(), "bench", format!("decision/{id}"));
                     decisions
-                        .record(TransactionId(id), FraudDecision { outcome: FraudOutcome::Approved, rule: None, details: json!({}) }, &metadata)
+                        .record(TransactionId(id), FraudDecision { outcome: FraudOutcome::Approved, rule: None, details: json!({}).into() }, &metadata)
                         .await?;
                 }
             }));

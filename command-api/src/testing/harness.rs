@@ -144,7 +144,7 @@ impl Harness {
         let decision = FraudDecision {
             outcome,
             rule: Some("test".to_owned()),
-            details: json!({}),
+            details: json!({}).into(),
         };
         let metadata = crate::metadata::for_saga(&id.to_string(), "test", format!("decision/{id}"));
         self.app

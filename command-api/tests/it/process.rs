@@ -122,7 +122,7 @@ async fn killed_mid_traffic(saga_batch_size: usize) {
             let decision = FraudDecision {
                 outcome: FraudOutcome::Approved,
                 rule: None,
-                details: json!({}),
+                details: json!({}).into(),
             };
             decisions
                 .record(

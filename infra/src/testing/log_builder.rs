@@ -168,7 +168,7 @@ impl LogBuilder {
             decision: FraudDecision {
                 outcome: FraudOutcome::Approved,
                 rule: None,
-                details: json!({}),
+                details: json!({}).into(),
             },
             at,
         };

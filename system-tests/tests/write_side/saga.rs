@@ -302,7 +302,7 @@ fn decision(outcome: FraudOutcome) -> FraudDecision {
     FraudDecision {
         outcome,
         rule: Some("test".to_owned()),
-        details: json!({}),
+        details: json!({}).into(),
     }
 }
 
