@@ -67,6 +67,7 @@ impl App {
             &config.database_url,
             SCHEMA,
             config.database_max_connections,
+            "requests",
         )
         .await?;
         migrate(&requests).await?;
@@ -74,6 +75,7 @@ impl App {
             &config.database_url,
             SCHEMA,
             config.background_max_connections,
+            "background",
         )
         .await?;
         let session = infra::db::connect_options(&config.database_url, SCHEMA)?;
@@ -86,7 +88,10 @@ impl App {
                 None => {
                     let log = PgEventLog::open(
                         requests.clone(),
-                        PgEventLogOptions::writer(SCHEMA, session.clone()),
+                        PgEventLogOptions::writer(
+                            SCHEMA,
+                            infra::db::named(session.clone(), "committer"),
+                        ),
                     )
                     .await?;
                     let background_log: Arc<dyn EventLog> =
@@ -148,7 +153,7 @@ impl App {
             saga,
             relay,
             consumer,
-            leadership: Arc::new(PgLeadership::new(session)),
+            leadership: Arc::new(PgLeadership::new(infra::db::named(session, "leadership"))),
             follower_state,
             background_log,
             pools: vec![requests, background],

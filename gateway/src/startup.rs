@@ -54,6 +54,7 @@ impl App {
             &config.database_url,
             SCHEMA,
             config.database_max_connections,
+            "requests",
         )
         .await?;
         migrate(&pool).await?;

@@ -39,7 +39,7 @@ pub fn validate_schema(schema: &str) -> Result<()> {
     }
 }
 
-/// Connection options for `url` whose sessions work in `schema`.
+/// Connection options for `url` whose sessions work in `schema`; [`named`] names them.
 pub fn connect_options(url: &str, schema: &str) -> Result<PgConnectOptions> {
     validate_schema(schema)?;
     let options = PgConnectOptions::from_str(url).map_err(|error| {
@@ -60,18 +60,51 @@ pub fn connect_options(url: &str, schema: &str) -> Result<PgConnectOptions> {
     ]))
 }
 
-/// A pool whose sessions work in `schema`. Connects at once, so a service whose database is
-/// unreachable at start fails with a clear error (its migrations could not run anyway); once
-/// running, a lost database shows as 503 on `/health` and the pool reconnects.
-pub async fn connect(url: &str, schema: &str, max_connections: u32) -> Result<PgPool> {
-    pool(connect_options(url, schema)?, max_connections).await
+/// Names a session `<program> <role>` (`command-api committer`, `projector background`) in
+/// `pg_stat_activity`, so an operator can tell which pool holds a connection or a lock; keeps an
+/// `application_name` the URL set.
+pub fn named(options: PgConnectOptions, role: &str) -> PgConnectOptions {
+    if options.get_application_name().is_some() {
+        return options;
+    }
+    // PostgreSQL keeps the first 63 bytes.
+    let name: String = format!("{} {role}", program_name())
+        .chars()
+        .take(63)
+        .collect();
+    options.application_name(&name)
+}
+
+/// This program's name (`command-api`, `ledger`), or `ledger` when it cannot be told.
+fn program_name() -> String {
+    std::env::current_exe()
+        .ok()
+        .and_then(|path| {
+            path.file_stem()
+                .map(|stem| stem.to_string_lossy().into_owned())
+        })
+        .unwrap_or_else(|| "ledger".to_owned())
+}
+
+/// A pool whose sessions work in `schema`, named `<program> <role>` in `pg_stat_activity`.
+/// Connects at once, so a service whose database is unreachable at start fails with a clear
+/// error (its migrations could not run anyway); once running, a lost database shows as 503 on
+/// `/health` and the pool reconnects.
+pub async fn connect(url: &str, schema: &str, max_connections: u32, role: &str) -> Result<PgPool> {
+    pool(named(connect_options(url, schema)?, role), max_connections).await
 }
 
 /// A pool like [`connect`]'s whose every transaction is read-only, for jobs that must not write
 /// (`ledger verify` and `replay`): they then need nothing beyond SELECT privileges, and a bug
 /// that tried to write would fail rather than change a ledger under audit.
-pub async fn connect_read_only(url: &str, schema: &str, max_connections: u32) -> Result<PgPool> {
-    let options = connect_options(url, schema)?.options([("default_transaction_read_only", "on")]);
+pub async fn connect_read_only(
+    url: &str,
+    schema: &str,
+    max_connections: u32,
+    role: &str,
+) -> Result<PgPool> {
+    let options = named(connect_options(url, schema)?, role)
+        .options([("default_transaction_read_only", "on")]);
     pool(options, max_connections).await
 }
 
@@ -240,6 +273,42 @@ mod tests {
         assert!(validate_schema("Command").is_err());
         assert!(validate_schema("a; DROP TABLE x").is_err());
         assert!(validate_schema("1abc").is_err());
+    }
+
+    #[test]
+    fn sessions_are_named_after_the_program_and_pool_unless_the_url_names_them() {
+        let options = connect_options("postgres://u@localhost/db", "command_api").expect("valid");
+        let committer = named(options, "committer");
+        let name = committer.get_application_name().expect("named");
+        assert!(name.ends_with(" committer"), "{name}");
+        assert!(name.starts_with(&program_name()), "{name}");
+
+        let given = connect_options(
+            "postgres://u@localhost/db?application_name=payments-ledger",
+            "command_api",
+        )
+        .expect("valid");
+        assert_eq!(
+            named_as_given(given),
+            Some("payments-ledger".to_owned()),
+            "the operator's name wins"
+        );
+
+        let long = named(
+            connect_options("postgres://u@localhost/db", "x").expect("valid"),
+            &"r".repeat(100),
+        );
+        assert_eq!(
+            long.get_application_name().map(|name| name.chars().count()),
+            Some(63),
+            "PostgreSQL would cut it anyway"
+        );
+    }
+
+    fn named_as_given(options: PgConnectOptions) -> Option<String> {
+        named(options, "pool")
+            .get_application_name()
+            .map(str::to_owned)
     }
 
     #[test]

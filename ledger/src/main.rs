@@ -93,7 +93,13 @@ impl Databases {
 
     /// The event log, read-only: no command of this tool writes to it.
     async fn events_pool(&self) -> Result<sqlx::PgPool> {
-        Ok(infra::db::connect_read_only(&self.database_url, projector::startup::SCHEMA, 4).await?)
+        Ok(infra::db::connect_read_only(
+            &self.database_url,
+            projector::startup::SCHEMA,
+            4,
+            "events",
+        )
+        .await?)
     }
 
     /// The event log to read, from the chosen store, read-only.

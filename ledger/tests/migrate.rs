@@ -99,7 +99,7 @@ async fn a_100k_event_postgres_log_is_copied_into_sqlite_whole_and_resumably() {
     ));
     let url = database.url();
     {
-        let pool = infra::db::connect(&url, "command_api", 4)
+        let pool = infra::db::connect(&url, "command_api", 4, "test")
             .await
             .expect("connects");
         command_api::startup::migrate(&pool)

@@ -35,7 +35,7 @@ static MIGRATOR: Migrator = sqlx::migrate!("./migrations");
 /// Connects to the read database, migrates it and makes sure every projection has a live
 /// generation. The CLI calls this too.
 pub async fn connect_read_models(url: &str, max_connections: u32) -> Result<PgPool> {
-    let pool = infra::db::connect(url, SCHEMA, max_connections).await?;
+    let pool = infra::db::connect(url, SCHEMA, max_connections, "read models").await?;
     infra::db::migrate(&pool, SCHEMA, &MIGRATOR).await?;
     generations::ensure(&pool).await?;
     Ok(pool)
@@ -45,7 +45,7 @@ pub async fn connect_read_models(url: &str, max_connections: u32) -> Result<PgPo
 /// every session is read-only, so an auditor's SELECT-only role is enough. It checks rather than
 /// creates: a database where the projector never ran is an error saying what is missing.
 pub async fn open_read_models(url: &str, max_connections: u32) -> Result<PgPool> {
-    let pool = infra::db::connect_read_only(url, SCHEMA, max_connections).await?;
+    let pool = infra::db::connect_read_only(url, SCHEMA, max_connections, "read models").await?;
     let not_set_up = |what: String| {
         Error::Job(format!(
             "the read models in schema {SCHEMA} are not set up ({what}); start the projector \
@@ -118,18 +118,21 @@ impl App {
             config.read_database_url(),
             SCHEMA,
             config.background_max_connections,
+            "projections",
         )
         .await?;
         let events_pool = infra::db::connect(
             &config.database_url,
             SCHEMA,
             config.database_max_connections,
+            "event reads",
         )
         .await?;
         let background_events = infra::db::connect(
             &config.database_url,
             SCHEMA,
             config.background_max_connections,
+            "projections events",
         )
         .await?;
         let lock_options = infra::db::connect_options(config.read_database_url(), SCHEMA)?;
@@ -144,12 +147,14 @@ impl App {
             config.read_database_url(),
             SCHEMA,
             crate::http::positions::POOL_CONNECTIONS,
+            "positions",
         )
         .await?;
         let positions_events = infra::db::connect_read_only(
             &config.database_url,
             SCHEMA,
             crate::http::positions::POOL_CONNECTIONS,
+            "positions events",
         )
         .await?;
         // The log is PostgreSQL's by default, or KurrentDB's (`EVENT_STORE`): read models and
@@ -218,7 +223,10 @@ impl App {
             state,
             projector,
             log,
-            leadership: Arc::new(PgLeadership::new(lock_options)),
+            leadership: Arc::new(PgLeadership::new(infra::db::named(
+                lock_options,
+                "leadership",
+            ))),
             background,
             follow_settings: config.follow_settings(),
         })

@@ -76,7 +76,7 @@ async fn bench_rebuild() -> anyhow::Result<()> {
     };
     let database = ScratchDatabase::create(&command_api::testing::admin_url()).await?;
     let result = async {
-        let events_pool = infra::db::connect(&database.url(), "command_api", 4).await?;
+        let events_pool = infra::db::connect(&database.url(), "command_api", 4, "test").await?;
         command_api::startup::migrate(&events_pool).await?;
         let started = Instant::now();
         let builder = build_log(events, ACCOUNTS);

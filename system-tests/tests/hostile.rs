@@ -774,7 +774,7 @@ async fn hostile_requests_are_refused_through_the_gateway_and_at_each_service() 
         sqlx::query_scalar("SELECT username FROM gateway.users WHERE customer_id = $1")
             .bind(squatter)
             .fetch_one(
-                &infra::db::connect(&system.database_url(), "gateway", 1)
+                &infra::db::connect(&system.database_url(), "gateway", 1, "test")
                     .await
                     .expect("connects"),
             )

@@ -40,7 +40,7 @@ async fn fresh_postgres_log() -> (Arc<dyn EventLog>, Scratch) {
     let database = ScratchDatabase::create(&command_api::testing::admin_url())
         .await
         .expect("a scratch database");
-    let pool = infra::db::connect(&database.url(), "command_api", 8)
+    let pool = infra::db::connect(&database.url(), "command_api", 8, "test")
         .await
         .expect("connects");
     command_api::startup::migrate(&pool)

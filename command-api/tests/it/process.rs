@@ -109,7 +109,7 @@ async fn killed_mid_traffic(saga_batch_size: usize) {
             ));
         }
     }
-    let pool = infra::db::connect(&url, "command_api", 4)
+    let pool = infra::db::connect(&url, "command_api", 4, "test")
         .await
         .expect("connects");
     // Decisions come from this test process: a second writer of the same log, as another

@@ -11,7 +11,7 @@ async fn fresh_postgres_state() -> (Arc<dyn FollowerState>, Scratch) {
     let database = ScratchDatabase::create(&command_api::testing::admin_url())
         .await
         .expect("a scratch database");
-    let pool = infra::db::connect(&database.url(), "command_api", 4)
+    let pool = infra::db::connect(&database.url(), "command_api", 4, "test")
         .await
         .expect("connects");
     command_api::startup::migrate(&pool)

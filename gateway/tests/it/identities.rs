@@ -41,7 +41,7 @@ async fn fresh_postgres_identities() -> (Arc<dyn Identities>, Scratch) {
     let database = ScratchDatabase::create(&admin_url())
         .await
         .expect("a scratch database");
-    let pool = infra::db::connect(&database.url(), gateway::startup::SCHEMA, 4)
+    let pool = infra::db::connect(&database.url(), gateway::startup::SCHEMA, 4, "test")
         .await
         .expect("connects");
     gateway::startup::migrate(&pool).await.expect("migrates");

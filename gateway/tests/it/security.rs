@@ -267,7 +267,7 @@ async fn the_bootstrap_admin_is_marked_and_a_squatted_admin_name_stops_the_start
     let database = infra::db::ScratchDatabase::create(&gateway::testing::admin_url())
         .await
         .expect("a scratch database");
-    let pool = infra::db::connect(&database.url(), gateway::startup::SCHEMA, 2)
+    let pool = infra::db::connect(&database.url(), gateway::startup::SCHEMA, 2, "test")
         .await
         .expect("connects");
     let mut first = Migrator::new(std::path::Path::new(concat!(

@@ -295,9 +295,14 @@ impl SystemUnderTest for Distributed {
             .context("creating the seeded log's database")?;
         let url = database.url();
         self.seeded = Some(database);
-        let pool = infra::db::connect(&url, command_api::startup::SCHEMA, PROBE_CONNECTIONS)
-            .await
-            .context("connecting to the seeded log's database")?;
+        let pool = infra::db::connect(
+            &url,
+            command_api::startup::SCHEMA,
+            PROBE_CONNECTIONS,
+            "test",
+        )
+        .await
+        .context("connecting to the seeded log's database")?;
         command_api::startup::migrate(&pool)
             .await
             .context("creating the event store")?;

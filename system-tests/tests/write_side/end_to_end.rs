@@ -485,7 +485,7 @@ async fn killing_command_api_or_the_fraud_worker_mid_traffic_leaves_nothing_stuc
         .await;
     killer.await.expect("the killer finished");
 
-    let pool = infra::db::connect(&processes.database_url, "command_api", 2)
+    let pool = infra::db::connect(&processes.database_url, "command_api", 2, "test")
         .await
         .expect("connects");
     let deadline = std::time::Instant::now() + Duration::from_secs(120);

@@ -308,7 +308,7 @@ fn decision(outcome: FraudOutcome) -> FraudDecision {
 
 /// A writer of the test's log with a pool and a committer of its own, as another instance is.
 async fn open_writer(database_url: &str) -> (sqlx::PgPool, Arc<dyn EventLog>) {
-    let pool = infra::db::connect(database_url, "command_api", 4)
+    let pool = infra::db::connect(database_url, "command_api", 4, "test")
         .await
         .expect("connects");
     let log = command_api::testing::writer_log(&pool, database_url).await;
@@ -424,7 +424,7 @@ async fn a_saga_killed_between_any_two_steps_finishes_every_transaction_on_resta
         let interrupted =
             write_interrupted_transactions(&url, AccountId(source), AccountId(destination)).await;
         if checkpoint_past_them {
-            let pool = infra::db::connect(&url, "command_api", 2)
+            let pool = infra::db::connect(&url, "command_api", 2, "test")
                 .await
                 .expect("connects");
             sqlx::query(
