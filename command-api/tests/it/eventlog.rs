@@ -173,6 +173,66 @@ async fn a_follower_sees_every_event_exactly_once_while_eight_instances_append()
 }
 
 #[tokio::test]
+async fn a_row_written_past_the_append_lock_makes_a_conflict_not_a_failed_batch() {
+    // Proves the committer's insert needs no `ON CONFLICT` (decision 52): a writer that bypasses
+    // the log lock holds a stream's next row uncommitted, the committer's batch inserts the same
+    // row and waits on it; when the outsider commits, the batch meets a unique violation, writes
+    // itself again, and the append comes out as a conflict, with the outsider's row the only one.
+    let harness = Harness::start().await;
+    let pool = harness.app.pool.clone();
+    let log = harness.writer_log().await;
+    let stream = StreamId::new("account", format!("outsider-{}", uuid::Uuid::new_v4()));
+    let mut outsider = pool.begin().await.expect("begins");
+    sqlx::query(
+        "INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, event_version, payload, metadata) \
+         VALUES ($1, $2, 1, 'Written', '1', '{}', '{}')",
+    )
+    .bind(&stream.aggregate_type)
+    .bind(&stream.aggregate_id)
+    .execute(&mut *outsider)
+    .await
+    .expect("the outsider inserts");
+    let append = tokio::spawn({
+        let stream = stream.clone();
+        async move {
+            log.append(vec![Append {
+                stream,
+                expected_version: 0,
+                events: vec![NewEvent {
+                    event_id: uuid::Uuid::new_v4(),
+                    event_type: "Written".to_owned(),
+                    event_version: "1".to_owned(),
+                    payload: "{}".to_owned(),
+                    metadata: EventMetadata::default(),
+                }],
+            }])
+            .await
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        !append.is_finished(),
+        "the batch waits on the outsider's uncommitted row"
+    );
+    outsider.commit().await.expect("the outsider commits");
+    let outcome = append
+        .await
+        .expect("the append task ends")
+        .expect("the batch is written again, not failed");
+    assert_eq!(outcome, vec![AppendOutcome::Conflict]);
+    let rows: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM events WHERE aggregate_type = $1 AND aggregate_id = $2",
+    )
+    .bind(&stream.aggregate_type)
+    .bind(&stream.aggregate_id)
+    .fetch_one(&pool)
+    .await
+    .expect("counts");
+    assert_eq!(rows, 1);
+    harness.finish().await;
+}
+
+#[tokio::test]
 async fn an_open_transaction_elsewhere_holds_no_follower_back() {
     // Proves what the append lock buys: a transaction left open in another session (which once
     // held every follower back, since reads stopped below the cluster's oldest running

@@ -23,11 +23,13 @@
 //! one `INSERT … SELECT FROM UNNEST` in one transaction (see [`super::committer`]). A row is
 //! inserted only if its stream holds exactly the expected version (a correlated `max(sequence)`,
 //! one index probe per row: an `EXISTS` under an `OR` let the planner hash the whole table
-//! instead, once per batch); rows that meet an existing
-//! version are skipped (`ON CONFLICT DO NOTHING`), and an append whose rows were all skipped is
-//! a retry if the stored events carry its ids, a conflict otherwise. (An append half inserted,
-//! which only a writer bypassing the log lock could cause, rolls the batch back and writes it
-//! again, where the race shows as a conflict.) The batch's
+//! instead, once per batch), and an append whose rows were all left out is a retry if the stored
+//! events carry its ids, a conflict otherwise. Under the log lock, with no stream twice in a
+//! batch, that check sees every earlier batch, so the insert never meets an existing row and
+//! needs no `ON CONFLICT`, whose speculative insertion cost an extra index probe and an extra
+//! WAL record per event (decision 52). Only a writer bypassing the lock could still make it
+//! meet one: the unique violation rolls the batch back and writes it again, where the race shows
+//! as a conflict. The batch's
 //! transaction sends one `NOTIFY`, which wakes followers in other processes; followers in this
 //! process are woken by the committer itself.
 //!
@@ -470,7 +472,6 @@ impl Sql {
                          WHERE e.aggregate_type = i.aggregate_type
                            AND e.aggregate_id = i.aggregate_id), 0) = i.expected
                  ORDER BY i.ordinal
-                 ON CONFLICT DO NOTHING
                  RETURNING aggregate_type, aggregate_id, sequence, tx_id::text::bigint, position"
             ),
             stored_ids: format!(
@@ -666,6 +667,9 @@ impl Rows {
 
 type Key = (String, String, i64);
 
+/// What the insert returns per row: the stream, its sequence and the row's log position.
+type InsertedRow = (String, String, i64, i64, i64);
+
 /// One attempt: `Some(outcomes)` committed, `None` rolled back because an append was half
 /// inserted (try again).
 async fn write_once(
@@ -685,7 +689,7 @@ async fn write_once(
         .execute(&mut *transaction)
         .await
         .context("taking the event log's append lock")?;
-    let inserted: Vec<(String, String, i64, i64, i64)> = sqlx::query_as(&sql.insert)
+    let inserted: std::result::Result<Vec<InsertedRow>, sqlx::Error> = sqlx::query_as(&sql.insert)
         .bind(&rows.aggregate_type)
         .bind(&rows.aggregate_id)
         .bind(&rows.expected)
@@ -697,8 +701,25 @@ async fn write_once(
         .bind(&rows.event_id)
         .bind(&rows.ordinal)
         .fetch_all(&mut *transaction)
-        .await
-        .context("appending a batch of events")?;
+        .await;
+    let inserted = match inserted {
+        Ok(inserted) => inserted,
+        Err(sqlx::Error::Database(error)) if error.is_unique_violation() => {
+            // A row a writer bypassing the log lock committed after this statement's snapshot:
+            // write the batch again, where the version check sees it.
+            transaction
+                .rollback()
+                .await
+                .context("rolling back a raced batch")?;
+            return Ok(None);
+        }
+        Err(source) => {
+            return Err(Error::Database {
+                context: "appending a batch of events",
+                source,
+            });
+        }
+    };
     let inserted: HashMap<Key, LogPosition> = inserted
         .into_iter()
         .map(|(kind, id, sequence, commit, index)| {
