@@ -16,9 +16,11 @@
 //! Account events always commit before the transaction event that records them, in a separate
 //! append: correctness never needs two streams to commit together. A conflict (another writer got
 //! to a stream first) only sends that transaction to the next round, decided again on fresh
-//! state. After the batch, the checkpoint and which transactions are still in flight (and when to
-//! look at them again: the decision deadline, or a retry) are recorded together, so a crash
-//! replays at most one batch, and every step is idempotent.
+//! state. The checkpoint and which transactions are still in flight (and when to look at them
+//! again: the decision deadline, or a retry) are recorded together, in one database transaction:
+//! while the saga is busy at most every [`RECORD_INTERVAL`], and whenever it goes idle or runs its
+//! housekeeping (decision 53). A crash replays what was not recorded yet, and every step is
+//! idempotent.
 //!
 //! The transaction states come from the store's cache, fed by the log the saga reads and by its
 //! own appends; it can lag only behind other writers' events (`TransactionCreated`,
@@ -42,7 +44,9 @@ use domain::{
 };
 use futures::StreamExt;
 use infra::codec::{TRANSACTION_STREAM, decode_payload};
-use infra::eventlog::{AppendOutcome, EventLog, EventMetadata, LogFilter, RecordedEvent};
+use infra::eventlog::{
+    AppendOutcome, EventLog, EventMetadata, LogFilter, LogPosition, RecordedEvent,
+};
 use infra::follow::{Follower, Outcome};
 use uuid::Uuid;
 
@@ -65,6 +69,11 @@ pub const BATCH_SIZE_DEFAULT: usize = 512;
 
 /// Streams the saga loads at once, unless configured (`SAGA_CONCURRENCY`).
 pub const CONCURRENCY_DEFAULT: usize = 16;
+
+/// How long a busy saga goes between two records of its progress (decision 53). Each record is
+/// a commit, and its fsync waited between one batch and the next; a crash replays at most this
+/// much work, all of it idempotent.
+pub const RECORD_INTERVAL: Duration = Duration::from_millis(100);
 
 /// Tuning of the runner.
 #[derive(Debug, Clone)]
@@ -163,14 +172,42 @@ impl Saga {
         }
     }
 
-    /// One batch of the log: advance the transactions of up to `batch_size` new events, then
-    /// move the checkpoint.
+    /// One batch of the log after the recorded checkpoint: advance the transactions of up to
+    /// `batch_size` new events, then record the progress and move the checkpoint.
     pub async fn process_log_batch(&self) -> Result<Outcome> {
-        let checkpoint = self.state.checkpoint(CHECKPOINT).await?;
+        let mut session = SagaSession::default();
+        let outcome = self.next_log_batch(&mut session).await?;
+        self.record(&mut session).await?;
+        Ok(outcome)
+    }
+
+    /// Records what `session` has not recorded yet, if anything: the progress of its batches
+    /// and the checkpoint after them, in one transaction.
+    async fn record(&self, session: &mut SagaSession) -> Result<()> {
+        session.recorded_at = Instant::now();
+        if session.unrecorded.is_empty() && session.position == session.recorded {
+            return Ok(());
+        }
+        let progress: Vec<SagaProgress> = session.unrecorded.drain().map(|(_, p)| p).collect();
+        let checkpoint = (session.position > session.recorded).then_some(session.position);
+        self.state.record_saga_batch(checkpoint, &progress).await?;
+        session.recorded = session.position;
+        metrics::counter!("saga_records_total").increment(1);
+        Ok(())
+    }
+
+    /// One batch of the log after `session`'s position (read from the recorded checkpoint when
+    /// the session has none yet); its progress is kept in the session until [`Saga::record`].
+    async fn next_log_batch(&self, session: &mut SagaSession) -> Result<Outcome> {
+        if !session.read {
+            session.position = self.state.checkpoint(CHECKPOINT).await?;
+            session.recorded = session.position;
+            session.read = true;
+        }
         let events = self
             .log
             .read_all(
-                checkpoint,
+                session.position,
                 self.settings.batch_size,
                 LogFilter::aggregate(TRANSACTION_STREAM),
             )
@@ -188,8 +225,11 @@ impl Saga {
         let work = distinct_work(&events);
         let transactions = work.len();
         let results = self.advance_all(work).await;
-        let progress = progress_of(&results);
-        self.state.record_saga_batch(Some(last), &progress).await?;
+        for progress in progress_of(&results) {
+            // A later batch's word on a transaction replaces an earlier one's.
+            session.unrecorded.insert(progress.transaction_id, progress);
+        }
+        session.position = last;
         metrics::counter!("saga_events_total").increment(events.len() as u64);
         metrics::histogram!("saga_batch_seconds").record(started.elapsed().as_secs_f64());
         let failed = results.iter().filter(|(_, result)| result.is_err()).count();
@@ -686,9 +726,36 @@ struct Working {
     items: Vec<usize>,
 }
 
+/// What a leadership session of the saga keeps between batches: where it has read to, and the
+/// progress it has not recorded yet (decision 53).
+#[derive(Debug)]
+pub struct SagaSession {
+    /// Whether `position` was read from the recorded checkpoint yet.
+    read: bool,
+    /// The position of the last event this session processed.
+    position: LogPosition,
+    /// The checkpoint as last recorded.
+    recorded: LogPosition,
+    recorded_at: Instant,
+    /// The latest progress of each transaction since the last record.
+    unrecorded: HashMap<Uuid, SagaProgress>,
+}
+
+impl Default for SagaSession {
+    fn default() -> Self {
+        SagaSession {
+            read: false,
+            position: LogPosition::START,
+            recorded: LogPosition::START,
+            recorded_at: Instant::now(),
+            unrecorded: HashMap::new(),
+        }
+    }
+}
+
 #[async_trait]
 impl Follower for Saga {
-    type Session = ();
+    type Session = SagaSession;
     type Error = Error;
 
     fn name(&self) -> &'static str {
@@ -697,21 +764,45 @@ impl Follower for Saga {
 
     /// A new session starts from the log: caches may hold states an unknown outcome left behind,
     /// or another instance's leader changed since.
-    async fn lead(&self) -> Result<()> {
+    async fn lead(&self) -> Result<SagaSession> {
         self.accounts.forget_all();
         self.transactions.forget_all();
         let resumed = self.resume_all().await?;
         tracing::info!(resumed, "saga resumed in-flight transactions");
-        Ok(())
+        Ok(SagaSession::default())
     }
 
-    async fn try_process_batch(&self, _session: &mut ()) -> Result<Outcome> {
-        self.process_log_batch().await
+    /// A batch, and a record of the progress when the last one is [`RECORD_INTERVAL`] old. An
+    /// idle look records what is left and reads the checkpoint again, so an operator who moved
+    /// it back is followed.
+    async fn try_process_batch(&self, session: &mut SagaSession) -> Result<Outcome> {
+        let outcome = self.next_log_batch(session).await?;
+        match outcome {
+            Outcome::Idle => {
+                self.record(session).await?;
+                session.read = false;
+            }
+            Outcome::Processed(_) if session.recorded_at.elapsed() >= RECORD_INTERVAL => {
+                self.record(session).await?;
+            }
+            Outcome::Processed(_) => {}
+        }
+        Ok(outcome)
     }
 
-    async fn housekeeping(&self, _session: &mut ()) -> Result<()> {
+    /// Records first: the due transactions are read from what is recorded.
+    async fn housekeeping(&self, session: &mut SagaSession) -> Result<()> {
+        self.record(session).await?;
         self.process_due(self.settings.batch_size).await?;
         Ok(())
+    }
+
+    /// A session that stops records what it can; one that failed may not, and its successor
+    /// replays from the recorded checkpoint.
+    async fn end(&self, mut session: SagaSession) {
+        if let Err(error) = self.record(&mut session).await {
+            tracing::warn!(error.message = %error, "saga progress not recorded; it is replayed");
+        }
     }
 }
 
