@@ -289,8 +289,8 @@ mod tests {
         )
         .expect("valid");
         assert_eq!(
-            named_as_given(given),
-            Some("payments-ledger".to_owned()),
+            named(given, "pool").get_application_name(),
+            Some("payments-ledger"),
             "the operator's name wins"
         );
 
@@ -303,12 +303,6 @@ mod tests {
             Some(63),
             "PostgreSQL would cut it anyway"
         );
-    }
-
-    fn named_as_given(options: PgConnectOptions) -> Option<String> {
-        named(options, "pool")
-            .get_application_name()
-            .map(str::to_owned)
     }
 
     #[test]

@@ -120,6 +120,24 @@ mod tests {
 
     use super::*;
 
+    /// A single ack of `tag`.
+    fn single(tag: u64) -> AckFrame {
+        AckFrame {
+            tag,
+            multiple: false,
+            count: 1,
+        }
+    }
+
+    /// One ack with `multiple` up to `tag`, settling `count` finished deliveries.
+    fn up_to(tag: u64, count: usize) -> AckFrame {
+        AckFrame {
+            tag,
+            multiple: true,
+            count,
+        }
+    }
+
     fn window(delivered: impl IntoIterator<Item = u64>) -> AckWindow {
         let mut window = AckWindow::default();
         for tag in delivered {
@@ -134,14 +152,7 @@ mod tests {
         for tag in 1..=5 {
             window.finished(tag);
         }
-        assert_eq!(
-            window.flush(),
-            vec![AckFrame {
-                tag: 5,
-                multiple: true,
-                count: 5
-            }]
-        );
+        assert_eq!(window.flush(), vec![up_to(5, 5)]);
         assert_eq!(window.waiting(), 0);
         assert_eq!(window.flush(), vec![]);
     }
@@ -150,14 +161,7 @@ mod tests {
     fn one_finished_delivery_is_acked_singly() {
         let mut window = window([7]);
         window.finished(7);
-        assert_eq!(
-            window.flush(),
-            vec![AckFrame {
-                tag: 7,
-                multiple: false,
-                count: 1
-            }]
-        );
+        assert_eq!(window.flush(), vec![single(7)]);
     }
 
     #[test]
@@ -168,22 +172,11 @@ mod tests {
         }
         assert_eq!(
             window.flush(),
-            vec![AckFrame {
-                tag: 2,
-                multiple: true,
-                count: 2
-            }],
+            vec![up_to(2, 2)],
             "3 is in hand: 4 and 5 must wait"
         );
         window.finished(3);
-        assert_eq!(
-            window.flush(),
-            vec![AckFrame {
-                tag: 5,
-                multiple: true,
-                count: 3
-            }]
-        );
+        assert_eq!(window.flush(), vec![up_to(5, 3)]);
     }
 
     #[test]
@@ -196,28 +189,13 @@ mod tests {
         window.finished(4);
         assert_eq!(
             window.flush(),
-            vec![
-                AckFrame {
-                    tag: 2,
-                    multiple: false,
-                    count: 1
-                },
-                AckFrame {
-                    tag: 3,
-                    multiple: false,
-                    count: 1
-                },
-            ],
+            vec![single(2), single(3)],
             "1 is still in hand: 2 and 3 go singly, 4 waits its flush"
         );
         window.finished(1);
         assert_eq!(
             window.flush(),
-            vec![AckFrame {
-                tag: 4,
-                multiple: true,
-                count: 2
-            }],
+            vec![up_to(4, 2)],
             "the multiple names 4 and skips 2 and 3, already acked"
         );
     }
@@ -228,21 +206,7 @@ mod tests {
         // 2 was never settled (its task panicked): it stays in hand.
         window.finished(1);
         window.finished(3);
-        assert_eq!(
-            window.flush_all(),
-            vec![
-                AckFrame {
-                    tag: 1,
-                    multiple: false,
-                    count: 1
-                },
-                AckFrame {
-                    tag: 3,
-                    multiple: false,
-                    count: 1
-                },
-            ]
-        );
+        assert_eq!(window.flush_all(), vec![single(1), single(3)]);
     }
 
     #[test]
@@ -251,14 +215,7 @@ mod tests {
         window.finished(1);
         window.settled(2);
         window.finished(3);
-        assert_eq!(
-            window.flush(),
-            vec![AckFrame {
-                tag: 3,
-                multiple: true,
-                count: 2
-            }]
-        );
+        assert_eq!(window.flush(), vec![up_to(3, 2)]);
     }
 
     #[test]
