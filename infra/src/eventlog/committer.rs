@@ -10,7 +10,8 @@
 //! in the queue and for its turn; past it, it gets [`Error::Overloaded`] (a 503 with
 //! `Retry-After` at the HTTP edge) and its appends are not written. No stream appears twice in a
 //! batch: a request touching a stream of the batch being formed waits for the next one, so the
-//! writer never has to order two appends of one stream.
+//! writer never has to order two appends of one stream. A request's appends always share a
+//! batch, so a chain ([`Chained`]) is the writer's to honour within one transaction.
 
 use std::collections::{HashSet, VecDeque};
 use std::time::Duration;
@@ -19,14 +20,16 @@ use async_trait::async_trait;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
 
-use super::{Append, AppendOutcome, StreamId};
+use super::{Append, AppendOutcome, Chained, StreamId};
 use crate::error::{Error, Result};
 
 /// Writes one batch of appends, no stream twice, ideally in one transaction.
 #[async_trait]
 pub trait BatchWriter: Send + 'static {
-    /// The outcome of each append, in order. An error leaves every outcome unknown.
-    async fn write(&mut self, appends: &[Append]) -> Result<Vec<AppendOutcome>>;
+    /// The outcome of each append, in order. An append is made only if each one its
+    /// [`Chained::after`] names (earlier in the batch) comes out written; otherwise it is a
+    /// [`AppendOutcome::Conflict`], unwritten. An error leaves every outcome unknown.
+    async fn write(&mut self, appends: &[Chained]) -> Result<Vec<AppendOutcome>>;
 }
 
 /// How the committer batches and bounds its queue.
@@ -58,7 +61,8 @@ impl Default for CommitterSettings {
 }
 
 struct Request {
-    appends: Vec<Append>,
+    /// Prerequisites index this request's own appends.
+    appends: Vec<Chained>,
     reply: oneshot::Sender<Result<Vec<AppendOutcome>>>,
     deadline: Instant,
     enqueued: Instant,
@@ -66,11 +70,14 @@ struct Request {
 
 impl Request {
     fn events(&self) -> usize {
-        self.appends.iter().map(|append| append.events.len()).sum()
+        self.appends
+            .iter()
+            .map(|chained| chained.append.events.len())
+            .sum()
     }
 
     fn streams(&self) -> impl Iterator<Item = &StreamId> {
-        self.appends.iter().map(|append| &append.stream)
+        self.appends.iter().map(|chained| &chained.append.stream)
     }
 }
 
@@ -118,11 +125,23 @@ impl GroupCommitter {
 
     /// Appends through the next batch. The same stream may appear only once in `appends`.
     pub async fn submit(&self, appends: Vec<Append>) -> Result<Vec<AppendOutcome>> {
+        self.submit_chained(appends.into_iter().map(Chained::alone).collect())
+            .await
+    }
+
+    /// As [`GroupCommitter::submit`], honouring each append's prerequisites: the whole chain is
+    /// written in one batch.
+    pub async fn submit_chained(&self, appends: Vec<Chained>) -> Result<Vec<AppendOutcome>> {
         if appends.is_empty() {
             return Ok(Vec::new());
         }
+        super::check_chain(&appends)?;
         let mut seen = HashSet::with_capacity(appends.len());
-        if let Some(twice) = appends.iter().find(|append| !seen.insert(&append.stream)) {
+        if let Some(twice) = appends
+            .iter()
+            .map(|chained| &chained.append)
+            .find(|append| !seen.insert(&append.stream))
+        {
             return Err(Error::Config(format!(
                 "stream {} appears twice in one append call",
                 twice.stream
@@ -180,10 +199,15 @@ async fn run<W: BatchWriter>(
         if batch.is_empty() {
             continue;
         }
-        let appends: Vec<Append> = batch
-            .iter()
-            .flat_map(|request| request.appends.iter().cloned())
-            .collect();
+        // One list; each request's prerequisites shifted to where its appends start in it.
+        let mut appends: Vec<Chained> = Vec::new();
+        for request in &batch {
+            let start = appends.len();
+            appends.extend(request.appends.iter().map(|chained| Chained {
+                append: chained.append.clone(),
+                after: chained.after.iter().map(|before| start + before).collect(),
+            }));
+        }
         let started = Instant::now();
         for request in &batch {
             metrics::histogram!("event_log_queue_wait_seconds")
@@ -191,8 +215,12 @@ async fn run<W: BatchWriter>(
         }
         let written = writer.write(&appends).await;
         metrics::histogram!("event_log_commit_seconds").record(started.elapsed().as_secs_f64());
-        metrics::histogram!("event_log_batch_events")
-            .record(appends.iter().map(|a| a.events.len()).sum::<usize>() as f64);
+        metrics::histogram!("event_log_batch_events").record(
+            appends
+                .iter()
+                .map(|chained| chained.append.events.len())
+                .sum::<usize>() as f64,
+        );
         match written {
             Ok(outcomes) => {
                 debug_assert_eq!(outcomes.len(), appends.len());
@@ -292,22 +320,42 @@ mod tests {
     use super::*;
     use crate::eventlog::{EventMetadata, LogPosition, NewEvent};
 
-    /// Records the batches it was given; every append succeeds.
+    /// Records the batches it was given (and their chains); every append succeeds.
     struct Recorder {
         batches: Arc<Mutex<Vec<Vec<StreamId>>>>,
+        chains: Arc<Mutex<Vec<Vec<Vec<usize>>>>>,
         delay: Duration,
+    }
+
+    impl Recorder {
+        fn new(batches: Arc<Mutex<Vec<Vec<StreamId>>>>, delay: Duration) -> Self {
+            Recorder {
+                batches,
+                chains: Arc::default(),
+                delay,
+            }
+        }
     }
 
     #[async_trait]
     impl BatchWriter for Recorder {
-        async fn write(&mut self, appends: &[Append]) -> Result<Vec<AppendOutcome>> {
+        async fn write(&mut self, appends: &[Chained]) -> Result<Vec<AppendOutcome>> {
             tokio::time::sleep(self.delay).await;
-            self.batches
-                .lock()
-                .expect("test lock")
-                .push(appends.iter().map(|append| append.stream.clone()).collect());
+            self.batches.lock().expect("test lock").push(
+                appends
+                    .iter()
+                    .map(|chained| chained.append.stream.clone())
+                    .collect(),
+            );
+            self.chains.lock().expect("test lock").push(
+                appends
+                    .iter()
+                    .map(|chained| chained.after.clone())
+                    .collect(),
+            );
             Ok(appends
                 .iter()
+                .map(|chained| &chained.append)
                 .map(|append| AppendOutcome::Appended {
                     version: append.expected_version + append.events.len() as u64,
                     position: LogPosition::START,
@@ -337,10 +385,7 @@ mod tests {
         let batches = Arc::new(Mutex::new(Vec::new()));
         let (committed, mut wakeups) = watch::channel(0);
         let committer = GroupCommitter::start(
-            Recorder {
-                batches: batches.clone(),
-                delay: Duration::from_millis(5),
-            },
+            Recorder::new(batches.clone(), Duration::from_millis(5)),
             committed,
             CommitterSettings::default(),
         );
@@ -379,10 +424,7 @@ mod tests {
         let batches = Arc::new(Mutex::new(Vec::new()));
         let (committed, _wakeups) = watch::channel(0);
         let committer = GroupCommitter::start(
-            Recorder {
-                batches: batches.clone(),
-                delay: Duration::from_millis(300),
-            },
+            Recorder::new(batches.clone(), Duration::from_millis(300)),
             committed,
             CommitterSettings {
                 queue_capacity: 1,
@@ -416,13 +458,58 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_chain_keeps_pointing_at_its_own_appends_in_a_shared_batch() {
+        // Proves the shift: a request's prerequisites index its own appends; in a batch behind
+        // another request's appends they must name the same appends at their new places.
+        let batches = Arc::new(Mutex::new(Vec::new()));
+        let writer = Recorder::new(batches.clone(), Duration::from_millis(50));
+        let chains = writer.chains.clone();
+        let (committed, _wakeups) = watch::channel(0);
+        let committer = GroupCommitter::start(writer, committed, CommitterSettings::default());
+        // The first batch holds the writer while the next two requests queue together.
+        let busy = tokio::spawn({
+            let committer = committer.clone();
+            async move { committer.submit(vec![append("busy")]).await }
+        });
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        let plain = tokio::spawn({
+            let committer = committer.clone();
+            async move { committer.submit(vec![append("p1"), append("p2")]).await }
+        });
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        let chained = committer
+            .submit_chained(vec![
+                Chained::alone(append("source")),
+                Chained::alone(append("other")),
+                Chained {
+                    append: append("record"),
+                    after: vec![0, 1],
+                },
+            ])
+            .await
+            .expect("written");
+        assert_eq!(chained.len(), 3);
+        busy.await.expect("no panic").expect("written");
+        plain.await.expect("no panic").expect("written");
+        let batches = batches.lock().expect("test lock").clone();
+        let chains = chains.lock().expect("test lock").clone();
+        let shared = batches
+            .iter()
+            .position(|batch| batch.len() == 5)
+            .unwrap_or_else(|| panic!("the two requests did not share a batch: {batches:?}"));
+        let names: Vec<&str> = batches[shared]
+            .iter()
+            .map(|stream| stream.aggregate_id.as_str())
+            .collect();
+        assert_eq!(names, ["p1", "p2", "source", "other", "record"]);
+        assert_eq!(chains[shared], [vec![], vec![], vec![], vec![], vec![2, 3]]);
+    }
+
+    #[tokio::test]
     async fn the_same_stream_twice_in_one_call_is_refused() {
         let (committed, _wakeups) = watch::channel(0);
         let committer = GroupCommitter::start(
-            Recorder {
-                batches: Arc::default(),
-                delay: Duration::ZERO,
-            },
+            Recorder::new(Arc::default(), Duration::ZERO),
             committed,
             CommitterSettings::default(),
         );

@@ -16,8 +16,8 @@ use std::time::Duration;
 use uuid::Uuid;
 
 use super::{
-    Append, AppendOutcome, EventLog, EventMetadata, LogFilter, LogPosition, NewEvent, Snapshot,
-    StreamId, event_id,
+    Append, AppendOutcome, Chained, EventLog, EventMetadata, LogFilter, LogPosition, NewEvent,
+    Snapshot, StreamId, event_id,
 };
 
 /// Instantiates every check of the suite as a `#[tokio::test]`, each on a log from `$fresh`,
@@ -42,6 +42,7 @@ macro_rules! event_log_conformance {
             another_command_at_the_same_version_conflicts,
             an_expected_version_beyond_the_end_conflicts,
             appends_in_one_call_succeed_or_fail_on_their_own,
+            a_chained_append_is_made_only_after_its_prerequisites,
             racing_writers_of_one_stream_leave_it_whole,
             followers_read_every_commit_once_in_stream_order,
             filters_select_streams_and_event_types,
@@ -349,6 +350,93 @@ pub async fn appends_in_one_call_succeed_or_fail_on_their_own(log: Arc<dyn Event
     assert_eq!(log.read_stream(&a, 0).await.expect("reads").len(), 2);
     assert_eq!(log.read_stream(&taken, 0).await.expect("reads").len(), 1);
     assert_eq!(log.read_stream(&b, 0).await.expect("reads").len(), 1);
+}
+
+/// A chained append is made only when every append it names came out written (now, or before
+/// as a retry); otherwise it, and what is chained onto it, writes nothing and conflicts. A
+/// made one's events come after its prerequisites' in the log. A chain naming a later append
+/// is refused whole.
+pub async fn a_chained_append_is_made_only_after_its_prerequisites(log: Arc<dyn EventLog>) {
+    let (taken, retried) = (stream(KIND), stream(KIND));
+    one(&*log, append(&taken, 0, "taken", 1)).await;
+    one(&*log, append(&retried, 0, "retried", 1)).await;
+    let source = stream(KIND);
+    let [made, broken, broken_further, after_retry] = [(); 4].map(|()| stream(OTHER_KIND));
+    let chain = |append: Append, after: &[usize]| Chained {
+        append,
+        after: after.to_vec(),
+    };
+    let outcomes = log
+        .append_chained(vec![
+            chain(append(&source, 0, "source", 2), &[]),
+            chain(append(&taken, 0, "late", 1), &[]),
+            chain(append(&made, 0, "made", 1), &[0]),
+            chain(append(&broken, 0, "broken", 1), &[0, 1]),
+            chain(append(&broken_further, 0, "broken-further", 1), &[3]),
+            chain(append(&retried, 0, "retried", 1), &[]),
+            chain(append(&after_retry, 0, "after-retry", 1), &[5]),
+        ])
+        .await
+        .expect("answered");
+    assert_eq!(outcomes.len(), 7, "one outcome per append: {outcomes:?}");
+    let (Some((_, source_at)), Some((_, made_at))) = (outcomes[0].written(), outcomes[2].written())
+    else {
+        panic!("the source and what records it are written: {outcomes:?}");
+    };
+    assert!(
+        made_at > source_at,
+        "{made_at:?} is not after {source_at:?}"
+    );
+    assert_eq!(outcomes[1], AppendOutcome::Conflict);
+    assert_eq!(
+        outcomes[3],
+        AppendOutcome::Conflict,
+        "its prerequisite conflicted"
+    );
+    assert_eq!(
+        outcomes[4],
+        AppendOutcome::Conflict,
+        "its prerequisite was not made"
+    );
+    assert!(
+        matches!(outcomes[5], AppendOutcome::Duplicate { .. }),
+        "{:?}",
+        outcomes[5]
+    );
+    assert!(
+        matches!(outcomes[6], AppendOutcome::Appended { version: 1, .. }),
+        "a retried prerequisite is written: {:?}",
+        outcomes[6]
+    );
+    for (stream, count) in [
+        (&source, 2),
+        (&taken, 1),
+        (&made, 1),
+        (&broken, 0),
+        (&broken_further, 0),
+        (&retried, 1),
+        (&after_retry, 1),
+    ] {
+        let read = log.read_stream(stream, 0).await.expect("the stream reads");
+        assert_eq!(read.len(), count, "{stream}");
+    }
+    let unwritten = stream(KIND);
+    let refused = log
+        .append_chained(vec![
+            chain(append(&unwritten, 0, "first", 1), &[1]),
+            chain(append(&stream(KIND), 0, "second", 1), &[]),
+        ])
+        .await;
+    assert!(
+        refused.is_err(),
+        "a prerequisite after its dependent: {refused:?}"
+    );
+    assert!(
+        log.read_stream(&unwritten, 0)
+            .await
+            .expect("reads")
+            .is_empty()
+    );
 }
 
 /// Many writers racing for one stream: every version is won by exactly one of them, the stream

@@ -145,6 +145,48 @@ impl AppendOutcome {
     }
 }
 
+/// An append made only if the earlier appends of the same call it names come out written
+/// ([`EventLog::append_chained`]): how a writer says "these events record those", so that the
+/// recording never lands without what it records.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Chained {
+    pub append: Append,
+    /// Indexes, in the same call, of earlier appends that must come out written (appended now
+    /// or before: [`AppendOutcome::written`]) for this one to be made.
+    pub after: Vec<usize>,
+}
+
+impl Chained {
+    /// An append with no prerequisite.
+    pub fn alone(append: Append) -> Self {
+        Chained {
+            append,
+            after: Vec::new(),
+        }
+    }
+}
+
+/// Refuses a chain whose prerequisite is not an earlier append of the call.
+pub(crate) fn check_chain(appends: &[Chained]) -> Result<()> {
+    for (index, chained) in appends.iter().enumerate() {
+        if let Some(wrong) = chained.after.iter().find(|&&before| before >= index) {
+            return Err(crate::error::Error::Config(format!(
+                "the append to {} at {index} names {wrong} as its prerequisite, which does not \
+                 come before it",
+                chained.append.stream
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Whether every prerequisite of an append came out written, given the outcomes so far.
+pub(crate) fn prerequisites_written(after: &[usize], written: &[bool]) -> bool {
+    after
+        .iter()
+        .all(|&before| written.get(before).copied().unwrap_or(false))
+}
+
 /// An event of one stream, as an aggregate load needs it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct StreamEvent {
@@ -226,6 +268,51 @@ pub trait EventLog: Send + Sync + 'static {
     /// An error means the outcome is unknown (the database went away mid-commit): a retry of the
     /// same appends is safe, it will find them written ([`AppendOutcome::Duplicate`]) or write them.
     async fn append(&self, appends: Vec<Append>) -> Result<Vec<AppendOutcome>>;
+
+    /// As [`EventLog::append`], except that an append is made only if each earlier append it
+    /// names ([`Chained::after`]) comes out written (appended now, or before); otherwise it is
+    /// not attempted and comes back as [`AppendOutcome::Conflict`], with nothing written. The
+    /// events of a chained append always come after its prerequisites' in the log.
+    ///
+    /// A shortcut, never a need: correctness must hold with every link committed on its own,
+    /// in order, which is what this default does (one [`EventLog::append`] per link). PostgreSQL
+    /// and SQLite override it to commit the whole chain in one batch, so a writer that records
+    /// a step after the accounts it moved waits for one durable write instead of two.
+    async fn append_chained(&self, appends: Vec<Chained>) -> Result<Vec<AppendOutcome>> {
+        check_chain(&appends)?;
+        // Each append's link: 0 without prerequisites, else one past its furthest one's.
+        let mut links: Vec<usize> = Vec::with_capacity(appends.len());
+        for chained in &appends {
+            let link = chained
+                .after
+                .iter()
+                .map(|&before| links[before] + 1)
+                .max()
+                .unwrap_or(0);
+            links.push(link);
+        }
+        let mut outcomes = vec![AppendOutcome::Conflict; appends.len()];
+        let mut written = vec![false; appends.len()];
+        let last = links.iter().copied().max().unwrap_or(0);
+        for link in 0..=last {
+            let now: Vec<usize> = (0..appends.len())
+                .filter(|&index| links[index] == link)
+                .filter(|&index| prerequisites_written(&appends[index].after, &written))
+                .collect();
+            if now.is_empty() {
+                continue;
+            }
+            let batch = now
+                .iter()
+                .map(|&index| appends[index].append.clone())
+                .collect();
+            for (index, outcome) in now.into_iter().zip(self.append(batch).await?) {
+                written[index] = outcome.written().is_some();
+                outcomes[index] = outcome;
+            }
+        }
+        Ok(outcomes)
+    }
 
     /// The events of `stream` after version `after` (0: all), in order.
     async fn read_stream(&self, stream: &StreamId, after: u64) -> Result<Vec<StreamEvent>>;

@@ -52,8 +52,8 @@ use uuid::Uuid;
 use super::committer::{BatchWriter, CommitterSettings, GroupCommitter};
 use super::streams;
 use super::{
-    Append, AppendOutcome, EventLog, EventMetadata, Lag, LogFilter, LogPosition, RecordedEvent,
-    Snapshot, StreamEvent, StreamId, Wakeups,
+    Append, AppendOutcome, Chained, EventLog, EventMetadata, Lag, LogFilter, LogPosition,
+    RecordedEvent, Snapshot, StreamEvent, StreamId, Wakeups,
 };
 use crate::error::{DatabaseContext, Error, Result};
 use crate::log::LAG_COUNT_CAP;
@@ -232,6 +232,15 @@ impl EventLog for PgEventLog {
             ));
         };
         committer.submit(appends).await
+    }
+
+    async fn append_chained(&self, appends: Vec<Chained>) -> Result<Vec<AppendOutcome>> {
+        let Some(committer) = &self.committer else {
+            return Err(Error::Config(
+                "this event log was opened read-only".to_owned(),
+            ));
+        };
+        committer.submit_chained(appends).await
     }
 
     async fn read_stream(&self, stream: &StreamId, after: u64) -> Result<Vec<StreamEvent>> {
@@ -584,9 +593,13 @@ struct PgWriter {
 
 #[async_trait]
 impl BatchWriter for PgWriter {
-    async fn write(&mut self, appends: &[Append]) -> Result<Vec<AppendOutcome>> {
-        let rows = Rows::of(appends)?;
-        for _ in 0..PARTIAL_BATCH_ATTEMPTS {
+    async fn write(&mut self, chain: &[Chained]) -> Result<Vec<AppendOutcome>> {
+        // Appends left out because a prerequisite of theirs did not come out written. One
+        // statement writes the whole batch, so a dependent can only be told from the outcomes;
+        // a rare write-again keeps the common path at one statement.
+        let mut held_back = vec![false; chain.len()];
+        let mut races = 0;
+        while races < PARTIAL_BATCH_ATTEMPTS {
             if self.connection.is_none() {
                 let mut connection = PgConnection::connect_with(&self.options)
                     .await
@@ -597,10 +610,17 @@ impl BatchWriter for PgWriter {
             let Some(connection) = self.connection.as_mut() else {
                 continue;
             };
-            match write_once(connection, &self.sql, appends, &rows).await {
-                Ok(Some(outcomes)) => return Ok(outcomes),
-                Ok(None) => {
+            match write_once(connection, &self.sql, chain, &held_back).await {
+                Ok(Attempt::Committed(outcomes)) => return Ok(outcomes),
+                Ok(Attempt::Raced) => {
                     metrics::counter!("event_log_batch_races_total").increment(1);
+                    races += 1;
+                }
+                Ok(Attempt::HoldBack(more)) => {
+                    metrics::counter!("event_log_chain_holdbacks_total").increment(1);
+                    for index in more {
+                        held_back[index] = true;
+                    }
                 }
                 Err(error) => {
                     // The session may be broken or mid-transaction: start afresh next time.
@@ -631,7 +651,7 @@ struct Rows {
 }
 
 impl Rows {
-    fn of(appends: &[Append]) -> Result<Rows> {
+    fn of(appends: &[&Append]) -> Result<Rows> {
         let mut rows = Rows::default();
         let mut ordinal = 0_i32;
         for append in appends {
@@ -670,14 +690,32 @@ type Key = (String, String, i64);
 /// What the insert returns per row: the stream, its sequence and the row's log position.
 type InsertedRow = (String, String, i64, i64, i64);
 
-/// One attempt: `Some(outcomes)` committed, `None` rolled back because an append was half
-/// inserted (try again).
+/// What one attempt at a batch came to.
+enum Attempt {
+    /// Committed, with every append's outcome.
+    Committed(Vec<AppendOutcome>),
+    /// Rolled back: an append was half inserted, or hit a row a writer bypassing the log lock
+    /// wrote. Try again.
+    Raced,
+    /// Rolled back: these appends were inserted although a prerequisite of theirs did not come
+    /// out written. Try again without them.
+    HoldBack(Vec<usize>),
+}
+
+/// One attempt at `chain`, leaving out the appends `held_back` marks (they come out as
+/// conflicts, unwritten).
 async fn write_once(
     connection: &mut PgConnection,
     sql: &Sql,
-    appends: &[Append],
-    rows: &Rows,
-) -> Result<Option<Vec<AppendOutcome>>> {
+    chain: &[Chained],
+    held_back: &[bool],
+) -> Result<Attempt> {
+    // The appends this attempt writes, by their index in `chain`.
+    let tried: Vec<usize> = (0..chain.len())
+        .filter(|&index| !held_back[index])
+        .collect();
+    let appends: Vec<&Append> = tried.iter().map(|&index| &chain[index].append).collect();
+    let rows = Rows::of(&appends)?;
     let mut transaction = connection
         .begin()
         .await
@@ -711,7 +749,7 @@ async fn write_once(
                 .rollback()
                 .await
                 .context("rolling back a raced batch")?;
-            return Ok(None);
+            return Ok(Attempt::Raced);
         }
         Err(source) => {
             return Err(Error::Database {
@@ -748,11 +786,11 @@ async fn write_once(
                 .rollback()
                 .await
                 .context("rolling back a raced batch")?;
-            return Ok(None);
+            return Ok(Attempt::Raced);
         }
     }
     if !unwritten.is_empty() {
-        let stored = stored_ids(&mut transaction, sql, appends, &unwritten).await?;
+        let stored = stored_ids(&mut transaction, sql, &appends, &unwritten).await?;
         for index in unwritten {
             let append = &appends[index];
             let keys = keys_of(append);
@@ -769,6 +807,31 @@ async fn write_once(
             });
         }
     }
+    // Back to the whole chain's order: the held back are conflicts, unwritten. An append
+    // inserted although a prerequisite did not come out written is held back next attempt.
+    let mut all = vec![Some(AppendOutcome::Conflict); chain.len()];
+    for (&index, outcome) in tried.iter().zip(outcomes) {
+        all[index] = outcome;
+    }
+    let mut written = vec![false; chain.len()];
+    let mut hold_back = Vec::new();
+    for (index, chained) in chain.iter().enumerate() {
+        let outcome = all[index].unwrap_or(AppendOutcome::Conflict);
+        if !super::prerequisites_written(&chained.after, &written)
+            && matches!(outcome, AppendOutcome::Appended { .. })
+        {
+            hold_back.push(index);
+            continue;
+        }
+        written[index] = outcome.written().is_some();
+    }
+    if !hold_back.is_empty() {
+        transaction
+            .rollback()
+            .await
+            .context("rolling back a batch with a broken chain")?;
+        return Ok(Attempt::HoldBack(hold_back));
+    }
     if !inserted.is_empty() {
         sqlx::query("SELECT pg_notify($1, '')")
             .bind(&sql.channel)
@@ -780,9 +843,8 @@ async fn write_once(
         .commit()
         .await
         .context("committing an event log batch")?;
-    Ok(Some(
-        outcomes
-            .into_iter()
+    Ok(Attempt::Committed(
+        all.into_iter()
             .map(|outcome| outcome.unwrap_or(AppendOutcome::Conflict))
             .collect(),
     ))
@@ -809,12 +871,12 @@ fn version_after(append: &Append) -> u64 {
 async fn stored_ids(
     connection: &mut PgConnection,
     sql: &Sql,
-    appends: &[Append],
+    appends: &[&Append],
     unwritten: &[usize],
 ) -> Result<HashMap<Key, (Uuid, LogPosition)>> {
     let (mut kinds, mut ids, mut sequences) = (Vec::new(), Vec::new(), Vec::new());
     for &index in unwritten {
-        for (kind, id, sequence) in keys_of(&appends[index]) {
+        for (kind, id, sequence) in keys_of(appends[index]) {
             kinds.push(kind);
             ids.push(id);
             sequences.push(sequence);
