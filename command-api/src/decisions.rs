@@ -4,13 +4,15 @@
 
 use std::sync::Arc;
 
-use chrono::Utc;
+use chrono::{TimeDelta, Utc};
+use domain::saga;
 use domain::{FraudDecision, TransactionCommand, TransactionError, TransactionId};
-use infra::eventlog::EventMetadata;
+use infra::eventlog::{EventMetadata, event_id};
 use infra::log::LogPosition;
 
 use crate::aggregates::TransactionAggregate;
 use crate::error::{Error, Result};
+use crate::saga::command_name;
 use crate::store::{AggregateStore, Executed};
 
 /// What recording a decision did. Every outcome is final: a consumer acknowledges the message.
@@ -28,16 +30,30 @@ pub enum DecisionOutcome {
 #[derive(Clone)]
 pub struct FraudDecisions {
     transactions: Arc<AggregateStore<TransactionAggregate>>,
+    /// The saga's decision timeout, for the step chained onto a decision.
+    decision_timeout: TimeDelta,
 }
 
 impl FraudDecisions {
-    pub fn new(transactions: Arc<AggregateStore<TransactionAggregate>>) -> Self {
-        FraudDecisions { transactions }
+    pub fn new(
+        transactions: Arc<AggregateStore<TransactionAggregate>>,
+        decision_timeout: TimeDelta,
+    ) -> Self {
+        FraudDecisions {
+            transactions,
+            decision_timeout,
+        }
     }
 
     /// Records `decision` for `transaction_id`. Idempotent: a duplicate or late decision is
     /// ignored; the saga picks a recorded one up from the log. `metadata.command_id` should name
     /// the decision (its id), so a redelivered one is recognised.
+    ///
+    /// The step the decision completes rides in the same append (decision 54): an approval of
+    /// a transaction whose funds are reserved appends `TransactionConfirmed` with it, a rejection
+    /// appends `TransactionRejected`, both as the saga would have (its actor, its command ids),
+    /// so the transfer does not wait for the saga to read the decision and append once more.
+    /// The saga settles or releases from there, as after its own confirmation.
     pub async fn record(
         &self,
         transaction_id: TransactionId,
@@ -49,9 +65,20 @@ impl FraudDecisions {
             decision,
             at: Utc::now(),
         };
+        // Caused by the `FraudChecked` this append starts with.
+        let cause = event_id(&metadata.command_id, 0).to_string();
+        let follow = |state: &TransactionAggregate| {
+            let transaction = state.0.as_ref()?;
+            let next = saga::chained_command(transaction, Utc::now(), self.decision_timeout)?;
+            let command_id = format!("saga/{transaction_id}/{}", command_name(&next));
+            Some((
+                next,
+                crate::metadata::for_saga(&metadata.correlation_id, &cause, command_id),
+            ))
+        };
         match self
             .transactions
-            .execute(&stream, command, metadata)
+            .execute_then(&stream, command, metadata, follow)
             .await?
         {
             Executed::Appended { position, .. } => {

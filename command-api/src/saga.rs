@@ -7,14 +7,17 @@
 //! transaction they touch in **rounds**. Each round:
 //! 1. decides each transaction's next step from its current state;
 //! 2. decides the account commands of every step that has some (hold and reserve, settle and
-//!    post, release and cancel), one account at a time in memory, and appends them, one append
-//!    per account, all in one call (one group commit);
-//! 3. then decides the transaction's own events (`FundsReserved`, `TransactionConfirmed`,
+//!    post, release and cancel), one account at a time in memory: one append per account;
+//! 3. decides the transaction's own events (`FundsReserved`, `TransactionConfirmed`,
 //!    `SettlementCompleted`…), chaining what can follow at once (a reservation whose approval is
-//!    already recorded is confirmed in the same append), and appends those, again in one call.
+//!    already recorded is confirmed in the same append): one append per transaction;
+//! 4. writes them all in one chained append ([`EventLog::append_chained`], decision 55): a
+//!    transaction's append is made only if the appends of the accounts it has a command on come
+//!    out written, and lands after them in the log.
 //!
-//! Account events always commit before the transaction event that records them, in a separate
-//! append: correctness never needs two streams to commit together. A conflict (another writer got
+//! Account events never commit after the transaction event that records them: in the same
+//! commit where the log can (PostgreSQL, SQLite), before it where it cannot (KurrentDB), and
+//! correctness never needs two streams to commit together. A conflict (another writer got
 //! to a stream first) only sends that transaction to the next round, decided again on fresh
 //! state. The checkpoint and which transactions are still in flight (and when to look at them
 //! again: the decision deadline, or a retry) are recorded together, in one database transaction:
@@ -45,7 +48,7 @@ use domain::{
 use futures::StreamExt;
 use infra::codec::{TRANSACTION_STREAM, decode_payload};
 use infra::eventlog::{
-    AppendOutcome, EventLog, EventMetadata, LogFilter, LogPosition, RecordedEvent,
+    AppendOutcome, Chained, EventLog, EventMetadata, LogFilter, LogPosition, RecordedEvent,
 };
 use infra::follow::{Follower, Outcome};
 use uuid::Uuid;
@@ -135,6 +138,11 @@ impl Saga {
             state,
             settings,
         }
+    }
+
+    /// No fraud decision within this time rejects a transaction.
+    pub fn decision_timeout(&self) -> TimeDelta {
+        self.settings.decision_timeout
     }
 
     /// Advances up to `max` in-flight transactions whose deadline or retry time has passed.
@@ -340,8 +348,8 @@ impl Saga {
         if steps.is_empty() {
             return Ok(());
         }
-        let accounts = self.account_phase(items, &steps, freshness, now).await?;
-        self.transaction_phase(items, &steps, &accounts, now).await
+        let accounts = self.account_phase(items, &steps, freshness, now).await;
+        self.transaction_phase(items, &steps, accounts, now).await
     }
 
     /// Loads the state of every open item that has none: from the cache when it holds it.
@@ -376,16 +384,16 @@ impl Saga {
         }
     }
 
-    /// Decides and appends the account commands of every step that has some. Returns, per
-    /// item, what its accounts said: done, refused with a rejection reason, or "again next
-    /// round".
+    /// Decides the account commands of every step that has some: per item, what its accounts
+    /// said (done, refused with a rejection reason, or "again next round"), and the appends
+    /// that carry them, which [`Saga::transaction_phase`] writes.
     async fn account_phase(
         &self,
         items: &mut [Item],
         steps: &[(usize, SagaStep)],
         freshness: &mut Freshness,
         now: DateTime<Utc>,
-    ) -> Result<HashMap<usize, AccountsDone>> {
+    ) -> AccountPlan {
         // Per stepping item: its index, the step's name and its account commands.
         let mut commands: Vec<(usize, &'static str, AccountCommands)> = Vec::new();
         for &(index, step) in steps {
@@ -402,7 +410,7 @@ impl Saga {
         }
         let mut done: HashMap<usize, AccountsDone> = HashMap::new();
         if commands.is_empty() {
-            return Ok(done);
+            return AccountPlan::default();
         }
         // The accounts' states, from the cache when it holds them, from the log when a no-op or
         // a refusal decided on the cached state is to be checked.
@@ -514,49 +522,47 @@ impl Saga {
             }
             done.insert(index, outcome);
         }
-        // One append per account, all together.
-        let pending: Vec<Pending<AccountAggregate>> = changed
-            .iter()
-            .map(|id| {
-                let account = &accounts[id];
-                Pending {
-                    id: id.to_string(),
-                    expected_version: account.version,
-                    state_after: account.state.clone(),
-                    decisions: account.decisions.clone(),
-                }
-            })
-            .collect();
-        let ids = changed;
-        if !pending.is_empty() {
-            let outcomes = self.accounts.append_all(pending).await?;
-            for (id, outcome) in ids.iter().zip(outcomes) {
-                if outcome == AppendOutcome::Conflict {
-                    metrics::counter!("saga_conflicts_total", "stream" => "account").increment(1);
-                    for index in &accounts[id].items {
-                        done.insert(*index, AccountsDone::Again);
-                    }
-                }
-            }
+        // One append per account, in the order they were first changed.
+        let mut plan = AccountPlan {
+            done,
+            ..AccountPlan::default()
+        };
+        for id in changed {
+            let account = &accounts[&id];
+            plan.pending.push(Pending {
+                id: id.to_string(),
+                expected_version: account.version,
+                state_after: account.state.clone(),
+                decisions: account.decisions.clone(),
+            });
+            plan.items.push(account.items.clone());
         }
-        Ok(done)
+        plan
     }
 
-    /// Decides and appends each stepping transaction's own events.
+    /// Decides each stepping transaction's own events, then appends them with the accounts'
+    /// in one chained append: each transaction's append is made only if the appends of the
+    /// accounts it has a command on come out written, and after them in the log (module
+    /// documentation). On PostgreSQL and SQLite that is one commit for the whole round.
     async fn transaction_phase(
         &self,
         items: &mut [Item],
         steps: &[(usize, SagaStep)],
-        accounts: &HashMap<usize, AccountsDone>,
+        accounts: AccountPlan,
         now: DateTime<Utc>,
     ) -> Result<()> {
+        let AccountPlan {
+            done,
+            pending: account_pending,
+            items: account_items,
+        } = accounts;
         let mut pending: Vec<(usize, Pending<TransactionAggregate>)> = Vec::new();
         for &(index, step) in steps {
             let item = &mut items[index];
             let Some((transaction, version)) = item.state.clone() else {
                 continue;
             };
-            let first = match (step, accounts.get(&index)) {
+            let first = match (step, done.get(&index)) {
                 (_, Some(AccountsDone::Again)) => continue,
                 (_, Some(AccountsDone::Failed(problem))) => {
                     item.result = Some(Err(Error::Store {
@@ -597,7 +603,7 @@ impl Saga {
                 Err(error) => item.result = Some(Err(error)),
             }
         }
-        if pending.is_empty() {
+        if pending.is_empty() && account_pending.is_empty() {
             return Ok(());
         }
         let (indexes, pending): (Vec<usize>, Vec<Pending<TransactionAggregate>>) =
@@ -612,10 +618,57 @@ impl Saga {
                 )
             })
             .collect();
-        let outcomes = self.transactions.append_all(pending).await?;
-        for ((index, outcome), (state, version)) in indexes.into_iter().zip(outcomes).zip(states) {
+        // The accounts first, then each transaction after the accounts it has a command on.
+        let mut prerequisites: HashMap<usize, Vec<usize>> = HashMap::new();
+        for (append, involved) in account_items.iter().enumerate() {
+            for &index in involved {
+                let list = prerequisites.entry(index).or_default();
+                if !list.contains(&append) {
+                    list.push(append);
+                }
+            }
+        }
+        let account_appends = AggregateStore::<AccountAggregate>::encode_all(&account_pending)?;
+        let transaction_appends = AggregateStore::<TransactionAggregate>::encode_all(&pending)?;
+        let mut chain: Vec<Chained> = account_appends.into_iter().map(Chained::alone).collect();
+        for (index, append) in indexes.iter().zip(transaction_appends) {
+            chain.push(Chained {
+                append,
+                after: prerequisites.remove(index).unwrap_or_default(),
+            });
+        }
+        let outcomes = match self.transactions.log().append_chained(chain).await {
+            Ok(outcomes) => outcomes,
+            Err(error) => {
+                self.accounts.forget_unknown(&account_pending);
+                self.transactions.forget_unknown(&pending);
+                return Err(error.into());
+            }
+        };
+        let (account_outcomes, transaction_outcomes) = outcomes.split_at(account_pending.len());
+        // An account that conflicted sends every item with a command on it to the next round,
+        // decided again on fresh state; their transaction appends were not made.
+        let mut again: HashSet<usize> = HashSet::new();
+        for (involved, outcome) in account_items.iter().zip(account_outcomes) {
+            if *outcome == AppendOutcome::Conflict {
+                metrics::counter!("saga_conflicts_total", "stream" => "account").increment(1);
+                again.extend(involved);
+            }
+        }
+        self.accounts
+            .after_outcomes(account_pending, account_outcomes)
+            .await;
+        self.transactions
+            .after_outcomes(pending, transaction_outcomes)
+            .await;
+        for ((index, outcome), (state, version)) in
+            indexes.into_iter().zip(transaction_outcomes).zip(states)
+        {
             let item = &mut items[index];
             match (outcome, state.0) {
+                // Not made: the state it was decided on still stands; its accounts are read
+                // again next round.
+                _ if again.contains(&index) => {}
                 (AppendOutcome::Appended { .. }, Some(transaction)) => {
                     item.state = Some((transaction, version));
                 }
@@ -672,11 +725,7 @@ impl Saga {
             let Some(transaction) = &state.0 else {
                 break;
             };
-            command = match saga::next_step(transaction, now, self.settings.decision_timeout) {
-                SagaStep::Confirm => Some(TransactionCommand::Confirm { at: now }),
-                SagaStep::Reject(reason) => Some(TransactionCommand::Reject { reason, at: now }),
-                _ => None,
-            };
+            command = saga::chained_command(transaction, now, self.settings.decision_timeout);
         }
         Ok((!decisions.is_empty()).then_some((state, decisions)))
     }
@@ -687,6 +736,17 @@ type AccountCommands = Vec<(AccountId, AccountCommand)>;
 
 /// A loaded state, its version, and whether it was read from the log now.
 type Marked<A> = (A, u64, bool);
+
+/// The account side of a round, decided and not yet appended.
+#[derive(Default)]
+struct AccountPlan {
+    /// Per stepping item with account commands, what they came to.
+    done: HashMap<usize, AccountsDone>,
+    /// One append per changed account, in the order they were first changed.
+    pending: Vec<Pending<AccountAggregate>>,
+    /// Per append in `pending`, the items with a command on that account.
+    items: Vec<Vec<usize>>,
+}
 
 /// What a transaction's account commands came to in a round.
 #[derive(Debug, Clone)]
@@ -705,8 +765,8 @@ enum AccountsDone {
 /// out as a no-op or a refusal on a state only the cache vouches for is decided again next round
 /// on all of its accounts as the log holds them then. "As the log holds them then" is what makes
 /// the no-op safe whoever else writes: the accounts are read after the transaction's state was
-/// known, so they hold every account event committed before the transaction event that state
-/// shows (the saga appends a step's account events before its transaction event). A round's
+/// known, so they hold every account event committed no later than the transaction event that state
+/// shows (a step's account events never commit after its transaction event). A round's
 /// reads are trusted for that round only, and all of a step's accounts are read together, so
 /// the step is decided on fresh states next round and the batch ends.
 #[derive(Debug, Default)]
@@ -860,7 +920,8 @@ fn correlation_ids(results: &[(Work, Result<Progress>)]) -> String {
     ids.join(",")
 }
 
-fn command_name(command: &TransactionCommand) -> &'static str {
+/// The name a transaction step's command id carries: `saga/{transaction}/{name}`.
+pub(crate) fn command_name(command: &TransactionCommand) -> &'static str {
     match command {
         TransactionCommand::Create { .. } => "create",
         TransactionCommand::RecordReservation { .. } => "reserved",

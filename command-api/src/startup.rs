@@ -131,6 +131,7 @@ impl App {
             settings,
             Arc::new(DecisionHandler::new(FraudDecisions::new(
                 transactions.clone(),
+                saga.decision_timeout(),
             ))),
         ));
         let state = AppState {
@@ -171,7 +172,10 @@ impl App {
 
     /// The entry point of fraud decisions.
     pub fn decisions(&self) -> FraudDecisions {
-        FraudDecisions::new(self.state.transactions.clone())
+        FraudDecisions::new(
+            self.state.transactions.clone(),
+            self.saga.decision_timeout(),
+        )
     }
 
     pub fn saga(&self) -> Arc<Saga> {

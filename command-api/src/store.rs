@@ -48,6 +48,10 @@ pub const CACHE_STREAMS_MAX: usize = 50_000;
 /// stale cache; 32 jittered attempts outlast any realistic burst.
 const CONFLICT_ATTEMPTS_MAX: u32 = 32;
 
+/// Follow-on commands chained onto one ([`AggregateStore::execute_then`]) at most: a bound on a
+/// `follow` that never says "enough". The ledger's chains are one step long.
+const FOLLOW_ONS_MAX: usize = 4;
+
 /// An aggregate whose events are a domain event type of the stored format.
 pub trait StreamAggregate:
     Aggregate<Services = (), Command: Clone + Send + Sync, Event: Send + Sync, Error: Send + Sync>
@@ -234,7 +238,30 @@ impl<A: StreamAggregate> AggregateStore<A> {
             Some(entry) => (entry, false),
             None => (self.load_fresh(id).await?, true),
         };
-        self.execute_from(id, command, metadata, state, version)
+        self.execute_from(id, command, metadata, state, version, |_: &A| None)
+            .await
+    }
+
+    /// As [`AggregateStore::execute`], then decides on the state after `command`'s events
+    /// whatever `follow` names next, and again after those, appending every event decided in
+    /// one append: a chain of steps that costs one durable write. A follow-on that is refused or
+    /// changes nothing ends the chain; it never fails the command. Each follow-on carries its
+    /// own metadata (its event ids derive from its own command id).
+    pub async fn execute_then<F>(
+        &self,
+        id: &str,
+        command: A::Command,
+        metadata: &EventMetadata,
+        follow: F,
+    ) -> Result<Executed<A>>
+    where
+        F: Fn(&A) -> Option<(A::Command, EventMetadata)>,
+    {
+        let (state, version) = match self.cached(id) {
+            Some(entry) => (entry, false),
+            None => (self.load_fresh(id).await?, true),
+        };
+        self.execute_from(id, command, metadata, state, version, follow)
             .await
     }
 
@@ -246,18 +273,24 @@ impl<A: StreamAggregate> AggregateStore<A> {
         command: A::Command,
         metadata: &EventMetadata,
     ) -> Result<Executed<A>> {
-        self.execute_from(id, command, metadata, (A::default(), 0), false)
-            .await
+        self.execute_from(id, command, metadata, (A::default(), 0), false, |_: &A| {
+            None
+        })
+        .await
     }
 
-    async fn execute_from(
+    async fn execute_from<F>(
         &self,
         id: &str,
         command: A::Command,
         metadata: &EventMetadata,
         (mut state, mut version): (A, u64),
         mut fresh: bool,
-    ) -> Result<Executed<A>> {
+        follow: F,
+    ) -> Result<Executed<A>>
+    where
+        F: Fn(&A) -> Option<(A::Command, EventMetadata)>,
+    {
         for attempt in 0..CONFLICT_ATTEMPTS_MAX {
             let decided = Self::decide(&state, command.clone()).await;
             // Only an append is checked by the log; a refusal or a no-op decided on a cached
@@ -278,11 +311,25 @@ impl<A: StreamAggregate> AggregateStore<A> {
                 }
                 Ok(decided) => decided,
             };
+            let mut decisions = vec![(events, metadata.clone())];
+            let mut next = next;
+            for _ in 0..FOLLOW_ONS_MAX {
+                let Some((command, metadata)) = follow(&next) else {
+                    break;
+                };
+                match Self::decide(&next, command).await {
+                    Ok((after, events)) if !events.is_empty() => {
+                        decisions.push((events, metadata));
+                        next = after;
+                    }
+                    _ => break,
+                }
+            }
             let pending = Pending {
                 id: id.to_owned(),
                 expected_version: version,
                 state_after: next,
-                decisions: vec![(events, metadata.clone())],
+                decisions,
             };
             let state_after = pending.state_after.clone();
             let outcome = self.append_all(vec![pending]).await?;
@@ -331,8 +378,24 @@ impl<A: StreamAggregate> AggregateStore<A> {
     /// states of those written. Outcomes come back in order; a conflicting stream is forgotten,
     /// so its next load reads the log.
     pub async fn append_all(&self, pending: Vec<Pending<A>>) -> Result<Vec<AppendOutcome>> {
+        let appends = Self::encode_all(&pending)?;
+        let outcomes = match self.log.append(appends).await {
+            Ok(outcomes) => outcomes,
+            Err(error) => {
+                self.forget_unknown(&pending);
+                return Err(error.into());
+            }
+        };
+        self.after_outcomes(pending, &outcomes).await;
+        Ok(outcomes)
+    }
+
+    /// The appends of decided events, for a caller that writes them together with another
+    /// store's ([`EventLog::append_chained`]); then [`AggregateStore::after_outcomes`], or
+    /// [`AggregateStore::forget_unknown`] if the write failed.
+    pub fn encode_all(pending: &[Pending<A>]) -> Result<Vec<Append>> {
         let mut appends = Vec::with_capacity(pending.len());
-        for item in &pending {
+        for item in pending {
             let mut events = Vec::new();
             for (decided, metadata) in &item.decisions {
                 events.extend(encode(decided, metadata).map_err(|problem| Error::Store {
@@ -346,18 +409,12 @@ impl<A: StreamAggregate> AggregateStore<A> {
                 events,
             });
         }
-        let outcomes = match self.log.append(appends).await {
-            Ok(outcomes) => outcomes,
-            Err(error) => {
-                // The outcome is unknown: the events may be in the log, so no cached state of
-                // these streams can be trusted any more.
-                for item in &pending {
-                    self.forget(&item.id);
-                }
-                return Err(error.into());
-            }
-        };
-        for (item, outcome) in pending.into_iter().zip(&outcomes) {
+        Ok(appends)
+    }
+
+    /// Remembers the states of the streams written; forgets those that were not.
+    pub async fn after_outcomes(&self, pending: Vec<Pending<A>>, outcomes: &[AppendOutcome]) {
+        for (item, outcome) in pending.into_iter().zip(outcomes) {
             match outcome {
                 AppendOutcome::Appended { version, .. } => {
                     self.after_append(&item.id, item.expected_version, item.state_after, *version)
@@ -366,7 +423,14 @@ impl<A: StreamAggregate> AggregateStore<A> {
                 AppendOutcome::Duplicate { .. } | AppendOutcome::Conflict => self.forget(&item.id),
             }
         }
-        Ok(outcomes)
+    }
+
+    /// After a write whose outcome is unknown: the events may be in the log, so no cached state
+    /// of these streams can be trusted any more.
+    pub fn forget_unknown(&self, pending: &[Pending<A>]) {
+        for item in pending {
+            self.forget(&item.id);
+        }
     }
 
     /// Advances the cached state of `id` by an event read from the log, when the cache holds the

@@ -10,7 +10,7 @@ use chrono::{DateTime, TimeDelta, Utc};
 
 use crate::account::AccountCommand;
 use crate::ids::AccountId;
-use crate::transaction::{FraudOutcome, Outcome, RejectionReason, Transaction};
+use crate::transaction::{FraudOutcome, Outcome, RejectionReason, Transaction, TransactionCommand};
 
 /// The next thing the saga must do for a transaction.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -54,6 +54,24 @@ pub fn next_step(
         _ if !transaction.funds_reserved => SagaStep::Reserve,
         Some(FraudOutcome::Approved) => SagaStep::Confirm,
         None => SagaStep::AwaitDecision { deadline },
+    }
+}
+
+/// The transaction-only command that can be recorded in the same append as the events just
+/// decided on `transaction`: the confirmation once the reservation and an approval are both on
+/// record, the rejection once the fraud decision (or the clock) calls for it. `None` when the
+/// next step needs the accounts, must wait, or there is none. Whoever records the step that
+/// completes the pair (the saga its reservation, the decision consumer the approval) appends the
+/// confirmation with it, so a transfer never waits for one more durable append in a row.
+pub fn chained_command(
+    transaction: &Transaction,
+    now: DateTime<Utc>,
+    decision_timeout: TimeDelta,
+) -> Option<TransactionCommand> {
+    match next_step(transaction, now, decision_timeout) {
+        SagaStep::Confirm => Some(TransactionCommand::Confirm { at: now }),
+        SagaStep::Reject(reason) => Some(TransactionCommand::Reject { reason, at: now }),
+        _ => None,
     }
 }
 
@@ -334,6 +352,56 @@ mod tests {
         assert_eq!(
             step(&approved_first, deadline() + TimeDelta::seconds(1)),
             SagaStep::Confirm
+        );
+    }
+
+    #[test]
+    fn only_transaction_steps_chain_onto_an_append() {
+        // What may ride in the same append: a confirmation once both conditions are on record
+        // (whichever came last), a rejection once the decision or the clock calls for it;
+        // never an account step, nothing while waiting, nothing once final.
+        let now = at(5);
+        let chained =
+            |events: &[TransactionEvent], now| chained_command(&transfer(events), now, timeout());
+        for events in [
+            [reserved(), decided(FraudOutcome::Approved)],
+            [decided(FraudOutcome::Approved), reserved()],
+        ] {
+            assert_eq!(
+                chained(&events, now),
+                Some(TransactionCommand::Confirm { at: now })
+            );
+        }
+        assert_eq!(
+            chained(&[decided(FraudOutcome::Rejected)], now),
+            Some(TransactionCommand::Reject {
+                reason: RejectionReason::FraudSuspected,
+                at: now
+            })
+        );
+        assert_eq!(
+            chained(&[reserved()], deadline()),
+            Some(TransactionCommand::Reject {
+                reason: RejectionReason::FraudCheckTimeout,
+                at: deadline()
+            })
+        );
+        assert_eq!(chained(&[], now), None, "a reservation needs the accounts");
+        assert_eq!(
+            chained(&[decided(FraudOutcome::Approved)], now),
+            None,
+            "approved but not reserved: the accounts first"
+        );
+        assert_eq!(
+            chained(&[reserved()], now),
+            None,
+            "waiting for the decision"
+        );
+        let confirmed = [reserved(), decided(FraudOutcome::Approved), confirmed()];
+        assert_eq!(
+            chained(&confirmed, now),
+            None,
+            "settling needs the accounts"
         );
     }
 

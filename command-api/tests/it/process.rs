@@ -115,7 +115,10 @@ async fn killed_mid_traffic(saga_batch_size: usize) {
     // Decisions come from this test process: a second writer of the same log, as another
     // instance would be.
     let log = command_api::testing::writer_log(&pool, &url).await;
-    let decisions = FraudDecisions::new(Arc::new(AggregateStore::<TransactionAggregate>::new(log)));
+    let decisions = FraudDecisions::new(
+        Arc::new(AggregateStore::<TransactionAggregate>::new(log)),
+        chrono::TimeDelta::seconds(300),
+    );
     let approve = |id: Uuid| {
         let decisions = decisions.clone();
         async move {

@@ -282,7 +282,10 @@ async fn build(args: &ServeArgs, dir: &DataDir, secrets: &secrets::Secrets) -> R
     // The fraud rules on the embedded bus: they follow the committed log from a checkpoint
     // and hand each decision to the decision handler, which appends it before the checkpoint
     // moves.
-    let decisions = Arc::new(DecisionHandler::new(FraudDecisions::new(transactions)));
+    let decisions = Arc::new(DecisionHandler::new(FraudDecisions::new(
+        transactions,
+        saga.decision_timeout(),
+    )));
     let rules = Arc::new(args.fraud.rules());
     let counters: Arc<dyn fraud_worker::velocity::VelocityCounters> = Arc::new(
         fraud_worker::velocity::SqliteCounters::open(writers.clone())

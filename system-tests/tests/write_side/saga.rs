@@ -15,9 +15,10 @@ use infra::follow::Outcome;
 use serde_json::json;
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::time::Duration;
 use uuid::Uuid;
 
-use crate::support::{Audited, Harness, balance_of};
+use crate::support::{Audited, Harness, balance_of, eventually};
 
 #[tokio::test]
 async fn approved_rejected_and_timed_out_transactions_end_as_spec_section_4_says() {
@@ -65,6 +66,115 @@ async fn approved_rejected_and_timed_out_transactions_end_as_spec_section_4_says
     // A late decision is acknowledged and changes nothing.
     let events = harness.event_count().await;
     harness.decide(timed_out, FraudOutcome::Approved).await;
+    assert_eq!(harness.event_count().await, events);
+    harness.finish().await;
+}
+
+#[tokio::test]
+async fn a_decision_arriving_after_the_reservation_records_the_step_it_completes_with_it() {
+    // Proves decision 54: the decision consumer appends the confirmation (or the rejection) in
+    // the very append of the `FraudChecked` that completes it, as the saga would have written
+    // it, and the saga then settles or releases from there, once. And decision 55: the saga's
+    // reservation commits with the account events it records.
+    let harness = Harness::start().await;
+    let (_, alice) = harness.customer();
+    let (_, bob) = harness.customer();
+    let source = harness.open_account(&alice, "USD").await;
+    let destination = harness.open_account(&bob, "USD").await;
+    harness.fund(source, "500.00", "USD").await;
+    let transfer = |amount: &str| json!({"type": "transfer", "amount": amount, "currency": "USD", "source_account_id": source, "destination_account_id": destination});
+    let approved = harness.transact(&alice, transfer("100.00")).await;
+    let rejected = harness.transact(&alice, transfer("50.00")).await;
+    let ids = [approved, rejected];
+    // Nothing decides these but this test: wait for the saga's reservations first.
+    eventually(Duration::from_secs(30), || async {
+        let reserved: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM command_api.events WHERE aggregate_type = 'transaction' \
+             AND aggregate_id = ANY($1) AND event_type = 'FundsReserved'",
+        )
+        .bind(ids.map(|id| id.to_string()).to_vec())
+        .fetch_one(&harness.app.pool)
+        .await
+        .expect("counting reservations");
+        reserved == 2
+    })
+    .await;
+    harness.decide(approved, FraudOutcome::Approved).await;
+    harness.decide(rejected, FraudOutcome::Rejected).await;
+    harness.wait_settled(&ids).await;
+    for (id, step, name) in [
+        (approved, "TransactionConfirmed", "confirm"),
+        (rejected, "TransactionRejected", "reject"),
+    ] {
+        // (event type, commit, actor, command id) of the transaction's events, in order.
+        let events: Vec<(String, i64, String, String)> = sqlx::query_as(
+            "SELECT event_type, tx_id::text::bigint, metadata->>'actor', \
+                    metadata->>'command_id' \
+             FROM command_api.events WHERE aggregate_type = 'transaction' \
+             AND aggregate_id = $1 ORDER BY sequence",
+        )
+        .bind(id.to_string())
+        .fetch_all(&harness.app.pool)
+        .await
+        .expect("reading the transaction's events");
+        let kinds: Vec<&str> = events.iter().map(|event| event.0.as_str()).collect();
+        let completion = if name == "confirm" {
+            "SettlementCompleted"
+        } else {
+            "ReleaseCompleted"
+        };
+        assert_eq!(
+            kinds,
+            [
+                "TransactionCreated",
+                "FundsReserved",
+                "FraudChecked",
+                step,
+                completion
+            ],
+            "{id}"
+        );
+        // Decision 55: the reservation committed with the hold and the credit it records.
+        let reserved_in: Vec<(String, i64)> = sqlx::query_as(
+            "SELECT event_type, tx_id::text::bigint FROM command_api.events \
+             WHERE aggregate_type = 'account' AND payload->(event_type)->>'transaction_id' = $1",
+        )
+        .bind(id.to_string())
+        .fetch_all(&harness.app.pool)
+        .await
+        .expect("reading the accounts' events of the transaction");
+        for (kind, commit) in reserved_in
+            .iter()
+            .filter(|(kind, _)| kind == "FundsHeld" || kind == "CreditReserved")
+        {
+            assert_eq!(
+                *commit, events[1].1,
+                "{kind} committed apart from FundsReserved"
+            );
+        }
+        assert_eq!(
+            reserved_in
+                .iter()
+                .filter(|(kind, _)| kind == "FundsHeld" || kind == "CreditReserved")
+                .count(),
+            2,
+            "{reserved_in:?}"
+        );
+        let (decided, completed) = (&events[2], &events[3]);
+        assert_eq!(
+            decided.1, completed.1,
+            "{step} committed apart from FraudChecked"
+        );
+        assert_eq!(completed.2, "saga");
+        assert_eq!(completed.3, format!("saga/{id}/{name}"));
+    }
+    let report = harness.assert_invariants().await;
+    assert_eq!(balance_of(&report, source), (40_000, 40_000));
+    assert_eq!(balance_of(&report, destination), (10_000, 10_000));
+    // The decisions delivered again change nothing.
+    let events = harness.event_count().await;
+    harness.decide(approved, FraudOutcome::Approved).await;
+    harness.decide(rejected, FraudOutcome::Rejected).await;
     assert_eq!(harness.event_count().await, events);
     harness.finish().await;
 }
