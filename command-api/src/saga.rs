@@ -637,6 +637,14 @@ impl Saga {
                 after: prerequisites.remove(index).unwrap_or_default(),
             });
         }
+        // Until the outcomes are in the caches, the decision consumer waits for them rather
+        // than decide on the states these appends replace (decision 56).
+        let writing = (
+            self.accounts
+                .writing(account_pending.iter().map(|item| item.id.clone())),
+            self.transactions
+                .writing(pending.iter().map(|item| item.id.clone())),
+        );
         let outcomes = match self.transactions.log().append_chained(chain).await {
             Ok(outcomes) => outcomes,
             Err(error) => {
@@ -661,6 +669,7 @@ impl Saga {
         self.transactions
             .after_outcomes(pending, transaction_outcomes)
             .await;
+        drop(writing);
         for ((index, outcome), (state, version)) in
             indexes.into_iter().zip(transaction_outcomes).zip(states)
         {

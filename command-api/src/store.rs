@@ -17,7 +17,12 @@
 //! conflict never reaches a client. A refusal or a no-op decided on a cached state is checked
 //! against a fresh load before it is believed, since a stale state could refuse what the real
 //! one allows.
+//!
+//! Writers of one stream within this process do not race each other: while an append to a
+//! stream is in flight ([`AggregateStore::writing`]), a command on that stream waits for its
+//! outcome and decides on the state after it (decision 56).
 
+use std::collections::HashMap;
 use std::num::NonZeroUsize;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -30,6 +35,7 @@ use infra::eventlog::{
 };
 use lru::LruCache;
 use rand::Rng;
+use tokio::sync::Notify;
 
 use crate::error::{Error, Result};
 
@@ -51,6 +57,10 @@ const CONFLICT_ATTEMPTS_MAX: u32 = 32;
 /// Follow-on commands chained onto one ([`AggregateStore::execute_then`]) at most: a bound on a
 /// `follow` that never says "enough". The ledger's chains are one step long.
 const FOLLOW_ONS_MAX: usize = 4;
+
+/// How long a command waits for an append of this process in flight on its stream before it
+/// decides anyway: past the committer's own deadline, so only a stuck append is given up on.
+pub const WRITERS_WAIT_MAX: Duration = Duration::from_secs(3);
 
 /// An aggregate whose events are a domain event type of the stored format.
 pub trait StreamAggregate:
@@ -109,6 +119,32 @@ pub struct AggregateStore<A: StreamAggregate> {
     log: Arc<dyn EventLog>,
     options: StoreOptions,
     cache: Mutex<LruCache<String, (A, u64)>>,
+    /// Streams this process has an append in flight for: how many, and how to hear they were
+    /// all answered ([`AggregateStore::writing`]).
+    writing: Mutex<HashMap<String, (usize, Arc<Notify>)>>,
+}
+
+/// Registers appends in flight on streams of a store until dropped, after their outcomes were
+/// taken into the cache; then wakes whoever waits to decide on those streams.
+pub struct Writing<'a, A: StreamAggregate> {
+    store: &'a AggregateStore<A>,
+    ids: Vec<String>,
+}
+
+impl<A: StreamAggregate> Drop for Writing<'_, A> {
+    fn drop(&mut self) {
+        let mut writing = lock(&self.store.writing);
+        for id in &self.ids {
+            if let Some((count, _)) = writing.get_mut(id) {
+                *count -= 1;
+                if *count == 0
+                    && let Some((_, done)) = writing.remove(id)
+                {
+                    done.notify_waiters();
+                }
+            }
+        }
+    }
 }
 
 impl<A: StreamAggregate> AggregateStore<A> {
@@ -152,7 +188,41 @@ impl<A: StreamAggregate> AggregateStore<A> {
             log,
             options,
             cache: Mutex::new(LruCache::new(capacity)),
+            writing: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// Marks appends to streams `ids` as in flight until the guard is dropped: a command on one
+    /// of them ([`AggregateStore::execute`]) waits for their outcomes before it decides, rather
+    /// than decide on the state they are replacing and conflict (decision 56). Drop the guard
+    /// after the outcomes are in the cache ([`AggregateStore::after_outcomes`]).
+    pub fn writing<'a>(&'a self, ids: impl IntoIterator<Item = String>) -> Writing<'a, A> {
+        let ids: Vec<String> = ids.into_iter().collect();
+        let mut writing = lock(&self.writing);
+        for id in &ids {
+            writing
+                .entry(id.clone())
+                .or_insert_with(|| (0, Arc::new(Notify::new())))
+                .0 += 1;
+        }
+        Writing { store: self, ids }
+    }
+
+    /// Waits, at most [`WRITERS_WAIT_MAX`], until no append of this process to stream `id` is
+    /// in flight. A shortcut, not a lock: whatever is decided after it is still checked by the
+    /// append's expected version.
+    async fn wait_for_writers(&self, id: &str) {
+        let Some(done) = lock(&self.writing).get(id).map(|(_, done)| done.clone()) else {
+            return;
+        };
+        let answered = done.notified();
+        tokio::pin!(answered);
+        answered.as_mut().enable();
+        if !lock(&self.writing).contains_key(id) {
+            return;
+        }
+        metrics::counter!("event_store_writer_waits_total", "aggregate" => A::TYPE).increment(1);
+        let _ = tokio::time::timeout(WRITERS_WAIT_MAX, answered).await;
     }
 
     pub fn log(&self) -> &Arc<dyn EventLog> {
@@ -234,6 +304,7 @@ impl<A: StreamAggregate> AggregateStore<A> {
         command: A::Command,
         metadata: &EventMetadata,
     ) -> Result<Executed<A>> {
+        self.wait_for_writers(id).await;
         let (state, version) = match self.cached(id) {
             Some(entry) => (entry, false),
             None => (self.load_fresh(id).await?, true),
@@ -257,6 +328,7 @@ impl<A: StreamAggregate> AggregateStore<A> {
     where
         F: Fn(&A) -> Option<(A::Command, EventMetadata)>,
     {
+        self.wait_for_writers(id).await;
         let (state, version) = match self.cached(id) {
             Some(entry) => (entry, false),
             None => (self.load_fresh(id).await?, true),
@@ -379,6 +451,7 @@ impl<A: StreamAggregate> AggregateStore<A> {
     /// so its next load reads the log.
     pub async fn append_all(&self, pending: Vec<Pending<A>>) -> Result<Vec<AppendOutcome>> {
         let appends = Self::encode_all(&pending)?;
+        let _writing = self.writing(pending.iter().map(|item| item.id.clone()));
         let outcomes = match self.log.append(appends).await {
             Ok(outcomes) => outcomes,
             Err(error) => {

@@ -188,25 +188,60 @@ async fn two_instances_holding_on_one_account_lose_no_update() {
     harness.finish().await;
 }
 
-/// A log whose first `read_stream` reads, then waits for the test to let it return: a load that
-/// finishes after others have written.
-struct SlowFirstRead {
+/// Says "reached" and waits for "go on".
+type Gate = tokio::sync::Mutex<Option<(oneshot::Sender<()>, oneshot::Receiver<()>)>>;
+
+/// Holds the caller at `gate` the first time it is passed, until the test lets it go on.
+async fn pass(gate: &Gate) {
+    let gate = gate.lock().await.take();
+    if let Some((reached, go_on)) = gate {
+        let _ = reached.send(());
+        let _ = go_on.await;
+    }
+}
+
+fn gate() -> (Gate, oneshot::Receiver<()>, oneshot::Sender<()>) {
+    let (reached, was_reached) = oneshot::channel();
+    let (go_on, gone_on) = oneshot::channel();
+    (
+        tokio::sync::Mutex::new(Some((reached, gone_on))),
+        was_reached,
+        go_on,
+    )
+}
+
+/// A log that can hold its first `read_stream` after it read (a load that finishes after
+/// others have written), or its first `append` before it is written (an append in flight), and
+/// counts the appends it was asked for.
+struct Gated {
     inner: Arc<dyn EventLog>,
-    read: tokio::sync::Mutex<Option<(oneshot::Sender<()>, oneshot::Receiver<()>)>>,
+    read: Gate,
+    append: Gate,
+    appends: std::sync::atomic::AtomicUsize,
+}
+
+impl Gated {
+    fn new(inner: Arc<dyn EventLog>) -> Self {
+        Gated {
+            inner,
+            read: Gate::default(),
+            append: Gate::default(),
+            appends: Default::default(),
+        }
+    }
 }
 
 #[async_trait]
-impl EventLog for SlowFirstRead {
+impl EventLog for Gated {
     async fn append(&self, appends: Vec<Append>) -> infra::Result<Vec<AppendOutcome>> {
+        self.appends
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        pass(&self.append).await;
         self.inner.append(appends).await
     }
     async fn read_stream(&self, stream: &StreamId, after: u64) -> infra::Result<Vec<StreamEvent>> {
         let events = self.inner.read_stream(stream, after).await?;
-        let gate = self.read.lock().await.take();
-        if let Some((read, release)) = gate {
-            let _ = read.send(());
-            let _ = release.await;
-        }
+        pass(&self.read).await;
         Ok(events)
     }
     async fn read_stream_recorded(
@@ -251,11 +286,10 @@ async fn a_load_that_finishes_late_never_takes_the_cache_back_to_an_older_state(
     // HTTP request's account load raced the saga's hold, the saga then settled on the older state,
     // found no hold, believed "already settled", and the debit was never written.)
     let harness = Harness::start().await;
-    let (read, was_read) = oneshot::channel();
-    let (release, released) = oneshot::channel();
-    let log = Arc::new(SlowFirstRead {
-        inner: harness.writer_log().await,
-        read: tokio::sync::Mutex::new(Some((read, released))),
+    let (read, was_read, release) = gate();
+    let log = Arc::new(Gated {
+        read,
+        ..Gated::new(harness.writer_log().await)
     });
     let id = AccountId(Uuid::new_v4());
     open(
@@ -286,6 +320,78 @@ async fn a_load_that_finishes_late_never_takes_the_cache_back_to_an_older_state(
         state.0.map(|account| account.balance_minor),
         Some(500),
         "and its state"
+    );
+    harness.finish().await;
+}
+
+#[tokio::test]
+async fn a_command_waits_for_an_append_in_flight_on_its_stream_instead_of_conflicting() {
+    // Proves decision 56: while this process has an append to a stream in flight (the saga's,
+    // here through `append_all`), a command on that stream waits for its outcome and decides on
+    // the state after it: one append each, none conflicting. Without the wait, the command
+    // decides on the state before, writes first, and the append in flight conflicts.
+    let harness = Harness::start().await;
+    let (append, was_appending, go_on) = gate();
+    let log = Arc::new(Gated {
+        append,
+        ..Gated::new(harness.writer_log().await)
+    });
+    let id = AccountId(Uuid::new_v4());
+    open(
+        &AggregateStore::<AccountAggregate>::full_replay(log.inner.clone()),
+        id,
+    )
+    .await;
+    let store = Arc::new(AggregateStore::<AccountAggregate>::new(log.clone()));
+    let (opened, version) = store.load(&id.to_string()).await.expect("loads");
+    let reserve = |minor: i64| AccountCommand::ReserveCredit {
+        transaction_id: TransactionId(Uuid::new_v4()),
+        amount: Amount::from_minor(minor).expect("positive"),
+        at: Utc::now(),
+    };
+    let (state_after, events) = AggregateStore::<AccountAggregate>::decide(&opened, reserve(100))
+        .await
+        .expect("decided");
+    let in_flight = tokio::spawn({
+        let store = store.clone();
+        let pending = command_api::store::Pending {
+            id: id.to_string(),
+            expected_version: version,
+            state_after,
+            decisions: vec![(events, metadata("in-flight"))],
+        };
+        async move { store.append_all(vec![pending]).await.expect("answered") }
+    });
+    was_appending.await.expect("the append is in flight");
+    let command = tokio::spawn({
+        let store = store.clone();
+        async move {
+            store
+                .execute(&id.to_string(), reserve(200), &metadata("command"))
+                .await
+                .expect("stored")
+        }
+    });
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    assert!(
+        !command.is_finished(),
+        "the command decided while an append to its stream was in flight"
+    );
+    let _ = go_on.send(());
+    let outcomes = in_flight.await.expect("no panic");
+    assert!(
+        matches!(outcomes[..], [AppendOutcome::Appended { version: 2, .. }]),
+        "{outcomes:?}"
+    );
+    let executed = command.await.expect("no panic");
+    assert!(
+        matches!(executed, Executed::Appended { version: 3, .. }),
+        "{executed:?}"
+    );
+    assert_eq!(
+        log.appends.load(std::sync::atomic::Ordering::SeqCst),
+        2,
+        "one append each, none written again after a conflict"
     );
     harness.finish().await;
 }
