@@ -304,13 +304,7 @@ impl<A: StreamAggregate> AggregateStore<A> {
         command: A::Command,
         metadata: &EventMetadata,
     ) -> Result<Executed<A>> {
-        self.wait_for_writers(id).await;
-        let (state, version) = match self.cached(id) {
-            Some(entry) => (entry, false),
-            None => (self.load_fresh(id).await?, true),
-        };
-        self.execute_from(id, command, metadata, state, version, |_: &A| None)
-            .await
+        self.execute_then(id, command, metadata, |_: &A| None).await
     }
 
     /// As [`AggregateStore::execute`], then decides on the state after `command`'s events
