@@ -14,7 +14,7 @@ use infra::eventlog::{
 };
 use rand::Rng;
 
-use crate::support::Harness;
+use crate::support::{Gated, Harness};
 
 /// A scratch database, dropped when the check is over.
 pub struct Scratch(Option<ScratchDatabase>);
@@ -72,72 +72,11 @@ mod sqlite {
     infra::event_log_conformance!(fresh_sqlite_log);
 }
 
-/// The SQLite log with the trait's own [`EventLog::append_chained`], one append per link: what
-/// a store that cannot commit two streams together (KurrentDB) does. The suite holds it to the
-/// same contract.
-struct Stepwise(Arc<dyn EventLog>);
-
-#[async_trait::async_trait]
-impl EventLog for Stepwise {
-    async fn append(&self, appends: Vec<Append>) -> infra::Result<Vec<AppendOutcome>> {
-        self.0.append(appends).await
-    }
-    async fn read_stream(
-        &self,
-        stream: &StreamId,
-        after: u64,
-    ) -> infra::Result<Vec<infra::eventlog::StreamEvent>> {
-        self.0.read_stream(stream, after).await
-    }
-    async fn read_stream_recorded(
-        &self,
-        stream: &StreamId,
-        after: u64,
-    ) -> infra::Result<Vec<infra::eventlog::RecordedEvent>> {
-        self.0.read_stream_recorded(stream, after).await
-    }
-    async fn read_all(
-        &self,
-        after: LogPosition,
-        limit: usize,
-        filter: LogFilter,
-    ) -> infra::Result<Vec<infra::eventlog::RecordedEvent>> {
-        self.0.read_all(after, limit, filter).await
-    }
-    async fn head(&self) -> infra::Result<LogPosition> {
-        self.0.head().await
-    }
-    async fn lag(
-        &self,
-        checkpoint: LogPosition,
-        filter: LogFilter,
-    ) -> infra::Result<infra::eventlog::Lag> {
-        self.0.lag(checkpoint, filter).await
-    }
-    fn subscribe(&self) -> infra::eventlog::Wakeups {
-        self.0.subscribe()
-    }
-    async fn read_snapshot(
-        &self,
-        stream: &StreamId,
-    ) -> infra::Result<Option<infra::eventlog::Snapshot>> {
-        self.0.read_snapshot(stream).await
-    }
-    async fn write_snapshot(
-        &self,
-        stream: &StreamId,
-        snapshot: infra::eventlog::Snapshot,
-    ) -> infra::Result<()> {
-        self.0.write_snapshot(stream, snapshot).await
-    }
-    async fn ping(&self) -> bool {
-        self.0.ping().await
-    }
-}
-
+/// The SQLite log chained link by link, through the trait's own [`EventLog::append_chained`]
+/// (what KurrentDB does): the suite holds the default to the same contract.
 async fn fresh_stepwise_log() -> (Arc<dyn EventLog>, tempfile::TempDir) {
     let (log, directory) = fresh_sqlite_log().await;
-    (Arc::new(Stepwise(log)), directory)
+    (Arc::new(Gated::new(log)), directory)
 }
 
 mod stepwise {

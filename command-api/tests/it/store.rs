@@ -3,21 +3,16 @@
 
 use std::sync::Arc;
 
-use async_trait::async_trait;
 use chrono::Utc;
 use command_api::aggregates::AccountAggregate;
 use command_api::store::{AggregateStore, Executed, SNAPSHOT_EVERY};
 use domain::{
     AccountCommand, AccountError, AccountId, Amount, Currency, CustomerId, TransactionId,
 };
-use infra::eventlog::{
-    Append, AppendOutcome, EventLog, Lag, LogFilter, LogPosition, RecordedEvent, Snapshot,
-    StreamEvent, StreamId, Wakeups,
-};
-use tokio::sync::oneshot;
+use infra::eventlog::AppendOutcome;
 use uuid::Uuid;
 
-use crate::support::Harness;
+use crate::support::{Gated, Harness, gate};
 
 async fn open(store: &AggregateStore<AccountAggregate>, id: AccountId) {
     let command = AccountCommand::Open {
@@ -188,95 +183,17 @@ async fn two_instances_holding_on_one_account_lose_no_update() {
     harness.finish().await;
 }
 
-/// Says "reached" and waits for "go on".
-type Gate = tokio::sync::Mutex<Option<(oneshot::Sender<()>, oneshot::Receiver<()>)>>;
-
-/// Holds the caller at `gate` the first time it is passed, until the test lets it go on.
-async fn pass(gate: &Gate) {
-    let gate = gate.lock().await.take();
-    if let Some((reached, go_on)) = gate {
-        let _ = reached.send(());
-        let _ = go_on.await;
-    }
-}
-
-fn gate() -> (Gate, oneshot::Receiver<()>, oneshot::Sender<()>) {
-    let (reached, was_reached) = oneshot::channel();
-    let (go_on, gone_on) = oneshot::channel();
-    (
-        tokio::sync::Mutex::new(Some((reached, gone_on))),
-        was_reached,
-        go_on,
+/// An account opened past `log`'s gates (its count too), and a store reading and writing
+/// through them.
+async fn opened_behind(log: &Arc<Gated>) -> (AccountId, Arc<AggregateStore<AccountAggregate>>) {
+    let id = AccountId(Uuid::new_v4());
+    open(
+        &AggregateStore::<AccountAggregate>::full_replay(log.inner.clone()),
+        id,
     )
-}
-
-/// A log that can hold its first `read_stream` after it read (a load that finishes after
-/// others have written), or its first `append` before it is written (an append in flight), and
-/// counts the appends it was asked for.
-struct Gated {
-    inner: Arc<dyn EventLog>,
-    read: Gate,
-    append: Gate,
-    appends: std::sync::atomic::AtomicUsize,
-}
-
-impl Gated {
-    fn new(inner: Arc<dyn EventLog>) -> Self {
-        Gated {
-            inner,
-            read: Gate::default(),
-            append: Gate::default(),
-            appends: Default::default(),
-        }
-    }
-}
-
-#[async_trait]
-impl EventLog for Gated {
-    async fn append(&self, appends: Vec<Append>) -> infra::Result<Vec<AppendOutcome>> {
-        self.appends
-            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-        pass(&self.append).await;
-        self.inner.append(appends).await
-    }
-    async fn read_stream(&self, stream: &StreamId, after: u64) -> infra::Result<Vec<StreamEvent>> {
-        let events = self.inner.read_stream(stream, after).await?;
-        pass(&self.read).await;
-        Ok(events)
-    }
-    async fn read_stream_recorded(
-        &self,
-        stream: &StreamId,
-        after: u64,
-    ) -> infra::Result<Vec<RecordedEvent>> {
-        self.inner.read_stream_recorded(stream, after).await
-    }
-    async fn read_all(
-        &self,
-        after: LogPosition,
-        limit: usize,
-        filter: LogFilter,
-    ) -> infra::Result<Vec<RecordedEvent>> {
-        self.inner.read_all(after, limit, filter).await
-    }
-    async fn head(&self) -> infra::Result<LogPosition> {
-        self.inner.head().await
-    }
-    async fn lag(&self, checkpoint: LogPosition, filter: LogFilter) -> infra::Result<Lag> {
-        self.inner.lag(checkpoint, filter).await
-    }
-    fn subscribe(&self) -> Wakeups {
-        self.inner.subscribe()
-    }
-    async fn read_snapshot(&self, stream: &StreamId) -> infra::Result<Option<Snapshot>> {
-        self.inner.read_snapshot(stream).await
-    }
-    async fn write_snapshot(&self, stream: &StreamId, snapshot: Snapshot) -> infra::Result<()> {
-        self.inner.write_snapshot(stream, snapshot).await
-    }
-    async fn ping(&self) -> bool {
-        self.inner.ping().await
-    }
+    .await;
+    let log: Arc<dyn infra::eventlog::EventLog> = log.clone();
+    (id, Arc::new(AggregateStore::<AccountAggregate>::new(log)))
 }
 
 #[tokio::test]
@@ -291,13 +208,7 @@ async fn a_load_that_finishes_late_never_takes_the_cache_back_to_an_older_state(
         read,
         ..Gated::new(harness.writer_log().await)
     });
-    let id = AccountId(Uuid::new_v4());
-    open(
-        &AggregateStore::<AccountAggregate>::full_replay(log.inner.clone()),
-        id,
-    )
-    .await;
-    let store = Arc::new(AggregateStore::<AccountAggregate>::new(log.clone()));
+    let (id, store) = opened_behind(&log).await;
     let late = tokio::spawn({
         let store = store.clone();
         async move { store.load(&id.to_string()).await.expect("loads").1 }
@@ -336,13 +247,7 @@ async fn a_command_waits_for_an_append_in_flight_on_its_stream_instead_of_confli
         append,
         ..Gated::new(harness.writer_log().await)
     });
-    let id = AccountId(Uuid::new_v4());
-    open(
-        &AggregateStore::<AccountAggregate>::full_replay(log.inner.clone()),
-        id,
-    )
-    .await;
-    let store = Arc::new(AggregateStore::<AccountAggregate>::new(log.clone()));
+    let (id, store) = opened_behind(&log).await;
     let (opened, version) = store.load(&id.to_string()).await.expect("loads");
     let reserve = |minor: i64| AccountCommand::ReserveCredit {
         transaction_id: TransactionId(Uuid::new_v4()),
