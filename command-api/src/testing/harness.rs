@@ -92,6 +92,16 @@ impl Harness {
         request.send().await.expect("the app answers")
     }
 
+    /// Two customers' USD accounts: the payer's token, the payer's account (a transfer's source)
+    /// and the payee's (its destination).
+    pub async fn payer_and_payee(&self) -> (String, Uuid, Uuid) {
+        let (_, payer) = self.customer();
+        let (_, payee) = self.customer();
+        let source = self.open_account(&payer, "USD").await;
+        let destination = self.open_account(&payee, "USD").await;
+        (payer, source, destination)
+    }
+
     /// Opens an account and returns its id.
     pub async fn open_account(&self, token: &str, currency: &str) -> Uuid {
         let response = self

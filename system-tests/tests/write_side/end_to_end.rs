@@ -87,10 +87,7 @@ async fn transfers_go_from_pending_to_confirmed_or_rejected_through_rabbitmq() {
     // fraud_suspected (hold released) for 10000.00, decided by the fraud worker over RabbitMQ.
     let harness = Harness::start().await;
     let worker = FraudWorker::start(&harness.amqp_prefix).await;
-    let (_, alice) = harness.customer();
-    let (_, bob) = harness.customer();
-    let source = harness.open_account(&alice, "USD").await;
-    let destination = harness.open_account(&bob, "USD").await;
+    let (alice, source, destination) = harness.payer_and_payee().await;
     fund(&harness, source, 2).await;
     let mut outcomes = Vec::new();
     for amount in ["500.00", "10000.00"] {
@@ -158,10 +155,7 @@ async fn every_message_delivered_twice_still_yields_one_decision_and_one_settlem
     // receives every decision twice — no event is appended, no money moves.
     let harness = Harness::start().await;
     let worker = FraudWorker::start(&harness.amqp_prefix).await;
-    let (_, alice) = harness.customer();
-    let (_, bob) = harness.customer();
-    let source = harness.open_account(&alice, "USD").await;
-    let destination = harness.open_account(&bob, "USD").await;
+    let (alice, source, destination) = harness.payer_and_payee().await;
     fund(&harness, source, 1).await;
     let body = json!({"type": "transfer", "amount": "100.00", "currency": "USD", "source_account_id": source, "destination_account_id": destination});
     let ids =
@@ -295,10 +289,7 @@ async fn with_the_fraud_worker_stopped_transactions_time_out_and_release_their_h
         ..TestOptions::default()
     })
     .await;
-    let (_, alice) = harness.customer();
-    let (_, bob) = harness.customer();
-    let source = harness.open_account(&alice, "USD").await;
-    let destination = harness.open_account(&bob, "USD").await;
+    let (alice, source, destination) = harness.payer_and_payee().await;
     // Funded with a decision recorded directly: no fraud worker runs in this test.
     harness.fund(source, "9000.00", "USD").await;
     let id = harness

@@ -29,10 +29,7 @@ async fn approved_rejected_and_timed_out_transactions_end_as_spec_section_4_says
         ..TestOptions::default()
     })
     .await;
-    let (_, alice) = harness.customer();
-    let (_, bob) = harness.customer();
-    let source = harness.open_account(&alice, "USD").await;
-    let destination = harness.open_account(&bob, "USD").await;
+    let (alice, source, destination) = harness.payer_and_payee().await;
     harness.fund(source, "500.00", "USD").await;
     let transfer = |amount: &str| json!({"type": "transfer", "amount": amount, "currency": "USD", "source_account_id": source, "destination_account_id": destination});
     let approved = harness.transact(&alice, transfer("100.00")).await;
@@ -77,10 +74,7 @@ async fn a_decision_arriving_after_the_reservation_records_the_step_it_completes
     // it, and the saga then settles or releases from there, once. And decision 55: the saga's
     // reservation commits with the account events it records.
     let harness = Harness::start().await;
-    let (_, alice) = harness.customer();
-    let (_, bob) = harness.customer();
-    let source = harness.open_account(&alice, "USD").await;
-    let destination = harness.open_account(&bob, "USD").await;
+    let (alice, source, destination) = harness.payer_and_payee().await;
     harness.fund(source, "500.00", "USD").await;
     let transfer = |amount: &str| json!({"type": "transfer", "amount": amount, "currency": "USD", "source_account_id": source, "destination_account_id": destination});
     let approved = harness.transact(&alice, transfer("100.00")).await;
@@ -102,9 +96,19 @@ async fn a_decision_arriving_after_the_reservation_records_the_step_it_completes
     harness.decide(approved, FraudOutcome::Approved).await;
     harness.decide(rejected, FraudOutcome::Rejected).await;
     harness.wait_settled(&ids).await;
-    for (id, step, name) in [
-        (approved, "TransactionConfirmed", "confirm"),
-        (rejected, "TransactionRejected", "reject"),
+    for (id, step, name, completion) in [
+        (
+            approved,
+            "TransactionConfirmed",
+            "confirm",
+            "SettlementCompleted",
+        ),
+        (
+            rejected,
+            "TransactionRejected",
+            "reject",
+            "ReleaseCompleted",
+        ),
     ] {
         // (event type, commit, actor, command id) of the transaction's events, in order.
         let events: Vec<(String, i64, String, String)> = sqlx::query_as(
@@ -118,11 +122,6 @@ async fn a_decision_arriving_after_the_reservation_records_the_step_it_completes
         .await
         .expect("reading the transaction's events");
         let kinds: Vec<&str> = events.iter().map(|event| event.0.as_str()).collect();
-        let completion = if name == "confirm" {
-            "SettlementCompleted"
-        } else {
-            "ReleaseCompleted"
-        };
         assert_eq!(
             kinds,
             [
@@ -137,29 +136,20 @@ async fn a_decision_arriving_after_the_reservation_records_the_step_it_completes
         // Decision 55: the reservation committed with the hold and the credit it records.
         let reserved_in: Vec<(String, i64)> = sqlx::query_as(
             "SELECT event_type, tx_id::text::bigint FROM command_api.events \
-             WHERE aggregate_type = 'account' AND payload->(event_type)->>'transaction_id' = $1",
+             WHERE aggregate_type = 'account' AND event_type IN ('FundsHeld', 'CreditReserved') \
+             AND payload->(event_type)->>'transaction_id' = $1",
         )
         .bind(id.to_string())
         .fetch_all(&harness.app.pool)
         .await
         .expect("reading the accounts' events of the transaction");
-        for (kind, commit) in reserved_in
-            .iter()
-            .filter(|(kind, _)| kind == "FundsHeld" || kind == "CreditReserved")
-        {
+        assert_eq!(reserved_in.len(), 2, "{reserved_in:?}");
+        for (kind, commit) in &reserved_in {
             assert_eq!(
                 *commit, events[1].1,
                 "{kind} committed apart from FundsReserved"
             );
         }
-        assert_eq!(
-            reserved_in
-                .iter()
-                .filter(|(kind, _)| kind == "FundsHeld" || kind == "CreditReserved")
-                .count(),
-            2,
-            "{reserved_in:?}"
-        );
         let (decided, completed) = (&events[2], &events[3]);
         assert_eq!(
             decided.1, completed.1,
@@ -185,10 +175,7 @@ async fn fifty_concurrent_transfers_from_three_hundred_confirm_exactly_thirty() 
     // 30 confirmed, 20 rejected insufficient_funds, balance 0.00, never negative, no write
     // conflict reaching a client.
     let harness = Harness::start().await;
-    let (_, alice) = harness.customer();
-    let (_, bob) = harness.customer();
-    let source = harness.open_account(&alice, "USD").await;
-    let destination = harness.open_account(&bob, "USD").await;
+    let (alice, source, destination) = harness.payer_and_payee().await;
     harness.fund(source, "300.00", "USD").await;
     let body = json!({"type": "transfer", "amount": "10.00", "currency": "USD", "source_account_id": source, "destination_account_id": destination});
     let posts = (0..50).map(|_| harness.transact(&alice, body.clone()));
@@ -626,10 +613,7 @@ async fn a_settlement_is_never_decided_on_a_cached_account_that_has_not_seen_its
     // written — the destination credited, the source still holding, money created. The saga
     // must read the source from the log, settle the hold, and only then complete.
     let mut harness = Harness::start().await;
-    let (_, alice) = harness.customer();
-    let (_, bob) = harness.customer();
-    let source = harness.open_account(&alice, "USD").await;
-    let destination = harness.open_account(&bob, "USD").await;
+    let (_, source, destination) = harness.payer_and_payee().await;
     harness.fund(source, "100.00", "USD").await;
     harness.app.kill().await;
 
