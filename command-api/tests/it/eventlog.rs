@@ -328,6 +328,114 @@ async fn lag_counts_what_a_follower_has_not_read_and_how_old_the_oldest_is() {
 }
 
 #[tokio::test]
+async fn a_lag_report_walks_the_log_from_the_checkpoint_whatever_the_planner_estimates() {
+    // Proves that a lag report costs what is unread, not what the log holds: every follower
+    // reports its lag every second. Counting the unread events used to be a sequential scan of
+    // the whole log, under the generic plan a pooled statement settles on after five
+    // executions and under custom plans on a table without statistics alike (the planner has
+    // no useful estimate of a row comparison on `xid8`); a filtered report took a bitmap of
+    // every event of its type. Both plan modes are forced here, before and after the table is
+    // analysed, and neither the table's scan counter nor its primary key's may move.
+    let database = ScratchDatabase::create(&command_api::testing::admin_url())
+        .await
+        .expect("a scratch database");
+    let url = database.url();
+    let _scratch = Scratch::new(database);
+    // One connection per pool, so that flushing a pool's statistics flushes all it did.
+    let pool = infra::db::connect(&url, "command_api", 1, "test")
+        .await
+        .expect("connects");
+    command_api::startup::migrate(&pool)
+        .await
+        .expect("migrates");
+    // Twenty thousand events in one commit, as the committer writes them (under the append
+    // lock), of two aggregate types.
+    let mut transaction = pool.begin().await.expect("begins");
+    sqlx::query("SELECT pg_advisory_xact_lock($1)")
+        .bind(infra::db::advisory_key("event-log/command_api.events"))
+        .execute(&mut *transaction)
+        .await
+        .expect("locks");
+    sqlx::query(
+        "INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, event_version, payload, metadata) \
+         SELECT CASE WHEN g % 2 = 0 THEN 'lag_plan' ELSE 'lag_other' END, 'stream-' || (g / 20), \
+             g / 2 % 10 + 1, 'Written', '1', '{}', '{}' \
+         FROM generate_series(0, 19999) AS g",
+    )
+    .execute(&mut *transaction)
+    .await
+    .expect("inserts");
+    transaction.commit().await.expect("commits");
+    let (commit, index): (i64, i64) = sqlx::query_as(
+        "SELECT tx_id::text::bigint, position FROM events ORDER BY tx_id, position OFFSET 19979 LIMIT 1",
+    )
+    .fetch_one(&pool)
+    .await
+    .expect("a checkpoint near the head");
+    let checkpoint = LogPosition { commit, index };
+
+    for (statistics, mode) in [
+        ("none", "force_generic_plan"),
+        ("none", "force_custom_plan"),
+        ("analysed", "force_generic_plan"),
+        ("analysed", "force_custom_plan"),
+    ] {
+        if statistics == "analysed" {
+            sqlx::query("ANALYZE events")
+                .execute(&pool)
+                .await
+                .expect("analyses");
+        }
+        let mode_and_statistics = format!("{mode}, statistics: {statistics}");
+        let options = infra::db::connect_options(&url, "command_api")
+            .expect("options")
+            .options([("plan_cache_mode", mode)]);
+        let planned = sqlx::postgres::PgPoolOptions::new()
+            .max_connections(1)
+            .connect_with(options)
+            .await
+            .expect("connects");
+        let log = reader(&planned, false).await;
+        let sequential_scans = || async {
+            // A session flushes its statistics when it next goes idle, before it answers.
+            for session in [&planned, &pool] {
+                sqlx::query("SELECT pg_stat_force_next_flush()")
+                    .execute(session)
+                    .await
+                    .expect("flushes");
+            }
+            // Scans of the whole table, and of the primary key (stream order), which a
+            // bitmap of every event of one type goes through.
+            sqlx::query_as::<_, (i64, i64)>(
+                "SELECT t.seq_scan, i.idx_scan FROM pg_stat_user_tables t \
+                 JOIN pg_stat_user_indexes i ON i.relid = t.relid AND i.indexrelname = 'events_pkey' \
+                 WHERE t.schemaname = 'command_api' AND t.relname = 'events'",
+            )
+            .fetch_one(&pool)
+            .await
+            .expect("the table's statistics")
+        };
+        let before = sequential_scans().await;
+        for _ in 0..6 {
+            let lag = log.lag(checkpoint, LogFilter::ALL).await.expect("the lag");
+            assert_eq!(lag.events, 20, "{mode_and_statistics}");
+            let lag = log
+                .lag(checkpoint, LogFilter::aggregate("lag_plan"))
+                .await
+                .expect("the lag");
+            assert_eq!(lag.events, 10, "{mode_and_statistics}");
+        }
+        assert_eq!(
+            sequential_scans().await,
+            before,
+            "a lag report scanned the whole log, or every event of a type ({mode_and_statistics})"
+        );
+        planned.close().await;
+    }
+    pool.close().await;
+}
+
+#[tokio::test]
 async fn a_commit_wakes_a_follower_in_another_process_through_notify() {
     // Proves the cross-process wake-up: a log that only reads (the projector's) hears of a
     // batch committed by another log's committer (command-api's), without polling.
