@@ -80,7 +80,7 @@ pub struct Config {
           value_parser = clap::value_parser!(u32).range(2..=100))]
     pub background_max_connections: u32,
 
-    /// Events the projector reads per batch; every projection applies them in one transaction.
+    /// Events the projector reads per batch; each projection applies them in one transaction.
     #[arg(long, env = "PROJECTOR_BATCH_SIZE", default_value_t = crate::runner::BATCH_SIZE_DEFAULT,
           value_parser = clap::value_parser!(usize))]
     pub projector_batch_size: usize,

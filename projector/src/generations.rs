@@ -169,6 +169,37 @@ pub async fn lock_all_live(db: &mut Db<'_>) -> Result<Vec<(ProjectionName, i32, 
     Ok(live)
 }
 
+/// Locks `name`'s projection row (PostgreSQL; SQLite's write transaction already serialises)
+/// and returns its live generation and checkpoint: one projection's share of a live batch.
+pub async fn lock_live(db: &mut Db<'_>, name: ProjectionName) -> Result<(i32, Checkpoint)> {
+    let lock = match db.backend() {
+        Backend::Postgres => " FOR UPDATE OF p",
+        Backend::Sqlite => "",
+    };
+    let statement = format!(
+        "SELECT p.live_generation, c.tx_id, c.position, c.events_applied
+         FROM projections p
+         JOIN checkpoints c ON c.projection = p.name AND c.generation = p.live_generation
+         WHERE p.name = $1{lock}"
+    );
+    let (generation, tx_id, position, events_applied): (i32, i64, i64, i64) = on!(
+        db,
+        sqlx::query_as(&statement).bind(name.as_str()),
+        fetch_one
+    )
+    .context("locking a projection")?;
+    Ok((
+        generation,
+        Checkpoint {
+            position: LogPosition {
+                commit: tx_id,
+                index: position,
+            },
+            events_applied,
+        },
+    ))
+}
+
 /// Where a generation stands: the last event it applied, and how many it has applied (the
 /// ordinal of that event in the log's order, since every generation starts at the start).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -1,12 +1,14 @@
 //! The projector's follower: one reader of the log feeding every projection.
 //!
-//! Each batch is one database transaction: lock the projections' rows, read their live
-//! generations and checkpoints, read the log once after the lowest checkpoint, decode each event
-//! once, and for every projection fold the events after its own checkpoint, store what changed,
-//! write changed transactions through to the cache, and move its checkpoint; then commit. A
-//! crash anywhere rolls the whole batch back, so an event is applied exactly once. One projector
-//! is active across instances (a leader lock); the row locks also make a second one harmless,
-//! and serialise batches with a rebuild's switch.
+//! Each batch reads the log once after the lowest live checkpoint and decodes each event once;
+//! then every projection, under its own row lock, reads its live generation and checkpoint,
+//! folds the events after that checkpoint, stores what changed (writing changed transactions
+//! through to the cache) and moves its checkpoint, in the same database transaction as its rows.
+//! PostgreSQL runs the projections' transactions concurrently, SQLite in one transaction (its one
+//! writer). A crash anywhere rolls back what a projection had not committed, so an event is
+//! applied exactly once to each projection. One projector is active across instances (a leader
+//! lock); the row locks also make a second one harmless, and serialise batches with a rebuild's
+//! switch.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -165,6 +167,26 @@ pub async fn live_batch(
     let batch = DecodedBatch::new(events)?;
     apply_batch(db, &targets, &batch, cache).await?;
     Ok(Some(batch))
+}
+
+/// One projection's share of a live batch read from `read_from` (see
+/// [`ReadModels::apply_live`]), inside the caller's transaction: lock the projection, read its
+/// live generation and checkpoint, apply the events of `batch` after it and move it. The caller
+/// commits. Returns how many events were applied: none when the checkpoint is already past the
+/// batch, or (which the caller's read of the checkpoints rules out) behind where it was read.
+pub async fn live_projection(
+    db: &mut Db<'_>,
+    name: ProjectionName,
+    read_from: LogPosition,
+    batch: &DecodedBatch,
+    cache: Option<&Cache>,
+) -> Result<usize> {
+    let (generation, checkpoint) = generations::lock_live(db, name).await?;
+    if checkpoint.position < read_from {
+        // The batch does not hold the events right after this checkpoint; the next one will.
+        return Ok(0);
+    }
+    apply_batch(db, &[(name, generation, checkpoint)], batch, cache).await
 }
 
 /// Events the projector applies per batch, unless configured (`PROJECTOR_BATCH_SIZE`).

@@ -117,11 +117,14 @@ pub trait ReadModels: Send + Sync + 'static {
         Ok(crate::generations::lowest(&self.live_checkpoints().await?))
     }
 
-    /// One batch of the live projector, atomically: under the projections' locks, reads the
-    /// live generations and checkpoints, reads up to `batch_size` events after the lowest from
-    /// `source`, applies to every projection the events after its own checkpoint, writes changed
-    /// transactions through to `cache`, moves the checkpoints, and commits (all or nothing).
-    /// Returns the batch read, `None` if there was nothing to read.
+    /// One batch of the live projector: reads up to `batch_size` events after the lowest live
+    /// checkpoint from `source`, and applies to every projection, under its lock, the events
+    /// after its own checkpoint, writes changed transactions through to `cache` and moves the
+    /// checkpoint, committing each projection's share with its checkpoint (all or nothing per
+    /// projection; a store may commit the projections together, as SQLite does, or apart and
+    /// concurrently, as PostgreSQL does: decision 58). Fails if any projection failed; the
+    /// others keep what they committed. Returns the batch read, `None` if there was nothing to
+    /// read.
     async fn apply_live(
         &self,
         source: &dyn EventSource,

@@ -88,30 +88,51 @@ impl ReadModels for PgReadModels {
         batch_size: usize,
         cache: Option<&Cache>,
     ) -> Result<Option<DecodedBatch>> {
-        let started = Instant::now();
-        let mut transaction = self
-            .pool
-            .begin()
-            .await
-            .context("starting a projection batch")?;
-        metrics::histogram!("db_pool_acquire_seconds", "pool" => "projector")
-            .record(started.elapsed().as_secs_f64());
-        let batch =
-            crate::runner::live_batch(&mut Db::Pg(&mut transaction), source, batch_size, cache)
-                .await?;
-        if batch.is_some() {
-            transaction
-                .commit()
-                .await
-                .context("committing a projection batch")?;
-        } else {
-            // Here, before the connection goes back to the pool, rather than on its way back.
-            transaction
-                .rollback()
-                .await
-                .context("ending an empty projection batch")?;
+        // One read and one decode for all projections, then each projection in a transaction
+        // of its own, all at once (decision 58): a batch takes as long as its slowest
+        // projection, not as all of them in a row. Each moves its own checkpoint with its rows,
+        // under its own row lock, so each is applied exactly once and a switch still sees a
+        // batch wholly before or wholly after it.
+        let read_from = self.read_position().await?;
+        let events = source.read_after(read_from, batch_size).await?;
+        if events.is_empty() {
+            return Ok(None);
         }
-        Ok(batch)
+        if let Some(first) = events.first() {
+            infra::follow::record_event_age("projector", first.recorded_at);
+        }
+        let batch = DecodedBatch::new(events)?;
+        let outcomes = futures::future::join_all(ProjectionName::ALL.iter().map(|name| {
+            let batch = &batch;
+            async move {
+                let started = Instant::now();
+                let mut transaction = self
+                    .pool
+                    .begin()
+                    .await
+                    .context("starting a projection batch")?;
+                metrics::histogram!("db_pool_acquire_seconds", "pool" => "projector")
+                    .record(started.elapsed().as_secs_f64());
+                crate::runner::live_projection(
+                    &mut Db::Pg(&mut transaction),
+                    *name,
+                    read_from,
+                    batch,
+                    cache,
+                )
+                .await?;
+                transaction
+                    .commit()
+                    .await
+                    .context("committing a projection batch")?;
+                Ok::<_, Error>(())
+            }
+        }))
+        .await;
+        // Every projection ran to its end: one that cannot fold the batch holds back only
+        // itself, and the others keep what they committed.
+        outcomes.into_iter().collect::<Result<Vec<()>>>()?;
+        Ok(Some(batch))
     }
 
     async fn lock_rebuilds(&self, names: &[ProjectionName]) -> Result<Box<dyn RebuildLock>> {
