@@ -327,29 +327,10 @@ async fn lag_counts_what_a_follower_has_not_read_and_how_old_the_oldest_is() {
     harness.finish().await;
 }
 
-#[tokio::test]
-async fn a_lag_report_walks_the_log_from_the_checkpoint_whatever_the_planner_estimates() {
-    // Proves that a lag report costs what is unread, not what the log holds: every follower
-    // reports its lag every second. Counting the unread events used to be a sequential scan of
-    // the whole log, under the generic plan a pooled statement settles on after five
-    // executions and under custom plans on a table without statistics alike (the planner has
-    // no useful estimate of a row comparison on `xid8`); a filtered report took a bitmap of
-    // every event of its type. Both plan modes are forced here, before and after the table is
-    // analysed, and neither the table's scan counter nor its primary key's may move.
-    let database = ScratchDatabase::create(&command_api::testing::admin_url())
-        .await
-        .expect("a scratch database");
-    let url = database.url();
-    let _scratch = Scratch::new(database);
-    // One connection per pool, so that flushing a pool's statistics flushes all it did.
-    let pool = infra::db::connect(&url, "command_api", 1, "test")
-        .await
-        .expect("connects");
-    command_api::startup::migrate(&pool)
-        .await
-        .expect("migrates");
-    // Twenty thousand events in one commit, as the committer writes them (under the append
-    // lock), of two aggregate types.
+/// Writes the events numbered `from..=to` in one commit, as the committer writes (under the
+/// append lock): event `g` is of aggregate type `kinds[g % kinds.len()]`, ten per stream and
+/// type, all other columns the same.
+async fn write_generated_events(pool: &sqlx::PgPool, kinds: &[&str], from: i64, to: i64) {
     let mut transaction = pool.begin().await.expect("begins");
     sqlx::query("SELECT pg_advisory_xact_lock($1)")
         .bind(infra::db::advisory_key("event-log/command_api.events"))
@@ -358,14 +339,78 @@ async fn a_lag_report_walks_the_log_from_the_checkpoint_whatever_the_planner_est
         .expect("locks");
     sqlx::query(
         "INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, event_version, payload, metadata) \
-         SELECT CASE WHEN g % 2 = 0 THEN 'lag_plan' ELSE 'lag_other' END, 'stream-' || (g / 20), \
-             g / 2 % 10 + 1, 'Written', '1', '{}', '{}' \
-         FROM generate_series(0, 19999) AS g",
+         SELECT ($1::text[])[g % cardinality($1) + 1], 'stream-' || (g / (10 * cardinality($1))), \
+             g / cardinality($1) % 10 + 1, 'Written', '1', '{}', '{}' \
+         FROM generate_series($2::bigint, $3::bigint) AS g",
     )
+    .bind(kinds)
+    .bind(from)
+    .bind(to)
     .execute(&mut *transaction)
     .await
     .expect("inserts");
     transaction.commit().await.expect("commits");
+}
+
+/// How many times the events table was scanned whole, and its primary key (stream order)
+/// scanned, once every session of `sessions` flushed its statistics (a session flushes them
+/// when it next goes idle, before it answers).
+async fn scans_of_events(sessions: &[&sqlx::PgPool]) -> (i64, i64) {
+    for session in sessions {
+        sqlx::query("SELECT pg_stat_force_next_flush()")
+            .execute(*session)
+            .await
+            .expect("flushes");
+    }
+    sqlx::query_as(
+        "SELECT t.seq_scan, i.idx_scan FROM pg_stat_user_tables t \
+         JOIN pg_stat_user_indexes i ON i.relid = t.relid AND i.indexrelname = 'events_pkey' \
+         WHERE t.schemaname = 'command_api' AND t.relname = 'events'",
+    )
+    .fetch_one(sessions[0])
+    .await
+    .expect("the table's statistics")
+}
+
+/// A scratch database with the write side's schema, and a one-connection pool on it (so that
+/// flushing its statistics flushes all it did).
+async fn scratch_events_table() -> (Scratch, String, sqlx::PgPool) {
+    let database = ScratchDatabase::create(&command_api::testing::admin_url())
+        .await
+        .expect("a scratch database");
+    let url = database.url();
+    let pool = infra::db::connect(&url, "command_api", 1, "test")
+        .await
+        .expect("connects");
+    command_api::startup::migrate(&pool)
+        .await
+        .expect("migrates");
+    (Scratch::new(database), url, pool)
+}
+
+/// A one-connection pool on `url` whose sessions plan with `plan_cache_mode`.
+async fn planned_session(url: &str, plan_cache_mode: &str) -> sqlx::PgPool {
+    let options = infra::db::connect_options(url, "command_api")
+        .expect("options")
+        .options([("plan_cache_mode", plan_cache_mode)]);
+    sqlx::postgres::PgPoolOptions::new()
+        .max_connections(1)
+        .connect_with(options)
+        .await
+        .expect("connects")
+}
+
+#[tokio::test]
+async fn a_lag_report_walks_the_log_from_the_checkpoint_whatever_the_planner_estimates() {
+    // Proves that a lag report costs what is unread, not what the log holds: every follower
+    // reports its lag every 2 s. Counting the unread events used to be a sequential scan of the
+    // whole log, under the generic plan a pooled statement settles on after five executions
+    // and under custom plans on a table without statistics alike (the planner has no useful
+    // estimate of a row comparison on `xid8`); a filtered report took a bitmap of every event
+    // of its type. Both plan modes are forced here, before and after the table is analysed, and
+    // neither the table's scan counter nor its primary key's may move.
+    let (_scratch, url, pool) = scratch_events_table().await;
+    write_generated_events(&pool, &["lag_plan", "lag_other"], 0, 19_999).await;
     let (commit, index): (i64, i64) = sqlx::query_as(
         "SELECT tx_id::text::bigint, position FROM events ORDER BY tx_id, position OFFSET 19979 LIMIT 1",
     )
@@ -386,49 +431,23 @@ async fn a_lag_report_walks_the_log_from_the_checkpoint_whatever_the_planner_est
                 .await
                 .expect("analyses");
         }
-        let mode_and_statistics = format!("{mode}, statistics: {statistics}");
-        let options = infra::db::connect_options(&url, "command_api")
-            .expect("options")
-            .options([("plan_cache_mode", mode)]);
-        let planned = sqlx::postgres::PgPoolOptions::new()
-            .max_connections(1)
-            .connect_with(options)
-            .await
-            .expect("connects");
+        let planned = planned_session(&url, mode).await;
         let log = reader(&planned, false).await;
-        let sequential_scans = || async {
-            // A session flushes its statistics when it next goes idle, before it answers.
-            for session in [&planned, &pool] {
-                sqlx::query("SELECT pg_stat_force_next_flush()")
-                    .execute(session)
-                    .await
-                    .expect("flushes");
-            }
-            // Scans of the whole table, and of the primary key (stream order), which a
-            // bitmap of every event of one type goes through.
-            sqlx::query_as::<_, (i64, i64)>(
-                "SELECT t.seq_scan, i.idx_scan FROM pg_stat_user_tables t \
-                 JOIN pg_stat_user_indexes i ON i.relid = t.relid AND i.indexrelname = 'events_pkey' \
-                 WHERE t.schemaname = 'command_api' AND t.relname = 'events'",
-            )
-            .fetch_one(&pool)
-            .await
-            .expect("the table's statistics")
-        };
-        let before = sequential_scans().await;
+        let before = scans_of_events(&[&pool, &planned]).await;
         for _ in 0..6 {
             let lag = log.lag(checkpoint, LogFilter::ALL).await.expect("the lag");
-            assert_eq!(lag.events, 20, "{mode_and_statistics}");
+            assert_eq!(lag.events, 20, "{mode}, statistics: {statistics}");
             let lag = log
                 .lag(checkpoint, LogFilter::aggregate("lag_plan"))
                 .await
                 .expect("the lag");
-            assert_eq!(lag.events, 10, "{mode_and_statistics}");
+            assert_eq!(lag.events, 10, "{mode}, statistics: {statistics}");
         }
         assert_eq!(
-            sequential_scans().await,
+            scans_of_events(&[&pool, &planned]).await,
             before,
-            "a lag report scanned the whole log, or every event of a type ({mode_and_statistics})"
+            "a lag report scanned the whole log, or every event of a type \
+             ({mode}, statistics: {statistics})"
         );
         planned.close().await;
     }
@@ -444,50 +463,10 @@ async fn the_committers_duplicate_check_probes_each_key_with_a_plan_cached_while
     // process and caches its statements' plans; as a plain join, the generic plan made while the
     // log was small was a hash join over a sequential scan, kept as the log grew (41 ms per
     // check at 300k events, every append waiting behind it).
-    let database = ScratchDatabase::create(&command_api::testing::admin_url())
-        .await
-        .expect("a scratch database");
-    let url = database.url();
-    let _scratch = Scratch::new(database);
-    let pool = infra::db::connect(&url, "command_api", 1, "test")
-        .await
-        .expect("connects");
-    command_api::startup::migrate(&pool)
-        .await
-        .expect("migrates");
-    let append = |from: i64, to: i64| {
-        let pool = pool.clone();
-        async move {
-            let mut transaction = pool.begin().await.expect("begins");
-            sqlx::query("SELECT pg_advisory_xact_lock($1)")
-                .bind(infra::db::advisory_key("event-log/command_api.events"))
-                .execute(&mut *transaction)
-                .await
-                .expect("locks");
-            sqlx::query(
-                "INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, event_version, payload, metadata) \
-                 SELECT 'duplicate_check', 'stream-' || (g / 10), g % 10 + 1, 'Written', '1', '{}', '{}' \
-                 FROM generate_series($1::bigint, $2::bigint) AS g",
-            )
-            .bind(from)
-            .bind(to)
-            .execute(&mut *transaction)
-            .await
-            .expect("inserts");
-            transaction.commit().await.expect("commits");
-        }
-    };
-    append(0, 99).await;
-
+    let (_scratch, url, pool) = scratch_events_table().await;
+    write_generated_events(&pool, &["duplicate_check"], 0, 99).await;
     // One session, as the committer's, whose plan is generic from the first execution.
-    let options = infra::db::connect_options(&url, "command_api")
-        .expect("options")
-        .options([("plan_cache_mode", "force_generic_plan")]);
-    let session = sqlx::postgres::PgPoolOptions::new()
-        .max_connections(1)
-        .connect_with(options)
-        .await
-        .expect("connects");
+    let session = planned_session(&url, "force_generic_plan").await;
     let statement = infra::eventlog::postgres::stored_ids_statement("command_api.events")
         .expect("the statement");
     let check = |streams: [i64; 3]| {
@@ -504,30 +483,14 @@ async fn the_committers_duplicate_check_probes_each_key_with_a_plan_cached_while
         }
     };
     assert_eq!(check([1, 2, 3]).await, 3, "the plan is made on a small log");
-    append(100, 29_999).await;
-    let sequential_scans = || async {
-        // A session flushes its statistics when it next goes idle, before it answers.
-        for flushed in [&session, &pool] {
-            sqlx::query("SELECT pg_stat_force_next_flush()")
-                .execute(flushed)
-                .await
-                .expect("flushes");
-        }
-        sqlx::query_scalar::<_, i64>(
-            "SELECT seq_scan FROM pg_stat_user_tables \
-             WHERE schemaname = 'command_api' AND relname = 'events'",
-        )
-        .fetch_one(&pool)
-        .await
-        .expect("the table's statistics")
-    };
-    let before = sequential_scans().await;
+    write_generated_events(&pool, &["duplicate_check"], 100, 29_999).await;
+    let before = scans_of_events(&[&pool, &session]).await;
     for streams in [[5, 500, 2_999], [7, 8, 9]] {
         assert_eq!(check(streams).await, 3);
     }
     assert_eq!(
-        sequential_scans().await,
-        before,
+        scans_of_events(&[&pool, &session]).await.0,
+        before.0,
         "the duplicate check scanned the whole log"
     );
     session.close().await;

@@ -328,8 +328,8 @@ impl EventLog for PgEventLog {
     }
 
     async fn lag(&self, checkpoint: LogPosition, filter: LogFilter) -> Result<Lag> {
-        // Every follower reports its lag every second, so it must cost what is unread, not what
-        // the log holds. The planner cannot be trusted with that here: it has no useful
+        // Every follower reports its lag every 2 s, so it must cost what is unread, not what the
+        // log holds. The planner cannot be trusted with that here: it has no useful
         // estimate of a row comparison on `xid8` (statistics or not), and picked a sequential
         // scan of the whole log for the count (a parallel one with custom plans, a plain one
         // with the generic plan a pooled statement settles on), or a bitmap of every event of

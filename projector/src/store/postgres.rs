@@ -129,8 +129,9 @@ impl ReadModels for PgReadModels {
             }
         }))
         .await;
-        // Every projection ran to its end: one that cannot fold the batch holds back only
-        // itself, and the others keep what they committed.
+        // Every projection ran to its end: one that cannot fold the batch keeps nothing of it,
+        // and the others keep what they committed (the next batch is read from the lowest
+        // checkpoint again, so they get at most one batch ahead of it).
         outcomes.into_iter().collect::<Result<Vec<()>>>()?;
         Ok(Some(batch))
     }
