@@ -3,10 +3,10 @@
 //! Each projection is a [`Model`]: a set of rows keyed in memory, folded event by event with
 //! pure code, loaded from and stored to its generation's tables in batches. The live runner
 //! loads only the rows a batch touches, folds, and writes back the rows that changed, with the
-//! checkpoint, in one transaction per projection (or one for all, on SQLite). `ledger verify` folds the whole log into an empty model in
-//! memory with the same code and compares every row with the tables; the account and
-//! transaction rows themselves are derived from the domain's own `apply`, so they are the
-//! replayed state, not a second implementation of it.
+//! checkpoint, in one transaction per projection (or one for all, on SQLite). `ledger verify`
+//! folds the whole log into an empty model in memory with the same code and compares every row
+//! with the tables; the account and transaction rows themselves are derived from the domain's
+//! own `apply`, so they are the replayed state, not a second implementation of it.
 
 pub mod accounts;
 pub mod history;

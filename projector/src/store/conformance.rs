@@ -399,7 +399,7 @@ pub async fn a_failed_batch_changes_nothing_in_a_projection_that_cannot_fold_it(
         "history holds what its checkpoint implies"
     );
     if models.backend() == Backend::Postgres {
-        // There the projections are applied apart: the others are not held back.
+        // There the projections are applied apart: the others are not rolled back with it.
         for projection in [ProjectionName::Transactions, ProjectionName::AccountHistory] {
             assert_eq!(
                 checkpoint(&after, projection),
