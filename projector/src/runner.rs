@@ -157,16 +157,26 @@ pub async fn live_batch(
         .map(|(_, _, checkpoint)| checkpoint.position)
         .min()
         .unwrap_or(LogPosition::START);
-    let events = source.read_after(lowest, batch_size).await?;
-    if events.is_empty() {
+    let Some(batch) = read_batch(source, lowest, batch_size).await? else {
         return Ok(None);
-    }
-    if let Some(first) = events.first() {
-        infra::follow::record_event_age("projector", first.recorded_at);
-    }
-    let batch = DecodedBatch::new(events)?;
+    };
     apply_batch(db, &targets, &batch, cache).await?;
     Ok(Some(batch))
+}
+
+/// Up to `batch_size` events after `after` from `source`, decoded once for every projection;
+/// `None` when there are none. Records how old the first one is.
+pub async fn read_batch(
+    source: &dyn EventSource,
+    after: LogPosition,
+    batch_size: usize,
+) -> Result<Option<DecodedBatch>> {
+    let events = source.read_after(after, batch_size).await?;
+    let Some(first) = events.first() else {
+        return Ok(None);
+    };
+    infra::follow::record_event_age("projector", first.recorded_at);
+    Ok(Some(DecodedBatch::new(events)?))
 }
 
 /// One projection's share of a live batch read from `read_from` (see

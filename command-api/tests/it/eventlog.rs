@@ -289,11 +289,7 @@ async fn lag_counts_what_a_follower_has_not_read_and_how_old_the_oldest_is() {
     let mut head = start;
     for sequence in 1..=3_i64 {
         let mut transaction = pool.begin().await.expect("begins");
-        sqlx::query("SELECT pg_advisory_xact_lock($1)")
-            .bind(infra::db::advisory_key("event-log/command_api.events"))
-            .execute(&mut *transaction)
-            .await
-            .expect("locks");
+        take_the_append_lock(&mut transaction).await;
         let (commit, index): (i64, i64) = sqlx::query_as(
             "INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, event_version, payload, metadata, recorded_at) \
              VALUES ('lag_test', 'stream', $1, 'Written', '1', '{}', '{}', now() - interval '10 seconds') \
@@ -327,16 +323,22 @@ async fn lag_counts_what_a_follower_has_not_read_and_how_old_the_oldest_is() {
     harness.finish().await;
 }
 
+/// Takes the log's append lock in `transaction`, as the committer does before it writes a
+/// batch, so that rows written here land in commit order.
+async fn take_the_append_lock(transaction: &mut sqlx::PgConnection) {
+    sqlx::query("SELECT pg_advisory_xact_lock($1)")
+        .bind(infra::db::advisory_key("event-log/command_api.events"))
+        .execute(transaction)
+        .await
+        .expect("locks");
+}
+
 /// Writes the events numbered `from..=to` in one commit, as the committer writes (under the
 /// append lock): event `g` is of aggregate type `kinds[g % kinds.len()]`, ten per stream and
 /// type, all other columns the same.
 async fn write_generated_events(pool: &sqlx::PgPool, kinds: &[&str], from: i64, to: i64) {
     let mut transaction = pool.begin().await.expect("begins");
-    sqlx::query("SELECT pg_advisory_xact_lock($1)")
-        .bind(infra::db::advisory_key("event-log/command_api.events"))
-        .execute(&mut *transaction)
-        .await
-        .expect("locks");
+    take_the_append_lock(&mut transaction).await;
     sqlx::query(
         "INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, event_version, payload, metadata) \
          SELECT ($1::text[])[g % cardinality($1) + 1], 'stream-' || (g / (10 * cardinality($1))), \

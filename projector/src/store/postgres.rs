@@ -94,14 +94,9 @@ impl ReadModels for PgReadModels {
         // under its own row lock, so each is applied exactly once and a switch still sees a
         // batch wholly before or wholly after it.
         let read_from = self.read_position().await?;
-        let events = source.read_after(read_from, batch_size).await?;
-        if events.is_empty() {
+        let Some(batch) = crate::runner::read_batch(source, read_from, batch_size).await? else {
             return Ok(None);
-        }
-        if let Some(first) = events.first() {
-            infra::follow::record_event_age("projector", first.recorded_at);
-        }
-        let batch = DecodedBatch::new(events)?;
+        };
         let outcomes = futures::future::join_all(ProjectionName::ALL.iter().map(|name| {
             let batch = &batch;
             async move {
