@@ -299,7 +299,7 @@ main() {
         say "LISTEN_ADDR is ignored here: each service gets its own port (LISTEN_HOST=$LISTEN_HOST)" >&2
         unset LISTEN_ADDR
     fi
-    export DATABASE_URL=${DATABASE_URL:-postgres://postgres@localhost:5432/ledger}
+    export DATABASE_URL=${DATABASE_URL:-postgres://postgres@localhost:5432/ledger?sslmode=disable}
     ensure_database "$DATABASE_URL" DATABASE_URL
     if [ -n "${READ_DATABASE_URL:-}" ]; then ensure_database "$READ_DATABASE_URL" READ_DATABASE_URL; fi
     require_servers

@@ -57,7 +57,7 @@ pub struct Config {
     #[arg(
         long,
         env = "DATABASE_URL",
-        default_value = "postgres://postgres@localhost:5432/ledger",
+        default_value = "postgres://postgres@localhost:5432/ledger?sslmode=disable",
         hide_env_values = true
     )]
     pub database_url: String,

@@ -235,13 +235,21 @@ impl ScratchDatabase {
         &self.name
     }
 
-    /// The URL of the scratch database on the same server.
+    /// The URL of the scratch database on the same server, with the admin URL's parameters
+    /// (`?sslmode=disable`, say).
     pub fn url(&self) -> String {
-        let base = match self.admin_url.rfind('/') {
-            Some(slash) if slash > "postgres://".len() => &self.admin_url[..slash],
-            _ => self.admin_url.as_str(),
+        let (address, parameters) = match self.admin_url.split_once('?') {
+            Some((address, parameters)) => (address, Some(parameters)),
+            None => (self.admin_url.as_str(), None),
         };
-        format!("{base}/{}", self.name)
+        let base = match address.rfind('/') {
+            Some(slash) if slash > "postgres://".len() => &address[..slash],
+            _ => address,
+        };
+        match parameters {
+            Some(parameters) => format!("{base}/{}?{parameters}", self.name),
+            None => format!("{base}/{}", self.name),
+        }
     }
 
     /// Drops the database, ending any session still connected to it.
@@ -264,6 +272,30 @@ impl ScratchDatabase {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_scratch_database_keeps_the_admin_urls_server_and_parameters() {
+        let scratch = |admin_url: &str| ScratchDatabase {
+            admin_url: admin_url.to_owned(),
+            name: "ledger_test_x".to_owned(),
+        };
+        assert_eq!(
+            scratch("postgres://postgres@127.0.0.1:5432/postgres").url(),
+            "postgres://postgres@127.0.0.1:5432/ledger_test_x"
+        );
+        assert_eq!(
+            scratch("postgres://postgres@127.0.0.1:5432/postgres?sslmode=disable").url(),
+            "postgres://postgres@127.0.0.1:5432/ledger_test_x?sslmode=disable"
+        );
+        assert_eq!(
+            scratch("postgres://postgres@localhost").url(),
+            "postgres://postgres@localhost/ledger_test_x"
+        );
+        assert_eq!(
+            scratch("postgres://u:p@db/x?sslmode=require&application_name=t").url(),
+            "postgres://u:p@db/ledger_test_x?sslmode=require&application_name=t"
+        );
+    }
 
     #[test]
     fn schema_names_are_plain_identifiers() {

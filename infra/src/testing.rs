@@ -17,8 +17,9 @@ pub fn test_token_config() -> crate::auth::TokenConfig {
 
 /// The server that holds the scratch databases: `TEST_DATABASE_URL`, or the local one.
 pub fn admin_url() -> String {
-    std::env::var("TEST_DATABASE_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_owned())
+    std::env::var("TEST_DATABASE_URL").unwrap_or_else(|_| {
+        "postgres://postgres@127.0.0.1:5432/postgres?sslmode=disable".to_owned()
+    })
 }
 
 /// The broker tests use: `TEST_AMQP_URL`, or the local one.

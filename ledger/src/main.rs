@@ -61,7 +61,7 @@ struct Databases {
     #[arg(
         long,
         env = "DATABASE_URL",
-        default_value = "postgres://postgres@localhost:5432/ledger"
+        default_value = "postgres://postgres@localhost:5432/ledger?sslmode=disable"
     )]
     database_url: String,
 

@@ -24,7 +24,7 @@ pub struct Config {
     #[arg(
         long,
         env = "DATABASE_URL",
-        default_value = "postgres://postgres@localhost:5432/ledger"
+        default_value = "postgres://postgres@localhost:5432/ledger?sslmode=disable"
     )]
     pub database_url: String,
 
