@@ -246,38 +246,31 @@ impl Projector {
         self.applied.subscribe()
     }
 
-    /// Whether the log holds anything after the lowest live checkpoint, looked up without a
-    /// transaction. An idle look must not take the projections' row locks: a row lock assigns a
-    /// transaction id, so every idle look would burn one and hold back the snapshot horizon that
-    /// every follower's read waits on. The locked batch reads the checkpoints again, so a stale
-    /// answer here costs one empty batch.
-    async fn has_work(&self) -> Result<bool> {
+    /// Applies one batch to every projection; returns how many events it read. One look at the
+    /// checkpoints, without a transaction, says where to read from; the store takes its locks
+    /// only once it has read something (an idle look must not take the projections' row locks:
+    /// a row lock assigns a transaction id, so every idle look would burn one and hold back the
+    /// snapshot horizon that every follower's read waits on).
+    pub async fn step(&self) -> Result<usize> {
+        let started = Instant::now();
         let lowest = self.models.read_position().await?;
         self.applied.send_if_modified(|applied| {
             let moved = *applied < lowest;
             *applied = (*applied).max(lowest);
             moved
         });
-        Ok(!self
-            .log
-            .read_all(lowest, 1, LogFilter::ALL)
-            .await?
-            .is_empty())
-    }
-
-    /// Applies one batch to every projection; returns how many events it read.
-    pub async fn step(&self) -> Result<usize> {
-        if !self.has_work().await? {
-            self.healthy.store(true, Ordering::Relaxed);
-            return Ok(0);
-        }
-        let started = Instant::now();
         let log = LogSource(&*self.log);
         let Some(batch) = self
             .models
-            .apply_live(&log, self.settings.batch_size, self.cache.as_deref())
+            .apply_live(
+                &log,
+                lowest,
+                self.settings.batch_size,
+                self.cache.as_deref(),
+            )
             .await?
         else {
+            self.healthy.store(true, Ordering::Relaxed);
             return Ok(0);
         };
         let read = batch.events.len();

@@ -149,11 +149,21 @@ fn expected(events: &[RecordedEvent]) -> Expected {
     }
 }
 
+/// One live batch as the projector runs it: the checkpoints looked up, then the batch after the
+/// lowest.
+async fn apply_live(
+    models: &dyn ReadModels,
+    source: &dyn EventSource,
+    batch_size: usize,
+) -> crate::error::Result<Option<crate::model::DecodedBatch>> {
+    let read_from = models.read_position().await?;
+    models.apply_live(source, read_from, batch_size, None).await
+}
+
 /// Applies every event of `source` through the live path, `batch_size` at a time.
 async fn apply_all(models: &dyn ReadModels, source: &dyn EventSource, batch_size: usize) {
     for _ in 0..10_000 {
-        let batch = models
-            .apply_live(source, batch_size, None)
+        let batch = apply_live(models, source, batch_size)
             .await
             .expect("a batch applies");
         if batch.is_none() {
@@ -333,7 +343,7 @@ pub async fn a_failed_batch_changes_nothing_in_a_projection_that_cannot_fold_it(
         }],
         &builder.metadata,
     );
-    assert!(models.apply_live(&unreadable, 1_000, None).await.is_err());
+    assert!(apply_live(models, &unreadable, 1_000).await.is_err());
     let after = models.stored().await.expect("stored");
     assert_eq!(after.checkpoints, before.checkpoints, "no checkpoint moved");
     assert_eq!(after.accounts.records, before.accounts.records);
@@ -358,8 +368,7 @@ pub async fn a_failed_batch_changes_nothing_in_a_projection_that_cannot_fold_it(
         payload: first.payload.clone(),
     };
     source.push(&[reopened], &builder.metadata);
-    let error = models
-        .apply_live(&source, 1_000, None)
+    let error = apply_live(models, &source, 1_000)
         .await
         .err()
         .expect("an unprojectable event fails its batch");
@@ -421,8 +430,7 @@ pub async fn a_batch_applied_twice_changes_nothing(models: &dyn ReadModels) {
         events: Mutex::new(source.all()),
         ignore_position: true,
     };
-    let batch = models
-        .apply_live(&again, 1_000, None)
+    let batch = apply_live(models, &again, 1_000)
         .await
         .expect("a re-read batch applies");
     assert!(batch.is_some(), "the batch was read");

@@ -117,17 +117,20 @@ pub trait ReadModels: Send + Sync + 'static {
         Ok(crate::generations::lowest(&self.live_checkpoints().await?))
     }
 
-    /// One batch of the live projector: reads up to `batch_size` events after the lowest live
-    /// checkpoint from `source`, and applies to every projection, under its lock, the events
-    /// after its own checkpoint, writes changed transactions through to `cache` and moves the
-    /// checkpoint, committing each projection's share with its checkpoint (all or nothing per
-    /// projection; a store may commit the projections together, as SQLite does, or apart and
-    /// concurrently, as PostgreSQL does: decision 58). Fails if any projection failed; the
+    /// One batch of the live projector: reads up to `batch_size` events after `read_from` (the
+    /// lowest live checkpoint as the caller read it with [`ReadModels::read_position`]) from
+    /// `source`, and applies to every projection, under its lock, the events after its own
+    /// checkpoint, writes changed transactions through to `cache` and moves the checkpoint,
+    /// committing each projection's share with its checkpoint (all or nothing per projection; a
+    /// store may commit the projections together, as SQLite does, or apart and concurrently, as
+    /// PostgreSQL does: decision 58). A checkpoint that moved since `read_from` was read is
+    /// honoured: nothing at or before it is applied again. Fails if any projection failed; the
     /// others keep what they committed. Returns the batch read, `None` if there was nothing to
-    /// read.
+    /// read, in which case no lock was taken (an idle projector must not burn transaction ids).
     async fn apply_live(
         &self,
         source: &dyn EventSource,
+        read_from: LogPosition,
         batch_size: usize,
         cache: Option<&Cache>,
     ) -> Result<Option<DecodedBatch>>;

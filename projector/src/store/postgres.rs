@@ -85,6 +85,7 @@ impl ReadModels for PgReadModels {
     async fn apply_live(
         &self,
         source: &dyn EventSource,
+        read_from: LogPosition,
         batch_size: usize,
         cache: Option<&Cache>,
     ) -> Result<Option<DecodedBatch>> {
@@ -92,8 +93,8 @@ impl ReadModels for PgReadModels {
         // of its own, all at once (decision 58): a batch takes as long as its slowest
         // projection, not as all of them in a row. Each moves its own checkpoint with its rows,
         // under its own row lock, so each is applied exactly once and a switch still sees a
-        // batch wholly before or wholly after it.
-        let read_from = self.read_position().await?;
+        // batch wholly before or wholly after it. Nothing is locked before the read: an empty
+        // one is the idle case (decision 60).
         let Some(batch) = crate::runner::read_batch(source, read_from, batch_size).await? else {
             return Ok(None);
         };

@@ -180,9 +180,15 @@ impl ReadModels for SqliteReadModels {
     async fn apply_live(
         &self,
         source: &dyn EventSource,
+        read_from: LogPosition,
         batch_size: usize,
         cache: Option<&Cache>,
     ) -> Result<Option<DecodedBatch>> {
+        // Look before taking the file's one writer: an idle projector must not hold it. The
+        // locked batch reads the checkpoints again, so a stale look costs one empty batch.
+        if source.read_after(read_from, 1).await?.is_empty() {
+            return Ok(None);
+        }
         let mut transaction = self.begin_write("starting a projection batch").await?;
         let batch =
             crate::runner::live_batch(&mut Db::Sqlite(&mut transaction), source, batch_size, cache)
