@@ -71,7 +71,7 @@ impl App {
         )
         .await?;
         migrate(&requests).await?;
-        let background = infra::db::connect(
+        let background = infra::db::connect_background(
             &config.database_url,
             SCHEMA,
             config.background_max_connections,

@@ -91,7 +91,41 @@ fn program_name() -> String {
 /// error (its migrations could not run anyway); once running, a lost database shows as 503 on
 /// `/health` and the pool reconnects.
 pub async fn connect(url: &str, schema: &str, max_connections: u32, role: &str) -> Result<PgPool> {
-    pool(named(connect_options(url, schema)?, role), max_connections).await
+    pool(
+        named(connect_options(url, schema)?, role),
+        max_connections,
+        Ping::BeforeAcquire,
+    )
+    .await
+}
+
+/// A pool like [`connect`]'s for background workers that retry a failed batch (the saga, the
+/// relay, the projector): its connections are not pinged before each acquire, a round trip
+/// the projector paid four times a batch (decision 62). sqlx still pings every connection when
+/// it is released and drops one that fails, so only a connection that broke while idle in the
+/// pool (the server restarted) reaches a worker: its batch fails once and is retried on a new
+/// one. Pools that answer clients keep the ping, so a client never sees that error.
+pub async fn connect_background(
+    url: &str,
+    schema: &str,
+    max_connections: u32,
+    role: &str,
+) -> Result<PgPool> {
+    pool(
+        named(connect_options(url, schema)?, role),
+        max_connections,
+        Ping::OnRelease,
+    )
+    .await
+}
+
+/// When a pool checks that a connection is alive.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Ping {
+    /// Before handing it out, and when it comes back (sqlx's default).
+    BeforeAcquire,
+    /// Only when it comes back.
+    OnRelease,
 }
 
 /// A pool like [`connect`]'s whose every transaction is read-only, for jobs that must not write
@@ -105,13 +139,14 @@ pub async fn connect_read_only(
 ) -> Result<PgPool> {
     let options = named(connect_options(url, schema)?, role)
         .options([("default_transaction_read_only", "on")]);
-    pool(options, max_connections).await
+    pool(options, max_connections, Ping::BeforeAcquire).await
 }
 
-async fn pool(options: PgConnectOptions, max_connections: u32) -> Result<PgPool> {
+async fn pool(options: PgConnectOptions, max_connections: u32, ping: Ping) -> Result<PgPool> {
     PgPoolOptions::new()
         .max_connections(max_connections)
         .acquire_timeout(ACQUIRE_TIMEOUT)
+        .test_before_acquire(ping == Ping::BeforeAcquire)
         .after_connect(|connection, _| {
             Box::pin(async move {
                 assert_durable(connection)

@@ -114,7 +114,7 @@ impl App {
         // event log), so a burst of reads never stalls the projections, nor the reverse.
         let pool = connect_read_models(config.read_database_url(), config.database_max_connections)
             .await?;
-        let background = infra::db::connect(
+        let background = infra::db::connect_background(
             config.read_database_url(),
             SCHEMA,
             config.background_max_connections,
@@ -128,7 +128,7 @@ impl App {
             "event reads",
         )
         .await?;
-        let background_events = infra::db::connect(
+        let background_events = infra::db::connect_background(
             &config.database_url,
             SCHEMA,
             config.background_max_connections,
