@@ -426,8 +426,9 @@ impl EventLog for PgEventLog {
 #[derive(Debug, Clone)]
 struct Sql {
     events_table: String,
-    /// The advisory lock every batch of appends holds until it commits.
-    append_lock: i64,
+    /// Starts a batch's transaction and takes the advisory lock every batch of appends holds
+    /// until it commits (`event-log/<table>`), in one round trip.
+    begin_locked: String,
     /// For postgres-es's repository, which wants one even when snapshots are off.
     snapshots_table: String,
     channel: String,
@@ -490,23 +491,38 @@ impl Sql {
              AND ($4::text IS NULL OR e.event_type = $4) THEN true ELSE false END)";
         Ok(Sql {
             events_table: table.to_owned(),
-            append_lock: crate::db::advisory_key(&format!("event-log/{table}")),
+            // One simple query, two statements: the lock's key is a number of ours.
+            begin_locked: format!(
+                "BEGIN; SELECT pg_advisory_xact_lock({})",
+                crate::db::advisory_key(&format!("event-log/{table}"))
+            ),
             snapshots_table: snapshots_table.unwrap_or("aggregate_snapshots").to_owned(),
             channel: table.replace('.', "_"),
+            // The batch's NOTIFY rides with its insert (decision 63): `notified` is evaluated
+            // once, and only when a row was inserted; PostgreSQL sends it at the commit, or
+            // never if the batch rolls back.
             insert: format!(
-                "INSERT INTO {table} (aggregate_type, aggregate_id, sequence, event_type, \
-                     event_version, payload, metadata, event_id)
-                 SELECT i.aggregate_type, i.aggregate_id, i.sequence, i.event_type,
-                     i.event_version, i.payload::jsonb, i.metadata::jsonb, i.event_id
-                 FROM UNNEST($1::text[], $2::text[], $3::bigint[], $4::bigint[], $5::text[],
-                     $6::text[], $7::text[], $8::text[], $9::uuid[], $10::int[])
-                     AS i(aggregate_type, aggregate_id, expected, sequence, event_type,
-                          event_version, payload, metadata, event_id, ordinal)
-                 WHERE coalesce((SELECT max(e.sequence) FROM {table} e
-                         WHERE e.aggregate_type = i.aggregate_type
-                           AND e.aggregate_id = i.aggregate_id), 0) = i.expected
-                 ORDER BY i.ordinal
-                 RETURNING aggregate_type, aggregate_id, sequence, tx_id::text::bigint, position"
+                "WITH inserted AS (
+                     INSERT INTO {table} (aggregate_type, aggregate_id, sequence, event_type, \
+                         event_version, payload, metadata, event_id)
+                     SELECT i.aggregate_type, i.aggregate_id, i.sequence, i.event_type,
+                         i.event_version, i.payload::jsonb, i.metadata::jsonb, i.event_id
+                     FROM UNNEST($1::text[], $2::text[], $3::bigint[], $4::bigint[], $5::text[],
+                         $6::text[], $7::text[], $8::text[], $9::uuid[], $10::int[])
+                         AS i(aggregate_type, aggregate_id, expected, sequence, event_type,
+                              event_version, payload, metadata, event_id, ordinal)
+                     WHERE coalesce((SELECT max(e.sequence) FROM {table} e
+                             WHERE e.aggregate_type = i.aggregate_type
+                               AND e.aggregate_id = i.aggregate_id), 0) = i.expected
+                     ORDER BY i.ordinal
+                     RETURNING aggregate_type, aggregate_id, sequence,
+                         tx_id::text::bigint AS tx_id, position
+                 ),
+                 notified AS MATERIALIZED (
+                     SELECT pg_notify($11, '') FROM (SELECT 1 FROM inserted LIMIT 1) any_row
+                 )
+                 SELECT i.aggregate_type, i.aggregate_id, i.sequence, i.tx_id, i.position
+                 FROM inserted i LEFT JOIN notified ON true"
             ),
             // One primary-key probe per key, `LATERAL … OFFSET 0` as the projector's loads
             // (decision 47): as a plain join, the generic plan the committer's connection
@@ -750,17 +766,13 @@ async fn write_once(
         .collect();
     let appends: Vec<&Append> = tried.iter().map(|&index| &chain[index].append).collect();
     let rows = Rows::of(&appends)?;
+    // The append lock is taken before the insert, so this transaction's id is assigned after
+    // every earlier batch committed: commit order is (tx_id, position) order. With the BEGIN,
+    // in one round trip (decision 63).
     let mut transaction = connection
-        .begin()
+        .begin_with(sql.begin_locked.clone())
         .await
-        .context("starting an event log batch")?;
-    // Before the insert, so this transaction's id is assigned after every earlier batch
-    // committed: commit order is (tx_id, position) order.
-    sqlx::query("SELECT pg_advisory_xact_lock($1)")
-        .bind(sql.append_lock)
-        .execute(&mut *transaction)
-        .await
-        .context("taking the event log's append lock")?;
+        .context("starting an event log batch under its append lock")?;
     let inserted: std::result::Result<Vec<InsertedRow>, sqlx::Error> = sqlx::query_as(&sql.insert)
         .bind(&rows.aggregate_type)
         .bind(&rows.aggregate_id)
@@ -772,6 +784,7 @@ async fn write_once(
         .bind(&rows.metadata)
         .bind(&rows.event_id)
         .bind(&rows.ordinal)
+        .bind(&sql.channel)
         .fetch_all(&mut *transaction)
         .await;
     let inserted = match inserted {
@@ -865,13 +878,6 @@ async fn write_once(
             .await
             .context("rolling back a batch with a broken chain")?;
         return Ok(Attempt::HoldBack(hold_back));
-    }
-    if !inserted.is_empty() {
-        sqlx::query("SELECT pg_notify($1, '')")
-            .bind(&sql.channel)
-            .execute(&mut *transaction)
-            .await
-            .context("notifying followers")?;
     }
     transaction
         .commit()
