@@ -92,9 +92,20 @@ pub async fn apply(
             fold_and_store::<AccountsModel>(db, generation, events).await?;
         }
         ProjectionName::Transactions => {
-            let model = fold_and_store::<TransactionsModel>(db, generation, events).await?;
-            if let Some(cache) = cache {
-                cache.put_all(model.changed()).await;
+            let mut model = TransactionsModel::load(db, generation, events).await?;
+            for event in events {
+                model.fold(event)?;
+            }
+            match cache {
+                // The write-through while the rows are stored: both are done before the
+                // caller commits, as when they ran one after the other (decision 64).
+                Some(cache) => {
+                    let changed: Vec<_> = model.changed().cloned().collect();
+                    let (stored, ()) =
+                        tokio::join!(model.store(db, generation), cache.put_all(&changed));
+                    stored?;
+                }
+                None => model.store(db, generation).await?,
             }
         }
         ProjectionName::AccountHistory => {
