@@ -310,26 +310,30 @@ mod tests {
 
     #[test]
     fn a_scratch_database_keeps_the_admin_urls_server_and_parameters() {
-        let scratch = |admin_url: &str| ScratchDatabase {
-            admin_url: admin_url.to_owned(),
-            name: "ledger_test_x".to_owned(),
-        };
-        assert_eq!(
-            scratch("postgres://postgres@127.0.0.1:5432/postgres").url(),
-            "postgres://postgres@127.0.0.1:5432/ledger_test_x"
-        );
-        assert_eq!(
-            scratch("postgres://postgres@127.0.0.1:5432/postgres?sslmode=disable").url(),
-            "postgres://postgres@127.0.0.1:5432/ledger_test_x?sslmode=disable"
-        );
-        assert_eq!(
-            scratch("postgres://postgres@localhost").url(),
-            "postgres://postgres@localhost/ledger_test_x"
-        );
-        assert_eq!(
-            scratch("postgres://u:p@db/x?sslmode=require&application_name=t").url(),
-            "postgres://u:p@db/ledger_test_x?sslmode=require&application_name=t"
-        );
+        for (admin_url, expected) in [
+            (
+                "postgres://postgres@127.0.0.1:5432/postgres",
+                "postgres://postgres@127.0.0.1:5432/ledger_test_x",
+            ),
+            (
+                "postgres://postgres@127.0.0.1:5432/postgres?sslmode=disable",
+                "postgres://postgres@127.0.0.1:5432/ledger_test_x?sslmode=disable",
+            ),
+            (
+                "postgres://postgres@localhost",
+                "postgres://postgres@localhost/ledger_test_x",
+            ),
+            (
+                "postgres://u:p@db/x?sslmode=require&application_name=t",
+                "postgres://u:p@db/ledger_test_x?sslmode=require&application_name=t",
+            ),
+        ] {
+            let scratch = ScratchDatabase {
+                admin_url: admin_url.to_owned(),
+                name: "ledger_test_x".to_owned(),
+            };
+            assert_eq!(scratch.url(), expected, "{admin_url}");
+        }
     }
 
     #[test]

@@ -92,10 +92,7 @@ pub async fn apply(
             fold_and_store::<AccountsModel>(db, generation, events).await?;
         }
         ProjectionName::Transactions => {
-            let mut model = TransactionsModel::load(db, generation, events).await?;
-            for event in events {
-                model.fold(event)?;
-            }
+            let mut model = load_and_fold::<TransactionsModel>(db, generation, events).await?;
             match cache {
                 // The write-through while the rows are stored: both are done before the
                 // caller commits, as when they ran one after the other (decision 64).
@@ -120,11 +117,21 @@ async fn fold_and_store<M: Model>(
     generation: i32,
     events: &[Decoded<'_>],
 ) -> Result<M> {
+    let mut model = load_and_fold::<M>(db, generation, events).await?;
+    model.store(db, generation).await?;
+    Ok(model)
+}
+
+/// Loads the rows `events` touch from generation `generation` and folds the events into them.
+async fn load_and_fold<M: Model>(
+    db: &mut Db<'_>,
+    generation: i32,
+    events: &[Decoded<'_>],
+) -> Result<M> {
     let mut model = M::load(db, generation, events).await?;
     for event in events {
         model.fold(event)?;
     }
-    model.store(db, generation).await?;
     Ok(model)
 }
 
