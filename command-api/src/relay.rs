@@ -5,8 +5,9 @@
 //! relay follows the log from its own checkpoint, publishes a batch as a window of persistent
 //! messages in flight (`message_id` = event id, headers with the correlation id, causation id,
 //! event type and version), waits for the window's publisher confirms, and only then counts the
-//! batch as relayed. The checkpoint is written at most every [`CHECKPOINT_EVERY`] (and whenever
-//! the relay goes idle), not after every window: a crash republishes at most that much, and
+//! batch as relayed. The checkpoint is written at most every [`CHECKPOINT_EVERY`], busy or idle
+//! (an idle relay writes what is left once it is due), not after every window or every idle look
+//! (decision 65): a crash republishes at most that much, and
 //! consumers are idempotent (by message id, or by the aggregate's own rules). One active relay
 //! across instances (a leader lock).
 
@@ -84,11 +85,16 @@ impl Relay {
             .read_all(session.confirmed, self.settings.window, PUBLISHED)
             .await?;
         let Some(last) = events.last().map(|event| event.position) else {
-            self.store_checkpoint(session).await?;
-            // Idle: adopt the stored checkpoint, so an operator who moved it back (to publish
-            // again) is followed. It never moves back on its own.
-            session.confirmed = self.state.checkpoint(CHECKPOINT).await?;
-            session.stored = session.confirmed;
+            // Idle: the checkpoint is written when due, as while busy (the loop looks again by
+            // then: `record_due`); the relay wakes at every commit of the log, most of which
+            // hold nothing it publishes (decision 65). Then adopt the stored checkpoint, so an
+            // operator who moved it back (to publish again) is followed. It never moves back on
+            // its own.
+            if session.stored_at.elapsed() >= CHECKPOINT_EVERY {
+                self.store_checkpoint(session).await?;
+                session.confirmed = self.state.checkpoint(CHECKPOINT).await?;
+                session.stored = session.confirmed;
+            }
             return Ok(Outcome::Idle);
         };
         if let Some(first) = events.first() {
@@ -131,7 +137,11 @@ impl Relay {
                 .join(","),
             "relay batch published"
         );
-        Ok(Outcome::Processed(events.len()))
+        Ok(if events.len() < self.settings.window {
+            Outcome::CaughtUp(events.len())
+        } else {
+            Outcome::Processed(events.len())
+        })
     }
 
     async fn store_checkpoint(&self, session: &mut RelaySession) -> Result<()> {
@@ -222,6 +232,12 @@ impl Follower for Relay {
 
     async fn try_process_batch(&self, session: &mut RelaySession) -> Result<Outcome> {
         self.publish_window(session).await
+    }
+
+    /// A confirmed position not stored yet is stored [`CHECKPOINT_EVERY`] after the last store.
+    fn record_due(&self, session: &RelaySession) -> Option<Duration> {
+        (session.confirmed > session.stored)
+            .then(|| CHECKPOINT_EVERY.saturating_sub(session.stored_at.elapsed()))
     }
 
     async fn end(&self, mut session: RelaySession) {

@@ -21,9 +21,9 @@
 //! to a stream first) only sends that transaction to the next round, decided again on fresh
 //! state. The checkpoint and which transactions are still in flight (and when to look at them
 //! again: the decision deadline, or a retry) are recorded together, in one database transaction:
-//! while the saga is busy at most every [`RECORD_INTERVAL`], and whenever it goes idle or runs its
-//! housekeeping (decision 53). A crash replays what was not recorded yet, and every step is
-//! idempotent.
+//! at most every [`RECORD_INTERVAL`], busy or idle (an idle saga records what is left once it is
+//! due, decision 65), and when it runs its housekeeping (decision 53). A crash replays what was
+//! not recorded yet, and every step is idempotent.
 //!
 //! The transaction states come from the store's cache, fed by the log the saga reads and by its
 //! own appends; it can lag only behind other writers' events (`TransactionCreated`,
@@ -249,7 +249,11 @@ impl Saga {
             correlation_ids = %correlation_ids(&results),
             "saga batch applied"
         );
-        Ok(Outcome::Processed(events.len()))
+        Ok(if events.len() < self.settings.batch_size {
+            Outcome::CaughtUp(events.len())
+        } else {
+            Outcome::Processed(events.len())
+        })
     }
 
     /// Feeds the transactions' cache from the log the saga reads, so most states need no load.
@@ -841,22 +845,26 @@ impl Follower for Saga {
         Ok(SagaSession::default())
     }
 
-    /// A batch, and a record of the progress when the last one is [`RECORD_INTERVAL`] old. An
-    /// idle look records what is left and reads the checkpoint again, so an operator who moved
-    /// it back is followed.
+    /// A batch, and a record of the progress when the last one is [`RECORD_INTERVAL`] old, busy
+    /// or idle: at light load the saga goes idle after nearly every batch, and a record at each
+    /// was a commit (and an in-flight row written and deleted) per transfer (decision 65). An
+    /// idle look that records also reads the checkpoint again, so an operator who moved it back
+    /// is followed.
     async fn try_process_batch(&self, session: &mut SagaSession) -> Result<Outcome> {
         let outcome = self.next_log_batch(session).await?;
-        match outcome {
-            Outcome::Idle => {
-                self.record(session).await?;
+        if session.recorded_at.elapsed() >= RECORD_INTERVAL {
+            self.record(session).await?;
+            if outcome == Outcome::Idle {
                 session.read = false;
             }
-            Outcome::Processed(_) if session.recorded_at.elapsed() >= RECORD_INTERVAL => {
-                self.record(session).await?;
-            }
-            Outcome::Processed(_) => {}
         }
         Ok(outcome)
+    }
+
+    /// Progress not recorded yet is recorded [`RECORD_INTERVAL`] after the last record.
+    fn record_due(&self, session: &SagaSession) -> Option<Duration> {
+        let unrecorded = !session.unrecorded.is_empty() || session.position != session.recorded;
+        unrecorded.then(|| RECORD_INTERVAL.saturating_sub(session.recorded_at.elapsed()))
     }
 
     /// Records first: the due transactions are read from what is recorded.

@@ -5,11 +5,14 @@
 //! around it, the same for all of them:
 //! - takes the follower's leadership (one active runner across instances) and checks it about
 //!   once a second, with the follower's housekeeping;
-//! - after a batch, goes straight on; when idle, waits for a wake-up from the event log (a
-//!   commit here or a `NOTIFY` from elsewhere), or the poll interval as a fallback;
-//! - after a wake-up that found nothing visible yet (a commit can become readable a moment after
-//!   it is announced, when an older transaction is still running), looks again after 1, 2, 4 …
-//!   milliseconds, instead of waiting a whole poll interval;
+//! - after a full batch, goes straight on; after one that caught up with the log, and when idle,
+//!   waits for a wake-up from the event log (a commit here or a `NOTIFY` from elsewhere; one
+//!   that came during the batch is already there), or the poll interval as a fallback, but no
+//!   longer than the follower's [`Follower::record_due`]: a follower records its progress at most
+//!   every so often, idle or not, and an idle look is when it records what is left;
+//! - a wake-up is sent once a commit is readable (after the commit here, by `NOTIFY` at commit,
+//!   by a KurrentDB subscription), so a look that finds nothing after one means the commit held
+//!   nothing for this follower: it waits for the next (decision 66);
 //! - after a failed batch, ends the session and starts a fresh one after a back-off that grows
 //!   from [`RETRY_FIRST`] to [`RETRY_MAX`] while failures repeat, keeping its leadership.
 
@@ -32,14 +35,15 @@ pub const RETRY_FIRST: Duration = Duration::from_millis(200);
 /// The longest pause between attempts while failures repeat.
 pub const RETRY_MAX: Duration = Duration::from_secs(5);
 
-/// The longest of the quick looks after a wake-up that found nothing visible yet: past it, the
-/// commit is held back by something long, and the poll interval takes over.
-const RECHECK_MAX: Duration = Duration::from_millis(32);
-
 /// What one batch did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Outcome {
+    /// A full batch: more may be waiting right behind it, so the loop looks again at once.
     Processed(usize),
+    /// A batch that held everything committed when it was read (fewer events than asked for):
+    /// whatever commits later sends a wake-up, so the loop waits for one, as when idle, instead
+    /// of looking again at once only to find nothing (decision 68).
+    CaughtUp(usize),
     Idle,
 }
 
@@ -58,6 +62,14 @@ pub trait Follower: Send + Sync + 'static {
 
     /// Processes the next batch after the follower's checkpoint and moves the checkpoint.
     async fn try_process_batch(&self, session: &mut Self::Session) -> Result<Outcome, Self::Error>;
+
+    /// When the session holds progress it has not recorded yet (a checkpoint to write): how long
+    /// until it is due, so an idle loop looks again by then and the follower records it there
+    /// (decision 65). `None`: nothing to record. The default, for followers that record with
+    /// every batch.
+    fn record_due(&self, _session: &Self::Session) -> Option<Duration> {
+        None
+    }
 
     /// Runs about once a second while leading (timers, due work).
     async fn housekeeping(&self, _session: &mut Self::Session) -> Result<(), Self::Error> {
@@ -156,7 +168,6 @@ async fn run_session<F: Follower>(
 ) -> SessionEnd {
     let name = follower.name();
     let mut housekeeping = Instant::now();
-    let mut recheck: Option<Duration> = None;
     let mut worked = false;
     let end = loop {
         if cancel.is_cancelled() {
@@ -174,13 +185,17 @@ async fn run_session<F: Follower>(
         }
         // Whatever committed before this batch's read is in it: wake-ups until now are spent.
         wakeups.borrow_and_update();
-        match follower.try_process_batch(&mut session).await {
-            Ok(Outcome::Processed(_)) => {
-                worked = true;
-                recheck = None;
-            }
-            Ok(Outcome::Idle) => {
-                let wait = recheck.unwrap_or(settings.poll_interval);
+        let outcome = follower.try_process_batch(&mut session).await;
+        if let Ok(Outcome::Processed(_) | Outcome::CaughtUp(_)) = outcome {
+            worked = true;
+        }
+        match outcome {
+            Ok(Outcome::Processed(_)) => {}
+            Ok(Outcome::CaughtUp(_) | Outcome::Idle) => {
+                let mut wait = settings.poll_interval;
+                if let Some(due) = follower.record_due(&session) {
+                    wait = wait.min(due);
+                }
                 let woken = tokio::select! {
                     () = cancel.cancelled() => None,
                     changed = wakeups.changed() => Some(changed.is_ok()),
@@ -189,14 +204,7 @@ async fn run_session<F: Follower>(
                 let Some(woken) = woken else {
                     break SessionEnd::Stopped;
                 };
-                recheck = if woken {
-                    Some(Duration::from_millis(1))
-                } else {
-                    recheck
-                        .map(|previous| previous * 2)
-                        .filter(|next| *next <= RECHECK_MAX)
-                };
-                if !woken && recheck.is_none() && wakeups.has_changed().is_err() {
+                if !woken && wakeups.has_changed().is_err() {
                     // The log is gone (its sender dropped): poll only.
                     pause(cancel, settings.poll_interval).await;
                 }
@@ -229,4 +237,140 @@ pub fn record_event_age(follower: &'static str, recorded_at: chrono::DateTime<ch
         .unwrap_or_default()
         .as_secs_f64();
     metrics::histogram!("follower_event_age_seconds", "follower" => follower).record(age);
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use tokio::sync::{mpsc, watch};
+
+    use super::*;
+    use crate::leader::LocalLeadership;
+
+    /// A follower that never finds work and reports progress to record, due after `due`, until
+    /// a look finds it due; each look is sent to the test.
+    struct Unrecorded {
+        due: Duration,
+        since: Mutex<Option<Instant>>,
+        looks: mpsc::UnboundedSender<bool>,
+    }
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("never")]
+    struct Never;
+
+    #[async_trait]
+    impl Follower for Unrecorded {
+        type Session = ();
+        type Error = Never;
+
+        fn name(&self) -> &'static str {
+            "unrecorded"
+        }
+
+        async fn lead(&self) -> Result<(), Never> {
+            Ok(())
+        }
+
+        async fn try_process_batch(&self, _session: &mut ()) -> Result<Outcome, Never> {
+            let mut since = self.since.lock().unwrap_or_else(|e| e.into_inner());
+            let started = *since.get_or_insert_with(Instant::now);
+            let recorded = started.elapsed() >= self.due;
+            if recorded {
+                *since = None;
+            }
+            let _ = self.looks.send(recorded);
+            Ok(Outcome::Idle)
+        }
+
+        fn record_due(&self, _session: &()) -> Option<Duration> {
+            let since = self.since.lock().unwrap_or_else(|e| e.into_inner());
+            since.map(|started| self.due.saturating_sub(started.elapsed()))
+        }
+    }
+
+    /// With no wake-up and an hour's poll interval, only the follower's `record_due` can make
+    /// an idle loop look again: it must, by then, and the look records.
+    #[tokio::test]
+    async fn an_idle_loop_looks_again_when_unrecorded_progress_is_due() {
+        let (looks, mut seen) = mpsc::unbounded_channel();
+        let follower = Arc::new(Unrecorded {
+            due: Duration::from_millis(50),
+            since: Mutex::new(None),
+            looks,
+        });
+        let (_sender, wakeups) = watch::channel(0);
+        let cancel = CancellationToken::new();
+        let running = tokio::spawn(follow(
+            follower,
+            Arc::new(LocalLeadership::default()),
+            wakeups,
+            FollowSettings {
+                poll_interval: Duration::from_secs(3600),
+            },
+            cancel.clone(),
+        ));
+        let first = seen.recv().await;
+        assert_eq!(first, Some(false), "the first look finds nothing due");
+        let second = tokio::time::timeout(Duration::from_secs(30), seen.recv()).await;
+        assert_eq!(
+            second,
+            Ok(Some(true)),
+            "the loop looked again once the record was due, and that look recorded"
+        );
+        cancel.cancel();
+        running.await.expect("the loop stops when cancelled");
+    }
+
+    /// A follower whose every batch catches up with the log; each look is sent to the test.
+    struct AlwaysCaughtUp {
+        looks: mpsc::UnboundedSender<()>,
+    }
+
+    #[async_trait]
+    impl Follower for AlwaysCaughtUp {
+        type Session = ();
+        type Error = Never;
+
+        fn name(&self) -> &'static str {
+            "caught-up"
+        }
+
+        async fn lead(&self) -> Result<(), Never> {
+            Ok(())
+        }
+
+        async fn try_process_batch(&self, _session: &mut ()) -> Result<Outcome, Never> {
+            let _ = self.looks.send(());
+            // A loop that wrongly looked again at once must not starve the test's runtime.
+            tokio::task::yield_now().await;
+            Ok(Outcome::CaughtUp(1))
+        }
+    }
+
+    /// A batch that caught up is followed by a wait for the next wake-up, not by another look.
+    #[tokio::test]
+    async fn after_a_batch_that_caught_up_the_loop_waits_for_a_wake_up() {
+        let (looks, mut seen) = mpsc::unbounded_channel();
+        let (sender, wakeups) = watch::channel(0_u64);
+        let cancel = CancellationToken::new();
+        let running = tokio::spawn(follow(
+            Arc::new(AlwaysCaughtUp { looks }),
+            Arc::new(LocalLeadership::default()),
+            wakeups,
+            FollowSettings {
+                poll_interval: Duration::from_secs(3600),
+            },
+            cancel.clone(),
+        ));
+        assert_eq!(seen.recv().await, Some(()), "the first look");
+        let again = tokio::time::timeout(Duration::from_millis(300), seen.recv()).await;
+        assert!(again.is_err(), "no second look without a wake-up");
+        sender.send_modify(|count| *count += 1);
+        let woken = tokio::time::timeout(Duration::from_secs(30), seen.recv()).await;
+        assert_eq!(woken, Ok(Some(())), "a wake-up brings the next look");
+        cancel.cancel();
+        running.await.expect("the loop stops when cancelled");
+    }
 }

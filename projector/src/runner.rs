@@ -270,8 +270,16 @@ impl Projector {
     /// a row lock assigns a transaction id, so every idle look would burn one and hold back the
     /// snapshot horizon that every follower's read waits on).
     pub async fn step(&self) -> Result<usize> {
-        let started = Instant::now();
         let lowest = self.models.read_position().await?;
+        self.step_from(lowest).await
+    }
+
+    /// [`Projector::step`] from `lowest`, which must be at or below every live checkpoint (the
+    /// lowest one as read, or where this instance's last batch left them all: checkpoints only
+    /// move forward). Reading from below a checkpoint is safe: each projection applies only
+    /// what is after its own.
+    async fn step_from(&self, lowest: LogPosition) -> Result<usize> {
+        let started = Instant::now();
         self.applied.send_if_modified(|applied| {
             let moved = *applied < lowest;
             *applied = (*applied).max(lowest);
@@ -316,28 +324,58 @@ impl Projector {
     }
 }
 
+/// What a leadership session of the projector keeps: where its batches left every live
+/// checkpoint, so the next batch need not read them first (decision 67). `None` until the
+/// session's first batch, and again after each housekeeping, which follows anything that moved
+/// them elsewhere (a switch moves them forward, never back).
+#[derive(Debug, Default)]
+pub struct ProjectorSession {
+    read_from: Option<LogPosition>,
+}
+
 #[async_trait]
 impl Follower for Projector {
-    type Session = ();
+    type Session = ProjectorSession;
     type Error = Error;
 
     fn name(&self) -> &'static str {
         "projector"
     }
 
-    async fn lead(&self) -> Result<()> {
-        Ok(())
+    async fn lead(&self) -> Result<ProjectorSession> {
+        Ok(ProjectorSession::default())
     }
 
-    async fn try_process_batch(&self, _session: &mut ()) -> Result<Outcome> {
-        match self.step().await {
-            Ok(0) => Ok(Outcome::Idle),
-            Ok(events) => Ok(Outcome::Processed(events)),
+    async fn try_process_batch(&self, session: &mut ProjectorSession) -> Result<Outcome> {
+        let outcome = match session.read_from {
+            Some(lowest) => self.step_from(lowest).await,
+            None => self.step().await,
+        };
+        match outcome {
+            Ok(0) => {
+                // Where the step read from is the lowest checkpoint still.
+                session.read_from = Some(*self.applied.borrow());
+                Ok(Outcome::Idle)
+            }
+            Ok(events) => {
+                // Every projection is at or past the batch's last event now.
+                session.read_from = Some(*self.applied.borrow());
+                Ok(if events < self.settings.batch_size {
+                    Outcome::CaughtUp(events)
+                } else {
+                    Outcome::Processed(events)
+                })
+            }
             Err(error) => {
                 self.healthy.store(false, Ordering::Relaxed);
                 metrics::counter!("projection_batch_failures_total").increment(1);
                 Err(error)
             }
         }
+    }
+
+    async fn housekeeping(&self, session: &mut ProjectorSession) -> Result<()> {
+        session.read_from = None;
+        Ok(())
     }
 }
