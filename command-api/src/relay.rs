@@ -137,11 +137,13 @@ impl Relay {
                 .join(","),
             "relay batch published"
         );
-        Ok(if events.len() < self.settings.window {
-            Outcome::CaughtUp(events.len())
-        } else {
-            Outcome::Processed(events.len())
-        })
+        Ok(
+            if events.len() < self.settings.window && self.log.wakes_on_every_commit() {
+                Outcome::CaughtUp(events.len())
+            } else {
+                Outcome::Processed(events.len())
+            },
+        )
     }
 
     async fn store_checkpoint(&self, session: &mut RelaySession) -> Result<()> {

@@ -249,11 +249,13 @@ impl Saga {
             correlation_ids = %correlation_ids(&results),
             "saga batch applied"
         );
-        Ok(if events.len() < self.settings.batch_size {
-            Outcome::CaughtUp(events.len())
-        } else {
-            Outcome::Processed(events.len())
-        })
+        Ok(
+            if events.len() < self.settings.batch_size && self.log.wakes_on_every_commit() {
+                Outcome::CaughtUp(events.len())
+            } else {
+                Outcome::Processed(events.len())
+            },
+        )
     }
 
     /// Feeds the transactions' cache from the log the saga reads, so most states need no load.

@@ -206,7 +206,7 @@ async fn run_session<F: Follower>(
                 };
                 if !woken && wakeups.has_changed().is_err() {
                     // The log is gone (its sender dropped): poll only.
-                    pause(cancel, settings.poll_interval).await;
+                    pause(cancel, wait).await;
                 }
             }
             Err(error) => {
@@ -370,6 +370,61 @@ mod tests {
         sender.send_modify(|count| *count += 1);
         let woken = tokio::time::timeout(Duration::from_secs(30), seen.recv()).await;
         assert_eq!(woken, Ok(Some(())), "a wake-up brings the next look");
+        cancel.cancel();
+        running.await.expect("the loop stops when cancelled");
+    }
+
+    /// A follower whose first batch sees a commit land while it runs (it bumps the wake-ups
+    /// itself) and catches up; each look is sent to the test.
+    struct CommitDuringBatch {
+        commits: watch::Sender<u64>,
+        looks: mpsc::UnboundedSender<()>,
+    }
+
+    #[async_trait]
+    impl Follower for CommitDuringBatch {
+        type Session = ();
+        type Error = Never;
+
+        fn name(&self) -> &'static str {
+            "commit-during-batch"
+        }
+
+        async fn lead(&self) -> Result<(), Never> {
+            Ok(())
+        }
+
+        async fn try_process_batch(&self, _session: &mut ()) -> Result<Outcome, Never> {
+            if self.looks.send(()).is_ok() && *self.commits.borrow() == 0 {
+                self.commits.send_modify(|count| *count += 1);
+            }
+            Ok(Outcome::CaughtUp(1))
+        }
+    }
+
+    /// A wake-up that arrives while a batch runs is not lost: the batch that caught up is
+    /// followed by another look at once, without waiting for the poll interval.
+    #[tokio::test]
+    async fn a_wake_up_during_a_batch_brings_the_next_look() {
+        let (looks, mut seen) = mpsc::unbounded_channel();
+        let (commits, wakeups) = watch::channel(0_u64);
+        let cancel = CancellationToken::new();
+        let running = tokio::spawn(follow(
+            Arc::new(CommitDuringBatch { commits, looks }),
+            Arc::new(LocalLeadership::default()),
+            wakeups,
+            FollowSettings {
+                poll_interval: Duration::from_secs(3600),
+            },
+            cancel.clone(),
+        ));
+        assert_eq!(seen.recv().await, Some(()), "the first look");
+        let second = tokio::time::timeout(Duration::from_secs(30), seen.recv()).await;
+        assert_eq!(
+            second,
+            Ok(Some(())),
+            "the commit during it brings a second look"
+        );
         cancel.cancel();
         running.await.expect("the loop stops when cancelled");
     }

@@ -271,14 +271,16 @@ impl Projector {
     /// snapshot horizon that every follower's read waits on).
     pub async fn step(&self) -> Result<usize> {
         let lowest = self.models.read_position().await?;
-        self.step_from(lowest).await
+        Ok(self.step_from(lowest).await?.0)
     }
 
     /// [`Projector::step`] from `lowest`, which must be at or below every live checkpoint (the
     /// lowest one as read, or where this instance's last batch left them all: checkpoints only
     /// move forward). Reading from below a checkpoint is safe: each projection applies only
-    /// what is after its own.
-    async fn step_from(&self, lowest: LogPosition) -> Result<usize> {
+    /// what is after its own. Returns how many events it read and where the next batch can be
+    /// read from: `lowest` when there were none, else the batch's last event, which every
+    /// projection has reached.
+    async fn step_from(&self, lowest: LogPosition) -> Result<(usize, LogPosition)> {
         let started = Instant::now();
         self.applied.send_if_modified(|applied| {
             let moved = *applied < lowest;
@@ -297,7 +299,7 @@ impl Projector {
             .await?
         else {
             self.healthy.store(true, Ordering::Relaxed);
-            return Ok(0);
+            return Ok((0, lowest));
         };
         let read = batch.events.len();
         let last = batch.last_position().unwrap_or(LogPosition::START);
@@ -320,7 +322,7 @@ impl Projector {
             correlation_ids = %correlation_ids.join(","),
             "projection batch applied"
         );
-        Ok(read)
+        Ok((read, last))
     }
 }
 
@@ -349,22 +351,27 @@ impl Follower for Projector {
     async fn try_process_batch(&self, session: &mut ProjectorSession) -> Result<Outcome> {
         let outcome = match session.read_from {
             Some(lowest) => self.step_from(lowest).await,
-            None => self.step().await,
+            None => match self.models.read_position().await {
+                Ok(lowest) => self.step_from(lowest).await,
+                Err(error) => Err(error),
+            },
         };
         match outcome {
-            Ok(0) => {
-                // Where the step read from is the lowest checkpoint still.
-                session.read_from = Some(*self.applied.borrow());
+            Ok((0, next)) => {
+                session.read_from = Some(next);
                 Ok(Outcome::Idle)
             }
-            Ok(events) => {
-                // Every projection is at or past the batch's last event now.
-                session.read_from = Some(*self.applied.borrow());
-                Ok(if events < self.settings.batch_size {
-                    Outcome::CaughtUp(events)
-                } else {
-                    Outcome::Processed(events)
-                })
+            Ok((events, next)) => {
+                session.read_from = Some(next);
+                // Short of a full batch: caught up, if the log wakes this process for every
+                // commit (the projector listens for command-api's).
+                Ok(
+                    if events < self.settings.batch_size && self.log.wakes_on_every_commit() {
+                        Outcome::CaughtUp(events)
+                    } else {
+                        Outcome::Processed(events)
+                    },
+                )
             }
             Err(error) => {
                 self.healthy.store(false, Ordering::Relaxed);

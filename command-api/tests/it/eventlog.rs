@@ -505,6 +505,15 @@ async fn a_commit_wakes_a_follower_in_another_process_through_notify() {
     // batch committed by another log's committer (command-api's), without polling.
     let harness = Harness::start().await;
     let listening = reader(&harness.app.pool, true).await;
+    // Only a log that listens may tell its followers that a short read caught up (decision 68);
+    // the writer's own log hears its own commits alone.
+    assert!(listening.wakes_on_every_commit());
+    assert!(
+        !reader(&harness.app.pool, false)
+            .await
+            .wakes_on_every_commit()
+    );
+    assert!(!harness.app.log().wakes_on_every_commit());
     let mut wakeups = listening.subscribe();
     wakeups.borrow_and_update();
     let (_, token) = harness.customer();

@@ -696,6 +696,12 @@ impl EventLog for KurrentDbEventLog {
         self.wakeups.subscribe()
     }
 
+    /// The subscription to `$all` delivers every written event of the log's prefix, whoever
+    /// wrote it.
+    fn wakes_on_every_commit(&self) -> bool {
+        true
+    }
+
     async fn read_snapshot(&self, stream: &StreamId) -> Result<Option<Snapshot>> {
         let name = self.names.snapshot(stream)?;
         let Some(event) = self.last_event(&name).await? else {

@@ -344,6 +344,15 @@ pub trait EventLog: Send + Sync + 'static {
     /// Wake-ups for followers: moves after every commit this log makes or hears of.
     fn subscribe(&self) -> Wakeups;
 
+    /// Whether [`EventLog::subscribe`] moves after every commit of the log, whichever process
+    /// made it, once the commit is readable. Then a follower whose read came back short has
+    /// caught up and may wait for the next wake-up (decision 68); otherwise (a PostgreSQL writer
+    /// that does not listen hears only its own commits) it must look again, or another
+    /// process's commits would wait for the poll interval.
+    fn wakes_on_every_commit(&self) -> bool {
+        false
+    }
+
     /// The newest snapshot of `stream`, if any.
     async fn read_snapshot(&self, stream: &StreamId) -> Result<Option<Snapshot>>;
 

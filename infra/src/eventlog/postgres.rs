@@ -111,6 +111,9 @@ pub struct PgEventLog {
     wakeups: watch::Sender<u64>,
     repository: PostgresEventRepository,
     listener: Option<JoinHandle<()>>,
+    /// Whether this log listens for every process's commits (its own or the one it reads
+    /// through, [`PgEventLog::reading_from`]).
+    listening: bool,
 }
 
 impl Drop for PgEventLog {
@@ -167,6 +170,7 @@ impl PgEventLog {
             committer,
             wakeups,
             repository,
+            listening: listener.is_some(),
             listener,
         })
     }
@@ -188,6 +192,7 @@ impl PgEventLog {
             committer: self.committer.clone(),
             wakeups: self.wakeups.clone(),
             listener: None,
+            listening: self.listening,
         }
     }
 }
@@ -380,6 +385,11 @@ impl EventLog for PgEventLog {
 
     fn subscribe(&self) -> Wakeups {
         self.wakeups.subscribe()
+    }
+
+    /// Only when it listens: a writer that does not hears its own commits alone.
+    fn wakes_on_every_commit(&self) -> bool {
+        self.listening
     }
 
     async fn read_snapshot(&self, stream: &StreamId) -> Result<Option<Snapshot>> {

@@ -255,6 +255,12 @@ impl EventLog for SqliteEventLog {
         self.wakeups.subscribe()
     }
 
+    /// One process writes the file (`ledger serve` holds it), and its committer wakes after every
+    /// commit.
+    fn wakes_on_every_commit(&self) -> bool {
+        true
+    }
+
     async fn read_snapshot(&self, stream: &StreamId) -> Result<Option<Snapshot>> {
         let row: Option<(i64, i32, String)> = sqlx::query_as(
             "SELECT sequence, state_version, state FROM aggregate_snapshots \
