@@ -137,13 +137,11 @@ impl Relay {
                 .join(","),
             "relay batch published"
         );
-        Ok(
-            if events.len() < self.settings.window && self.log.wakes_on_every_commit() {
-                Outcome::CaughtUp(events.len())
-            } else {
-                Outcome::Processed(events.len())
-            },
-        )
+        Ok(Outcome::of_batch(
+            events.len(),
+            self.settings.window,
+            &*self.log,
+        ))
     }
 
     async fn store_checkpoint(&self, session: &mut RelaySession) -> Result<()> {

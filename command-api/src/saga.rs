@@ -249,13 +249,11 @@ impl Saga {
             correlation_ids = %correlation_ids(&results),
             "saga batch applied"
         );
-        Ok(
-            if events.len() < self.settings.batch_size && self.log.wakes_on_every_commit() {
-                Outcome::CaughtUp(events.len())
-            } else {
-                Outcome::Processed(events.len())
-            },
-        )
+        Ok(Outcome::of_batch(
+            events.len(),
+            self.settings.batch_size,
+            &*self.log,
+        ))
     }
 
     /// Feeds the transactions' cache from the log the saga reads, so most states need no load.

@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use tokio_util::sync::CancellationToken;
 
-use crate::eventlog::Wakeups;
+use crate::eventlog::{EventLog, Wakeups};
 use crate::leader::{Leadership, Lease};
 use crate::tasks::pause;
 
@@ -45,6 +45,19 @@ pub enum Outcome {
     /// of looking again at once only to find nothing (decision 68).
     CaughtUp(usize),
     Idle,
+}
+
+impl Outcome {
+    /// A batch of `read` events from `log`, which was asked for up to `limit`: caught up when
+    /// it came back short and `log` wakes this process for every commit (whoever made it), so
+    /// the next one sends a wake-up; otherwise another look may find more.
+    pub fn of_batch(read: usize, limit: usize, log: &dyn EventLog) -> Outcome {
+        if read < limit && log.wakes_on_every_commit() {
+            Outcome::CaughtUp(read)
+        } else {
+            Outcome::Processed(read)
+        }
+    }
 }
 
 /// A follower of the log.
@@ -244,9 +257,42 @@ mod tests {
     use std::sync::Mutex;
 
     use tokio::sync::{mpsc, watch};
+    use tokio::task::JoinHandle;
 
     use super::*;
     use crate::leader::LocalLeadership;
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("never")]
+    struct Never;
+
+    /// `follower` run by the loop with an hour's poll interval, so only a wake-up or the
+    /// follower's `record_due` brings a look after an idle or caught-up one.
+    struct Running {
+        cancel: CancellationToken,
+        loop_task: JoinHandle<()>,
+    }
+
+    impl Running {
+        fn start<F: Follower>(follower: F, wakeups: Wakeups) -> Running {
+            let cancel = CancellationToken::new();
+            let loop_task = tokio::spawn(follow(
+                Arc::new(follower),
+                Arc::new(LocalLeadership::default()),
+                wakeups,
+                FollowSettings {
+                    poll_interval: Duration::from_secs(3600),
+                },
+                cancel.clone(),
+            ));
+            Running { cancel, loop_task }
+        }
+
+        async fn stop(self) {
+            self.cancel.cancel();
+            self.loop_task.await.expect("the loop stops when cancelled");
+        }
+    }
 
     /// A follower that never finds work and reports progress to record, due after `due`, until
     /// a look finds it due; each look is sent to the test.
@@ -255,10 +301,6 @@ mod tests {
         since: Mutex<Option<Instant>>,
         looks: mpsc::UnboundedSender<bool>,
     }
-
-    #[derive(Debug, thiserror::Error)]
-    #[error("never")]
-    struct Never;
 
     #[async_trait]
     impl Follower for Unrecorded {
@@ -295,22 +337,15 @@ mod tests {
     #[tokio::test]
     async fn an_idle_loop_looks_again_when_unrecorded_progress_is_due() {
         let (looks, mut seen) = mpsc::unbounded_channel();
-        let follower = Arc::new(Unrecorded {
-            due: Duration::from_millis(50),
-            since: Mutex::new(None),
-            looks,
-        });
         let (_sender, wakeups) = watch::channel(0);
-        let cancel = CancellationToken::new();
-        let running = tokio::spawn(follow(
-            follower,
-            Arc::new(LocalLeadership::default()),
-            wakeups,
-            FollowSettings {
-                poll_interval: Duration::from_secs(3600),
+        let running = Running::start(
+            Unrecorded {
+                due: Duration::from_millis(50),
+                since: Mutex::new(None),
+                looks,
             },
-            cancel.clone(),
-        ));
+            wakeups,
+        );
         let first = seen.recv().await;
         assert_eq!(first, Some(false), "the first look finds nothing due");
         let second = tokio::time::timeout(Duration::from_secs(30), seen.recv()).await;
@@ -319,22 +354,24 @@ mod tests {
             Ok(Some(true)),
             "the loop looked again once the record was due, and that look recorded"
         );
-        cancel.cancel();
-        running.await.expect("the loop stops when cancelled");
+        running.stop().await;
     }
 
     /// A follower whose every batch catches up with the log; each look is sent to the test.
-    struct AlwaysCaughtUp {
+    /// With `commit_during_first`, its first batch sees a commit land while it runs (it bumps
+    /// the wake-ups itself).
+    struct CatchingUp {
+        commit_during_first: Option<watch::Sender<u64>>,
         looks: mpsc::UnboundedSender<()>,
     }
 
     #[async_trait]
-    impl Follower for AlwaysCaughtUp {
+    impl Follower for CatchingUp {
         type Session = ();
         type Error = Never;
 
         fn name(&self) -> &'static str {
-            "caught-up"
+            "catching-up"
         }
 
         async fn lead(&self) -> Result<(), Never> {
@@ -343,6 +380,11 @@ mod tests {
 
         async fn try_process_batch(&self, _session: &mut ()) -> Result<Outcome, Never> {
             let _ = self.looks.send(());
+            if let Some(commits) = &self.commit_during_first
+                && *commits.borrow() == 0
+            {
+                commits.send_modify(|count| *count += 1);
+            }
             // A loop that wrongly looked again at once must not starve the test's runtime.
             tokio::task::yield_now().await;
             Ok(Outcome::CaughtUp(1))
@@ -354,52 +396,20 @@ mod tests {
     async fn after_a_batch_that_caught_up_the_loop_waits_for_a_wake_up() {
         let (looks, mut seen) = mpsc::unbounded_channel();
         let (sender, wakeups) = watch::channel(0_u64);
-        let cancel = CancellationToken::new();
-        let running = tokio::spawn(follow(
-            Arc::new(AlwaysCaughtUp { looks }),
-            Arc::new(LocalLeadership::default()),
-            wakeups,
-            FollowSettings {
-                poll_interval: Duration::from_secs(3600),
+        let running = Running::start(
+            CatchingUp {
+                commit_during_first: None,
+                looks,
             },
-            cancel.clone(),
-        ));
+            wakeups,
+        );
         assert_eq!(seen.recv().await, Some(()), "the first look");
         let again = tokio::time::timeout(Duration::from_millis(300), seen.recv()).await;
         assert!(again.is_err(), "no second look without a wake-up");
         sender.send_modify(|count| *count += 1);
         let woken = tokio::time::timeout(Duration::from_secs(30), seen.recv()).await;
         assert_eq!(woken, Ok(Some(())), "a wake-up brings the next look");
-        cancel.cancel();
-        running.await.expect("the loop stops when cancelled");
-    }
-
-    /// A follower whose first batch sees a commit land while it runs (it bumps the wake-ups
-    /// itself) and catches up; each look is sent to the test.
-    struct CommitDuringBatch {
-        commits: watch::Sender<u64>,
-        looks: mpsc::UnboundedSender<()>,
-    }
-
-    #[async_trait]
-    impl Follower for CommitDuringBatch {
-        type Session = ();
-        type Error = Never;
-
-        fn name(&self) -> &'static str {
-            "commit-during-batch"
-        }
-
-        async fn lead(&self) -> Result<(), Never> {
-            Ok(())
-        }
-
-        async fn try_process_batch(&self, _session: &mut ()) -> Result<Outcome, Never> {
-            if self.looks.send(()).is_ok() && *self.commits.borrow() == 0 {
-                self.commits.send_modify(|count| *count += 1);
-            }
-            Ok(Outcome::CaughtUp(1))
-        }
+        running.stop().await;
     }
 
     /// A wake-up that arrives while a batch runs is not lost: the batch that caught up is
@@ -408,16 +418,13 @@ mod tests {
     async fn a_wake_up_during_a_batch_brings_the_next_look() {
         let (looks, mut seen) = mpsc::unbounded_channel();
         let (commits, wakeups) = watch::channel(0_u64);
-        let cancel = CancellationToken::new();
-        let running = tokio::spawn(follow(
-            Arc::new(CommitDuringBatch { commits, looks }),
-            Arc::new(LocalLeadership::default()),
-            wakeups,
-            FollowSettings {
-                poll_interval: Duration::from_secs(3600),
+        let running = Running::start(
+            CatchingUp {
+                commit_during_first: Some(commits),
+                looks,
             },
-            cancel.clone(),
-        ));
+            wakeups,
+        );
         assert_eq!(seen.recv().await, Some(()), "the first look");
         let second = tokio::time::timeout(Duration::from_secs(30), seen.recv()).await;
         assert_eq!(
@@ -425,7 +432,6 @@ mod tests {
             Ok(Some(())),
             "the commit during it brings a second look"
         );
-        cancel.cancel();
-        running.await.expect("the loop stops when cancelled");
+        running.stop().await;
     }
 }

@@ -349,13 +349,14 @@ impl Follower for Projector {
     }
 
     async fn try_process_batch(&self, session: &mut ProjectorSession) -> Result<Outcome> {
-        let outcome = match session.read_from {
-            Some(lowest) => self.step_from(lowest).await,
-            None => match self.models.read_position().await {
-                Ok(lowest) => self.step_from(lowest).await,
-                Err(error) => Err(error),
-            },
-        };
+        let outcome = async {
+            let lowest = match session.read_from {
+                Some(lowest) => lowest,
+                None => self.models.read_position().await?,
+            };
+            self.step_from(lowest).await
+        }
+        .await;
         match outcome {
             Ok((0, next)) => {
                 session.read_from = Some(next);
@@ -363,15 +364,12 @@ impl Follower for Projector {
             }
             Ok((events, next)) => {
                 session.read_from = Some(next);
-                // Short of a full batch: caught up, if the log wakes this process for every
-                // commit (the projector listens for command-api's).
-                Ok(
-                    if events < self.settings.batch_size && self.log.wakes_on_every_commit() {
-                        Outcome::CaughtUp(events)
-                    } else {
-                        Outcome::Processed(events)
-                    },
-                )
+                // The projector's log listens for command-api's commits.
+                Ok(Outcome::of_batch(
+                    events,
+                    self.settings.batch_size,
+                    &*self.log,
+                ))
             }
             Err(error) => {
                 self.healthy.store(false, Ordering::Relaxed);
