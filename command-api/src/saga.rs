@@ -193,7 +193,7 @@ impl Saga {
     /// and the checkpoint after them, in one transaction.
     async fn record(&self, session: &mut SagaSession) -> Result<()> {
         session.recorded_at = Instant::now();
-        if session.unrecorded.is_empty() && session.position == session.recorded {
+        if !session.has_unrecorded() {
             return Ok(());
         }
         let progress: Vec<SagaProgress> = session.unrecorded.drain().map(|(_, p)| p).collect();
@@ -814,6 +814,13 @@ pub struct SagaSession {
     unrecorded: HashMap<Uuid, SagaProgress>,
 }
 
+impl SagaSession {
+    /// Whether it holds progress or a position its last record did not write.
+    fn has_unrecorded(&self) -> bool {
+        !self.unrecorded.is_empty() || self.position != self.recorded
+    }
+}
+
 impl Default for SagaSession {
     fn default() -> Self {
         SagaSession {
@@ -863,8 +870,9 @@ impl Follower for Saga {
 
     /// Progress not recorded yet is recorded [`RECORD_INTERVAL`] after the last record.
     fn record_due(&self, session: &SagaSession) -> Option<Duration> {
-        let unrecorded = !session.unrecorded.is_empty() || session.position != session.recorded;
-        unrecorded.then(|| RECORD_INTERVAL.saturating_sub(session.recorded_at.elapsed()))
+        session
+            .has_unrecorded()
+            .then(|| RECORD_INTERVAL.saturating_sub(session.recorded_at.elapsed()))
     }
 
     /// Records first: the due transactions are read from what is recorded.
