@@ -20,7 +20,11 @@
 //! millisecond or two, so that costs little next to the fsync each already waits for.
 //!
 //! **Appends.** One committer task per process takes every waiting append and writes them with
-//! one `INSERT … SELECT FROM UNNEST` in one transaction (see [`super::committer`]). A row is
+//! one `INSERT … SELECT FROM UNNEST` in one transaction (see [`super::committer`]), in one round
+//! trip: a temporary function of the committer's session takes the lock, inserts and notifies,
+//! and the call commits on its own (decision 69). A chained batch that left an append unwritten
+//! is refused by the function and written again the long way (`BEGIN` and the lock, the insert,
+//! `COMMIT`), which looks at the outcomes before it commits. A row is
 //! inserted only if its stream holds exactly the expected version (a correlated `max(sequence)`,
 //! one index probe per row: an `EXISTS` under an `OR` let the planner hash the whole table
 //! instead, once per batch), and an append whose rows were all left out is a retry if the stored
@@ -62,6 +66,12 @@ use crate::log::LAG_COUNT_CAP;
 /// between the version check and the insert. The second attempt sees the other's rows, so one
 /// retry normally suffices; three survive a burst of such races.
 const PARTIAL_BATCH_ATTEMPTS: usize = 3;
+
+/// The committer session's temporary append function ([`Sql::create_append`]).
+const APPEND_FUNCTION: &str = "event_log_append";
+
+/// The SQLSTATE the append function raises when a batch with chained appends left one unwritten.
+const UNWRITTEN_IN_CHAIN: &str = "LG001";
 
 /// How long the NOTIFY listener waits before reconnecting after losing its connection.
 const LISTENER_RECONNECT_DELAY: Duration = Duration::from_secs(1);
@@ -443,6 +453,10 @@ struct Sql {
     snapshots_table: String,
     channel: String,
     insert: String,
+    /// Creates the committer session's own append function ([`Sql::append`]).
+    create_append: String,
+    /// A batch in one round trip: lock, insert and notify in a function, committed at once.
+    append: String,
     read_stream_recorded: String,
     ping: String,
     stored_ids: String,
@@ -499,13 +513,11 @@ impl Sql {
         };
         let lag_filter = "(CASE WHEN ($3::text IS NULL OR e.aggregate_type = $3) \
              AND ($4::text IS NULL OR e.event_type = $4) THEN true ELSE false END)";
+        let lock_key = crate::db::advisory_key(&format!("event-log/{table}"));
         Ok(Sql {
             events_table: table.to_owned(),
             // One simple query, two statements: the lock's key is a number of ours.
-            begin_locked: format!(
-                "BEGIN; SELECT pg_advisory_xact_lock({})",
-                crate::db::advisory_key(&format!("event-log/{table}"))
-            ),
+            begin_locked: format!("BEGIN; SELECT pg_advisory_xact_lock({lock_key})"),
             snapshots_table: snapshots_table.unwrap_or("aggregate_snapshots").to_owned(),
             channel: table.replace('.', "_"),
             // The batch's NOTIFY rides with its insert (decision 63): `notified` is evaluated
@@ -548,6 +560,60 @@ impl Sql {
                          AND e.aggregate_id = k.aggregate_id AND e.sequence = k.sequence
                      OFFSET 0
                  ) e"
+            ),
+            // The whole batch in one round trip (decision 69): a VOLATILE function takes each
+            // statement's snapshot when that statement starts, so its insert sees every batch
+            // committed before the lock was granted, and its transaction id is assigned at the
+            // insert, after the lock, as in `begin_locked` and `insert`. Called outside a
+            // transaction, the call commits on its own (durably: the session asserts
+            // `synchronous_commit`) before the answer arrives. `$11`, strict: a batch with
+            // chained appends raises `LG001` if any append was left unwritten, rolling the
+            // whole call back, and the committer writes it again the long way, where the
+            // outcomes are looked at before the commit. A temporary function: each committer
+            // session creates its own, so no migration or privilege is needed and instances
+            // never race to replace it.
+            create_append: format!(
+                "CREATE FUNCTION pg_temp.{APPEND_FUNCTION}(text[], text[], bigint[], bigint[], \
+                     text[], text[], text[], text[], uuid[], int[], boolean)
+                 RETURNS TABLE (stream_type text, stream_id text, stream_sequence bigint,
+                     commit_id bigint, log_position bigint)
+                 LANGUAGE plpgsql VOLATILE AS $body$
+                 DECLARE
+                     written bigint;
+                 BEGIN
+                     PERFORM pg_advisory_xact_lock({lock_key});
+                     RETURN QUERY WITH inserted AS (
+                         INSERT INTO {table} (aggregate_type, aggregate_id, sequence, \
+                             event_type, event_version, payload, metadata, event_id)
+                         SELECT i.aggregate_type, i.aggregate_id, i.sequence, i.event_type,
+                             i.event_version, i.payload::jsonb, i.metadata::jsonb, i.event_id
+                         FROM UNNEST($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
+                             AS i(aggregate_type, aggregate_id, expected, sequence, event_type,
+                                  event_version, payload, metadata, event_id, ordinal)
+                         WHERE coalesce((SELECT max(e.sequence) FROM {table} e
+                                 WHERE e.aggregate_type = i.aggregate_type
+                                   AND e.aggregate_id = i.aggregate_id), 0) = i.expected
+                         ORDER BY i.ordinal
+                         RETURNING aggregate_type, aggregate_id, sequence,
+                             tx_id::text::bigint, position
+                     )
+                     SELECT * FROM inserted;
+                     GET DIAGNOSTICS written = ROW_COUNT;
+                     IF $11 AND written < cardinality($9) THEN
+                         RAISE EXCEPTION 'a chained batch left an append unwritten'
+                             USING ERRCODE = '{UNWRITTEN_IN_CHAIN}';
+                     END IF;
+                     IF written > 0 THEN
+                         PERFORM pg_notify('{channel}', '');
+                     END IF;
+                 END
+                 $body$",
+                lock_key = lock_key,
+                channel = table.replace('.', "_"),
+            ),
+            append: format!(
+                "SELECT stream_type, stream_id, stream_sequence, commit_id, log_position \
+                 FROM pg_temp.{APPEND_FUNCTION}($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)"
             ),
             read_stream_recorded: format!(
                 "SELECT {COLUMNS} FROM {table} e WHERE e.aggregate_type = $1 \
@@ -659,19 +725,33 @@ impl BatchWriter for PgWriter {
         // a rare write-again keeps the common path at one statement.
         let mut held_back = vec![false; chain.len()];
         let mut races = 0;
+        // The first attempt goes in one round trip; one the function refuses goes the long way.
+        let mut one_trip = true;
         while races < PARTIAL_BATCH_ATTEMPTS {
             if self.connection.is_none() {
                 let mut connection = PgConnection::connect_with(&self.options)
                     .await
                     .context("connecting the event log's committer")?;
                 crate::db::assert_durable(&mut connection).await?;
+                sqlx::Executor::execute(&mut connection, self.sql.create_append.as_str())
+                    .await
+                    .context("creating the event log's append function")?;
                 self.connection = Some(connection);
             }
             let Some(connection) = self.connection.as_mut() else {
                 continue;
             };
-            match write_once(connection, &self.sql, chain, &held_back).await {
+            let attempt = if one_trip {
+                write_in_one_trip(connection, &self.sql, chain).await
+            } else {
+                write_once(connection, &self.sql, chain, &held_back).await
+            };
+            match attempt {
                 Ok(Attempt::Committed(outcomes)) => return Ok(outcomes),
+                Ok(Attempt::TheLongWay) => {
+                    metrics::counter!("event_log_batches_written_again_total").increment(1);
+                    one_trip = false;
+                }
                 Ok(Attempt::Raced) => {
                     metrics::counter!("event_log_batch_races_total").increment(1);
                     races += 1;
@@ -760,6 +840,115 @@ enum Attempt {
     /// Rolled back: these appends were inserted although a prerequisite of theirs did not come
     /// out written. Try again without them.
     HoldBack(Vec<usize>),
+    /// Rolled back: the append function refused a chained batch that left an append unwritten.
+    /// Write it again with [`write_once`], which looks at the outcomes before it commits.
+    TheLongWay,
+}
+
+/// One attempt at `chain` in one round trip ([`Sql::append`]), committed when it returns.
+async fn write_in_one_trip(
+    connection: &mut PgConnection,
+    sql: &Sql,
+    chain: &[Chained],
+) -> Result<Attempt> {
+    let appends: Vec<&Append> = chain.iter().map(|chained| &chained.append).collect();
+    let rows = Rows::of(&appends)?;
+    let chained = chain.iter().any(|chained| !chained.after.is_empty());
+    let stage = std::time::Instant::now();
+    let inserted: std::result::Result<Vec<InsertedRow>, sqlx::Error> = sqlx::query_as(&sql.append)
+        .bind(&rows.aggregate_type)
+        .bind(&rows.aggregate_id)
+        .bind(&rows.expected)
+        .bind(&rows.sequence)
+        .bind(&rows.event_type)
+        .bind(&rows.event_version)
+        .bind(&rows.payload)
+        .bind(&rows.metadata)
+        .bind(&rows.event_id)
+        .bind(&rows.ordinal)
+        .bind(chained)
+        .fetch_all(&mut *connection)
+        .await;
+    record_stage("one_trip", stage);
+    let inserted = match inserted {
+        Ok(inserted) => inserted,
+        Err(sqlx::Error::Database(error)) if error.is_unique_violation() => {
+            // As in `write_once`: a writer bypassing the lock; the call rolled back.
+            return Ok(Attempt::Raced);
+        }
+        Err(sqlx::Error::Database(error))
+            if error.code().as_deref() == Some(UNWRITTEN_IN_CHAIN) =>
+        {
+            return Ok(Attempt::TheLongWay);
+        }
+        Err(source) => {
+            return Err(Error::Database {
+                context: "appending a batch of events",
+                source,
+            });
+        }
+    };
+    // Committed. Each append's rows were checked against one snapshot, under the lock, in one
+    // statement, so an append is written whole or not at all.
+    let inserted: HashMap<Key, LogPosition> = inserted
+        .into_iter()
+        .map(|(kind, id, sequence, commit, index)| {
+            ((kind, id, sequence), LogPosition { commit, index })
+        })
+        .collect();
+    let mut outcomes = Vec::with_capacity(appends.len());
+    let mut unwritten = Vec::new();
+    for (index, append) in appends.iter().enumerate() {
+        let keys = keys_of(append);
+        match keys.last().and_then(|key| inserted.get(key)) {
+            Some(&position) if keys.iter().all(|key| inserted.contains_key(key)) => {
+                outcomes.push(AppendOutcome::Appended {
+                    version: version_after(append),
+                    position,
+                });
+            }
+            _ if keys.iter().any(|key| inserted.contains_key(key)) => {
+                return Err(Error::CommitFailed(format!(
+                    "an append to {} was written in part",
+                    append.stream
+                )));
+            }
+            _ => {
+                outcomes.push(AppendOutcome::Conflict);
+                unwritten.push(index);
+            }
+        }
+    }
+    if !unwritten.is_empty() {
+        // Read after the commit, outside the lock: a stored event never changes, so the rows at
+        // the versions these appends aimed at are the ones that kept them out, or (if none was
+        // there) the append is a conflict either way.
+        let stored = stored_ids(connection, sql, &appends, &unwritten).await?;
+        for index in unwritten {
+            outcomes[index] = classify_unwritten(appends[index], &stored);
+        }
+    }
+    Ok(Attempt::Committed(outcomes))
+}
+
+/// A duplicate if the stored events at the versions `append` aimed at carry its ids (a retry of
+/// an append already made), a conflict otherwise.
+fn classify_unwritten(
+    append: &Append,
+    stored: &HashMap<Key, (Uuid, LogPosition)>,
+) -> AppendOutcome {
+    let keys = keys_of(append);
+    let same = keys
+        .iter()
+        .zip(&append.events)
+        .all(|(key, event)| stored.get(key).is_some_and(|(id, _)| *id == event.event_id));
+    match keys.last().and_then(|key| stored.get(key)) {
+        Some((_, position)) if same => AppendOutcome::Duplicate {
+            version: version_after(append),
+            position: *position,
+        },
+        _ => AppendOutcome::Conflict,
+    }
 }
 
 /// One attempt at `chain`, leaving out the appends `held_back` marks (they come out as
@@ -779,10 +968,13 @@ async fn write_once(
     // The append lock is taken before the insert, so this transaction's id is assigned after
     // every earlier batch committed: commit order is (tx_id, position) order. With the BEGIN,
     // in one round trip (decision 63).
+    let stage = std::time::Instant::now();
     let mut transaction = connection
         .begin_with(sql.begin_locked.clone())
         .await
         .context("starting an event log batch under its append lock")?;
+    record_stage("lock", stage);
+    let stage = std::time::Instant::now();
     let inserted: std::result::Result<Vec<InsertedRow>, sqlx::Error> = sqlx::query_as(&sql.insert)
         .bind(&rows.aggregate_type)
         .bind(&rows.aggregate_id)
@@ -815,6 +1007,7 @@ async fn write_once(
             });
         }
     };
+    record_stage("insert", stage);
     let inserted: HashMap<Key, LogPosition> = inserted
         .into_iter()
         .map(|(kind, id, sequence, commit, index)| {
@@ -849,19 +1042,7 @@ async fn write_once(
     if !unwritten.is_empty() {
         let stored = stored_ids(&mut transaction, sql, &appends, &unwritten).await?;
         for index in unwritten {
-            let append = &appends[index];
-            let keys = keys_of(append);
-            let same = keys
-                .iter()
-                .zip(&append.events)
-                .all(|(key, event)| stored.get(key).is_some_and(|(id, _)| *id == event.event_id));
-            outcomes[index] = Some(match keys.last().and_then(|key| stored.get(key)) {
-                Some((_, position)) if same => AppendOutcome::Duplicate {
-                    version: version_after(append),
-                    position: *position,
-                },
-                _ => AppendOutcome::Conflict,
-            });
+            outcomes[index] = Some(classify_unwritten(appends[index], &stored));
         }
     }
     // Back to the whole chain's order: the held back are conflicts, unwritten. An append
@@ -889,15 +1070,25 @@ async fn write_once(
             .context("rolling back a batch with a broken chain")?;
         return Ok(Attempt::HoldBack(hold_back));
     }
+    let stage = std::time::Instant::now();
     transaction
         .commit()
         .await
         .context("committing an event log batch")?;
+    record_stage("commit", stage);
     Ok(Attempt::Committed(
         all.into_iter()
             .map(|outcome| outcome.unwrap_or(AppendOutcome::Conflict))
             .collect(),
     ))
+}
+
+/// How long one step of a batch took, as the committer saw it (its round trip included):
+/// `one_trip` (the whole batch, decision 69) or, the long way, `lock` (`BEGIN` and the append
+/// lock, its wait included), `insert` and `commit`.
+fn record_stage(stage: &'static str, started: std::time::Instant) {
+    metrics::histogram!("event_log_batch_stage_seconds", "stage" => stage)
+        .record(started.elapsed().as_secs_f64());
 }
 
 fn keys_of(append: &Append) -> Vec<Key> {
