@@ -525,3 +525,122 @@ async fn a_commit_wakes_a_follower_in_another_process_through_notify() {
     drop(listening);
     harness.finish().await;
 }
+
+#[tokio::test]
+async fn a_committer_refused_temporary_objects_writes_the_long_way() {
+    // Proves decision 69's fallback: a committer whose role may not create temporary objects
+    // (the function it writes each batch through in one round trip) still appends, chained
+    // batches included, the long way.
+    let role = format!("ledger_no_temp_{}", uuid::Uuid::new_v4().simple());
+    // Declared before the database, so dropped after it, when nothing depends on the role.
+    let _role = ScratchRole(role.clone());
+    let database = ScratchDatabase::create(&command_api::testing::admin_url())
+        .await
+        .expect("a scratch database");
+    let scratch = Scratch::new(database);
+    let url = scratch.0.as_ref().expect("the database").url();
+    let pool = infra::db::connect(&url, "command_api", 4, "test")
+        .await
+        .expect("connects");
+    command_api::startup::migrate(&pool)
+        .await
+        .expect("migrates");
+    let name: String = sqlx::query_scalar("SELECT current_database()")
+        .fetch_one(&pool)
+        .await
+        .expect("the database's name");
+    for statement in [
+        format!("CREATE ROLE {role} LOGIN"),
+        format!("REVOKE TEMPORARY ON DATABASE {name} FROM PUBLIC"),
+        format!("GRANT USAGE ON SCHEMA command_api TO {role}"),
+        format!("GRANT SELECT, INSERT ON command_api.events TO {role}"),
+        format!("GRANT USAGE ON ALL SEQUENCES IN SCHEMA command_api TO {role}"),
+    ] {
+        sqlx::query(&statement)
+            .execute(&pool)
+            .await
+            .expect("sets the role up");
+    }
+    let refused = async {
+        let options = infra::db::connect_options(&url, "command_api")
+            .expect("options")
+            .username(&role);
+        let mut session = <sqlx::PgConnection as sqlx::Connection>::connect_with(&options)
+            .await
+            .expect("the role connects");
+        sqlx::Executor::execute(&mut session, "CREATE TEMPORARY TABLE probe (x int)")
+            .await
+            .is_err()
+    }
+    .await;
+    assert!(refused, "the role may not create temporary objects");
+    let log = PgEventLog::open(
+        pool.clone(),
+        PgEventLogOptions::writer(
+            "command_api",
+            infra::db::connect_options(&url, "command_api")
+                .expect("options")
+                .username(&role),
+        ),
+    )
+    .await
+    .expect("the log opens");
+    let event = |name: &str| NewEvent {
+        event_id: uuid::Uuid::new_v4(),
+        event_type: name.to_owned(),
+        event_version: "1".to_owned(),
+        payload: "{}".to_owned(),
+        metadata: EventMetadata::default(),
+    };
+    let (first, second) = (
+        StreamId::new("account", "first"),
+        StreamId::new("transaction", "second"),
+    );
+    let outcomes = log
+        .append_chained(vec![
+            infra::eventlog::Chained::alone(Append {
+                stream: first.clone(),
+                expected_version: 0,
+                events: vec![event("Opened")],
+            }),
+            infra::eventlog::Chained {
+                append: Append {
+                    stream: second.clone(),
+                    expected_version: 0,
+                    events: vec![event("Recorded")],
+                },
+                after: vec![0],
+            },
+        ])
+        .await
+        .expect("the batch is written the long way");
+    assert!(
+        outcomes
+            .iter()
+            .all(|outcome| matches!(outcome, AppendOutcome::Appended { version: 1, .. })),
+        "{outcomes:?}"
+    );
+    for stream in [&first, &second] {
+        assert_eq!(log.read_stream(stream, 0).await.expect("reads").len(), 1);
+    }
+    drop(log);
+    pool.close().await;
+}
+
+/// A login role for one check, dropped even when the check fails: declared before the check's
+/// scratch database, it is dropped after it, when no grant depends on it any more.
+struct ScratchRole(String);
+
+impl Drop for ScratchRole {
+    fn drop(&mut self) {
+        let statement = format!("DROP ROLE IF EXISTS {}", self.0);
+        infra::tasks::block_on_own_runtime(async move {
+            use sqlx::Connection;
+            if let Ok(mut admin) =
+                sqlx::PgConnection::connect(&command_api::testing::admin_url()).await
+            {
+                let _ = sqlx::query(&statement).execute(&mut admin).await;
+            }
+        });
+    }
+}

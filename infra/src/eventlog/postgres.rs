@@ -22,9 +22,10 @@
 //! **Appends.** One committer task per process takes every waiting append and writes them with
 //! one `INSERT … SELECT FROM UNNEST` in one transaction (see [`super::committer`]), in one round
 //! trip: a temporary function of the committer's session takes the lock, inserts and notifies,
-//! and the call commits on its own (decision 69). A chained batch that left an append unwritten
-//! is refused by the function and written again the long way (`BEGIN` and the lock, the insert,
-//! `COMMIT`), which looks at the outcomes before it commits. A row is
+//! and the call commits on its own (decision 69). A batch in which an append another one names
+//! as a prerequisite would be left unwritten is refused by the function and written again the
+//! long way (`BEGIN` and the lock, the insert, `COMMIT`), which looks at the outcomes before it
+//! commits. A row is
 //! inserted only if its stream holds exactly the expected version (a correlated `max(sequence)`,
 //! one index probe per row: an `EXISTS` under an `OR` let the planner hash the whole table
 //! instead, once per batch), and an append whose rows were all left out is a retry if the stored
@@ -70,8 +71,12 @@ const PARTIAL_BATCH_ATTEMPTS: usize = 3;
 /// The committer session's temporary append function ([`Sql::create_append`]).
 const APPEND_FUNCTION: &str = "event_log_append";
 
-/// The SQLSTATE the append function raises when a batch with chained appends left one unwritten.
-const UNWRITTEN_IN_CHAIN: &str = "LG001";
+/// The SQLSTATE the append function raises when an append another one names as a prerequisite
+/// would be left unwritten.
+const UNWRITTEN_PREREQUISITE: &str = "LG001";
+
+/// PostgreSQL's `insufficient_privilege`.
+const INSUFFICIENT_PRIVILEGE: &str = "42501";
 
 /// How long the NOTIFY listener waits before reconnecting after losing its connection.
 const LISTENER_RECONNECT_DELAY: Duration = Duration::from_secs(1);
@@ -146,6 +151,7 @@ impl PgEventLog {
                     options: connect.clone(),
                     connection: None,
                     sql: sql.clone(),
+                    one_trip: false,
                 };
                 Some(GroupCommitter::start(
                     writer,
@@ -549,8 +555,9 @@ impl Sql {
             // One primary-key probe per key, `LATERAL … OFFSET 0` as the projector's loads
             // (decision 47): as a plain join, the generic plan the committer's connection
             // cached while the log was small was a hash join over a sequential scan of the
-            // log, and this runs under the append lock whenever an append in a batch was not
-            // written: 41 ms a batch at 300k events, every append waiting (decision 59).
+            // log, and this ran under the append lock whenever an append in a batch was not
+            // written: 41 ms a batch at 300k events, every append waiting (decision 59). The
+            // long way still runs it under the lock; the one trip right after its commit.
             stored_ids: format!(
                 "SELECT e.aggregate_type, e.aggregate_id, e.sequence, e.event_id,
                      e.tx_id::text::bigint, e.position
@@ -562,19 +569,20 @@ impl Sql {
                  ) e"
             ),
             // The whole batch in one round trip (decision 69): a VOLATILE function takes each
-            // statement's snapshot when that statement starts, so its insert sees every batch
-            // committed before the lock was granted, and its transaction id is assigned at the
-            // insert, after the lock, as in `begin_locked` and `insert`. Called outside a
-            // transaction, the call commits on its own (durably: the session asserts
-            // `synchronous_commit`) before the answer arrives. `$11`, strict: a batch with
-            // chained appends raises `LG001` if any append was left unwritten, rolling the
-            // whole call back, and the committer writes it again the long way, where the
+            // statement's snapshot when that statement starts, so its checks and its insert see
+            // every batch committed before the lock was granted, and its transaction id is
+            // assigned at the insert, after the lock, as in `begin_locked` and `insert`. Called
+            // outside a transaction, the call commits on its own (durably: the session asserts
+            // `synchronous_commit`) before the answer arrives. `$11` marks the rows of appends
+            // another append of the batch names as a prerequisite (a chain, decision 55): if
+            // one of them would be left unwritten, the function raises `LG001` before it
+            // inserts anything, and the committer writes the batch the long way, where the
             // outcomes are looked at before the commit. A temporary function: each committer
-            // session creates its own, so no migration or privilege is needed and instances
-            // never race to replace it.
+            // session creates its own, so no migration is needed and instances never race to
+            // replace it.
             create_append: format!(
                 "CREATE FUNCTION pg_temp.{APPEND_FUNCTION}(text[], text[], bigint[], bigint[], \
-                     text[], text[], text[], text[], uuid[], int[], boolean)
+                     text[], text[], text[], text[], uuid[], int[], boolean[])
                  RETURNS TABLE (stream_type text, stream_id text, stream_sequence bigint,
                      commit_id bigint, log_position bigint)
                  LANGUAGE plpgsql VOLATILE AS $body$
@@ -582,6 +590,18 @@ impl Sql {
                      written bigint;
                  BEGIN
                      PERFORM pg_advisory_xact_lock({lock_key});
+                     IF EXISTS (
+                         SELECT 1 FROM UNNEST($1, $2, $3, $11)
+                             AS r(aggregate_type, aggregate_id, expected, required)
+                         WHERE CASE WHEN r.required
+                             THEN coalesce((SELECT max(e.sequence) FROM {table} e
+                                     WHERE e.aggregate_type = r.aggregate_type
+                                       AND e.aggregate_id = r.aggregate_id), 0) <> r.expected
+                             ELSE false END
+                     ) THEN
+                         RAISE EXCEPTION 'a prerequisite in the batch would be left unwritten'
+                             USING ERRCODE = '{UNWRITTEN_PREREQUISITE}';
+                     END IF;
                      RETURN QUERY WITH inserted AS (
                          INSERT INTO {table} (aggregate_type, aggregate_id, sequence, \
                              event_type, event_version, payload, metadata, event_id)
@@ -599,10 +619,6 @@ impl Sql {
                      )
                      SELECT * FROM inserted;
                      GET DIAGNOSTICS written = ROW_COUNT;
-                     IF $11 AND written < cardinality($9) THEN
-                         RAISE EXCEPTION 'a chained batch left an append unwritten'
-                             USING ERRCODE = '{UNWRITTEN_IN_CHAIN}';
-                     END IF;
                      IF written > 0 THEN
                          PERFORM pg_notify('{channel}', '');
                      END IF;
@@ -715,6 +731,8 @@ struct PgWriter {
     options: PgConnectOptions,
     connection: Option<PgConnection>,
     sql: Sql,
+    /// Whether this session has its append function (decision 69).
+    one_trip: bool,
 }
 
 #[async_trait]
@@ -725,7 +743,8 @@ impl BatchWriter for PgWriter {
         // a rare write-again keeps the common path at one statement.
         let mut held_back = vec![false; chain.len()];
         let mut races = 0;
-        // The first attempt goes in one round trip; one the function refuses goes the long way.
+        // The first attempt goes in one round trip where the session could create its function;
+        // one the function refuses goes the long way.
         let mut one_trip = true;
         while races < PARTIAL_BATCH_ATTEMPTS {
             if self.connection.is_none() {
@@ -733,15 +752,42 @@ impl BatchWriter for PgWriter {
                     .await
                     .context("connecting the event log's committer")?;
                 crate::db::assert_durable(&mut connection).await?;
-                sqlx::Executor::execute(&mut connection, self.sql.create_append.as_str())
-                    .await
-                    .context("creating the event log's append function")?;
+                // The version checks must see every batch committed before the lock was
+                // granted, whatever the role's or database's default isolation.
+                sqlx::Executor::execute(
+                    &mut connection,
+                    "SET SESSION CHARACTERISTICS AS TRANSACTION ISOLATION LEVEL READ COMMITTED",
+                )
+                .await
+                .context("setting up the event log's committer")?;
+                self.one_trip =
+                    match sqlx::Executor::execute(&mut connection, self.sql.create_append.as_str())
+                        .await
+                    {
+                        Ok(_) => true,
+                        Err(sqlx::Error::Database(error))
+                            if error.code().as_deref() == Some(INSUFFICIENT_PRIVILEGE) =>
+                        {
+                            tracing::warn!(
+                                "the committer may not create temporary objects (the TEMPORARY \
+                                 privilege on the database); every batch takes the long way, \
+                                 three round trips"
+                            );
+                            false
+                        }
+                        Err(source) => {
+                            return Err(Error::Database {
+                                context: "creating the event log's append function",
+                                source,
+                            });
+                        }
+                    };
                 self.connection = Some(connection);
             }
             let Some(connection) = self.connection.as_mut() else {
                 continue;
             };
-            let attempt = if one_trip {
+            let attempt = if one_trip && self.one_trip {
                 write_in_one_trip(connection, &self.sql, chain).await
             } else {
                 write_once(connection, &self.sql, chain, &held_back).await
@@ -834,14 +880,15 @@ type InsertedRow = (String, String, i64, i64, i64);
 enum Attempt {
     /// Committed, with every append's outcome.
     Committed(Vec<AppendOutcome>),
-    /// Rolled back: an append was half inserted, or hit a row a writer bypassing the log lock
-    /// wrote. Try again.
+    /// Rolled back: an append was half inserted (the long way), or hit a row a writer bypassing
+    /// the log lock wrote. Try again.
     Raced,
     /// Rolled back: these appends were inserted although a prerequisite of theirs did not come
     /// out written. Try again without them.
     HoldBack(Vec<usize>),
-    /// Rolled back: the append function refused a chained batch that left an append unwritten.
-    /// Write it again with [`write_once`], which looks at the outcomes before it commits.
+    /// Refused by the append function before it inserted: a prerequisite would be left
+    /// unwritten. Write it again with [`write_once`], which looks at the outcomes before it
+    /// commits and holds back what depends on an unwritten append.
     TheLongWay,
 }
 
@@ -853,7 +900,20 @@ async fn write_in_one_trip(
 ) -> Result<Attempt> {
     let appends: Vec<&Append> = chain.iter().map(|chained| &chained.append).collect();
     let rows = Rows::of(&appends)?;
-    let chained = chain.iter().any(|chained| !chained.after.is_empty());
+    // Each row of an append another append names as a prerequisite.
+    let mut prerequisite = vec![false; chain.len()];
+    for chained in chain {
+        for &before in &chained.after {
+            if let Some(flag) = prerequisite.get_mut(before) {
+                *flag = true;
+            }
+        }
+    }
+    let required: Vec<bool> = appends
+        .iter()
+        .zip(&prerequisite)
+        .flat_map(|(append, &flag)| std::iter::repeat_n(flag, append.events.len()))
+        .collect();
     let stage = std::time::Instant::now();
     let inserted: std::result::Result<Vec<InsertedRow>, sqlx::Error> = sqlx::query_as(&sql.append)
         .bind(&rows.aggregate_type)
@@ -866,7 +926,7 @@ async fn write_in_one_trip(
         .bind(&rows.metadata)
         .bind(&rows.event_id)
         .bind(&rows.ordinal)
-        .bind(chained)
+        .bind(&required)
         .fetch_all(&mut *connection)
         .await;
     record_stage("one_trip", stage);
@@ -877,7 +937,7 @@ async fn write_in_one_trip(
             return Ok(Attempt::Raced);
         }
         Err(sqlx::Error::Database(error))
-            if error.code().as_deref() == Some(UNWRITTEN_IN_CHAIN) =>
+            if error.code().as_deref() == Some(UNWRITTEN_PREREQUISITE) =>
         {
             return Ok(Attempt::TheLongWay);
         }
@@ -908,6 +968,8 @@ async fn write_in_one_trip(
                 });
             }
             _ if keys.iter().any(|key| inserted.contains_key(key)) => {
+                // Cannot happen (see above); if it did, the batch is committed and its callers
+                // are told the outcome is unknown, as after a lost answer to a COMMIT.
                 return Err(Error::CommitFailed(format!(
                     "an append to {} was written in part",
                     append.stream
@@ -922,7 +984,10 @@ async fn write_in_one_trip(
     if !unwritten.is_empty() {
         // Read after the commit, outside the lock: a stored event never changes, so the rows at
         // the versions these appends aimed at are the ones that kept them out, or (if none was
-        // there) the append is a conflict either way.
+        // there) the append is a conflict either way. Rows another instance stored there since,
+        // with the same ids, make it a duplicate, which is as true. If this read fails, the
+        // batch is committed and its callers are told the outcome is unknown (they retry with
+        // their ids, which come out as duplicates).
         let stored = stored_ids(connection, sql, &appends, &unwritten).await?;
         for index in unwritten {
             outcomes[index] = classify_unwritten(appends[index], &stored);
