@@ -23,7 +23,7 @@
 //! one `INSERT … SELECT FROM UNNEST` in one transaction (see [`super::committer`]), in one round
 //! trip: a temporary function of the committer's session takes the lock, inserts and notifies,
 //! and the call commits on its own (decision 69). A batch in which an append another one names
-//! as a prerequisite would be left unwritten is refused by the function and written again the
+//! as a prerequisite was left unwritten is rolled back by the function and written again the
 //! long way (`BEGIN` and the lock, the insert, `COMMIT`), which looks at the outcomes before it
 //! commits. A row is
 //! inserted only if its stream holds exactly the expected version (a correlated `max(sequence)`,
@@ -72,7 +72,7 @@ const PARTIAL_BATCH_ATTEMPTS: usize = 3;
 const APPEND_FUNCTION: &str = "event_log_append";
 
 /// The SQLSTATE the append function raises when an append another one names as a prerequisite
-/// would be left unwritten.
+/// was left unwritten.
 const UNWRITTEN_PREREQUISITE: &str = "LG001";
 
 /// PostgreSQL's `insufficient_privilege`.
@@ -575,9 +575,10 @@ impl Sql {
             // outside a transaction, the call commits on its own (durably: the session asserts
             // `synchronous_commit`) before the answer arrives. `$11` marks the rows of appends
             // another append of the batch names as a prerequisite (a chain, decision 55): if
-            // one of them would be left unwritten, the function raises `LG001` before it
-            // inserts anything, and the committer writes the batch the long way, where the
-            // outcomes are looked at before the commit. A temporary function: each committer
+            // one of them is not stored with its ids after the insert (neither written nor a
+            // retry of events already stored), the function raises `LG001`, which rolls the
+            // call back, and the committer writes the batch the long way, where the outcomes
+            // are looked at before the commit. A temporary function: each committer
             // session creates its own, so no migration is needed and instances never race to
             // replace it.
             create_append: format!(
@@ -590,18 +591,6 @@ impl Sql {
                      written bigint;
                  BEGIN
                      PERFORM pg_advisory_xact_lock({lock_key});
-                     IF EXISTS (
-                         SELECT 1 FROM UNNEST($1, $2, $3, $11)
-                             AS r(aggregate_type, aggregate_id, expected, required)
-                         WHERE CASE WHEN r.required
-                             THEN coalesce((SELECT max(e.sequence) FROM {table} e
-                                     WHERE e.aggregate_type = r.aggregate_type
-                                       AND e.aggregate_id = r.aggregate_id), 0) <> r.expected
-                             ELSE false END
-                     ) THEN
-                         RAISE EXCEPTION 'a prerequisite in the batch would be left unwritten'
-                             USING ERRCODE = '{UNWRITTEN_PREREQUISITE}';
-                     END IF;
                      RETURN QUERY WITH inserted AS (
                          INSERT INTO {table} (aggregate_type, aggregate_id, sequence, \
                              event_type, event_version, payload, metadata, event_id)
@@ -619,6 +608,23 @@ impl Sql {
                      )
                      SELECT * FROM inserted;
                      GET DIAGNOSTICS written = ROW_COUNT;
+                     -- Every prerequisite's events must now be stored with its ids: inserted
+                     -- here, or by an earlier batch (a retry, which counts as written). A
+                     -- scalar subquery, one primary-key probe per row: an EXISTS may be
+                     -- planned as a hashed subplan, a scan of the whole log per call.
+                     IF EXISTS (
+                         SELECT 1 FROM UNNEST($1, $2, $4, $9, $11)
+                             AS r(aggregate_type, aggregate_id, sequence, event_id, required)
+                         WHERE CASE WHEN r.required THEN (
+                                 SELECT e.event_id FROM {table} e
+                                 WHERE e.aggregate_type = r.aggregate_type
+                                   AND e.aggregate_id = r.aggregate_id
+                                   AND e.sequence = r.sequence) IS DISTINCT FROM r.event_id
+                             ELSE false END
+                     ) THEN
+                         RAISE EXCEPTION 'a prerequisite in the batch was left unwritten'
+                             USING ERRCODE = '{UNWRITTEN_PREREQUISITE}';
+                     END IF;
                      IF written > 0 THEN
                          PERFORM pg_notify('{channel}', '');
                      END IF;
@@ -886,9 +892,9 @@ enum Attempt {
     /// Rolled back: these appends were inserted although a prerequisite of theirs did not come
     /// out written. Try again without them.
     HoldBack(Vec<usize>),
-    /// Refused by the append function before it inserted: a prerequisite would be left
-    /// unwritten. Write it again with [`write_once`], which looks at the outcomes before it
-    /// commits and holds back what depends on an unwritten append.
+    /// Rolled back by the append function: a prerequisite was left unwritten. Write it again
+    /// with [`write_once`], which looks at the outcomes before it commits and holds back what
+    /// depends on an unwritten append.
     TheLongWay,
 }
 
