@@ -534,17 +534,7 @@ async fn a_committer_refused_temporary_objects_writes_the_long_way() {
     let role = format!("ledger_no_temp_{}", uuid::Uuid::new_v4().simple());
     // Declared before the database, so dropped after it, when nothing depends on the role.
     let _role = ScratchRole(role.clone());
-    let database = ScratchDatabase::create(&command_api::testing::admin_url())
-        .await
-        .expect("a scratch database");
-    let scratch = Scratch::new(database);
-    let url = scratch.0.as_ref().expect("the database").url();
-    let pool = infra::db::connect(&url, "command_api", 4, "test")
-        .await
-        .expect("connects");
-    command_api::startup::migrate(&pool)
-        .await
-        .expect("migrates");
+    let (_scratch, url, pool) = scratch_events_table().await;
     let name: String = sqlx::query_scalar("SELECT current_database()")
         .fetch_one(&pool)
         .await

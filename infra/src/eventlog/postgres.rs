@@ -48,8 +48,9 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use cqrs_es::persist::PersistedEventRepository;
 use postgres_es::PostgresEventRepository;
-use sqlx::postgres::{PgConnectOptions, PgListener, PgPool, PgRow};
-use sqlx::{Connection, PgConnection, Row};
+use sqlx::postgres::{PgArguments, PgConnectOptions, PgListener, PgPool, PgRow};
+use sqlx::query::QueryAs;
+use sqlx::{Connection, PgConnection, Postgres, Row};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use uuid::Uuid;
@@ -842,7 +843,25 @@ struct Rows {
     ordinal: Vec<i32>,
 }
 
+/// A query of the insert or of the append function, bound to nothing yet.
+type InsertQuery<'q> = QueryAs<'q, Postgres, InsertedRow, PgArguments>;
+
 impl Rows {
+    /// Binds the batch's ten columns, `$1` to `$10` of both [`Sql::insert`] and [`Sql::append`].
+    fn bind<'q>(&'q self, query: InsertQuery<'q>) -> InsertQuery<'q> {
+        query
+            .bind(&self.aggregate_type)
+            .bind(&self.aggregate_id)
+            .bind(&self.expected)
+            .bind(&self.sequence)
+            .bind(&self.event_type)
+            .bind(&self.event_version)
+            .bind(&self.payload)
+            .bind(&self.metadata)
+            .bind(&self.event_id)
+            .bind(&self.ordinal)
+    }
+
     fn of(appends: &[&Append]) -> Result<Rows> {
         let mut rows = Rows::default();
         let mut ordinal = 0_i32;
@@ -881,6 +900,16 @@ type Key = (String, String, i64);
 
 /// What the insert returns per row: the stream, its sequence and the row's log position.
 type InsertedRow = (String, String, i64, i64, i64);
+
+/// The log position of each row an insert returned, by its stream and sequence.
+fn positions(inserted: Vec<InsertedRow>) -> HashMap<Key, LogPosition> {
+    inserted
+        .into_iter()
+        .map(|(kind, id, sequence, commit, index)| {
+            ((kind, id, sequence), LogPosition { commit, index })
+        })
+        .collect()
+}
 
 /// What one attempt at a batch came to.
 enum Attempt {
@@ -921,17 +950,8 @@ async fn write_in_one_trip(
         .flat_map(|(append, &flag)| std::iter::repeat_n(flag, append.events.len()))
         .collect();
     let stage = std::time::Instant::now();
-    let inserted: std::result::Result<Vec<InsertedRow>, sqlx::Error> = sqlx::query_as(&sql.append)
-        .bind(&rows.aggregate_type)
-        .bind(&rows.aggregate_id)
-        .bind(&rows.expected)
-        .bind(&rows.sequence)
-        .bind(&rows.event_type)
-        .bind(&rows.event_version)
-        .bind(&rows.payload)
-        .bind(&rows.metadata)
-        .bind(&rows.event_id)
-        .bind(&rows.ordinal)
+    let inserted: std::result::Result<Vec<InsertedRow>, sqlx::Error> = rows
+        .bind(sqlx::query_as(&sql.append))
         .bind(&required)
         .fetch_all(&mut *connection)
         .await;
@@ -956,12 +976,7 @@ async fn write_in_one_trip(
     };
     // Committed. Each append's rows were checked against one snapshot, under the lock, in one
     // statement, so an append is written whole or not at all.
-    let inserted: HashMap<Key, LogPosition> = inserted
-        .into_iter()
-        .map(|(kind, id, sequence, commit, index)| {
-            ((kind, id, sequence), LogPosition { commit, index })
-        })
-        .collect();
+    let inserted = positions(inserted);
     let mut outcomes = Vec::with_capacity(appends.len());
     let mut unwritten = Vec::new();
     for (index, append) in appends.iter().enumerate() {
@@ -1046,17 +1061,8 @@ async fn write_once(
         .context("starting an event log batch under its append lock")?;
     record_stage("lock", stage);
     let stage = std::time::Instant::now();
-    let inserted: std::result::Result<Vec<InsertedRow>, sqlx::Error> = sqlx::query_as(&sql.insert)
-        .bind(&rows.aggregate_type)
-        .bind(&rows.aggregate_id)
-        .bind(&rows.expected)
-        .bind(&rows.sequence)
-        .bind(&rows.event_type)
-        .bind(&rows.event_version)
-        .bind(&rows.payload)
-        .bind(&rows.metadata)
-        .bind(&rows.event_id)
-        .bind(&rows.ordinal)
+    let inserted: std::result::Result<Vec<InsertedRow>, sqlx::Error> = rows
+        .bind(sqlx::query_as(&sql.insert))
         .bind(&sql.channel)
         .fetch_all(&mut *transaction)
         .await;
@@ -1079,12 +1085,7 @@ async fn write_once(
         }
     };
     record_stage("insert", stage);
-    let inserted: HashMap<Key, LogPosition> = inserted
-        .into_iter()
-        .map(|(kind, id, sequence, commit, index)| {
-            ((kind, id, sequence), LogPosition { commit, index })
-        })
-        .collect();
+    let inserted = positions(inserted);
     let mut outcomes: Vec<Option<AppendOutcome>> = Vec::with_capacity(appends.len());
     let mut unwritten = Vec::new();
     for (index, append) in appends.iter().enumerate() {
