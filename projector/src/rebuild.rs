@@ -212,7 +212,7 @@ pub(crate) async fn building_batch(
     batch: &DecodedBatch,
 ) -> Result<usize> {
     let targets = lock_building(db, building).await?;
-    apply_batch(db, &targets, batch, None).await
+    apply_batch(db, &targets, batch, None, None).await
 }
 
 /// The generation to build, inside the store's transaction: the half-built one (resumed), or a
@@ -362,7 +362,7 @@ pub(crate) async fn switch_in(
             break;
         }
         let batch = DecodedBatch::new(events)?;
-        apply_batch(db, &targets, &batch, None).await?;
+        apply_batch(db, &targets, &batch, None, None).await?;
         if count < batch_size {
             break;
         }

@@ -26,7 +26,7 @@ use crate::error::{Error, Result};
 use crate::generations;
 use crate::model::accounts::AccountsModel;
 use crate::model::history::HistoryModel;
-use crate::model::transactions::TransactionsModel;
+use crate::model::transactions::{Remembered, TransactionMemory, TransactionsModel};
 use crate::model::{Db, Decoded, DecodedBatch, Model, ProjectionName};
 use crate::store::{EventSource, LogSource, PgReadModels, ReadModels};
 
@@ -86,13 +86,19 @@ pub async fn apply(
     generation: i32,
     events: &[Decoded<'_>],
     cache: Option<&Cache>,
+    mut memory: Option<&mut Remembered>,
 ) -> Result<()> {
     match name {
         ProjectionName::Accounts => {
             fold_and_store::<AccountsModel>(db, generation, events).await?;
         }
         ProjectionName::Transactions => {
-            let mut model = load_and_fold::<TransactionsModel>(db, generation, events).await?;
+            let mut model =
+                TransactionsModel::load_remembering(db, generation, events, memory.as_deref_mut())
+                    .await?;
+            for event in events {
+                model.fold(event)?;
+            }
             match cache {
                 // The write-through while the rows are stored: both are done before the
                 // caller commits, as when they ran one after the other (decision 64).
@@ -103,6 +109,9 @@ pub async fn apply(
                     stored?;
                 }
                 None => model.store(db, generation).await?,
+            }
+            if let Some(memory) = memory {
+                model.remember(memory);
             }
         }
         ProjectionName::AccountHistory => {
@@ -143,6 +152,7 @@ pub async fn apply_batch(
     targets: &[(ProjectionName, i32, generations::Checkpoint)],
     batch: &DecodedBatch,
     cache: Option<&Cache>,
+    memory: Option<&TransactionMemory>,
 ) -> Result<usize> {
     let Some(last) = batch.last_position() else {
         return Ok(0);
@@ -153,8 +163,22 @@ pub async fn apply_batch(
         if events.is_empty() {
             continue;
         }
-        apply(db, *name, *generation, &events, cache).await?;
+        let mut remembered = memory
+            .filter(|_| *name == ProjectionName::Transactions)
+            .map(|memory| (memory, memory.take(*generation, checkpoint.position)));
+        apply(
+            db,
+            *name,
+            *generation,
+            &events,
+            cache,
+            remembered.as_mut().map(|(_, remembered)| remembered),
+        )
+        .await?;
         generations::advance(db, *name, *generation, last, events.len()).await?;
+        if let Some((memory, remembered)) = remembered {
+            memory.keep(remembered, last);
+        }
         applied += events.len();
     }
     Ok(applied)
@@ -168,6 +192,7 @@ pub async fn live_batch(
     source: &dyn EventSource,
     batch_size: usize,
     cache: Option<&Cache>,
+    memory: Option<&TransactionMemory>,
 ) -> Result<Option<DecodedBatch>> {
     let targets = generations::lock_all_live(db).await?;
     let lowest = targets
@@ -178,7 +203,7 @@ pub async fn live_batch(
     let Some(batch) = read_batch(source, lowest, batch_size).await? else {
         return Ok(None);
     };
-    apply_batch(db, &targets, &batch, cache).await?;
+    apply_batch(db, &targets, &batch, cache, memory).await?;
     Ok(Some(batch))
 }
 
@@ -208,13 +233,14 @@ pub async fn live_projection(
     read_from: LogPosition,
     batch: &DecodedBatch,
     cache: Option<&Cache>,
+    memory: Option<&TransactionMemory>,
 ) -> Result<usize> {
     let (generation, checkpoint) = generations::lock_live(db, name).await?;
     if checkpoint.position < read_from {
         // The batch does not hold the events right after this checkpoint; the next one will.
         return Ok(0);
     }
-    apply_batch(db, &[(name, generation, checkpoint)], batch, cache).await
+    apply_batch(db, &[(name, generation, checkpoint)], batch, cache, memory).await
 }
 
 /// Events the projector applies per batch, unless configured (`PROJECTOR_BATCH_SIZE`).
@@ -236,6 +262,8 @@ pub struct Projector {
     /// The lowest live checkpoint after the last batch this instance committed: reads waiting
     /// for their position look here before asking the database.
     applied: watch::Sender<LogPosition>,
+    /// The transactions in flight as this instance's last batch stored them (decision 70).
+    memory: TransactionMemory,
 }
 
 impl Projector {
@@ -252,6 +280,7 @@ impl Projector {
             settings,
             healthy: Arc::new(AtomicBool::new(true)),
             applied: watch::channel(LogPosition::START).0,
+            memory: TransactionMemory::default(),
         }
     }
 
@@ -295,6 +324,7 @@ impl Projector {
                 lowest,
                 self.settings.batch_size,
                 self.cache.as_deref(),
+                Some(&self.memory),
             )
             .await?
         else {

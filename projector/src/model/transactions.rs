@@ -8,6 +8,8 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use chrono::{DateTime, SubsecRound, Utc};
 use domain::{AccountEvent, Transaction, TransactionEvent};
 use infra::codec::DomainEvent;
+use infra::log::LogPosition;
+use lru::LruCache;
 use serde_json::{Value, json};
 use uuid::Uuid;
 
@@ -114,6 +116,211 @@ impl TransactionsModel {
     }
 }
 
+impl TransactionsModel {
+    /// [`Model::load`], taking what `memory` holds instead of reading it back. A transaction
+    /// whose first event in the batch is its stream's first has no row yet, so it is not read
+    /// at all: every event a batch folds is after the projection's checkpoint, and a stream's
+    /// events are folded in order.
+    pub async fn load_remembering(
+        db: &mut Db<'_>,
+        generation: i32,
+        events: &[Decoded<'_>],
+        mut memory: Option<&mut Remembered>,
+    ) -> Result<Self> {
+        // Each transaction's first event in the batch: the row must be at the version before it.
+        let mut first: HashMap<Uuid, i64> = HashMap::new();
+        let mut accounts = Vec::new();
+        for event in events {
+            match &event.event {
+                DomainEvent::Transaction(id, payload) => {
+                    first.entry(id.0).or_insert_with(|| event.sequence());
+                    if let TransactionEvent::TransactionCreated { request, .. } = payload {
+                        accounts.extend(request.source_account_id.map(|id| id.0));
+                        accounts.extend(request.destination_account_id.map(|id| id.0));
+                    }
+                }
+                DomainEvent::Account(..) => {}
+            }
+        }
+        let mut model = TransactionsModel::default();
+        let mut ids = Vec::new();
+        for (id, sequence) in first {
+            if sequence <= 1 {
+                continue;
+            }
+            match memory
+                .as_deref_mut()
+                .and_then(|memory| memory.rows.pop(&id))
+            {
+                // The row as this projector's last batch stored it, if that is the version
+                // right before this event; anything else is read from the table.
+                Some(row) if row.record.version == sequence - 1 => {
+                    if let Some(memory) = memory.as_deref_mut() {
+                        memory.hits += 1;
+                    }
+                    model.rows.insert(id, row);
+                }
+                _ => ids.push(id),
+            }
+        }
+        if memory.is_some() {
+            metrics::counter!("projection_rows_remembered_total", "result" => "hit")
+                .increment(model.rows.len() as u64);
+            metrics::counter!("projection_rows_remembered_total", "result" => "miss")
+                .increment(ids.len() as u64);
+        }
+        ids.sort_unstable();
+        let table = TABLES[0].table(generation);
+        let rows = TransactionRecord::load_by_keys(db, &table, "id", &ids, Some("state")).await?;
+        for (record, state) in rows {
+            let state = state.ok_or_else(|| corrupt("a transaction row without its state"))?;
+            let state = serde_json::from_str::<Transaction>(&state).map_err(corrupt)?;
+            model
+                .rows
+                .insert(record.id, TransactionRow { record, state });
+        }
+        accounts.sort_unstable();
+        accounts.dedup();
+        let mut unknown = Vec::with_capacity(accounts.len());
+        for account in accounts {
+            match memory
+                .as_deref_mut()
+                .and_then(|memory| memory.owners.get(&account))
+            {
+                Some(owner) => {
+                    model.owners.insert(account, *owner);
+                }
+                None => unknown.push(account),
+            }
+        }
+        let table = TABLES[1].table(generation);
+        let owners = OwnerRecord::load_by_keys(db, &table, "account_id", &unknown, None).await?;
+        model.owners.extend(
+            owners
+                .into_iter()
+                .map(|(owner, _)| (owner.account_id, owner.owner_id)),
+        );
+        Ok(model)
+    }
+
+    /// Keeps in `memory` what this batch stored that a later batch may need: the transactions
+    /// not completed yet (a completed one takes no more events) and the owners it knows.
+    pub fn remember(&self, memory: &mut Remembered) {
+        for id in &self.dirty {
+            let Some(row) = self.rows.get(id) else {
+                continue;
+            };
+            if row.state.completed {
+                memory.rows.pop(id);
+            } else {
+                memory.rows.put(
+                    *id,
+                    TransactionRow {
+                        record: row.record.clone(),
+                        state: row.state.clone(),
+                    },
+                );
+            }
+        }
+        for (account, owner) in &self.owners {
+            memory.owners.put(*account, *owner);
+        }
+    }
+}
+
+/// What the live projector remembers of the transactions projection between its batches: the
+/// rows still in flight and the owners of accounts, as its last committed batch left them in
+/// one generation at one checkpoint. It is used only while the projection's locked checkpoint
+/// is that one: then nobody else has changed those rows (a projection's rows move with its
+/// checkpoint, under its lock), so the next batch need not read them back. Anything else (a
+/// batch that did not commit, a rebuild's switch, another instance's batch, a restart) shows
+/// as another checkpoint or generation, and the memory is dropped (decision 70).
+pub struct TransactionMemory {
+    kept: std::sync::Mutex<Option<Remembered>>,
+    /// Rows taken from the memory instead of the table, since this memory was made.
+    hits: std::sync::atomic::AtomicU64,
+}
+
+/// The memory of one generation at one checkpoint (see [`TransactionMemory`]).
+pub struct Remembered {
+    generation: i32,
+    checkpoint: LogPosition,
+    rows: LruCache<Uuid, TransactionRow>,
+    owners: LruCache<Uuid, Uuid>,
+    /// Rows taken from this memory by the batch that holds it.
+    hits: u64,
+}
+
+/// Transactions in flight the memory keeps at most (about 2 kB each): beyond that, the oldest
+/// are read back from the table when their next event comes.
+pub const REMEMBERED_ROWS: usize = 32_768;
+/// Owners of accounts the memory keeps at most.
+pub const REMEMBERED_OWNERS: usize = 65_536;
+
+impl Default for TransactionMemory {
+    fn default() -> Self {
+        TransactionMemory {
+            kept: std::sync::Mutex::new(None),
+            hits: std::sync::atomic::AtomicU64::new(0),
+        }
+    }
+}
+
+impl TransactionMemory {
+    /// What is remembered of `generation` at `checkpoint`, taken out (so a batch that fails
+    /// leaves nothing behind); empty if the memory is of another generation or checkpoint.
+    pub fn take(&self, generation: i32, checkpoint: LogPosition) -> Remembered {
+        let kept = self
+            .kept
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take();
+        match kept {
+            Some(kept) if kept.generation == generation && kept.checkpoint == checkpoint => kept,
+            _ => Remembered {
+                generation,
+                checkpoint,
+                rows: LruCache::new(nonzero(REMEMBERED_ROWS)),
+                owners: LruCache::new(nonzero(REMEMBERED_OWNERS)),
+                hits: 0,
+            },
+        }
+    }
+
+    /// How many transactions are remembered now.
+    pub fn remembered(&self) -> usize {
+        self.kept
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .as_ref()
+            .map_or(0, |kept| kept.rows.len())
+    }
+
+    /// How many rows batches have taken from this memory instead of the table.
+    pub fn hits(&self) -> u64 {
+        self.hits.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Puts back `remembered` as of `checkpoint`, where the batch that changed it moved the
+    /// projection's checkpoint. If that batch does not commit, the projection's checkpoint stays
+    /// where it was and the next [`TransactionMemory::take`] drops this.
+    pub fn keep(&self, mut remembered: Remembered, checkpoint: LogPosition) {
+        remembered.checkpoint = checkpoint;
+        self.hits.fetch_add(
+            std::mem::take(&mut remembered.hits),
+            std::sync::atomic::Ordering::Relaxed,
+        );
+        *self
+            .kept
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(remembered);
+    }
+}
+
+fn nonzero(capacity: usize) -> std::num::NonZeroUsize {
+    std::num::NonZeroUsize::new(capacity).unwrap_or(std::num::NonZeroUsize::MIN)
+}
+
 fn record_of(
     transaction: &Transaction,
     version: i64,
@@ -153,42 +360,7 @@ impl Model for TransactionsModel {
     type Record = TransactionRecord;
 
     async fn load(db: &mut Db<'_>, generation: i32, events: &[Decoded<'_>]) -> Result<Self> {
-        let mut ids = Vec::new();
-        let mut accounts = Vec::new();
-        for event in events {
-            match &event.event {
-                DomainEvent::Transaction(id, payload) => {
-                    ids.push(id.0);
-                    if let TransactionEvent::TransactionCreated { request, .. } = payload {
-                        accounts.extend(request.source_account_id.map(|id| id.0));
-                        accounts.extend(request.destination_account_id.map(|id| id.0));
-                    }
-                }
-                DomainEvent::Account(..) => {}
-            }
-        }
-        ids.sort_unstable();
-        ids.dedup();
-        accounts.sort_unstable();
-        accounts.dedup();
-        let mut model = TransactionsModel::default();
-        let table = TABLES[0].table(generation);
-        let rows = TransactionRecord::load_by_keys(db, &table, "id", &ids, Some("state")).await?;
-        for (record, state) in rows {
-            let state = state.ok_or_else(|| corrupt("a transaction row without its state"))?;
-            let state = serde_json::from_str::<Transaction>(&state).map_err(corrupt)?;
-            model
-                .rows
-                .insert(record.id, TransactionRow { record, state });
-        }
-        let table = TABLES[1].table(generation);
-        let owners = OwnerRecord::load_by_keys(db, &table, "account_id", &accounts, None).await?;
-        model.owners.extend(
-            owners
-                .into_iter()
-                .map(|(owner, _)| (owner.account_id, owner.owner_id)),
-        );
-        Ok(model)
+        TransactionsModel::load_remembering(db, generation, events, None).await
     }
 
     fn fold(&mut self, event: &Decoded<'_>) -> Result<()> {

@@ -28,7 +28,7 @@ use super::{EventSource, PageQuery, ReadModels, StoredModels, TransactionScope};
 use crate::error::Result;
 use crate::model::accounts::{AccountRecord, AccountsModel};
 use crate::model::history::{HistoryModel, HistoryRecord};
-use crate::model::transactions::{TransactionRecord, TransactionsModel};
+use crate::model::transactions::{TransactionMemory, TransactionRecord, TransactionsModel};
 use crate::model::{Backend, Decoded, Model, ProjectionName};
 
 /// Instantiates every check of the suite as a `#[tokio::test]`, each on read models from
@@ -40,6 +40,7 @@ macro_rules! read_models_conformance {
             batches_apply_every_projection_and_move_the_checkpoints,
             a_failed_batch_changes_nothing_in_a_projection_that_cannot_fold_it,
             a_batch_applied_twice_changes_nothing,
+            remembered_rows_store_what_reading_them_back_would,
             queries_filter_and_page_as_the_log_implies,
             a_rebuilt_generation_switches_in_atomically,
             a_rebuild_resumes_each_projection_from_its_own_checkpoint,
@@ -157,7 +158,22 @@ async fn apply_live(
     batch_size: usize,
 ) -> crate::error::Result<Option<crate::model::DecodedBatch>> {
     let read_from = models.read_position().await?;
-    models.apply_live(source, read_from, batch_size, None).await
+    models
+        .apply_live(source, read_from, batch_size, None, None)
+        .await
+}
+
+/// [`apply_live`] by a projector that remembers its transactions in `memory`.
+async fn apply_live_remembering(
+    models: &dyn ReadModels,
+    source: &dyn EventSource,
+    batch_size: usize,
+    memory: &TransactionMemory,
+) -> crate::error::Result<Option<crate::model::DecodedBatch>> {
+    let read_from = models.read_position().await?;
+    models
+        .apply_live(source, read_from, batch_size, None, Some(memory))
+        .await
 }
 
 /// Applies every event of `source` through the live path, `batch_size` at a time.
@@ -417,6 +433,35 @@ pub async fn a_failed_batch_changes_nothing_in_a_projection_that_cannot_fold_it(
             );
         }
     }
+}
+
+pub async fn remembered_rows_store_what_reading_them_back_would(models: &dyn ReadModels) {
+    let builder = build_log(400, 6);
+    let source = Events::new(&builder.rows, &builder.metadata);
+    // Batches that cut transactions apart, so their later events find them remembered; now and
+    // then another instance (its own memory, or none) applies a batch in between, which the
+    // first one's memory must not survive.
+    let (ours, theirs) = (TransactionMemory::default(), TransactionMemory::default());
+    let mut remembered = 0;
+    for round in 0..10_000 {
+        let batch = match round % 7 {
+            2 | 5 => apply_live_remembering(models, &source, 3, &theirs).await,
+            6 => apply_live(models, &source, 2).await,
+            _ => apply_live_remembering(models, &source, 3, &ours).await,
+        }
+        .expect("a batch applies");
+        remembered = remembered.max(ours.remembered());
+        if batch.is_none() {
+            break;
+        }
+    }
+    assert!(
+        remembered > 0 && ours.hits() > 0,
+        "the projector remembered transactions between its batches and used them: \
+         {remembered} kept, {} used",
+        ours.hits()
+    );
+    assert_holds(models, &source.all()).await;
 }
 
 pub async fn a_batch_applied_twice_changes_nothing(models: &dyn ReadModels) {

@@ -25,7 +25,7 @@ use crate::error::Result;
 use crate::generations::Checkpoint;
 use crate::model::accounts::AccountRecord;
 use crate::model::history::HistoryRecord;
-use crate::model::transactions::TransactionRecord;
+use crate::model::transactions::{TransactionMemory, TransactionRecord};
 use crate::model::{Backend, DecodedBatch, ProjectionName};
 
 pub use crate::model::Db;
@@ -133,6 +133,7 @@ pub trait ReadModels: Send + Sync + 'static {
         read_from: LogPosition,
         batch_size: usize,
         cache: Option<&Cache>,
+        memory: Option<&TransactionMemory>,
     ) -> Result<Option<DecodedBatch>>;
 
     // --- generations (`ledger rebuild`)

@@ -18,7 +18,7 @@ use crate::error::{Error, Result};
 use crate::generations::{self, Checkpoint};
 use crate::model::accounts::AccountRecord;
 use crate::model::history::HistoryRecord;
-use crate::model::transactions::TransactionRecord;
+use crate::model::transactions::{TransactionMemory, TransactionRecord};
 use crate::model::{Backend, Db, DecodedBatch, ProjectionName};
 
 /// How long `ping` waits.
@@ -88,6 +88,7 @@ impl ReadModels for PgReadModels {
         read_from: LogPosition,
         batch_size: usize,
         cache: Option<&Cache>,
+        memory: Option<&TransactionMemory>,
     ) -> Result<Option<DecodedBatch>> {
         // One read and one decode for all projections, then each projection in a transaction
         // of its own, all at once (decision 58): a batch takes as long as its slowest
@@ -120,6 +121,7 @@ impl ReadModels for PgReadModels {
                     read_from,
                     batch,
                     cache,
+                    memory,
                 )
                 .await?;
                 transaction

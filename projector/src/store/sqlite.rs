@@ -28,7 +28,7 @@ use crate::error::{Error, Result};
 use crate::generations::{self, Checkpoint};
 use crate::model::accounts::AccountRecord;
 use crate::model::history::HistoryRecord;
-use crate::model::transactions::TransactionRecord;
+use crate::model::transactions::{TransactionMemory, TransactionRecord};
 use crate::model::{Backend, Db, DecodedBatch, ProjectionName};
 
 /// The projector's migrations in SQLite, recorded as component `projector`.
@@ -183,6 +183,7 @@ impl ReadModels for SqliteReadModels {
         read_from: LogPosition,
         batch_size: usize,
         cache: Option<&Cache>,
+        memory: Option<&TransactionMemory>,
     ) -> Result<Option<DecodedBatch>> {
         // Look before taking the file's one writer: an idle projector must not hold it. The
         // locked batch reads the checkpoints again, so a stale look costs one empty batch.
@@ -190,9 +191,14 @@ impl ReadModels for SqliteReadModels {
             return Ok(None);
         }
         let mut transaction = self.begin_write("starting a projection batch").await?;
-        let batch =
-            crate::runner::live_batch(&mut Db::Sqlite(&mut transaction), source, batch_size, cache)
-                .await?;
+        let batch = crate::runner::live_batch(
+            &mut Db::Sqlite(&mut transaction),
+            source,
+            batch_size,
+            cache,
+            memory,
+        )
+        .await?;
         if batch.is_some() {
             transaction
                 .commit()
