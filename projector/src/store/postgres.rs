@@ -128,6 +128,8 @@ impl ReadModels for PgReadModels {
                     .commit()
                     .await
                     .context("committing a projection batch")?;
+                metrics::histogram!("projection_apply_seconds", "projection" => name.as_str())
+                    .record(started.elapsed().as_secs_f64());
                 Ok::<_, Error>(())
             }
         }))
