@@ -93,12 +93,10 @@ pub async fn apply(
             fold_and_store::<AccountsModel>(db, generation, events).await?;
         }
         ProjectionName::Transactions => {
-            let mut model =
+            let loaded =
                 TransactionsModel::load_remembering(db, generation, events, memory.as_deref_mut())
                     .await?;
-            for event in events {
-                model.fold(event)?;
-            }
+            let mut model = fold_all(loaded, events)?;
             match cache {
                 // The write-through while the rows are stored: both are done before the
                 // caller commits, as when they ran one after the other (decision 64).
@@ -137,7 +135,11 @@ async fn load_and_fold<M: Model>(
     generation: i32,
     events: &[Decoded<'_>],
 ) -> Result<M> {
-    let mut model = M::load(db, generation, events).await?;
+    fold_all(M::load(db, generation, events).await?, events)
+}
+
+/// Folds `events` into the rows a model loaded for them.
+fn fold_all<M: Model>(mut model: M, events: &[Decoded<'_>]) -> Result<M> {
     for event in events {
         model.fold(event)?;
     }

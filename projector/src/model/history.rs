@@ -11,7 +11,7 @@ use infra::codec::DomainEvent;
 use uuid::Uuid;
 
 use super::row::projection_row;
-use super::{Backend, Db, Decoded, Model, TableShape, unprojectable};
+use super::{Backend, Db, Decoded, Model, TableShape, first_transaction_sequences, unprojectable};
 use crate::error::Result;
 
 pub const TABLES: &[TableShape] = &[TableShape {
@@ -85,22 +85,15 @@ impl Model for HistoryModel {
     type Record = HistoryRecord;
 
     async fn load(db: &mut Db<'_>, generation: i32, events: &[Decoded<'_>]) -> Result<Self> {
-        // A transaction whose first event in the batch is its stream's first has no rows yet:
-        // every event a batch folds is after the checkpoint, and the log holds a transaction's
-        // creation before any account event naming it.
-        let mut first: HashMap<Uuid, bool> = HashMap::new();
-        for event in events {
-            if let Some(id) = transaction_of(event) {
-                let created =
-                    matches!(event.event, DomainEvent::Transaction(..)) && event.sequence() <= 1;
-                first.entry(id).or_insert(created);
-            }
-        }
-        let mut ids: Vec<Uuid> = first
-            .into_iter()
-            .filter_map(|(id, created)| (!created).then_some(id))
+        // Not the rows of a transaction created in this batch: it has none yet.
+        let first = first_transaction_sequences(events);
+        let mut ids: Vec<Uuid> = events
+            .iter()
+            .filter_map(transaction_of)
+            .filter(|id| first.get(id).is_none_or(|&sequence| sequence > 1))
             .collect();
         ids.sort_unstable();
+        ids.dedup();
         let mut model = HistoryModel::default();
         if ids.is_empty() {
             return Ok(model);

@@ -13,7 +13,7 @@ pub mod history;
 pub(crate) mod row;
 pub mod transactions;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::future::Future;
 use std::str::FromStr;
@@ -21,6 +21,7 @@ use std::str::FromStr;
 use infra::codec::DomainEvent;
 use infra::eventlog::RecordedEvent;
 use sqlx::{PgConnection, SqliteConnection};
+use uuid::Uuid;
 
 use crate::error::{Error, Result};
 
@@ -158,6 +159,21 @@ impl Decoded<'_> {
     pub fn sequence(&self) -> i64 {
         i64::try_from(self.log.sequence).unwrap_or(i64::MAX)
     }
+}
+
+/// Each transaction's first event in `events`: its sequence in the transaction's stream. A
+/// transaction whose first event here is its stream's first (sequence 1) has no row in any
+/// projection yet: every event a batch folds is after the projection's checkpoint, a stream's
+/// events are folded in order, and the log holds a transaction's creation before any account
+/// event naming it. The rows of such a transaction need not be read (decision 70).
+pub fn first_transaction_sequences(events: &[Decoded<'_>]) -> HashMap<Uuid, i64> {
+    let mut first = HashMap::new();
+    for event in events {
+        if let DomainEvent::Transaction(id, _) = &event.event {
+            first.entry(id.0).or_insert_with(|| event.sequence());
+        }
+    }
+    first
 }
 
 /// A batch of events decoded once, to be folded by every projection.

@@ -14,7 +14,7 @@ use serde_json::{Value, json};
 use uuid::Uuid;
 
 use super::row::projection_row;
-use super::{Backend, Db, Decoded, Model, TableShape, unprojectable};
+use super::{Backend, Db, Decoded, Model, TableShape, first_transaction_sequences, unprojectable};
 use crate::error::{Error, Result};
 
 pub const TABLES: &[TableShape] = &[
@@ -118,33 +118,29 @@ impl TransactionsModel {
 
 impl TransactionsModel {
     /// [`Model::load`], taking what `memory` holds instead of reading it back. A transaction
-    /// whose first event in the batch is its stream's first has no row yet, so it is not read
-    /// at all: every event a batch folds is after the projection's checkpoint, and a stream's
-    /// events are folded in order.
+    /// created in the batch has no row yet and is not read at all
+    /// ([`first_transaction_sequences`]).
     pub async fn load_remembering(
         db: &mut Db<'_>,
         generation: i32,
         events: &[Decoded<'_>],
         mut memory: Option<&mut Remembered>,
     ) -> Result<Self> {
-        // Each transaction's first event in the batch: the row must be at the version before it.
-        let mut first: HashMap<Uuid, i64> = HashMap::new();
         let mut accounts = Vec::new();
         for event in events {
-            match &event.event {
-                DomainEvent::Transaction(id, payload) => {
-                    first.entry(id.0).or_insert_with(|| event.sequence());
-                    if let TransactionEvent::TransactionCreated { request, .. } = payload {
-                        accounts.extend(request.source_account_id.map(|id| id.0));
-                        accounts.extend(request.destination_account_id.map(|id| id.0));
-                    }
-                }
-                DomainEvent::Account(..) => {}
+            if let DomainEvent::Transaction(
+                _,
+                TransactionEvent::TransactionCreated { request, .. },
+            ) = &event.event
+            {
+                accounts.extend(request.source_account_id.map(|id| id.0));
+                accounts.extend(request.destination_account_id.map(|id| id.0));
             }
         }
         let mut model = TransactionsModel::default();
         let mut ids = Vec::new();
-        for (id, sequence) in first {
+        // Each transaction's first event in the batch: its row must be at the version before it.
+        for (id, sequence) in first_transaction_sequences(events) {
             if sequence <= 1 {
                 continue;
             }
@@ -155,15 +151,13 @@ impl TransactionsModel {
                 // The row as this projector's last batch stored it, if that is the version
                 // right before this event; anything else is read from the table.
                 Some(row) if row.record.version == sequence - 1 => {
-                    if let Some(memory) = memory.as_deref_mut() {
-                        memory.hits += 1;
-                    }
                     model.rows.insert(id, row);
                 }
                 _ => ids.push(id),
             }
         }
-        if memory.is_some() {
+        if let Some(memory) = memory.as_deref_mut() {
+            memory.hits += model.rows.len() as u64;
             metrics::counter!("projection_rows_remembered_total", "result" => "hit")
                 .increment(model.rows.len() as u64);
             metrics::counter!("projection_rows_remembered_total", "result" => "miss")
