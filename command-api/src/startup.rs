@@ -259,3 +259,22 @@ pub async fn migrate(pool: &PgPool) -> Result<()> {
     infra::db::migrate(pool, SCHEMA, &MIGRATOR).await?;
     Ok(())
 }
+
+/// Applies only command-api's migrations older than `version`: the schema an earlier release
+/// left, for tests of what a later migration does to it.
+#[cfg(feature = "testing")]
+pub async fn migrate_before(pool: &PgPool, version: i64) -> Result<()> {
+    let older = Migrator {
+        migrations: std::borrow::Cow::Owned(
+            MIGRATOR
+                .migrations
+                .iter()
+                .filter(|migration| migration.version < version)
+                .cloned()
+                .collect(),
+        ),
+        ..Migrator::DEFAULT
+    };
+    infra::db::migrate(pool, SCHEMA, &older).await?;
+    Ok(())
+}

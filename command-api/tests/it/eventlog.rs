@@ -634,3 +634,116 @@ impl Drop for ScratchRole {
         });
     }
 }
+
+/// The type of one column of the event log, as PostgreSQL reports it.
+async fn events_column_type(pool: &sqlx::PgPool, column: &str) -> String {
+    sqlx::query_scalar(
+        "SELECT data_type FROM information_schema.columns
+         WHERE table_schema = 'command_api' AND table_name = 'events' AND column_name = $1",
+    )
+    .bind(column)
+    .fetch_one(pool)
+    .await
+    .expect("the column exists")
+}
+
+/// Migration 0003 stores payloads and metadata as `json` instead of `jsonb` (decision 71). A log
+/// written before it reads back exactly the same after it, its streams go on from where they
+/// were, and what is appended afterwards is kept as written.
+#[tokio::test]
+async fn a_log_written_as_jsonb_reads_the_same_after_the_json_migration() {
+    let database = ScratchDatabase::create(&command_api::testing::admin_url())
+        .await
+        .expect("a scratch database");
+    let url = database.url();
+    let _scratch = Scratch::new(database);
+    let pool = infra::db::connect(&url, "command_api", 8, "test")
+        .await
+        .expect("connects");
+    command_api::startup::migrate_before(&pool, 3)
+        .await
+        .expect("migrates to the schema before 0003");
+    assert_eq!(events_column_type(&pool, "payload").await, "jsonb");
+
+    let event = |name: &str, payload: &str| NewEvent {
+        event_id: uuid::Uuid::new_v4(),
+        event_type: name.to_owned(),
+        event_version: "1".to_owned(),
+        payload: payload.to_owned(),
+        metadata: EventMetadata {
+            correlation_id: "corr-1".to_owned(),
+            ..EventMetadata::default()
+        },
+    };
+    let streams = [
+        StreamId::new("transaction", "json-migration-1"),
+        StreamId::new("account", "json-migration-2"),
+    ];
+    let before = {
+        let log = command_api::testing::writer_log(&pool, &url).await;
+        for (stream, payload) in streams.iter().zip([
+            r#"{"b":1,"a":{"d":[1,2],"c":"x"}}"#,
+            r#"{"amount_minor":125,"at":"2026-12-05T20:00:00Z"}"#,
+        ]) {
+            let outcome = log
+                .append(vec![Append {
+                    stream: stream.clone(),
+                    expected_version: 0,
+                    events: vec![event("Written", payload)],
+                }])
+                .await
+                .expect("appends");
+            assert!(matches!(outcome[..], [AppendOutcome::Appended { .. }]));
+        }
+        log.read_all(LogPosition::START, 100, LogFilter::default())
+            .await
+            .expect("reads")
+    };
+    // `jsonb` kept the value, not the text: keys sorted, its own spacing.
+    assert_eq!(
+        before[0].payload,
+        r#"{"a": {"c": "x", "d": [1, 2]}, "b": 1}"#
+    );
+
+    command_api::startup::migrate(&pool)
+        .await
+        .expect("applies 0003");
+    assert_eq!(events_column_type(&pool, "payload").await, "json");
+    assert_eq!(events_column_type(&pool, "metadata").await, "json");
+
+    let log = command_api::testing::writer_log(&pool, &url).await;
+    let after = log
+        .read_all(LogPosition::START, 100, LogFilter::default())
+        .await
+        .expect("reads");
+    assert_eq!(
+        after, before,
+        "the migration changed what the log reads back"
+    );
+    let loaded = log
+        .read_stream_recorded(&streams[0], 0)
+        .await
+        .expect("loads");
+    assert_eq!(loaded, before[..1], "a stream load differs from the log");
+
+    let written = r#"{"b":2,"a":1}"#;
+    let outcome = log
+        .append(vec![Append {
+            stream: streams[0].clone(),
+            expected_version: 1,
+            events: vec![event("WrittenAgain", written)],
+        }])
+        .await
+        .expect("appends after the migration");
+    assert!(matches!(
+        outcome[..],
+        [AppendOutcome::Appended { version: 2, .. }]
+    ));
+    let last = log
+        .read_all(before[1].position, 100, LogFilter::default())
+        .await
+        .expect("reads");
+    assert_eq!(last.len(), 1);
+    assert_eq!(last[0].payload, written, "json keeps the text as written");
+    assert_eq!(last[0].metadata.correlation_id, "corr-1");
+}

@@ -535,7 +535,7 @@ impl Sql {
                      INSERT INTO {table} (aggregate_type, aggregate_id, sequence, event_type, \
                          event_version, payload, metadata, event_id)
                      SELECT i.aggregate_type, i.aggregate_id, i.sequence, i.event_type,
-                         i.event_version, i.payload::jsonb, i.metadata::jsonb, i.event_id
+                         i.event_version, i.payload::json, i.metadata::json, i.event_id
                      FROM UNNEST($1::text[], $2::text[], $3::bigint[], $4::bigint[], $5::text[],
                          $6::text[], $7::text[], $8::text[], $9::uuid[], $10::int[])
                          AS i(aggregate_type, aggregate_id, expected, sequence, event_type,
@@ -596,7 +596,7 @@ impl Sql {
                          INSERT INTO {table} (aggregate_type, aggregate_id, sequence, \
                              event_type, event_version, payload, metadata, event_id)
                          SELECT i.aggregate_type, i.aggregate_id, i.sequence, i.event_type,
-                             i.event_version, i.payload::jsonb, i.metadata::jsonb, i.event_id
+                             i.event_version, i.payload::json, i.metadata::json, i.event_id
                          FROM UNNEST($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
                              AS i(aggregate_type, aggregate_id, expected, sequence, event_type,
                                   event_version, payload, metadata, event_id, ordinal)

@@ -17,7 +17,7 @@ pub const TABLES: &[TableShape] = &[TableShape {
     name: "accounts",
     statements: |table, backend| {
         let (columns, json) = match backend {
-            Backend::Postgres => (AccountRecord::column_definitions(), "jsonb"),
+            Backend::Postgres => (AccountRecord::column_definitions(), "json"),
             Backend::Sqlite => (AccountRecord::sqlite_column_definitions(), "TEXT"),
         };
         vec![

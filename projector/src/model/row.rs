@@ -321,7 +321,7 @@ macro_rules! projection_row {
                 let select: Vec<String> = Self::NAMES
                     .iter()
                     .map(|name| format!("u.{name}"))
-                    .chain(extra.map(|name| format!("u.{name}::jsonb")))
+                    .chain(extra.map(|name| format!("u.{name}::json")))
                     .collect();
                 let statement = format!(
                     "INSERT INTO {table} ({names}) SELECT {select} FROM UNNEST({arrays}) \

@@ -22,7 +22,7 @@ pub const TABLES: &[TableShape] = &[
         name: "transactions",
         statements: |table, backend| {
             let (columns, json) = match backend {
-                Backend::Postgres => (TransactionRecord::column_definitions(), "jsonb"),
+                Backend::Postgres => (TransactionRecord::column_definitions(), "json"),
                 Backend::Sqlite => (TransactionRecord::sqlite_column_definitions(), "TEXT"),
             };
             // A row is about 1.7 kB (most of it the folded state) and is updated two or three

@@ -86,7 +86,7 @@ async fn verify_also_checks_what_later_events_will_be_folded_from() {
     let (_, _, usd, _) = traffic.customers[0];
     sqlx::query(
         "UPDATE projector.accounts_g1
-         SET state = jsonb_set(state, '{balance_minor}', '1') WHERE id = $1",
+         SET state = jsonb_set(state::jsonb, '{balance_minor}', '1') WHERE id = $1",
     )
     .bind(usd)
     .execute(&harness.projector.pool)
