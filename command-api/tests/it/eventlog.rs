@@ -647,9 +647,10 @@ async fn events_column_type(pool: &sqlx::PgPool, column: &str) -> String {
     .expect("the column exists")
 }
 
-/// Migration 0003 stores payloads and metadata as `json` instead of `jsonb` (decision 71). A log
-/// written before it reads back exactly the same after it, its streams go on from where they
-/// were, and what is appended afterwards is kept as written.
+/// Migration 0003 stores payloads and metadata as `json` instead of `jsonb`, and compares stream
+/// keys byte by byte (decision 71). A log written before it reads back exactly the same after
+/// it, its streams go on from where they were, and what is appended afterwards is kept as
+/// written.
 #[tokio::test]
 async fn a_log_written_as_jsonb_reads_the_same_after_the_json_migration() {
     let database = ScratchDatabase::create(&command_api::testing::admin_url())
@@ -710,6 +711,21 @@ async fn a_log_written_as_jsonb_reads_the_same_after_the_json_migration() {
         .expect("applies 0003");
     assert_eq!(events_column_type(&pool, "payload").await, "json");
     assert_eq!(events_column_type(&pool, "metadata").await, "json");
+    for column in ["aggregate_type", "aggregate_id"] {
+        let collation: Option<String> = sqlx::query_scalar(
+            "SELECT collation_name FROM information_schema.columns
+             WHERE table_schema = 'command_api' AND table_name = 'events' AND column_name = $1",
+        )
+        .bind(column)
+        .fetch_one(&pool)
+        .await
+        .expect("the column exists");
+        assert_eq!(
+            collation.as_deref(),
+            Some("C"),
+            "{column} compares by bytes"
+        );
+    }
 
     let log = command_api::testing::writer_log(&pool, &url).await;
     let after = log
