@@ -16,10 +16,11 @@ use crate::error::{Error, Result};
 pub const TABLES: &[TableShape] = &[TableShape {
     name: "accounts",
     statements: |table, backend| {
-        let (columns, json) = match backend {
-            Backend::Postgres => (AccountRecord::column_definitions(), "json"),
-            Backend::Sqlite => (AccountRecord::sqlite_column_definitions(), "TEXT"),
+        let columns = match backend {
+            Backend::Postgres => AccountRecord::column_definitions(),
+            Backend::Sqlite => AccountRecord::sqlite_column_definitions(),
         };
+        let json = backend.folded_state_type();
         vec![
             // Few rows, each updated by almost every batch.
             format!(

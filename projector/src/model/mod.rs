@@ -89,7 +89,21 @@ pub enum Backend {
     Sqlite,
 }
 
+/// The type of the folded state a row keeps for its next event (the `extra` column of
+/// `projection_row!`), on PostgreSQL: `json`, text checked once and never parsed by the server
+/// again; nothing queries inside it (decision 71). Generations created as `jsonb` accept it by
+/// assignment.
+pub(crate) const PG_FOLDED_STATE: &str = "json";
+
 impl Backend {
+    /// The column type of a row's folded state, created with each generation's table.
+    pub fn folded_state_type(self) -> &'static str {
+        match self {
+            Backend::Postgres => PG_FOLDED_STATE,
+            Backend::Sqlite => "TEXT",
+        }
+    }
+
     /// What follows a projection table's column list: on PostgreSQL, how full its pages are
     /// packed (`fillfactor`, a percentage), so that a row's later versions fit on its own page.
     /// An update that changes no indexed column and finds room there is HOT: it writes no index

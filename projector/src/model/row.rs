@@ -321,7 +321,9 @@ macro_rules! projection_row {
                 let select: Vec<String> = Self::NAMES
                     .iter()
                     .map(|name| format!("u.{name}"))
-                    .chain(extra.map(|name| format!("u.{name}::json")))
+                    .chain(extra.map(|name| {
+                        format!("u.{name}::{}", $crate::model::PG_FOLDED_STATE)
+                    }))
                     .collect();
                 let statement = format!(
                     "INSERT INTO {table} ({names}) SELECT {select} FROM UNNEST({arrays}) \

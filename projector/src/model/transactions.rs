@@ -21,10 +21,11 @@ pub const TABLES: &[TableShape] = &[
     TableShape {
         name: "transactions",
         statements: |table, backend| {
-            let (columns, json) = match backend {
-                Backend::Postgres => (TransactionRecord::column_definitions(), "json"),
-                Backend::Sqlite => (TransactionRecord::sqlite_column_definitions(), "TEXT"),
+            let columns = match backend {
+                Backend::Postgres => TransactionRecord::column_definitions(),
+                Backend::Sqlite => TransactionRecord::sqlite_column_definitions(),
             };
+            let json = backend.folded_state_type();
             // A row is about 1.7 kB (most of it the folded state) and is updated two or three
             // times in its first second: leave room for one more version on its page.
             let storage = backend.table_storage(60);
