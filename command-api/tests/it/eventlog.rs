@@ -635,10 +635,10 @@ impl Drop for ScratchRole {
     }
 }
 
-/// The type of one column of the event log, as PostgreSQL reports it.
-async fn events_column_type(pool: &sqlx::PgPool, column: &str) -> String {
-    sqlx::query_scalar(
-        "SELECT data_type FROM information_schema.columns
+/// The type and collation of one column of the event log, as PostgreSQL reports them.
+async fn events_column(pool: &sqlx::PgPool, column: &str) -> (String, Option<String>) {
+    sqlx::query_as(
+        "SELECT data_type, collation_name FROM information_schema.columns
          WHERE table_schema = 'command_api' AND table_name = 'events' AND column_name = $1",
     )
     .bind(column)
@@ -664,7 +664,7 @@ async fn a_log_written_as_jsonb_reads_the_same_after_the_json_migration() {
     command_api::startup::migrate_before(&pool, 3)
         .await
         .expect("migrates to the schema before 0003");
-    assert_eq!(events_column_type(&pool, "payload").await, "jsonb");
+    assert_eq!(events_column(&pool, "payload").await.0, "jsonb");
 
     let event = |name: &str, payload: &str| NewEvent {
         event_id: uuid::Uuid::new_v4(),
@@ -709,17 +709,10 @@ async fn a_log_written_as_jsonb_reads_the_same_after_the_json_migration() {
     command_api::startup::migrate(&pool)
         .await
         .expect("applies 0003");
-    assert_eq!(events_column_type(&pool, "payload").await, "json");
-    assert_eq!(events_column_type(&pool, "metadata").await, "json");
+    assert_eq!(events_column(&pool, "payload").await.0, "json");
+    assert_eq!(events_column(&pool, "metadata").await.0, "json");
     for column in ["aggregate_type", "aggregate_id"] {
-        let collation: Option<String> = sqlx::query_scalar(
-            "SELECT collation_name FROM information_schema.columns
-             WHERE table_schema = 'command_api' AND table_name = 'events' AND column_name = $1",
-        )
-        .bind(column)
-        .fetch_one(&pool)
-        .await
-        .expect("the column exists");
+        let (_, collation) = events_column(&pool, column).await;
         assert_eq!(
             collation.as_deref(),
             Some("C"),
