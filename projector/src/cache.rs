@@ -11,10 +11,11 @@
 //! ## Redis
 //!
 //! Each transaction is a hash `{prefix}:tx:{id}` with its stream version `v` and the row `b`
-//! (JSON, owners included so that authorization is checked on a hit). One Lua script writes it
-//! only if the stored version is not newer. The projector writes through *before* its batch
-//! commits, so the cache is never behind the read model (it may be ahead by one batch, which is
-//! the log's truth anyway).
+//! (JSON, owners included so that authorization is checked on a hit). One Lua script writes
+//! entries, each only if its stored version is not newer: a batch's rows in one call (up to
+//! [`WRITE_CHUNK`] of them, decision 72), a refill as a batch of one. The projector writes through
+//! *before* its batch commits, so the cache is never behind the read model (it may be ahead by
+//! one batch, which is the log's truth anyway).
 //!
 //! Redis is optional: every call has a short deadline, and after a failure the cache is skipped
 //! for a second instead of being tried by every request (answers come from PostgreSQL,
@@ -57,15 +58,25 @@ const STALE_KEYS_MAX: usize = 100_000;
 /// How long the flush after an overflow may take.
 const FLUSH_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// KEYS: the entry. ARGV: version, body, ttl seconds.
+/// Rows written by one call of [`WRITE_SCRIPT`] at most: Redis runs a script alone, so a call
+/// is kept well under a millisecond (a row is three commands inside the script).
+const WRITE_CHUNK: usize = 128;
+
+/// KEYS: the entries. ARGV: ttl seconds, then version and body of each entry in `KEYS`' order.
+/// Writes each entry whose stored version is not newer; returns how many it wrote.
 const WRITE_SCRIPT: &str = r"
-local current = redis.call('HGET', KEYS[1], 'v')
-if current and tonumber(current) > tonumber(ARGV[1]) then
-  return 0
+local ttl = ARGV[1]
+local written = 0
+for i, key in ipairs(KEYS) do
+  local version = ARGV[2 * i]
+  local current = redis.call('HGET', key, 'v')
+  if not current or tonumber(current) <= tonumber(version) then
+    redis.call('HSET', key, 'v', version, 'b', ARGV[2 * i + 1])
+    redis.call('EXPIRE', key, ttl)
+    written = written + 1
+  end
 end
-redis.call('HSET', KEYS[1], 'v', ARGV[1], 'b', ARGV[2])
-redis.call('EXPIRE', KEYS[1], ARGV[3])
-return 1
+return written
 ";
 
 /// The transaction cache as the projector and the query API hold it: `Arc<Cache>` is an
@@ -225,37 +236,39 @@ impl RedisCache {
             self.remember_stale(records.iter().map(|record| record.id));
             return;
         }
-        let writes = records.iter().map(|record| self.put_one(record));
-        let results = futures::future::join_all(writes).await;
-        let failed: Vec<Uuid> = records
-            .iter()
+        let chunks = records.chunks(WRITE_CHUNK);
+        let results = futures::future::join_all(chunks.clone().map(|chunk| self.put(chunk))).await;
+        let failed: Vec<Uuid> = chunks
             .zip(results)
-            .filter_map(|(record, ok)| (!ok).then_some(record.id))
+            .filter(|(_, ok)| !ok)
+            .flat_map(|(chunk, _)| chunk.iter().map(|record| record.id))
             .collect();
         if !failed.is_empty() {
             self.remember_stale(failed);
         }
     }
 
-    async fn put_one(&self, record: &TransactionRecord) -> bool {
-        let body = match serde_json::to_string(record) {
-            Ok(body) => body,
-            Err(error) => {
-                tracing::error!(transaction_id = %record.id, error.message = %error, "cannot serialise a cache entry");
-                return false;
-            }
-        };
-        let mut redis = self.redis.clone();
-        let written = tokio::time::timeout(
-            REDIS_TIMEOUT,
-            self.write
+    /// Writes `records` (at most [`WRITE_CHUNK`]) in one call of the script; false if any may be
+    /// missing.
+    async fn put(&self, records: &[&TransactionRecord]) -> bool {
+        let mut invocation = self.write.prepare_invoke();
+        invocation.arg(self.ttl_seconds);
+        for record in records {
+            let body = match serde_json::to_string(record) {
+                Ok(body) => body,
+                Err(error) => {
+                    tracing::error!(transaction_id = %record.id, error.message = %error, "cannot serialise a cache entry");
+                    return false;
+                }
+            };
+            invocation
                 .key(self.key(record.id))
                 .arg(record.version)
-                .arg(body)
-                .arg(self.ttl_seconds)
-                .invoke_async::<i64>(&mut redis),
-        )
-        .await;
+                .arg(body);
+        }
+        let mut redis = self.redis.clone();
+        let written =
+            tokio::time::timeout(REDIS_TIMEOUT, invocation.invoke_async::<i64>(&mut redis)).await;
         match written {
             Ok(Ok(_)) => true,
             Ok(Err(error)) => {
@@ -416,7 +429,7 @@ impl TransactionCache for RedisCache {
 
     async fn refill(&self, record: &TransactionRecord) {
         if !self.skipping() {
-            self.put_one(record).await;
+            self.put(&[record]).await;
         }
     }
 

@@ -32,6 +32,7 @@ macro_rules! cache_conformance {
             an_older_version_never_overwrites_a_newer_one,
             a_newer_version_replaces_the_entry,
             racing_writers_leave_the_newest_version,
+            a_large_batch_guards_each_entry_on_its_own,
             a_flush_empties_the_cache,
             the_cache_answers_its_health_check
         );
@@ -160,6 +161,43 @@ pub async fn racing_writers_leave_the_newest_version(cache: Arc<Cache>) {
         (found.version, found.status.as_str()),
         (VERSIONS, "CONFIRMED")
     );
+}
+
+/// A batch of many rows (more than one call's worth in Redis) writes every row whose entry is
+/// not newer and leaves each newer entry alone: the version guard is per entry, not per batch.
+pub async fn a_large_batch_guards_each_entry_on_its_own(cache: Arc<Cache>) {
+    const ROWS: usize = 300;
+    let ids: Vec<Uuid> = (0..ROWS).map(|_| Uuid::new_v4()).collect();
+    // Every third entry already holds a newer version, every fifth the same one.
+    let newer: Vec<TransactionRecord> = ids
+        .iter()
+        .step_by(3)
+        .map(|id| record(*id, "CONFIRMED", 5))
+        .collect();
+    cache.put_all(&newer).await;
+    let same: Vec<TransactionRecord> = ids
+        .iter()
+        .enumerate()
+        .filter(|(index, _)| index % 5 == 0 && index % 3 != 0)
+        .map(|(_, id)| record(*id, "REJECTED", 3))
+        .collect();
+    cache.put_all(&same).await;
+    let batch: Vec<TransactionRecord> = ids.iter().map(|id| record(*id, "PENDING", 3)).collect();
+    cache.put_all(&batch).await;
+    for (index, written) in batch.iter().enumerate() {
+        let found = cached(&*cache, written.id)
+            .await
+            .unwrap_or_else(|| panic!("row {index} of the batch is missing"));
+        if index % 3 == 0 {
+            assert_eq!(
+                (found.version, found.status.as_str()),
+                (5, "CONFIRMED"),
+                "row {index}: the batch replaced a newer entry"
+            );
+        } else {
+            assert_eq!(&found, written, "row {index}: the batch did not write it");
+        }
+    }
 }
 
 /// A flush deletes every entry and says how many there were.
