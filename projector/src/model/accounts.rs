@@ -5,7 +5,7 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 
 use chrono::{DateTime, SubsecRound, Utc};
-use domain::{Account, AccountId, TransactionEvent};
+use domain::{Account, AccountId, Leg, TransactionEvent};
 use infra::codec::DomainEvent;
 use uuid::Uuid;
 
@@ -84,15 +84,26 @@ fn record_of(account: &Account, version: i64, created_position: i64) -> AccountR
     }
 }
 
-/// The accounts an event changes.
+/// The accounts an event changes: a customer account by its own stream's events, a world
+/// account by the legs of confirmed transactions (a customer account's leg settles through its
+/// own stream, so the fold skips it, and reading its row would be wasted).
 fn touched(event: &Decoded<'_>, into: &mut Vec<Uuid>) {
     match &event.event {
         DomainEvent::Account(id, _) => into.push(id.0),
         DomainEvent::Transaction(_, TransactionEvent::TransactionConfirmed { legs, .. }) => {
-            into.extend(legs.iter().map(|leg| leg.account_id.0));
+            into.extend(
+                legs.iter()
+                    .filter(|leg| is_world_leg(leg))
+                    .map(|leg| leg.account_id.0),
+            );
         }
         DomainEvent::Transaction(..) => {}
     }
+}
+
+/// Whether a confirmed transaction's leg is on its currency's world account.
+fn is_world_leg(leg: &Leg) -> bool {
+    leg.account_id == AccountId::world(leg.currency)
 }
 
 impl Model for AccountsModel {
@@ -142,10 +153,7 @@ impl Model for AccountsModel {
                 self.dirty.insert(id.0);
             }
             DomainEvent::Transaction(_, TransactionEvent::TransactionConfirmed { legs, at }) => {
-                for leg in legs {
-                    if leg.account_id != AccountId::world(leg.currency) {
-                        continue;
-                    }
+                for leg in legs.iter().filter(|leg| is_world_leg(leg)) {
                     let at = at.trunc_subsecs(6);
                     let row = self
                         .rows
