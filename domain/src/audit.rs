@@ -213,7 +213,7 @@ impl Audit {
     ) {
         let stream = format!("transaction/{}", transaction.id);
         for leg in legs {
-            if leg.account_id == AccountId::world(leg.currency) {
+            if leg.is_world() {
                 let world = report.world_balances_minor.entry(leg.currency).or_default();
                 *world = world.saturating_add(leg.amount_minor);
                 continue;

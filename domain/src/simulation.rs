@@ -726,7 +726,7 @@ impl Ledger {
             for leg in legs {
                 assert_eq!(leg.currency, transaction.request.currency);
                 *legs_sum.entry(leg.currency).or_default() += leg.amount_minor;
-                if leg.account_id == AccountId::world(leg.currency) {
+                if leg.is_world() {
                     *world_balance.entry(leg.currency).or_default() += leg.amount_minor;
                     continue;
                 }

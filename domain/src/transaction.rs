@@ -187,6 +187,14 @@ pub struct Leg {
     pub currency: Currency,
 }
 
+impl Leg {
+    /// Whether the leg is on its currency's world account (which has no stream: its balance is
+    /// the sum of the world legs, SPEC §3).
+    pub fn is_world(&self) -> bool {
+        self.account_id == AccountId::world(self.currency)
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum TransactionCommand {
     Create {

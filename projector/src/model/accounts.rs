@@ -5,7 +5,7 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 
 use chrono::{DateTime, SubsecRound, Utc};
-use domain::{Account, AccountId, Leg, TransactionEvent};
+use domain::{Account, TransactionEvent};
 use infra::codec::DomainEvent;
 use uuid::Uuid;
 
@@ -93,17 +93,12 @@ fn touched(event: &Decoded<'_>, into: &mut Vec<Uuid>) {
         DomainEvent::Transaction(_, TransactionEvent::TransactionConfirmed { legs, .. }) => {
             into.extend(
                 legs.iter()
-                    .filter(|leg| is_world_leg(leg))
+                    .filter(|leg| leg.is_world())
                     .map(|leg| leg.account_id.0),
             );
         }
         DomainEvent::Transaction(..) => {}
     }
-}
-
-/// Whether a confirmed transaction's leg is on its currency's world account.
-fn is_world_leg(leg: &Leg) -> bool {
-    leg.account_id == AccountId::world(leg.currency)
 }
 
 impl Model for AccountsModel {
@@ -153,7 +148,7 @@ impl Model for AccountsModel {
                 self.dirty.insert(id.0);
             }
             DomainEvent::Transaction(_, TransactionEvent::TransactionConfirmed { legs, at }) => {
-                for leg in legs.iter().filter(|leg| is_world_leg(leg)) {
+                for leg in legs.iter().filter(|leg| leg.is_world()) {
                     let at = at.trunc_subsecs(6);
                     let row = self
                         .rows
