@@ -189,7 +189,9 @@ pub struct Leg {
 
 impl Leg {
     /// Whether the leg is on its currency's world account (which has no stream: its balance is
-    /// the sum of the world legs, SPEC §3).
+    /// the sum of the world legs, SPEC §3). Narrower and cheaper than
+    /// [`AccountId::is_world`], which hashes every currency's world id to recognise any of
+    /// them: a leg's world account is its own currency's, so one id is computed.
     pub fn is_world(&self) -> bool {
         self.account_id == AccountId::world(self.currency)
     }
