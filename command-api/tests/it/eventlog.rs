@@ -764,3 +764,102 @@ async fn a_log_written_as_jsonb_reads_the_same_after_the_json_migration() {
     assert_eq!(last[0].payload, written, "json keeps the text as written");
     assert_eq!(last[0].metadata.correlation_id, "corr-1");
 }
+
+/// A reader that read the log before migration 0003 (another service started at the same time
+/// as command-api, or left running through an upgrade) goes on reading after it. Its connection
+/// prepared the reads against the old table; the migration changes their result's type (the
+/// keys' collation), and PostgreSQL then refuses to run them ("cached plan must not change
+/// result type", SQLSTATE 0A000) until they are prepared again. One connection in the pool, so
+/// every read after the migration runs on the connection that prepared it before.
+#[tokio::test]
+async fn a_reader_that_read_before_the_json_migration_reads_after_it() {
+    let database = ScratchDatabase::create(&command_api::testing::admin_url())
+        .await
+        .expect("a scratch database");
+    let url = database.url();
+    let _scratch = Scratch::new(database);
+    let pool = infra::db::connect(&url, "command_api", 2, "test")
+        .await
+        .expect("connects");
+    command_api::startup::migrate_before(&pool, 3)
+        .await
+        .expect("migrates to the schema before 0003");
+    let writer = command_api::testing::writer_log(&pool, &url).await;
+    let stream = StreamId::new("transaction", "replanned-1");
+    writer
+        .append(vec![Append {
+            stream: stream.clone(),
+            expected_version: 0,
+            events: vec![NewEvent {
+                event_id: uuid::Uuid::new_v4(),
+                event_type: "Written".to_owned(),
+                event_version: "1".to_owned(),
+                payload: r#"{"a":1}"#.to_owned(),
+                metadata: EventMetadata::default(),
+            }],
+        }])
+        .await
+        .expect("appends");
+
+    let one_connection = infra::db::connect(&url, "command_api", 1, "test reader")
+        .await
+        .expect("connects");
+    let log = reader(&one_connection, false).await;
+    let filtered = LogFilter {
+        aggregate_type: Some("transaction"),
+        event_type: None,
+    };
+    let before = log
+        .read_all(LogPosition::START, 10, LogFilter::default())
+        .await
+        .expect("reads before");
+    assert_eq!(before.len(), 1);
+    let head = log.head().await.expect("the head before");
+    assert_eq!(
+        log.read_all(LogPosition::START, 10, filtered)
+            .await
+            .expect("reads filtered before"),
+        before
+    );
+    assert_eq!(
+        log.read_stream_recorded(&stream, 0)
+            .await
+            .expect("loads before"),
+        before
+    );
+    log.lag(LogPosition::START, filtered)
+        .await
+        .expect("the lag before");
+
+    command_api::startup::migrate(&pool)
+        .await
+        .expect("applies 0003");
+
+    for _ in 0..2 {
+        assert_eq!(
+            log.read_all(LogPosition::START, 10, LogFilter::default())
+                .await
+                .expect("reads after the migration"),
+            before
+        );
+        assert_eq!(
+            log.read_all(LogPosition::START, 10, filtered)
+                .await
+                .expect("reads filtered after the migration"),
+            before
+        );
+        assert_eq!(log.head().await.expect("the head after"), head);
+        assert_eq!(
+            log.read_stream_recorded(&stream, 0)
+                .await
+                .expect("loads after the migration"),
+            before
+        );
+        let lag = log
+            .lag(LogPosition::START, filtered)
+            .await
+            .expect("the lag after the migration");
+        assert_eq!(lag.events, 1);
+    }
+    one_connection.close().await;
+}

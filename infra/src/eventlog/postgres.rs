@@ -42,12 +42,14 @@
 //! live beside the events in `aggregate_snapshots`.
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::time::Duration;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use cqrs_es::persist::PersistedEventRepository;
 use postgres_es::PostgresEventRepository;
+use sqlx::pool::PoolConnection;
 use sqlx::postgres::{PgArguments, PgConnectOptions, PgListener, PgPool, PgRow};
 use sqlx::query::QueryAs;
 use sqlx::{Connection, PgConnection, Postgres, Row};
@@ -78,6 +80,13 @@ const UNWRITTEN_PREREQUISITE: &str = "LG001";
 
 /// PostgreSQL's `insufficient_privilege`.
 const INSUFFICIENT_PRIVILEGE: &str = "42501";
+
+/// PostgreSQL's `feature_not_supported`, raised among other things with [`STALE_PLAN`].
+const FEATURE_NOT_SUPPORTED: &str = "0A000";
+
+/// What PostgreSQL says when a statement a connection prepared no longer fits the table it
+/// reads ([`replanning`]).
+const STALE_PLAN: &str = "cached plan must not change result type";
 
 /// How long the NOTIFY listener waits before reconnecting after losing its connection.
 const LISTENER_RECONNECT_DELAY: Duration = Duration::from_secs(1);
@@ -301,13 +310,18 @@ impl EventLog for PgEventLog {
         stream: &StreamId,
         after: u64,
     ) -> Result<Vec<RecordedEvent>> {
-        let rows = sqlx::query(&self.sql.read_stream_recorded)
-            .bind(&stream.aggregate_type)
-            .bind(&stream.aggregate_id)
-            .bind(i64::try_from(after).unwrap_or(i64::MAX))
-            .fetch_all(&self.pool)
-            .await
-            .context("reading a stream's events")?;
+        let after = i64::try_from(after).unwrap_or(i64::MAX);
+        let rows = replanning(&self.pool, |mut connection| async move {
+            let rows = sqlx::query(&self.sql.read_stream_recorded)
+                .bind(&stream.aggregate_type)
+                .bind(&stream.aggregate_id)
+                .bind(after)
+                .fetch_all(&mut *connection)
+                .await;
+            (connection, rows)
+        })
+        .await
+        .context("reading a stream's events")?;
         rows.iter().map(decode).collect()
     }
 
@@ -318,21 +332,25 @@ impl EventLog for PgEventLog {
         filter: LogFilter,
     ) -> Result<Vec<RecordedEvent>> {
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
-        let query = match (filter.aggregate_type, filter.event_type) {
-            (None, None) => sqlx::query(&self.sql.read_all),
-            (Some(kind), None) => sqlx::query(&self.sql.read_all_of_type).bind(kind),
-            (Some(kind), Some(event)) => sqlx::query(&self.sql.read_all_of_event)
-                .bind(kind)
-                .bind(event),
-            (None, Some(event)) => sqlx::query(&self.sql.read_all_of_event_any).bind(event),
-        };
-        let rows = query
-            .bind(after.commit.to_string())
-            .bind(after.index)
-            .bind(limit)
-            .fetch_all(&self.pool)
-            .await
-            .context("reading the event log")?;
+        let rows = replanning(&self.pool, |mut connection| async move {
+            let query = match (filter.aggregate_type, filter.event_type) {
+                (None, None) => sqlx::query(&self.sql.read_all),
+                (Some(kind), None) => sqlx::query(&self.sql.read_all_of_type).bind(kind),
+                (Some(kind), Some(event)) => sqlx::query(&self.sql.read_all_of_event)
+                    .bind(kind)
+                    .bind(event),
+                (None, Some(event)) => sqlx::query(&self.sql.read_all_of_event_any).bind(event),
+            };
+            let rows = query
+                .bind(after.commit.to_string())
+                .bind(after.index)
+                .bind(limit)
+                .fetch_all(&mut *connection)
+                .await;
+            (connection, rows)
+        })
+        .await
+        .context("reading the event log")?;
         rows.iter().map(decode).collect()
     }
 
@@ -700,6 +718,44 @@ fn validate_table(table: &str) -> Result<()> {
             "table name {table:?} must be [schema.]name of lower-case identifiers"
         )))
     }
+}
+
+/// Runs `read` on a connection of `pool` and, if PostgreSQL refuses a statement that connection
+/// prepared before the table changed, runs it once more with the connection's statements
+/// prepared again.
+///
+/// A migration that changes the type of a column a read returns (0003 gave the stream keys the
+/// collation `"C"`, which is part of the result's type) leaves every statement prepared before
+/// it failing with "cached plan must not change result type" on that connection, for as long as
+/// the connection lives: a projector started with command-api, which can read the log between
+/// command-api's first migration and its third, would otherwise fail on that pooled connection
+/// until it was closed. The connection is handed to `read` and back, so the retry runs on the
+/// one that failed. The reads of events use it; the head and the lag return numbers only, whose
+/// types no migration has changed.
+async fn replanning<T, F, Fut>(pool: &PgPool, mut read: F) -> sqlx::Result<T>
+where
+    F: FnMut(PoolConnection<Postgres>) -> Fut,
+    Fut: Future<Output = (PoolConnection<Postgres>, sqlx::Result<T>)>,
+{
+    let (mut connection, result) = read(pool.acquire().await?).await;
+    match result {
+        Err(error) if prepared_before_the_table_changed(&error) => {
+            tracing::warn!(
+                error.message = %error,
+                "a read of the event log was prepared before its table changed; preparing it again"
+            );
+            connection.clear_cached_statements().await?;
+            read(connection).await.1
+        }
+        other => other,
+    }
+}
+
+/// [`STALE_PLAN`]: see [`replanning`].
+fn prepared_before_the_table_changed(error: &sqlx::Error) -> bool {
+    error.as_database_error().is_some_and(|error| {
+        error.code().as_deref() == Some(FEATURE_NOT_SUPPORTED) && error.message() == STALE_PLAN
+    })
 }
 
 fn decode(row: &PgRow) -> Result<RecordedEvent> {
