@@ -50,7 +50,7 @@ use chrono::{DateTime, Utc};
 use cqrs_es::persist::PersistedEventRepository;
 use postgres_es::PostgresEventRepository;
 use sqlx::pool::PoolConnection;
-use sqlx::postgres::{PgArguments, PgConnectOptions, PgListener, PgPool, PgRow};
+use sqlx::postgres::{PgArguments, PgConnectOptions, PgDatabaseError, PgListener, PgPool, PgRow};
 use sqlx::query::QueryAs;
 use sqlx::{Connection, PgConnection, Postgres, Row};
 use tokio::sync::watch;
@@ -81,12 +81,13 @@ const UNWRITTEN_PREREQUISITE: &str = "LG001";
 /// PostgreSQL's `insufficient_privilege`.
 const INSUFFICIENT_PRIVILEGE: &str = "42501";
 
-/// PostgreSQL's `feature_not_supported`, raised among other things with [`STALE_PLAN`].
+/// PostgreSQL's `feature_not_supported`, raised among other things by [`STALE_PLAN_ROUTINE`].
 const FEATURE_NOT_SUPPORTED: &str = "0A000";
 
-/// What PostgreSQL says when a statement a connection prepared no longer fits the table it
-/// reads ([`replanning`]).
-const STALE_PLAN: &str = "cached plan must not change result type";
+/// The server routine that refuses a statement a connection prepared before the table it reads
+/// changed ([`replanning`]). Its message ("cached plan must not change result type") follows the
+/// server's `lc_messages`; the routine's name does not.
+const STALE_PLAN_ROUTINE: &str = "RevalidateCachedQuery";
 
 /// How long the NOTIFY listener waits before reconnecting after losing its connection.
 const LISTENER_RECONNECT_DELAY: Duration = Duration::from_secs(1);
@@ -751,11 +752,14 @@ where
     }
 }
 
-/// [`STALE_PLAN`]: see [`replanning`].
+/// See [`replanning`].
 fn prepared_before_the_table_changed(error: &sqlx::Error) -> bool {
-    error.as_database_error().is_some_and(|error| {
-        error.code().as_deref() == Some(FEATURE_NOT_SUPPORTED) && error.message() == STALE_PLAN
-    })
+    error
+        .as_database_error()
+        .and_then(|error| error.try_downcast_ref::<PgDatabaseError>())
+        .is_some_and(|error| {
+            error.code() == FEATURE_NOT_SUPPORTED && error.routine() == Some(STALE_PLAN_ROUTINE)
+        })
 }
 
 fn decode(row: &PgRow) -> Result<RecordedEvent> {
