@@ -306,6 +306,10 @@ impl System {
                 &overrides.fraud_worker,
             ),
         );
+        // The projector reads the log command-api's migrations create, so it starts once
+        // command-api listens (after them), as run-local.sh starts it: started at once, it
+        // failed its first reads and backed off for up to seconds (infra::follow).
+        let command_port = command_api.port().await;
         let mut projector = Service::start(
             "projector",
             &logs,
@@ -320,11 +324,7 @@ impl System {
             ),
         );
         // The gateway needs the others' addresses, so it starts once they listen.
-        let (command_port, fraud_port, query_port) = (
-            command_api.port().await,
-            fraud_worker.port().await,
-            projector.port().await,
-        );
+        let (fraud_port, query_port) = (fraud_worker.port().await, projector.port().await);
         let mut gateway = Service::start(
             "gateway",
             &logs,
