@@ -264,6 +264,7 @@ impl Saga {
             &event.payload,
         ) {
             Ok(decoded) => {
+                count_decision(&decoded);
                 self.transactions
                     .observe(&event.stream.aggregate_id, event.sequence, &decoded)
             }
@@ -943,6 +944,24 @@ fn correlation_ids(results: &[(Work, Result<Progress>)]) -> String {
     ids.sort_unstable();
     ids.dedup();
     ids.join(",")
+}
+
+/// Counts a transaction's confirmation or rejection as the saga reads it from the log
+/// (`saga_transactions_decided_total`): what an operator watches for rejections by reason, the
+/// decision timeouts among them. An event read again (a saga restarted before it recorded its
+/// checkpoint) counts again.
+fn count_decision(event: &TransactionEvent) {
+    let (outcome, reason) = match event {
+        TransactionEvent::TransactionConfirmed { .. } => ("confirmed", "none"),
+        TransactionEvent::TransactionRejected { reason, .. } => ("rejected", reason.as_str()),
+        _ => return,
+    };
+    metrics::counter!(
+        "saga_transactions_decided_total",
+        "outcome" => outcome,
+        "reason" => reason
+    )
+    .increment(1);
 }
 
 /// The name a transaction step's command id carries: `saga/{transaction}/{name}`.

@@ -728,3 +728,44 @@ async fn health_checks_the_database_for_real() {
         .await
         .expect("deletes the topology");
 }
+
+#[tokio::test]
+async fn metrics_count_the_saga_s_decisions_by_outcome_and_reason() {
+    // Proves an operator can watch rejections by reason (the runbook's decision timeouts among
+    // them): a funded deposit is confirmed and a transfer the payer cannot cover is rejected
+    // `insufficient_funds`, and /metrics counts both as the saga reads them from the log.
+    let harness = Harness::start().await;
+    let (payer, source, destination) = harness.payer_and_payee().await;
+    harness.fund(source, "1.00", "USD").await;
+    let uncovered = harness
+        .transact(
+            &payer,
+            json!({"type": "transfer", "amount": "5.00", "currency": "USD", "source_account_id": source, "destination_account_id": destination}),
+        )
+        .await;
+    crate::support::eventually(std::time::Duration::from_secs(10), || async {
+        harness.outcome(uncovered).await
+            == ("REJECTED".to_owned(), Some("insufficient_funds".to_owned()))
+    })
+    .await;
+    let url = format!("{}/metrics", harness.app.address);
+    crate::support::eventually(std::time::Duration::from_secs(10), || async {
+        let metrics = harness
+            .client
+            .get(&url)
+            .send()
+            .await
+            .expect("answers")
+            .text()
+            .await
+            .expect("text");
+        [
+            r#"saga_transactions_decided_total{outcome="confirmed",reason="none"}"#,
+            r#"saga_transactions_decided_total{outcome="rejected",reason="insufficient_funds"}"#,
+        ]
+        .iter()
+        .all(|series| metrics.contains(series))
+    })
+    .await;
+    harness.finish().await;
+}
