@@ -5,11 +5,14 @@
 //! without colliding. Every session also gets an `idle_in_transaction_session_timeout`: one
 //! forgotten open transaction anywhere would hold back every log follower (NOTES).
 
+use std::future::Future;
 use std::str::FromStr;
 use std::time::Duration;
 
 use sqlx::migrate::Migrator;
+use sqlx::pool::PoolConnection;
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
+use sqlx::{Connection, Postgres};
 
 use crate::error::{DatabaseContext, Error, Result};
 
@@ -223,6 +226,82 @@ pub fn advisory_key(name: &str) -> i64 {
     i64::from_ne_bytes(hash.to_ne_bytes())
 }
 
+/// PostgreSQL's `feature_not_supported`, raised among other things by [`STALE_PLAN_ROUTINE`].
+const FEATURE_NOT_SUPPORTED: &str = "0A000";
+
+/// The server routine that refuses a statement a connection prepared before a table or view it
+/// reads changed the type of a column it returns. Its message ("cached plan must not change
+/// result type") follows the server's `lc_messages`; the routine's name does not.
+const STALE_PLAN_ROUTINE: &str = "RevalidateCachedQuery";
+
+/// Whether PostgreSQL refused a statement because the connection prepared it before a column it
+/// returns changed type (a migration, a read model's new generation): it refuses it on that
+/// connection for as long as the connection keeps it prepared, so the caller clears the
+/// connection's statements (`Connection::clear_cached_statements`) and runs it once more
+/// (decision 74).
+pub fn is_stale_plan(error: &sqlx::Error) -> bool {
+    error
+        .as_database_error()
+        .and_then(|error| error.try_downcast_ref::<sqlx::postgres::PgDatabaseError>())
+        .is_some_and(|error| {
+            error.code() == FEATURE_NOT_SUPPORTED && error.routine() == Some(STALE_PLAN_ROUTINE)
+        })
+}
+
+/// Runs `read` on a connection of `pool` and, if PostgreSQL refused a statement of it as
+/// [`is_stale_plan`] (anywhere in the error's chain of causes), runs it once more on the same
+/// connection with its statements prepared again. `reading` names what is read, for the log.
+///
+/// A change of the type of a column a read returns (migration 0003 gave the stream keys the
+/// collation `"C"`, part of the result's type; a rebuild may switch a view to a generation of
+/// another shape) leaves every statement prepared before it failing on that connection for as
+/// long as the connection lives, and pools keep connections: a follower would fail every batch,
+/// a query every request that drew that connection. The connection is handed to `read` and
+/// back, so the retry runs on the one that failed (decision 74).
+pub async fn replanning<T, E, F, Fut>(
+    pool: &PgPool,
+    reading: &'static str,
+    mut read: F,
+) -> std::result::Result<T, E>
+where
+    E: std::error::Error + From<Error> + 'static,
+    F: FnMut(PoolConnection<Postgres>) -> Fut,
+    Fut: Future<Output = (PoolConnection<Postgres>, std::result::Result<T, E>)>,
+{
+    let connection = pool.acquire().await.context("acquiring a connection")?;
+    let (mut connection, result) = read(connection).await;
+    match result {
+        Err(error) if holds_stale_plan(&error) => {
+            tracing::warn!(
+                reading,
+                error.message = %error,
+                "a read was prepared before what it reads changed type; preparing it again"
+            );
+            connection
+                .clear_cached_statements()
+                .await
+                .context("preparing the statements of a connection again")?;
+            read(connection).await.1
+        }
+        other => other,
+    }
+}
+
+/// Whether `error`, or any error that caused it, is [`is_stale_plan`].
+fn holds_stale_plan(error: &(dyn std::error::Error + 'static)) -> bool {
+    let mut next = Some(error);
+    while let Some(error) = next {
+        if error
+            .downcast_ref::<sqlx::Error>()
+            .is_some_and(is_stale_plan)
+        {
+            return true;
+        }
+        next = error.source();
+    }
+    false
+}
+
 /// Runs `SELECT 1` with a deadline: the database check of `/health`.
 pub async fn ping(pool: &PgPool, timeout: Duration) -> bool {
     answers(pool, "SELECT 1", timeout).await
@@ -247,7 +326,6 @@ pub struct ScratchDatabase {
 impl ScratchDatabase {
     /// Creates `ledger_test_<uuid>` through `admin_url` (a URL of any existing database).
     pub async fn create(admin_url: &str) -> Result<ScratchDatabase> {
-        use sqlx::Connection;
         let name = format!("ledger_test_{}", uuid::Uuid::new_v4().simple());
         let mut admin = sqlx::PgConnection::connect(admin_url)
             .await
@@ -289,7 +367,6 @@ impl ScratchDatabase {
 
     /// Drops the database, ending any session still connected to it.
     pub async fn drop_database(self) -> Result<()> {
-        use sqlx::Connection;
         let mut admin = sqlx::PgConnection::connect(&self.admin_url)
             .await
             .context("connecting to drop a scratch database")?;

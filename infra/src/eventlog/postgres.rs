@@ -42,15 +42,13 @@
 //! live beside the events in `aggregate_snapshots`.
 
 use std::collections::HashMap;
-use std::future::Future;
 use std::time::Duration;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use cqrs_es::persist::PersistedEventRepository;
 use postgres_es::PostgresEventRepository;
-use sqlx::pool::PoolConnection;
-use sqlx::postgres::{PgArguments, PgConnectOptions, PgDatabaseError, PgListener, PgPool, PgRow};
+use sqlx::postgres::{PgArguments, PgConnectOptions, PgListener, PgPool, PgRow};
 use sqlx::query::QueryAs;
 use sqlx::{Connection, PgConnection, Postgres, Row};
 use tokio::sync::watch;
@@ -63,6 +61,7 @@ use super::{
     Append, AppendOutcome, Chained, EventLog, EventMetadata, Lag, LogFilter, LogPosition,
     RecordedEvent, Snapshot, StreamEvent, StreamId, Wakeups,
 };
+use crate::db::replanning;
 use crate::error::{DatabaseContext, Error, Result};
 use crate::log::LAG_COUNT_CAP;
 
@@ -80,14 +79,6 @@ const UNWRITTEN_PREREQUISITE: &str = "LG001";
 
 /// PostgreSQL's `insufficient_privilege`.
 const INSUFFICIENT_PRIVILEGE: &str = "42501";
-
-/// PostgreSQL's `feature_not_supported`, raised among other things by [`STALE_PLAN_ROUTINE`].
-const FEATURE_NOT_SUPPORTED: &str = "0A000";
-
-/// The server routine that refuses a statement a connection prepared before the table it reads
-/// changed ([`replanning`]). Its message ("cached plan must not change result type") follows the
-/// server's `lc_messages`; the routine's name does not.
-const STALE_PLAN_ROUTINE: &str = "RevalidateCachedQuery";
 
 /// How long the NOTIFY listener waits before reconnecting after losing its connection.
 const LISTENER_RECONNECT_DELAY: Duration = Duration::from_secs(1);
@@ -312,17 +303,19 @@ impl EventLog for PgEventLog {
         after: u64,
     ) -> Result<Vec<RecordedEvent>> {
         let after = i64::try_from(after).unwrap_or(i64::MAX);
-        let rows = replanning(&self.pool, |mut connection| async move {
+        // Through `replanning`: these reads return the stream keys, whose type migration 0003
+        // changed (decision 74).
+        let rows = replanning(&self.pool, "the event log", |mut connection| async move {
             let rows = sqlx::query(&self.sql.read_stream_recorded)
                 .bind(&stream.aggregate_type)
                 .bind(&stream.aggregate_id)
                 .bind(after)
                 .fetch_all(&mut *connection)
-                .await;
+                .await
+                .context("reading a stream's events");
             (connection, rows)
         })
-        .await
-        .context("reading a stream's events")?;
+        .await?;
         rows.iter().map(decode).collect()
     }
 
@@ -333,7 +326,7 @@ impl EventLog for PgEventLog {
         filter: LogFilter,
     ) -> Result<Vec<RecordedEvent>> {
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
-        let rows = replanning(&self.pool, |mut connection| async move {
+        let rows = replanning(&self.pool, "the event log", |mut connection| async move {
             let query = match (filter.aggregate_type, filter.event_type) {
                 (None, None) => sqlx::query(&self.sql.read_all),
                 (Some(kind), None) => sqlx::query(&self.sql.read_all_of_type).bind(kind),
@@ -347,11 +340,11 @@ impl EventLog for PgEventLog {
                 .bind(after.index)
                 .bind(limit)
                 .fetch_all(&mut *connection)
-                .await;
+                .await
+                .context("reading the event log");
             (connection, rows)
         })
-        .await
-        .context("reading the event log")?;
+        .await?;
         rows.iter().map(decode).collect()
     }
 
@@ -719,47 +712,6 @@ fn validate_table(table: &str) -> Result<()> {
             "table name {table:?} must be [schema.]name of lower-case identifiers"
         )))
     }
-}
-
-/// Runs `read` on a connection of `pool` and, if PostgreSQL refuses a statement that connection
-/// prepared before the table changed, runs it once more with the connection's statements
-/// prepared again.
-///
-/// A migration that changes the type of a column a read returns (0003 gave the stream keys the
-/// collation `"C"`, which is part of the result's type) leaves every statement prepared before
-/// it failing with "cached plan must not change result type" on that connection, for as long as
-/// the connection lives: a projector started with command-api, which can read the log between
-/// command-api's first migration and its third, would otherwise fail on that pooled connection
-/// until it was closed. The connection is handed to `read` and back, so the retry runs on the
-/// one that failed. The reads of events use it; the head and the lag return numbers only, whose
-/// types no migration has changed.
-async fn replanning<T, F, Fut>(pool: &PgPool, mut read: F) -> sqlx::Result<T>
-where
-    F: FnMut(PoolConnection<Postgres>) -> Fut,
-    Fut: Future<Output = (PoolConnection<Postgres>, sqlx::Result<T>)>,
-{
-    let (mut connection, result) = read(pool.acquire().await?).await;
-    match result {
-        Err(error) if prepared_before_the_table_changed(&error) => {
-            tracing::warn!(
-                error.message = %error,
-                "a read of the event log was prepared before its table changed; preparing it again"
-            );
-            connection.clear_cached_statements().await?;
-            read(connection).await.1
-        }
-        other => other,
-    }
-}
-
-/// See [`replanning`].
-fn prepared_before_the_table_changed(error: &sqlx::Error) -> bool {
-    error
-        .as_database_error()
-        .and_then(|error| error.try_downcast_ref::<PgDatabaseError>())
-        .is_some_and(|error| {
-            error.code() == FEATURE_NOT_SUPPORTED && error.routine() == Some(STALE_PLAN_ROUTINE)
-        })
 }
 
 fn decode(row: &PgRow) -> Result<RecordedEvent> {

@@ -39,6 +39,18 @@ impl PgReadModels {
         &self.pool
     }
 
+    /// One of the query side's reads, through [`infra::db::replanning`]: a rebuild that switches
+    /// a projection's views to a generation of another shape changes the type of what they
+    /// return, which PostgreSQL refuses to the statements pooled connections prepared before
+    /// (decision 74).
+    async fn read<T, F, Fut>(&self, read: F) -> Result<T>
+    where
+        F: FnMut(sqlx::pool::PoolConnection<sqlx::Postgres>) -> Fut,
+        Fut: std::future::Future<Output = (sqlx::pool::PoolConnection<sqlx::Postgres>, Result<T>)>,
+    {
+        infra::db::replanning(&self.pool, "the read models", read).await
+    }
+
     async fn connection(&self) -> Result<sqlx::pool::PoolConnection<sqlx::Postgres>> {
         Ok(self
             .pool
@@ -253,28 +265,43 @@ impl ReadModels for PgReadModels {
     }
 
     async fn live_rows(&self, name: ProjectionName) -> Result<Vec<String>> {
-        let mut connection = self.connection().await?;
-        queries::live_rows(&mut Db::Pg(&mut connection), name).await
+        self.read(|mut connection| async move {
+            let rows = queries::live_rows(&mut Db::Pg(&mut connection), name).await;
+            (connection, rows)
+        })
+        .await
     }
 
     async fn account(&self, id: Uuid) -> Result<Option<AccountRecord>> {
-        let mut connection = self.connection().await?;
-        queries::account(&mut Db::Pg(&mut connection), id).await
+        self.read(|mut connection| async move {
+            let row = queries::account(&mut Db::Pg(&mut connection), id).await;
+            (connection, row)
+        })
+        .await
     }
 
     async fn accounts(&self, owner: Option<Uuid>, page: PageQuery) -> Result<Vec<AccountRecord>> {
-        let mut connection = self.connection().await?;
-        queries::accounts(&mut Db::Pg(&mut connection), owner, page).await
+        self.read(|mut connection| async move {
+            let rows = queries::accounts(&mut Db::Pg(&mut connection), owner, page).await;
+            (connection, rows)
+        })
+        .await
     }
 
     async fn history(&self, account: Uuid, page: PageQuery) -> Result<Vec<HistoryRecord>> {
-        let mut connection = self.connection().await?;
-        queries::history(&mut Db::Pg(&mut connection), account, page).await
+        self.read(|mut connection| async move {
+            let rows = queries::history(&mut Db::Pg(&mut connection), account, page).await;
+            (connection, rows)
+        })
+        .await
     }
 
     async fn transaction(&self, id: Uuid) -> Result<Option<TransactionRecord>> {
-        let mut connection = self.connection().await?;
-        queries::transaction(&mut Db::Pg(&mut connection), id).await
+        self.read(|mut connection| async move {
+            let row = queries::transaction(&mut Db::Pg(&mut connection), id).await;
+            (connection, row)
+        })
+        .await
     }
 
     async fn transactions(
@@ -283,7 +310,11 @@ impl ReadModels for PgReadModels {
         status: Option<&str>,
         page: PageQuery,
     ) -> Result<Vec<TransactionRecord>> {
-        let mut connection = self.connection().await?;
-        queries::transactions(&mut Db::Pg(&mut connection), scope, status, page).await
+        self.read(|mut connection| async move {
+            let rows =
+                queries::transactions(&mut Db::Pg(&mut connection), scope, status, page).await;
+            (connection, rows)
+        })
+        .await
     }
 }

@@ -224,3 +224,51 @@ async fn the_projector_runs_on_sqlite_beside_the_sqlite_log() {
     assert_eq!(events[0].sequence, 1);
     assert_eq!(events[0].payload, transaction.payload);
 }
+
+/// A rebuild that switches a projection's views to a generation of another shape changes the
+/// type of what the query side's statements return, and PostgreSQL refuses the statements a
+/// pooled connection prepared before ("cached plan must not change result type"): the query
+/// side prepares them again instead of failing every request on that connection (decision 74).
+/// The new shape is made here by changing one column's collation under the view, as a new
+/// generation could; one connection in the pool, so the read after it runs on the connection
+/// that prepared it before.
+#[tokio::test]
+async fn a_query_prepared_before_its_view_changed_shape_is_prepared_again() {
+    use sqlx::Connection;
+    let database = ScratchDatabase::create(&infra::testing::admin_url())
+        .await
+        .expect("a scratch database");
+    let url = database.url();
+    let _scratch = Scratch(Some(database));
+    let pool = projector::startup::connect_read_models(&url, 1)
+        .await
+        .expect("connects, migrates and sets up generation 1");
+    let models = PgReadModels::new(pool.clone());
+    let unknown = uuid::Uuid::new_v4();
+    assert_eq!(
+        models.transaction(unknown).await.expect("reads before"),
+        None
+    );
+
+    let mut admin = sqlx::PgConnection::connect(&url).await.expect("connects");
+    sqlx::raw_sql(
+        "DROP VIEW projector.transactions; \
+         ALTER TABLE projector.transactions_g1 ALTER COLUMN status TYPE text COLLATE \"C\"; \
+         CREATE VIEW projector.transactions AS SELECT * FROM projector.transactions_g1",
+    )
+    .execute(&mut admin)
+    .await
+    .expect("changes the view's shape");
+    admin.close().await.expect("disconnects");
+
+    for _ in 0..2 {
+        assert_eq!(
+            models
+                .transaction(unknown)
+                .await
+                .expect("reads after the view changed shape"),
+            None
+        );
+    }
+    pool.close().await;
+}
