@@ -236,10 +236,8 @@ const STALE_PLAN_ROUTINE: &str = "RevalidateCachedQuery";
 
 /// Whether PostgreSQL refused a statement because the connection prepared it before a column it
 /// returns changed type (a migration, a read model's new generation): it refuses it on that
-/// connection for as long as the connection keeps it prepared, so the caller clears the
-/// connection's statements (`Connection::clear_cached_statements`) and runs it once more
-/// (decision 74).
-pub fn is_stale_plan(error: &sqlx::Error) -> bool {
+/// connection for as long as the connection keeps it prepared ([`replanning`]).
+fn is_stale_plan(error: &sqlx::Error) -> bool {
     error
         .as_database_error()
         .and_then(|error| error.try_downcast_ref::<sqlx::postgres::PgDatabaseError>())

@@ -194,6 +194,18 @@ impl Harness {
         .expect("counting events")
     }
 
+    /// The app's `/metrics`, as Prometheus text.
+    pub async fn metrics(&self) -> String {
+        self.client
+            .get(format!("{}/metrics", self.app.address))
+            .send()
+            .await
+            .expect("answers")
+            .text()
+            .await
+            .expect("text")
+    }
+
     pub async fn event_count(&self) -> i64 {
         sqlx::query_scalar("SELECT count(*) FROM command_api.events")
             .fetch_one(&self.app.pool)

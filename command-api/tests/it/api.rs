@@ -705,15 +705,7 @@ async fn health_checks_the_database_for_real() {
                 == json!({"status": "ok", "checks": {"database": "ok", "broker": "ok"}})
     })
     .await;
-    let metrics = harness
-        .client
-        .get(format!("{}/metrics", harness.app.address))
-        .send()
-        .await
-        .expect("answers")
-        .text()
-        .await
-        .expect("text");
+    let metrics = harness.metrics().await;
     assert!(metrics.contains("http_requests_total"), "{metrics}");
     // Drop the database under the running app.
     if let Some(database) = harness.database.take() {
@@ -748,17 +740,8 @@ async fn metrics_count_the_saga_s_decisions_by_outcome_and_reason() {
             == ("REJECTED".to_owned(), Some("insufficient_funds".to_owned()))
     })
     .await;
-    let url = format!("{}/metrics", harness.app.address);
     crate::support::eventually(std::time::Duration::from_secs(10), || async {
-        let metrics = harness
-            .client
-            .get(&url)
-            .send()
-            .await
-            .expect("answers")
-            .text()
-            .await
-            .expect("text");
+        let metrics = harness.metrics().await;
         [
             r#"saga_transactions_decided_total{outcome="confirmed",reason="none"}"#,
             r#"saga_transactions_decided_total{outcome="rejected",reason="insufficient_funds"}"#,

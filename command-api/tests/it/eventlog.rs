@@ -647,23 +647,30 @@ async fn events_column(pool: &sqlx::PgPool, column: &str) -> (String, Option<Str
     .expect("the column exists")
 }
 
-/// Migration 0003 stores payloads and metadata as `json` instead of `jsonb`, and compares stream
-/// keys byte by byte (decision 71). A log written before it reads back exactly the same after
-/// it, its streams go on from where they were, and what is appended afterwards is kept as
-/// written.
-#[tokio::test]
-async fn a_log_written_as_jsonb_reads_the_same_after_the_json_migration() {
+/// A scratch database whose event log has the schema from before migration 0003, its URL, and
+/// a pool on it.
+async fn database_before_the_json_migration() -> (Scratch, String, sqlx::PgPool) {
     let database = ScratchDatabase::create(&command_api::testing::admin_url())
         .await
         .expect("a scratch database");
     let url = database.url();
-    let _scratch = Scratch::new(database);
+    let scratch = Scratch::new(database);
     let pool = infra::db::connect(&url, "command_api", 8, "test")
         .await
         .expect("connects");
     command_api::startup::migrate_before(&pool, 3)
         .await
         .expect("migrates to the schema before 0003");
+    (scratch, url, pool)
+}
+
+/// Migration 0003 stores payloads and metadata as `json` instead of `jsonb`, and compares stream
+/// keys byte by byte (decision 71). A log written before it reads back exactly the same after
+/// it, its streams go on from where they were, and what is appended afterwards is kept as
+/// written.
+#[tokio::test]
+async fn a_log_written_as_jsonb_reads_the_same_after_the_json_migration() {
+    let (_scratch, url, pool) = database_before_the_json_migration().await;
     assert_eq!(events_column(&pool, "payload").await.0, "jsonb");
 
     let event = |name: &str, payload: &str| NewEvent {
@@ -773,17 +780,7 @@ async fn a_log_written_as_jsonb_reads_the_same_after_the_json_migration() {
 /// every read after the migration runs on the connection that prepared it before.
 #[tokio::test]
 async fn a_reader_that_read_before_the_json_migration_reads_after_it() {
-    let database = ScratchDatabase::create(&command_api::testing::admin_url())
-        .await
-        .expect("a scratch database");
-    let url = database.url();
-    let _scratch = Scratch::new(database);
-    let pool = infra::db::connect(&url, "command_api", 2, "test")
-        .await
-        .expect("connects");
-    command_api::startup::migrate_before(&pool, 3)
-        .await
-        .expect("migrates to the schema before 0003");
+    let (_scratch, url, pool) = database_before_the_json_migration().await;
     let writer = command_api::testing::writer_log(&pool, &url).await;
     let stream = StreamId::new("transaction", "replanned-1");
     writer
