@@ -53,9 +53,22 @@ pub enum Upstreams {
     InProcess(Router),
 }
 
-/// What every handler shares.
+/// What every handler shares: one pointer, since axum clones the state for every request (a
+/// struct of a dozen `Arc`s was 5 % of the gateway's CPU on a cached `GET`, in reference-count
+/// traffic on cache lines every request shares).
 #[derive(Clone)]
-pub struct AppState {
+pub struct AppState(Arc<Shared>);
+
+impl std::ops::Deref for AppState {
+    type Target = Shared;
+
+    fn deref(&self) -> &Shared {
+        &self.0
+    }
+}
+
+/// The contents of [`AppState`].
+pub struct Shared {
     pub identities: Arc<dyn Identities>,
     pub passwords: Passwords,
     pub limiter: Arc<LoginLimiter>,
@@ -81,7 +94,7 @@ impl AppState {
         clock: Clock,
         upstreams: Upstreams,
     ) -> Result<AppState> {
-        Ok(AppState {
+        Ok(AppState(Arc::new(Shared {
             identities,
             passwords,
             limiter: Arc::new(LoginLimiter::new(config.login_limits(), clock)),
@@ -94,7 +107,7 @@ impl AppState {
             routes: Arc::new(config.gateway_routes.clone()),
             upstreams,
             health: Arc::new(HealthCache::default()),
-        })
+        })))
     }
 }
 
