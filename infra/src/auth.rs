@@ -165,18 +165,26 @@ impl Caller {
     }
 }
 
-/// How many verified tokens a verifier remembers: 10,000, under about 15 MB with
-/// [`VERIFIED_TOKEN_BYTES_MAX`]. A client sends the same access token with every request for
-/// its lifetime (at most a minute), so this covers thousands of active clients; past it, the
-/// least used are verified again.
-const VERIFIED_TOKENS_MAX: u64 = 10_000;
+/// How much a verifier remembers of the tokens it verified, in bytes as [`remembered_bytes`]
+/// counts them: 8 MiB, about 13,000 of our tokens. A client sends the same access token with
+/// every request for its lifetime (at most a minute), so this covers thousands of active
+/// clients; past it, the least used are verified again.
+const VERIFIED_TOKENS_BYTES_MAX: u64 = 8 * 1024 * 1024;
 
-/// How long a verified token is remembered after it was last presented. Longer than an access
-/// token lives; a token's own `exp` is checked on every use regardless.
+/// What an entry holds besides its token's text and id (the caller's subject and roles, the
+/// window, the cache's own bookkeeping), as [`remembered_bytes`] counts it: an estimate.
+const VERIFIED_ENTRY_OVERHEAD_BYTES: usize = 256;
+
+/// How long a verified token is remembered after it was last presented, if it does not expire
+/// first: a client that stopped sending it frees its place within a minute.
 const VERIFIED_TOKEN_IDLE: std::time::Duration = std::time::Duration::from_secs(60);
 
+/// Longest a verified token is remembered, whatever its `exp` says (`ledger token` can mint
+/// long-lived ones): an hour, after which it is verified in full again.
+const VERIFIED_TOKEN_REMEMBERED_SECONDS_MAX: i64 = 3600;
+
 /// Longest token a verifier remembers: a ledger token is about 350 bytes. Longer ones are
-/// verified every time, so a client cannot fill the memory with huge tokens.
+/// verified every time.
 const VERIFIED_TOKEN_BYTES_MAX: usize = 1024;
 
 /// Verifies tokens with the shared secret, issuer and audience.
@@ -185,8 +193,8 @@ const VERIFIED_TOKEN_BYTES_MAX: usize = 1024;
 /// and its validity window: the next request that presents the same token skips the
 /// signature, the decoding and the claims checks (a tenth of the projector's CPU on a cached
 /// `GET`), and only the time checks run again. Only tokens that passed every check are
-/// remembered; any other text, however close to one that did, is verified in full
-/// (docs/decisions.md §75).
+/// remembered, until their `exp` (with the leeway); any other text, however close to one that
+/// did, is verified in full (docs/decisions.md §75).
 pub struct JwtVerifier {
     key: DecodingKey,
     validation: Validation,
@@ -204,8 +212,45 @@ impl Verified {
     /// Whether the token may be used at `now` (unix seconds): the checks `jsonwebtoken` makes,
     /// with the same leeway.
     fn valid_at(&self, now: i64) -> bool {
-        let leeway = i64::try_from(CLOCK_LEEWAY_SECONDS).unwrap_or(i64::MAX);
-        self.expires >= now.saturating_sub(leeway) && self.not_before <= now.saturating_add(leeway)
+        self.expires >= now.saturating_sub(leeway())
+            && self.not_before <= now.saturating_add(leeway())
+    }
+}
+
+/// [`CLOCK_LEEWAY_SECONDS`] as a timestamp difference.
+fn leeway() -> i64 {
+    i64::try_from(CLOCK_LEEWAY_SECONDS).unwrap_or(i64::MAX)
+}
+
+/// Now, in unix seconds, from the clock `jsonwebtoken` reads.
+fn unix_now() -> i64 {
+    i64::try_from(jsonwebtoken::get_current_timestamp()).unwrap_or(i64::MAX)
+}
+
+/// The weight of a remembered token against [`VERIFIED_TOKENS_BYTES_MAX`].
+fn remembered_bytes(token: &str, verified: &Verified) -> u32 {
+    let bytes = token.len() + verified.caller.token_id.len() + VERIFIED_ENTRY_OVERHEAD_BYTES;
+    u32::try_from(bytes).unwrap_or(u32::MAX)
+}
+
+/// Forgets a remembered token the second after it expires (leeway included), or after
+/// [`VERIFIED_TOKEN_REMEMBERED_SECONDS_MAX`].
+struct UntilExpired;
+
+impl moka::Expiry<String, Arc<Verified>> for UntilExpired {
+    fn expire_after_create(
+        &self,
+        _token: &String,
+        verified: &Arc<Verified>,
+        _created_at: std::time::Instant,
+    ) -> Option<std::time::Duration> {
+        let left = verified
+            .expires
+            .saturating_add(leeway())
+            .saturating_sub(unix_now())
+            .saturating_add(1)
+            .clamp(0, VERIFIED_TOKEN_REMEMBERED_SECONDS_MAX);
+        Some(std::time::Duration::from_secs(left.unsigned_abs()))
     }
 }
 
@@ -223,7 +268,11 @@ impl JwtVerifier {
             key: DecodingKey::from_secret(config.jwt_secret.expose_secret().as_bytes()),
             validation,
             verified: moka::sync::Cache::builder()
-                .max_capacity(VERIFIED_TOKENS_MAX)
+                .max_capacity(VERIFIED_TOKENS_BYTES_MAX)
+                .weigher(|token: &String, verified: &Arc<Verified>| {
+                    remembered_bytes(token, verified)
+                })
+                .expire_after(UntilExpired)
                 .time_to_idle(VERIFIED_TOKEN_IDLE)
                 .build(),
         })
@@ -231,9 +280,8 @@ impl JwtVerifier {
 
     /// Verifies a bearer token and returns who it names.
     pub fn verify(&self, token: &str) -> Result<Caller, AuthError> {
-        let now = i64::try_from(jsonwebtoken::get_current_timestamp()).unwrap_or(i64::MAX);
         if let Some(known) = self.verified.get(token) {
-            if known.valid_at(now) {
+            if known.valid_at(unix_now()) {
                 return Ok(known.caller.clone());
             }
             // Expired since: forgotten, and refused below with the library's reason.
@@ -521,35 +569,87 @@ mod tests {
         assert!(verifier.verify("not-a-token").is_err());
     }
 
+    fn remembered(subject: Uuid, not_before: i64, expires: i64) -> Arc<Verified> {
+        Arc::new(Verified {
+            caller: Caller {
+                subject,
+                roles: vec![Role::Customer],
+                token_id: "j".to_owned(),
+            },
+            not_before,
+            expires,
+        })
+    }
+
     #[test]
-    fn a_remembered_token_is_refused_once_it_expires() {
-        // Proves the time checks run on every use: a token verified (and remembered) while
-        // valid is refused, and forgotten, the first second it is past its expiry and leeway.
-        let signer = JwtSigner::new(&config()).expect("a good secret");
-        let verifier = JwtVerifier::new(&config()).expect("a good secret");
-        let leeway = i64::try_from(CLOCK_LEEWAY_SECONDS).expect("small");
-        let start = i64::try_from(jsonwebtoken::get_current_timestamp()).expect("after 1970");
-        // Valid, with the leeway, until `start + 1` inclusive.
-        let token = signer
-            .mint(
-                Uuid::new_v4(),
-                &[Role::Customer],
-                start - 100 - leeway + 1,
-                100,
-            )
-            .expect("signs");
-        assert!(verifier.verify(&token).is_ok(), "valid within the leeway");
-        assert!(verifier.verified.contains_key(&token), "remembered");
-        assert!(verifier.verify(&token).is_ok(), "and valid when remembered");
-        while i64::try_from(jsonwebtoken::get_current_timestamp()).expect("after 1970") < start + 2
-        {
-            std::thread::sleep(std::time::Duration::from_millis(50));
-        }
+    fn a_remembered_token_s_time_checks_are_the_library_s() {
+        // Proves `valid_at` draws the lines `jsonwebtoken` draws: `exp` and `nbf` each pass
+        // within the leeway and fail one second past it.
+        let now = 1_900_000_000;
+        let leeway = leeway();
+        let window = |not_before, expires| remembered(Uuid::nil(), not_before, expires);
         assert!(
-            verifier.verify(&token).is_err(),
-            "expired though remembered"
+            window(now, now - leeway).valid_at(now),
+            "exp within the leeway"
         );
-        assert!(!verifier.verified.contains_key(&token), "and forgotten");
+        assert!(!window(now, now - leeway - 1).valid_at(now), "exp past it");
+        assert!(
+            window(now + leeway, now + 60).valid_at(now),
+            "nbf within it"
+        );
+        assert!(
+            !window(now + leeway + 1, now + 60).valid_at(now),
+            "nbf past it"
+        );
+    }
+
+    #[test]
+    fn a_remembered_token_leaves_memory_the_second_after_it_expires_or_within_an_hour() {
+        // Proves the memory is freed on time: the expiry policy gives each token until its
+        // `exp` plus the leeway (and a second), at most an hour, and nothing to an expired one.
+        let now = unix_now();
+        let left = |expires| {
+            moka::Expiry::expire_after_create(
+                &UntilExpired,
+                &String::new(),
+                &remembered(Uuid::nil(), now, expires),
+                std::time::Instant::now(),
+            )
+            .expect("always an expiry")
+            .as_secs()
+        };
+        let expected = u64::try_from(30 + leeway() + 1).expect("positive");
+        // The clock may tick between `now` and the policy's own reading.
+        assert!((expected - 1..=expected).contains(&left(now + 30)));
+        assert_eq!(left(now + 86_400), 3600, "at most an hour");
+        assert_eq!(left(now - leeway() - 60), 0, "expired: nothing");
+    }
+
+    #[test]
+    fn a_remembered_token_is_answered_from_memory_only_while_its_time_is_valid() {
+        // Proves a hit is served from memory (a text that full verification refuses is
+        // answered with the caller remembered for it), and that a remembered token is refused
+        // and forgotten once its `exp` or before its `nbf`, with the leeway.
+        let verifier = JwtVerifier::new(&config()).expect("a good secret");
+        let subject = Uuid::new_v4();
+        let now = unix_now();
+        let text = "not.a.token".to_owned();
+        verifier
+            .verified
+            .insert(text.clone(), remembered(subject, now, now + 60));
+        let caller = verifier.verify(&text).expect("answered from memory");
+        assert_eq!(caller.subject, subject);
+
+        for (not_before, expires, why) in [
+            (now - 60, now - leeway() - 1, "expired"),
+            (now + leeway() + 1, now + 60, "not yet valid"),
+        ] {
+            verifier
+                .verified
+                .insert(text.clone(), remembered(subject, not_before, expires));
+            assert!(verifier.verify(&text).is_err(), "{why}, though remembered");
+            assert!(!verifier.verified.contains_key(&text), "{why}: forgotten");
+        }
     }
 
     #[test]
@@ -564,10 +664,12 @@ mod tests {
             .expect("signs");
         assert!(verifier.verify(&token).is_ok());
         let mut parts: Vec<String> = token.split('.').map(str::to_owned).collect();
+        // A character in the middle: the last one of a base64 text may carry only padding
+        // bits, and base64 decoding, not the HMAC, would refuse it.
         let flip = |text: &str| {
             let mut bytes = text.as_bytes().to_vec();
-            let last = bytes.len() - 1;
-            bytes[last] = if bytes[last] == b'A' { b'B' } else { b'A' };
+            let middle = bytes.len() / 2;
+            bytes[middle] = if bytes[middle] == b'A' { b'B' } else { b'A' };
             String::from_utf8(bytes).expect("ASCII")
         };
         let signature = parts[2].clone();
