@@ -502,10 +502,6 @@ mod tests {
         TokenConfig::with_secret(SECRET)
     }
 
-    fn now() -> i64 {
-        chrono::Utc::now().timestamp()
-    }
-
     fn sign(claims: &serde_json::Value, secret: &str) -> String {
         jsonwebtoken::encode(
             &Header::new(Algorithm::HS256),
@@ -529,7 +525,7 @@ mod tests {
         let verifier = JwtVerifier::new(&config()).expect("a good secret");
         let subject = Uuid::new_v4();
         let token = signer
-            .mint(subject, &[Role::Operator, Role::Auditor], now(), 30)
+            .mint(subject, &[Role::Operator, Role::Auditor], unix_now(), 30)
             .expect("signing works");
         let caller = verifier.verify(&token).expect("a fresh token verifies");
         assert_eq!(caller.subject, subject);
@@ -544,24 +540,32 @@ mod tests {
         let verifier = JwtVerifier::new(&config()).expect("a good secret");
         let subject = Uuid::new_v4();
         let expired = signer
-            .mint(subject, &[Role::Customer], now() - 1000, 100)
+            .mint(subject, &[Role::Customer], unix_now() - 1000, 100)
             .expect("signs");
         assert!(verifier.verify(&expired).is_err());
-        let leeway = i64::try_from(CLOCK_LEEWAY_SECONDS).expect("small");
+        let leeway = leeway();
         let recent = signer
-            .mint(subject, &[Role::Customer], now() - 100 - leeway + 5, 100)
+            .mint(
+                subject,
+                &[Role::Customer],
+                unix_now() - 100 - leeway + 5,
+                100,
+            )
             .expect("signs");
         assert!(
             verifier.verify(&recent).is_ok(),
             "expired within the leeway"
         );
-        let mut early = claims(now());
-        early["nbf"] = serde_json::json!(now() + 3600);
+        let mut early = claims(unix_now());
+        early["nbf"] = serde_json::json!(unix_now() + 3600);
         assert!(
             verifier.verify(&sign(&early, SECRET)).is_err(),
             "nbf in the future"
         );
-        let forged = sign(&claims(now()), "another-secret-that-is-long-enough-too!!");
+        let forged = sign(
+            &claims(unix_now()),
+            "another-secret-that-is-long-enough-too!!",
+        );
         assert!(verifier.verify(&forged).is_err());
         let payload = forged.split('.').nth(1).expect("a JWT has three parts");
         let unsigned = format!("eyJhbGciOiJub25lIiwidHlwIjoiSldUIn0.{payload}.");
@@ -660,7 +664,7 @@ mod tests {
         let signer = JwtSigner::new(&config()).expect("a good secret");
         let verifier = JwtVerifier::new(&config()).expect("a good secret");
         let token = signer
-            .mint(Uuid::new_v4(), &[Role::Customer], now(), 30)
+            .mint(Uuid::new_v4(), &[Role::Customer], unix_now(), 30)
             .expect("signs");
         assert!(verifier.verify(&token).is_ok());
         let mut parts: Vec<String> = token.split('.').map(str::to_owned).collect();
@@ -696,7 +700,7 @@ mod tests {
             "the real one still verifies"
         );
 
-        let mut long = claims(now());
+        let mut long = claims(unix_now());
         long["jti"] = serde_json::json!("j".repeat(VERIFIED_TOKEN_BYTES_MAX));
         let long = sign(&long, SECRET);
         assert!(verifier.verify(&long).is_ok(), "verified");
@@ -707,14 +711,14 @@ mod tests {
     fn the_issuer_and_the_audience_are_required_and_checked() {
         // Proves iss and aud are checked: missing, or naming another issuer or audience, is 401.
         let verifier = JwtVerifier::new(&config()).expect("a good secret");
-        assert!(verifier.verify(&sign(&claims(now()), SECRET)).is_ok());
+        assert!(verifier.verify(&sign(&claims(unix_now()), SECRET)).is_ok());
         for (field, value) in [("iss", "someone-else"), ("aud", "another-api")] {
-            let mut wrong = claims(now());
+            let mut wrong = claims(unix_now());
             wrong[field] = serde_json::json!(value);
             assert!(verifier.verify(&sign(&wrong, SECRET)).is_err(), "{field}");
         }
         for field in ["iss", "aud", "nbf"] {
-            let mut missing = claims(now());
+            let mut missing = claims(unix_now());
             missing.as_object_mut().expect("an object").remove(field);
             assert!(verifier.verify(&sign(&missing, SECRET)).is_err(), "{field}");
         }
